@@ -1,0 +1,1 @@
+//! Small filesystem helpers shared by the replica format and the control plane.

@@ -1,0 +1,24 @@
+//! Cairn's node daemon as a library: everything `cairnd` and `cairnctl` run.
+//!
+//! ```text
+//!  cairnctl ──gRPC/unix──▶ api ──▶ control (volume specs, placement, lifecycle)
+//!                                      │ attach
+//!                                      ▼
+//!  /dev/ublkbN ◀──ublk──▶ frontend (one io_uring per queue)
+//!                                      │ QueueEngine (per queue)
+//!                                      ▼
+//!                           engine (replica set, fan-out, failure)
+//!                                      │ ReplicaIo seam
+//!                                      ▼
+//!                           replica (layer chain files on disks)
+//! ```
+//! See `docs/ARCHITECTURE.md` for the write path in detail.
+
+pub mod api;
+pub mod control;
+pub mod engine;
+pub mod frontend;
+pub mod fsutil;
+pub mod name;
+pub mod replica;
+pub mod size;
