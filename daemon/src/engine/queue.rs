@@ -1,0 +1,283 @@
+//! `QueueEngine`: the hot path of one frontend queue.
+//!
+//! A queue thread owns one `QueueEngine` and one io_uring. For each request
+//! the engine pushes the SQEs of every replica leg into that ring (through
+//! [`SqeSink`], which tags each SQE with the request's tag and the replica
+//! index), and folds the completions back into one result per request. All
+//! per-request state lives in a slab indexed by tag, allocated once: the hot
+//! path neither allocates nor locks.
+
+use std::sync::Arc;
+
+use io_uring::squeue;
+
+use super::{VolumeIo, MAX_REPLICAS};
+use crate::replica::BLOCK_SIZE;
+
+/// Where a queue's SQEs go: the ublk queue's ring in the daemon, a plain
+/// `IoUring` in tests. The sink encodes `(tag, replica)` in the SQE's
+/// user_data and hands both back with the completion.
+pub trait SqeSink {
+    fn push(&mut self, sqe: squeue::Entry, tag: u16, replica: u8);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoOp {
+    #[default]
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+}
+
+/// One block request as the frontend received it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IoRequest {
+    pub op: IoOp,
+    pub offset: u64,
+    pub len: u32,
+    /// Write with forced unit access: durable when acknowledged.
+    pub fua: bool,
+}
+
+/// In-flight state of one tag.
+#[derive(Clone, Copy)]
+struct TagState {
+    req: IoRequest,
+    buf: *mut u8,
+    /// SQEs not yet completed.
+    pending: u32,
+    /// Replicas this request was sent to, and those whose leg failed.
+    targets: u32,
+    failed: u32,
+    /// Bytes each replica's completions must add up to, and did.
+    expected: [u32; MAX_REPLICAS],
+    done: [u32; MAX_REPLICAS],
+    /// First negative result seen.
+    error: i32,
+}
+
+impl Default for TagState {
+    fn default() -> Self {
+        TagState {
+            req: IoRequest::default(),
+            buf: std::ptr::null_mut(),
+            pending: 0,
+            targets: 0,
+            failed: 0,
+            expected: [0; MAX_REPLICAS],
+            done: [0; MAX_REPLICAS],
+            error: 0,
+        }
+    }
+}
+
+pub struct QueueEngine {
+    volume: Arc<VolumeIo>,
+    tags: Box<[TagState]>,
+    /// Round-robin cursor for spreading reads over healthy replicas.
+    next_read: u32,
+}
+
+// SAFETY: the raw buffer pointers in `tags` are only dereferenced by the
+// kernel through SQEs this engine submitted; the engine moves to its queue
+// thread once, before any I/O.
+unsafe impl Send for QueueEngine {}
+
+impl QueueEngine {
+    /// An engine for a queue of `depth` tags.
+    pub fn new(volume: Arc<VolumeIo>, depth: u16) -> QueueEngine {
+        QueueEngine { volume, tags: vec![TagState::default(); depth as usize].into_boxed_slice(), next_read: 0 }
+    }
+
+    pub fn volume(&self) -> &Arc<VolumeIo> {
+        &self.volume
+    }
+
+    /// Starts request `req` on `tag` with I/O buffer `buf` (at least `req.len`
+    /// bytes, valid until the request completes). Returns `Some(result)` when
+    /// the request finished without I/O (bad request, all-zero read, dropped
+    /// discard), else `None` and the result comes from [`Self::complete`].
+    ///
+    /// The result is bytes for reads and writes, 0 for other operations, or a
+    /// negative errno.
+    pub fn submit(&mut self, tag: u16, req: IoRequest, buf: *mut u8, sink: &mut impl SqeSink) -> Option<i32> {
+        if req.op != IoOp::Flush {
+            let end = req.offset.checked_add(req.len as u64);
+            if end.is_none_or(|e| e > self.volume.size())
+                || req.offset % BLOCK_SIZE != 0
+                || req.len as u64 % BLOCK_SIZE != 0
+            {
+                return Some(-libc::EINVAL);
+            }
+        }
+        let healthy = self.volume.healthy_mask();
+        if healthy == 0 {
+            return Some(-libc::EIO);
+        }
+        let Some(st) = self.tags.get_mut(tag as usize) else {
+            return Some(-libc::EINVAL);
+        };
+        *st = TagState { req, buf, ..TagState::default() };
+        match req.op {
+            IoOp::Read => {
+                let r = pick_replica(healthy, &mut self.next_read);
+                self.issue_read(tag, r, sink);
+            }
+            _ => {
+                let volume = &*self.volume;
+                for r in Mask(healthy) {
+                    let mut pushed = 0;
+                    let mut push = |sqe| {
+                        sink.push(sqe, tag, r as u8);
+                        pushed += 1;
+                    };
+                    let io = volume.replica_io(r);
+                    let expected = match req.op {
+                        IoOp::Write => io.prep_write(req.offset, req.len, buf, req.fua, &mut push),
+                        IoOp::Flush => io.prep_flush(&mut push),
+                        IoOp::Discard => io.prep_discard(req.offset, req.len, &mut push),
+                        IoOp::WriteZeroes => io.prep_write_zeroes(req.offset, req.len, &mut push),
+                        IoOp::Read => 0,
+                    };
+                    st.expected[r] = expected;
+                    st.pending += pushed;
+                    st.targets |= 1 << r;
+                }
+            }
+        }
+        if self.tags[tag as usize].pending == 0 {
+            return self.finish(tag, sink);
+        }
+        None
+    }
+
+    /// Folds in the completion of one SQE that `submit` pushed for
+    /// `(tag, replica)`. Returns `Some(result)` when the request is done.
+    pub fn complete(&mut self, tag: u16, replica: u8, res: i32, sink: &mut impl SqeSink) -> Option<i32> {
+        let st = self.tags.get_mut(tag as usize)?;
+        let r = replica as usize;
+        if st.pending == 0 || r >= MAX_REPLICAS {
+            // Not ours: a completion for a tag with nothing in flight.
+            tracing::error!(tag, replica, res, "completion for an idle tag ignored");
+            return None;
+        }
+        st.pending -= 1;
+        if res < 0 {
+            st.failed |= 1 << r;
+            if st.error == 0 {
+                st.error = res;
+            }
+        } else {
+            st.done[r] += res as u32;
+        }
+        if st.pending > 0 {
+            return None;
+        }
+        self.finish(tag, sink)
+    }
+
+    /// All legs of `tag` are in: decide the result, failing replicas whose
+    /// leg failed or came up short.
+    fn finish(&mut self, tag: u16, sink: &mut impl SqeSink) -> Option<i32> {
+        let st = &mut self.tags[tag as usize];
+        for r in Mask(st.targets) {
+            if st.done[r] != st.expected[r] {
+                st.failed |= 1 << r;
+            }
+        }
+        let st = *st;
+        for r in Mask(st.failed) {
+            let reason = if st.error < 0 {
+                format!("{:?} failed: {}", st.req.op, std::io::Error::from_raw_os_error(-st.error))
+            } else {
+                format!("{:?} came up short: {} of {} bytes", st.req.op, st.done[r], st.expected[r])
+            };
+            self.volume.fail_index(r, &reason);
+        }
+        let ok = st.targets & !st.failed;
+        if st.req.op == IoOp::Read {
+            if ok != 0 {
+                return Some(st.req.len as i32);
+            }
+            // The replica we read from failed: read again from another one.
+            let healthy = self.volume.healthy_mask();
+            if healthy == 0 {
+                return Some(-libc::EIO);
+            }
+            let r = pick_replica(healthy, &mut self.next_read);
+            let t = &mut self.tags[tag as usize];
+            *t = TagState { req: st.req, buf: st.buf, ..TagState::default() };
+            self.issue_read(tag, r, sink);
+            if self.tags[tag as usize].pending == 0 {
+                return Some(st.req.len as i32);
+            }
+            return None;
+        }
+        if ok == 0 {
+            return Some(if st.error < 0 { st.error } else { -libc::EIO });
+        }
+        Some(match st.req.op {
+            IoOp::Write => st.req.len as i32,
+            _ => 0,
+        })
+    }
+
+    fn issue_read(&mut self, tag: u16, r: usize, sink: &mut impl SqeSink) {
+        let st = &mut self.tags[tag as usize];
+        let mut pushed = 0;
+        let mut push = |sqe| {
+            sink.push(sqe, tag, r as u8);
+            pushed += 1;
+        };
+        let expected = self.volume.replica_io(r).prep_read(st.req.offset, st.req.len, st.buf, &mut push);
+        st.expected[r] = expected;
+        st.pending = pushed;
+        st.targets = 1 << r;
+    }
+}
+
+/// Picks the next healthy replica after the cursor.
+#[inline]
+fn pick_replica(healthy: u32, cursor: &mut u32) -> usize {
+    let n = healthy.count_ones();
+    let k = *cursor % n;
+    *cursor = cursor.wrapping_add(1);
+    Mask(healthy).nth(k as usize).unwrap_or(0)
+}
+
+/// Iterates the set bit positions of a replica mask.
+#[derive(Clone, Copy)]
+struct Mask(u32);
+
+impl Iterator for Mask {
+    type Item = usize;
+    #[inline]
+    fn next(&mut self) -> Option<usize> {
+        if self.0 == 0 {
+            return None;
+        }
+        let i = self.0.trailing_zeros() as usize;
+        self.0 &= self.0 - 1;
+        Some(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_iterates_bits() {
+        assert_eq!(Mask(0b1011).collect::<Vec<_>>(), vec![0, 1, 3]);
+        assert_eq!(Mask(0).count(), 0);
+    }
+
+    #[test]
+    fn reads_spread_round_robin() {
+        let mut c = 0;
+        let picks: Vec<_> = (0..4).map(|_| pick_replica(0b101, &mut c)).collect();
+        assert_eq!(picks, vec![0, 2, 0, 2]);
+    }
+}
