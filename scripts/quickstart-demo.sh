@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The quickstart's main job, on embedded defaults: a cairnd on a temporary
+# data dir with two disks, a 2-replica volume attached as /dev/ublkbN, an
+# ext4 filesystem on it, mounted, shown in `cairnctl volume get`.
+# Runs on a host with ublk, or inside the guest (scripts/quickstart.sh picks).
+set -euo pipefail
+REPO=${REPO:-$(cd "$(dirname "$0")/.." && pwd)}
+BIN=$REPO/target/release
+base=${SCRATCH:-/tmp}
+dir=$(mktemp -d "$base/cairn-quickstart.XXXXXX")
+sock=$dir/cairnd.sock
+mkdir -p "$dir/disk-a" "$dir/disk-b" "$dir/mnt"
+ctl() { "$BIN/cairnctl" --socket "$sock" "$@"; }
+
+cleanup() {
+    mountpoint -q "$dir/mnt" && umount "$dir/mnt"
+    [[ -n "${pid:-}" ]] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+
+echo "\$ cairnd --data-dir $dir/data --socket $sock --disk $dir/disk-a --disk $dir/disk-b &"
+"$BIN/cairnd" --data-dir "$dir/data" --socket "$sock" --disk "$dir/disk-a" --disk "$dir/disk-b" \
+    >"$dir/cairnd.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 150); do [[ -S $sock ]] && break; sleep 0.2; done
+
+set -x
+ctl volume create demo --size 1GiB --replicas 2
+dev=$(ctl volume attach demo)
+mkfs.ext4 -q "$dev"
+mount "$dev" "$dir/mnt"
+echo "hello from cairn" >"$dir/mnt/hello.txt"
+df -h "$dir/mnt"
+ctl volume get demo
+ctl volume list
+{ set +x; } 2>/dev/null
+if [[ "${KEEP:-0}" == 1 ]]; then
+    echo "cairnd keeps running (pid $pid); socket $sock; unmount and kill it when done."
+    trap - EXIT
+fi

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: installs what it needs, builds
+# once (release profile, reused by the unit tests and the guest), runs the
+# unit and integration tests, then the end-to-end suite against real
+# /dev/ublkbN devices inside a QEMU guest running Debian's 6.12 kernel.
+#
+#   scripts/test.sh            everything
+#   SKIP_VM=1 scripts/test.sh  host tests only (the guest suite is not run,
+#                              and the summary says so)
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+t0=$(date +%s)
+
+bash scripts/install-deps.sh
+
+echo "== build (release, all targets)"
+cargo build --release --workspace --all-targets --locked 2>&1 | tail -n 3
+
+echo "== unit and integration tests"
+cargo test --release --workspace --locked 2>&1 | tee target/host-tests.log | grep -E "^(test result|running|error|failures:|---- )|panicked" || true
+host_failed=0
+grep -q "test result: FAILED" target/host-tests.log && host_failed=1
+grep -qE "^error(\[|:)" target/host-tests.log && host_failed=1
+host_passed=$(grep -o "test result: [a-zA-Z]*\. [0-9]* passed" target/host-tests.log | awk '{s+=$4} END {print s+0}')
+host_failed_n=$(grep -o "; [0-9]* failed" target/host-tests.log | awk '{s+=$2} END {print s+0}')
+echo "host tests: $host_passed passed, $host_failed_n failed"
+t1=$(date +%s)
+
+vm_passed=0 vm_failed=0
+if [[ "${SKIP_VM:-0}" == 1 ]]; then
+    echo "== guest e2e suite SKIPPED (SKIP_VM=1): ublk claims are unproven in this run"
+else
+    echo "== guest e2e suite (real ublk in QEMU)"
+    set +e
+    bash scripts/vm/run.sh scripts/e2e/run-all.sh 2>&1 | tee target/e2e.log
+    vm_rc=${PIPESTATUS[0]}
+    set -e
+    vm_passed=$(sed -n 's/^e2e: \([0-9]*\) passed, \([0-9]*\) failed.*/\1/p' target/e2e.log | tail -n1)
+    vm_failed=$(sed -n 's/^e2e: \([0-9]*\) passed, \([0-9]*\) failed.*/\2/p' target/e2e.log | tail -n1)
+    vm_passed=${vm_passed:-0}
+    vm_failed=${vm_failed:-0}
+    if [[ $vm_rc -ne 0 && $vm_failed -eq 0 ]]; then
+        echo "guest run failed (exit $vm_rc) before reporting results: see target/vm/last-console.log"
+        vm_failed=1
+    fi
+fi
+t2=$(date +%s)
+echo "timing: build+host tests $((t1 - t0))s, guest e2e $((t2 - t1))s, total $((t2 - t0))s"
+total_failed=$((host_failed_n + vm_failed + host_failed))
+echo "cairn tests: $((host_passed + vm_passed)) passed, $total_failed failed"
+[[ $total_failed -eq 0 ]]
