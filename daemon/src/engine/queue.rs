@@ -95,6 +95,11 @@ impl QueueEngine {
         &self.volume
     }
 
+    /// True while any request has SQEs the kernel has not completed.
+    pub fn in_flight(&self) -> bool {
+        self.tags.iter().any(|t| t.pending > 0)
+    }
+
     /// Starts request `req` on `tag` with I/O buffer `buf` (at least `req.len`
     /// bytes, valid until the request completes). Returns `Some(result)` when
     /// the request finished without I/O (bad request, all-zero read, dropped

@@ -108,6 +108,10 @@ impl VolumeIo {
         self.size
     }
 
+    pub fn replica_count(&self) -> usize {
+        self.slots.len()
+    }
+
     pub fn revision(&self) -> u64 {
         self.revision.load(Ordering::Acquire)
     }

@@ -238,8 +238,15 @@ fn run_device(
         .map_err(|e| fail("create device", e))?;
 
     let size = volume.size();
+    let legs = volume.replica_count() as u32 + 1;
     let tgt_init = move |dev: &mut UblkDev| {
         set_params(dev, size);
+        // Each request can put one SQE per replica (or more, for reads split
+        // across layers) on the queue's ring besides its ublk command: size
+        // the ring so the queue rarely flushes early or overflows its CQ.
+        let depth = dev.dev_info.queue_depth as u32;
+        dev.tgt.sq_depth = (depth * 2).clamp(32, 4096) as u16;
+        dev.tgt.cq_depth = (depth * legs * 2).clamp(64, 16384) as u16;
         Ok(())
     };
     let q_volume = volume.clone();
@@ -355,4 +362,10 @@ fn serve_queue(qid: u16, dev: &UblkDev, volume: Arc<VolumeIo>) {
             commit(q, tag, res);
         }
     });
+    if engine.in_flight() {
+        // The queue stopped with replica I/O still owned by the kernel; it may
+        // yet write into these buffers, so they must outlive the ring.
+        tracing::warn!(qid, "queue stopped with replica I/O in flight; leaking its buffers");
+        std::mem::forget(bufs);
+    }
 }
