@@ -330,6 +330,7 @@ fn request_of(iod: &sys::ublksrv_io_desc) -> Result<IoRequest, i32> {
 /// Queue thread body: fetch requests, run them through the engine, commit
 /// results, on one ring, until the device stops.
 fn serve_queue(qid: u16, dev: &UblkDev, volume: Arc<VolumeIo>) {
+    let _span = tracing::info_span!("volume", volume = %volume.name(), qid).entered();
     let bufs = dev.alloc_queue_io_bufs();
     let queue = match UblkQueue::new(qid, dev)
         .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
