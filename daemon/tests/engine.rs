@@ -156,6 +156,9 @@ fn write_lands_on_every_replica_and_reads_back() {
     let mut nothing = [];
     assert_eq!(ring.one(&mut engine, IoRequest { op: IoOp::Flush, ..IoRequest::default() }, &mut nothing), 0);
     assert_eq!(f.volume.health(), VolumeHealth::Healthy);
+    let stats = f.volume.stats();
+    assert_eq!((stats.writes, stats.reads, stats.flushes, stats.errors), (1, 6, 1, 0));
+    assert_eq!(stats.write_bytes, data.len() as u64);
 }
 
 #[test]

@@ -32,7 +32,7 @@ mod volume;
 pub use queue::{IoOp, IoRequest, QueueEngine, SqeSink};
 pub use replica_io::ReplicaIo;
 pub use volume::{
-    EngineEvent, EventSink, ReplicaHandle, ReplicaState, ReplicaStatus, VolumeHealth, VolumeIo,
+    EngineEvent, EventSink, IoStats, ReplicaHandle, ReplicaState, ReplicaStatus, VolumeHealth, VolumeIo,
 };
 
 /// Most replicas one volume can have (bits of the healthy mask, slots in the

@@ -7,6 +7,7 @@
 //! per-request state lives in a slab indexed by tag, allocated once: the hot
 //! path neither allocates nor locks.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use io_uring::squeue;
@@ -73,8 +74,46 @@ impl Default for TagState {
     }
 }
 
+/// Counters of one queue, written only by its thread (so the cache line is
+/// never contended on the hot path) and summed when metrics are read.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct QueueStats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub discards: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+impl QueueStats {
+    #[inline]
+    fn count(&self, req: &IoRequest, result: i32) {
+        let add = |c: &AtomicU64, n: u64| c.store(c.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+        if result < 0 {
+            add(&self.errors, 1);
+            return;
+        }
+        match req.op {
+            IoOp::Read => {
+                add(&self.reads, 1);
+                add(&self.read_bytes, req.len as u64);
+            }
+            IoOp::Write => {
+                add(&self.writes, 1);
+                add(&self.write_bytes, req.len as u64);
+            }
+            IoOp::Flush => add(&self.flushes, 1),
+            IoOp::Discard | IoOp::WriteZeroes => add(&self.discards, 1),
+        }
+    }
+}
+
 pub struct QueueEngine {
     volume: Arc<VolumeIo>,
+    stats: Arc<QueueStats>,
     tags: Box<[TagState]>,
     /// Round-robin cursor for spreading reads over healthy replicas.
     next_read: u32,
@@ -88,7 +127,8 @@ unsafe impl Send for QueueEngine {}
 impl QueueEngine {
     /// An engine for a queue of `depth` tags.
     pub fn new(volume: Arc<VolumeIo>, depth: u16) -> QueueEngine {
-        QueueEngine { volume, tags: vec![TagState::default(); depth as usize].into_boxed_slice(), next_read: 0 }
+        let stats = volume.register_queue();
+        QueueEngine { volume, stats, tags: vec![TagState::default(); depth as usize].into_boxed_slice(), next_read: 0 }
     }
 
     pub fn volume(&self) -> &Arc<VolumeIo> {
@@ -186,6 +226,14 @@ impl QueueEngine {
     /// All legs of `tag` are in: decide the result, failing replicas whose
     /// leg failed or came up short.
     fn finish(&mut self, tag: u16, sink: &mut impl SqeSink) -> Option<i32> {
+        let result = self.decide(tag, sink);
+        if let Some(res) = result {
+            self.stats.count(&self.tags[tag as usize].req, res);
+        }
+        result
+    }
+
+    fn decide(&mut self, tag: u16, sink: &mut impl SqeSink) -> Option<i32> {
         let st = &mut self.tags[tag as usize];
         for r in Mask(st.targets) {
             if st.done[r] != st.expected[r] {

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::queue::QueueStats;
 use super::{EngineError, ReplicaIo, MAX_REPLICAS};
 
 /// A replica handed to the engine at attach.
@@ -60,6 +61,20 @@ pub struct VolumeIo {
     /// Serializes membership changes; holds each slot's last failure reason.
     membership: Mutex<Vec<String>>,
     events: EventSink,
+    /// One entry per queue engine, summed by [`VolumeIo::stats`].
+    queues: Mutex<Vec<Arc<QueueStats>>>,
+}
+
+/// I/O totals of a volume since it was attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoStats {
+    pub reads: u64,
+    pub writes: u64,
+    pub read_bytes: u64,
+    pub write_bytes: u64,
+    pub flushes: u64,
+    pub discards: u64,
+    pub errors: u64,
 }
 
 impl VolumeIo {
@@ -97,6 +112,7 @@ impl VolumeIo {
             revision: AtomicU64::new(revision),
             membership: Mutex::new(vec![String::new(); n]),
             events,
+            queues: Mutex::new(Vec::new()),
         }))
     }
 
@@ -106,6 +122,28 @@ impl VolumeIo {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Stats slot for a new queue engine (queue start, not per I/O).
+    pub(crate) fn register_queue(&self) -> Arc<QueueStats> {
+        let stats = Arc::new(QueueStats::default());
+        self.queues.lock().unwrap_or_else(|p| p.into_inner()).push(stats.clone());
+        stats
+    }
+
+    /// I/O totals over every queue.
+    pub fn stats(&self) -> IoStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        queues.iter().fold(IoStats::default(), |t, q| IoStats {
+            reads: t.reads + q.reads.load(Relaxed),
+            writes: t.writes + q.writes.load(Relaxed),
+            read_bytes: t.read_bytes + q.read_bytes.load(Relaxed),
+            write_bytes: t.write_bytes + q.write_bytes.load(Relaxed),
+            flushes: t.flushes + q.flushes.load(Relaxed),
+            discards: t.discards + q.discards.load(Relaxed),
+            errors: t.errors + q.errors.load(Relaxed),
+        })
     }
 
     pub fn replica_count(&self) -> usize {
