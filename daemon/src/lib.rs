@@ -19,6 +19,7 @@ pub mod control;
 pub mod engine;
 pub mod frontend;
 pub mod fsutil;
+pub mod metrics;
 pub mod name;
 pub mod replica;
 pub mod size;

@@ -49,15 +49,13 @@ impl fmt::Display for HumanSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
         let n = self.0;
-        for (name, unit) in UNITS {
-            if n >= unit {
-                if n % unit == 0 {
-                    return write!(f, "{}{}", n / unit, name);
-                }
-                return write!(f, "{:.1}{}", n as f64 / unit as f64, name);
-            }
+        if let Some((name, unit)) = UNITS.iter().find(|(_, u)| n >= *u && n % u == 0) {
+            return write!(f, "{}{}", n / unit, name);
         }
-        write!(f, "{n}B")
+        match UNITS.iter().find(|(_, u)| n >= *u) {
+            Some((name, unit)) => write!(f, "{:.1}{}", n as f64 / *unit as f64, name),
+            None => write!(f, "{n}B"),
+        }
     }
 }
 
@@ -88,5 +86,6 @@ mod tests {
         assert_eq!(HumanSize(1 << 30).to_string(), "1GiB");
         assert_eq!(HumanSize(1536 << 20).to_string(), "1536MiB");
         assert_eq!(HumanSize(100).to_string(), "100B");
+        assert_eq!(HumanSize((3 << 29) + 1).to_string(), "1.5GiB");
     }
 }
