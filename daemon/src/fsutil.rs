@@ -29,7 +29,11 @@ pub fn tmp_path(path: &Path) -> PathBuf {
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = tmp_path(path);
     {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
@@ -52,6 +56,7 @@ pub fn parent_dir(path: &Path) -> &Path {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly by design.
 mod tests {
     use super::*;
 
@@ -70,7 +75,10 @@ mod tests {
 
     #[test]
     fn tmp_path_appends_suffix() {
-        assert_eq!(tmp_path(Path::new("/a/b.meta")), PathBuf::from("/a/b.meta.tmp"));
+        assert_eq!(
+            tmp_path(Path::new("/a/b.meta")),
+            PathBuf::from("/a/b.meta.tmp")
+        );
     }
 
     #[test]

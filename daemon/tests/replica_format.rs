@@ -17,7 +17,11 @@ use proptest::prelude::*;
 const BS: u64 = BLOCK_SIZE;
 
 fn spec(size: u64) -> ReplicaSpec {
-    ReplicaSpec { volume: "vol".into(), replica: "vol-r1".into(), size }
+    ReplicaSpec {
+        volume: "vol".into(),
+        replica: "vol-r1".into(),
+        size,
+    }
 }
 
 fn with_fd<T>(fd: RawFd, f: impl FnOnce(&File) -> T) -> T {
@@ -59,7 +63,11 @@ fn read(r: &Replica, off: u64, len: u64) -> Vec<u8> {
 #[derive(Debug, Clone)]
 enum Op {
     /// Write `blocks` blocks at block `at`, filled with a pattern from `seed`.
-    Write { at: u64, blocks: u64, seed: u8 },
+    Write {
+        at: u64,
+        blocks: u64,
+        seed: u8,
+    },
     Snapshot,
     Reopen,
 }
@@ -72,7 +80,11 @@ fn op_strategy(nblocks: u64) -> impl Strategy<Value = Op> {
     ]
 }
 
-fn check_against_model(r: &Replica, model: &[u8], reads: &[(u64, u64)]) -> Result<(), TestCaseError> {
+fn check_against_model(
+    r: &Replica,
+    model: &[u8],
+    reads: &[(u64, u64)],
+) -> Result<(), TestCaseError> {
     prop_assert_eq!(&read(r, 0, model.len() as u64)[..], model);
     for &(start, len) in reads {
         let start = start.min(model.len() as u64 - 1);
@@ -141,7 +153,8 @@ fn three_layer_chain_and_holes() {
     let d = tempfile::tempdir().expect("tempdir");
     let mut r = Replica::create(d.path(), &spec(64 * BS)).expect("create");
     write(&r, 0, &vec![1u8; (8 * BS) as usize]);
-    r.snapshot("one", true, BTreeMap::from([("k".into(), "v".into())])).expect("snap");
+    r.snapshot("one", true, BTreeMap::from([("k".into(), "v".into())]))
+        .expect("snap");
     write(&r, 4 * BS, &vec![2u8; (8 * BS) as usize]);
     r.snapshot("two", false, BTreeMap::new()).expect("snap");
     write(&r, 10 * BS, &vec![3u8; BS as usize]);
@@ -153,11 +166,22 @@ fn three_layer_chain_and_holes() {
     assert!(chain[3].is_head && chain[3].allocated == 0);
     let data = read(&r, 0, 64 * BS);
     let at = |b: u64| data[(b * BS) as usize];
-    assert_eq!([at(0), at(3), at(4), at(9), at(10), at(11), at(12), at(63)], [1, 1, 2, 2, 3, 2, 0, 0]);
+    assert_eq!(
+        [at(0), at(3), at(4), at(9), at(10), at(11), at(12), at(63)],
+        [1, 1, 2, 2, 3, 2, 0, 0]
+    );
     // A read entirely inside a hole is one zero segment.
     let mut segs = Vec::new();
     r.resolve_read(20 * BS, 10 * BS, |s| segs.push(s));
-    assert_eq!(segs, vec![ReadSegment { fd: None, file_offset: 20 * BS, buf_offset: 0, len: 10 * BS }]);
+    assert_eq!(
+        segs,
+        vec![ReadSegment {
+            fd: None,
+            file_offset: 20 * BS,
+            buf_offset: 0,
+            len: 10 * BS
+        }]
+    );
 }
 
 fn fresh(size: u64) -> (tempfile::TempDir, std::path::PathBuf) {
@@ -208,18 +232,28 @@ fn missing_parent_is_named() {
 fn missing_head_and_meta() {
     let (_d, dir) = fresh(16 * BS);
     std::fs::remove_file(dir.join("volume-snap-b.img.meta")).expect("rm");
-    assert!(matches!(open_err(&dir).0, ReplicaError::MissingLayerMeta { .. }));
+    assert!(matches!(
+        open_err(&dir).0,
+        ReplicaError::MissingLayerMeta { .. }
+    ));
     let (_d, dir) = fresh(16 * BS);
     std::fs::remove_file(dir.join("volume-head-002.img")).expect("rm");
     let (e, msg) = open_err(&dir);
     assert!(matches!(e, ReplicaError::MissingLayer { .. }), "{e:?}");
-    assert!(msg.contains("volume.meta names head volume-head-002.img"), "{msg}");
+    assert!(
+        msg.contains("volume.meta names head volume-head-002.img"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn cycle_is_detected() {
     let (_d, dir) = fresh(16 * BS);
-    edit_json(&dir.join("volume-snap-a.img.meta"), "parent", "volume-snap-b.img".into());
+    edit_json(
+        &dir.join("volume-snap-a.img.meta"),
+        "parent",
+        "volume-snap-b.img".into(),
+    );
     let (e, msg) = open_err(&dir);
     assert!(matches!(e, ReplicaError::ChainCycle { .. }), "{e:?}");
     assert!(msg.contains("cycle"), "{msg}");
@@ -228,10 +262,16 @@ fn cycle_is_detected() {
 #[test]
 fn wrong_layer_size() {
     let (_d, dir) = fresh(16 * BS);
-    let f = std::fs::OpenOptions::new().write(true).open(dir.join("volume-snap-a.img")).expect("open");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("volume-snap-a.img"))
+        .expect("open");
     f.set_len(8 * BS).expect("truncate");
     let (e, msg) = open_err(&dir);
-    assert!(matches!(e, ReplicaError::LayerSizeMismatch { len, .. } if len == 8 * BS), "{e:?}");
+    assert!(
+        matches!(e, ReplicaError::LayerSizeMismatch { len, .. } if len == 8 * BS),
+        "{e:?}"
+    );
     assert!(msg.contains("volume-snap-a.img"), "{msg}");
 }
 
@@ -252,7 +292,10 @@ fn bad_json_missing_key_and_unknown_format() {
     let (_d, dir) = fresh(16 * BS);
     edit_json(&dir.join("volume.meta"), "format", 9.into());
     let (e, msg) = open_err(&dir);
-    assert!(matches!(e, ReplicaError::UnsupportedFormat { found: 9, .. }), "{e:?}");
+    assert!(
+        matches!(e, ReplicaError::UnsupportedFormat { found: 9, .. }),
+        "{e:?}"
+    );
     assert!(msg.contains("version 9"), "{msg}");
 
     // Extra keys are fine (forward compatible).
@@ -265,7 +308,11 @@ fn bad_json_missing_key_and_unknown_format() {
 #[test]
 fn path_traversal_in_parent_is_rejected() {
     let (_d, dir) = fresh(16 * BS);
-    edit_json(&dir.join("volume-snap-a.img.meta"), "parent", "../volume-snap-x.img".into());
+    edit_json(
+        &dir.join("volume-snap-a.img.meta"),
+        "parent",
+        "../volume-snap-x.img".into(),
+    );
     assert!(matches!(open_err(&dir).0, ReplicaError::InvalidMeta { .. }));
 }
 
@@ -283,7 +330,11 @@ fn atomic_write_crash_leaves_old_content() {
     torn.truncate(good.len() / 2);
     std::fs::write(fsutil::tmp_path(&vm), &torn).expect("tmp");
     // And garbage left for a layer meta.
-    std::fs::write(fsutil::tmp_path(&dir.join("volume-head-000.img.meta")), [0xffu8; 100]).expect("tmp");
+    std::fs::write(
+        fsutil::tmp_path(&dir.join("volume-head-000.img.meta")),
+        [0xffu8; 100],
+    )
+    .expect("tmp");
     let r = Replica::open(&dir).expect("open ignores tmp leftovers");
     assert_eq!(r.revision(), 3);
     assert_eq!(std::fs::read(&vm).expect("read"), good);
@@ -305,10 +356,21 @@ fn check_files_sees_delete_and_truncate() {
     let r = Replica::create(d.path(), &spec(16 * BS)).expect("create");
     r.check_files().expect("healthy");
     let head = d.path().join("volume-head-000.img");
-    std::fs::OpenOptions::new().write(true).open(&head).expect("open").set_len(BS).expect("trunc");
-    assert!(matches!(r.check_files(), Err(ReplicaError::HeadTruncated { .. })));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&head)
+        .expect("open")
+        .set_len(BS)
+        .expect("trunc");
+    assert!(matches!(
+        r.check_files(),
+        Err(ReplicaError::HeadTruncated { .. })
+    ));
     std::fs::remove_file(&head).expect("rm");
-    assert!(matches!(r.check_files(), Err(ReplicaError::HeadDeleted { .. })));
+    assert!(matches!(
+        r.check_files(),
+        Err(ReplicaError::HeadDeleted { .. })
+    ));
 }
 
 #[test]

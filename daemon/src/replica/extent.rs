@@ -37,7 +37,9 @@ pub fn data_blocks(fd: RawFd, len_bytes: u64) -> io::Result<Vec<(u64, u64)>> {
             Some(d) if d < len_bytes => d,
             _ => break, // ENXIO: no data at or after `pos`.
         };
-        let hole = lseek(fd, data, libc::SEEK_HOLE)?.unwrap_or(len_bytes).min(len_bytes);
+        let hole = lseek(fd, data, libc::SEEK_HOLE)?
+            .unwrap_or(len_bytes)
+            .min(len_bytes);
         let (s, e) = (data / BLOCK_SIZE, hole.div_ceil(BLOCK_SIZE));
         match out.last_mut() {
             Some(last) if last.1 >= s => last.1 = last.1.max(e),
@@ -53,7 +55,8 @@ pub fn data_blocks(fd: RawFd, len_bytes: u64) -> io::Result<Vec<(u64, u64)>> {
 
 /// `lseek` that maps `ENXIO` (no more data / past end) to `None`.
 fn lseek(fd: RawFd, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let off = libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let off =
+        libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: lseek only reads the descriptor table; an invalid fd yields
     // EBADF, not undefined behaviour.
     let r = unsafe { libc::lseek(fd, off, whence) };
@@ -154,7 +157,10 @@ pub struct HeadBitmap {
 impl HeadBitmap {
     pub fn new(blocks: u64) -> Self {
         let n = blocks.div_ceil(64) as usize;
-        HeadBitmap { words: (0..n).map(|_| AtomicU64::new(0)).collect(), blocks }
+        HeadBitmap {
+            words: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            blocks,
+        }
     }
 
     /// A bitmap with the given ranges set.
@@ -179,7 +185,11 @@ impl HeadBitmap {
             let w = (b / 64) as usize;
             let lo = b % 64;
             let hi = (end - (b - lo)).min(64); // exclusive bit index in this word
-            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
             if let Some(word) = self.words.get(w) {
                 word.fetch_or(mask, Ordering::Relaxed);
             }
@@ -219,7 +229,10 @@ impl HeadBitmap {
 
     /// Number of set blocks.
     pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.load(Ordering::Relaxed).count_ones())).sum()
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
     }
 
     /// The set bits as sorted, merged block ranges.
@@ -240,6 +253,7 @@ impl HeadBitmap {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly by design.
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -334,7 +348,8 @@ mod tests {
         f.set_len(len).unwrap();
         assert_eq!(data_blocks(f.as_raw_fd(), len).unwrap(), vec![]);
         f.write_all_at(b"x", 10 * BLOCK_SIZE + 100).unwrap();
-        f.write_all_at(&vec![1u8; 3 * BLOCK_SIZE as usize], 500 * BLOCK_SIZE).unwrap();
+        f.write_all_at(&vec![1u8; 3 * BLOCK_SIZE as usize], 500 * BLOCK_SIZE)
+            .unwrap();
         f.sync_all().unwrap();
         let got = data_blocks(f.as_raw_fd(), len).unwrap();
         // Filesystems may allocate more than written (page granularity), but

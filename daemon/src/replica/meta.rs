@@ -80,7 +80,10 @@ pub enum LayerName<'a> {
 /// Parses a layer file name; `None` if it is not one (this includes anything
 /// with a path separator or a name that is not a DNS-1123 label).
 pub fn parse_layer_file_name(file: &str) -> Option<LayerName<'_>> {
-    if let Some(num) = file.strip_prefix(HEAD_PREFIX).and_then(|s| s.strip_suffix(IMG_SUFFIX)) {
+    if let Some(num) = file
+        .strip_prefix(HEAD_PREFIX)
+        .and_then(|s| s.strip_suffix(IMG_SUFFIX))
+    {
         if num.is_empty() || num.len() > 19 || !num.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
@@ -156,11 +159,17 @@ pub fn validate_volume_meta(m: &VolumeMeta) -> Result<(), MetaError> {
 pub fn parse_layer_meta(bytes: &[u8]) -> Result<LayerMeta, MetaError> {
     let m: LayerMeta = serde_json::from_slice(bytes).map_err(json_err)?;
     if parse_layer_file_name(&m.name).is_none() {
-        return Err(MetaError::Invalid(format!("name {:?} is not a layer file name", m.name)));
+        return Err(MetaError::Invalid(format!(
+            "name {:?} is not a layer file name",
+            m.name
+        )));
     }
     // Only snapshots can be parents: the head is the one writable layer.
     if !m.parent.is_empty()
-        && !matches!(parse_layer_file_name(&m.parent), Some(LayerName::Snapshot(_)))
+        && !matches!(
+            parse_layer_file_name(&m.parent),
+            Some(LayerName::Snapshot(_))
+        )
     {
         return Err(MetaError::Invalid(format!(
             "parent {:?} is not a snapshot file name (volume-snap-<name>.img)",
@@ -168,7 +177,10 @@ pub fn parse_layer_meta(bytes: &[u8]) -> Result<LayerMeta, MetaError> {
         )));
     }
     if m.parent == m.name {
-        return Err(MetaError::Invalid(format!("layer {:?} names itself as parent", m.name)));
+        return Err(MetaError::Invalid(format!(
+            "layer {:?} names itself as parent",
+            m.name
+        )));
     }
     Ok(m)
 }
@@ -205,6 +217,7 @@ pub fn now_created() -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly by design.
 mod tests {
     use super::*;
     use proptest::prelude::*;
@@ -234,8 +247,14 @@ mod tests {
 
     #[test]
     fn roundtrip() {
-        assert_eq!(parse_volume_meta(&serialize_volume_meta(&vol()).unwrap()), Ok(vol()));
-        assert_eq!(parse_layer_meta(&serialize_layer_meta(&layer()).unwrap()), Ok(layer()));
+        assert_eq!(
+            parse_volume_meta(&serialize_volume_meta(&vol()).unwrap()),
+            Ok(vol())
+        );
+        assert_eq!(
+            parse_layer_meta(&serialize_layer_meta(&layer()).unwrap()),
+            Ok(layer())
+        );
     }
 
     #[test]
@@ -249,7 +268,8 @@ mod tests {
             Err(MetaError::Json(m)) => assert!(m.contains("revision"), "{m}"),
             other => panic!("{other:?}"),
         }
-        let j = br#"{"name":"volume-snap-a.img","created":"0","user_created":true,"removed":false}"#;
+        let j =
+            br#"{"name":"volume-snap-a.img","created":"0","user_created":true,"removed":false}"#;
         match parse_layer_meta(j) {
             Err(MetaError::Json(m)) => assert!(m.contains("parent"), "{m}"),
             other => panic!("{other:?}"),
@@ -259,30 +279,54 @@ mod tests {
     #[test]
     fn unknown_format_version() {
         let j = br#"{"format":2,"whatever":true}"#;
-        assert_eq!(parse_volume_meta(j), Err(MetaError::UnsupportedFormat { found: 2 }));
+        assert_eq!(
+            parse_volume_meta(j),
+            Err(MetaError::UnsupportedFormat { found: 2 })
+        );
     }
 
     #[test]
     fn rejects_bad_values() {
         let mut m = vol();
         m.size = 4097;
-        assert!(matches!(parse_volume_meta(&serialize_volume_meta(&m).unwrap()), Err(MetaError::Invalid(_))));
+        assert!(matches!(
+            parse_volume_meta(&serialize_volume_meta(&m).unwrap()),
+            Err(MetaError::Invalid(_))
+        ));
         let mut m = vol();
         m.head = "../etc/passwd".into();
-        assert!(matches!(parse_volume_meta(&serialize_volume_meta(&m).unwrap()), Err(MetaError::Invalid(_))));
+        assert!(matches!(
+            parse_volume_meta(&serialize_volume_meta(&m).unwrap()),
+            Err(MetaError::Invalid(_))
+        ));
         let mut l = layer();
         l.parent = "../../x/volume-snap-a.img".into();
-        assert!(matches!(parse_layer_meta(&serialize_layer_meta(&l).unwrap()), Err(MetaError::Invalid(_))));
+        assert!(matches!(
+            parse_layer_meta(&serialize_layer_meta(&l).unwrap()),
+            Err(MetaError::Invalid(_))
+        ));
         let mut l = layer();
         l.parent = "volume-head-000.img".into();
-        assert!(matches!(parse_layer_meta(&serialize_layer_meta(&l).unwrap()), Err(MetaError::Invalid(_))));
+        assert!(matches!(
+            parse_layer_meta(&serialize_layer_meta(&l).unwrap()),
+            Err(MetaError::Invalid(_))
+        ));
     }
 
     #[test]
     fn layer_file_names() {
-        assert_eq!(parse_layer_file_name("volume-head-000.img"), Some(LayerName::Head(0)));
-        assert_eq!(parse_layer_file_name("volume-head-1234.img"), Some(LayerName::Head(1234)));
-        assert_eq!(parse_layer_file_name("volume-snap-a-1.img"), Some(LayerName::Snapshot("a-1")));
+        assert_eq!(
+            parse_layer_file_name("volume-head-000.img"),
+            Some(LayerName::Head(0))
+        );
+        assert_eq!(
+            parse_layer_file_name("volume-head-1234.img"),
+            Some(LayerName::Head(1234))
+        );
+        assert_eq!(
+            parse_layer_file_name("volume-snap-a-1.img"),
+            Some(LayerName::Snapshot("a-1"))
+        );
         for bad in [
             "volume-head-.img",
             "volume-head-x.img",

@@ -37,7 +37,10 @@ pub const BLOCK_SIZE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
     #[error("replica {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("replica {dir}: no volume.meta: not a replica directory (create it first)")]
     NotAReplica { dir: String },
     #[error("replica {dir}: already holds a volume.meta: open it, or delete the directory to start over")]
@@ -47,32 +50,68 @@ pub enum ReplicaError {
     #[error("{0}")]
     InvalidName(#[from] NameError),
     #[error("replica {dir}: {file} is not valid metadata: {reason}")]
-    BadJson { dir: String, file: String, reason: String },
+    BadJson {
+        dir: String,
+        file: String,
+        reason: String,
+    },
     #[error(
         "replica {dir}: {file} has format version {found}; this build reads version {}: upgrade cairn",
         meta::FORMAT_VERSION
     )]
-    UnsupportedFormat { dir: String, file: String, found: u64 },
+    UnsupportedFormat {
+        dir: String,
+        file: String,
+        found: u64,
+    },
     #[error("replica {dir}: {file}: {reason}")]
-    InvalidMeta { dir: String, file: String, reason: String },
+    InvalidMeta {
+        dir: String,
+        file: String,
+        reason: String,
+    },
     #[error("replica {dir}: {referrer} names {kind} {file} which does not exist")]
-    MissingLayer { dir: String, referrer: String, kind: &'static str, file: String },
+    MissingLayer {
+        dir: String,
+        referrer: String,
+        kind: &'static str,
+        file: String,
+    },
     #[error("replica {dir}: layer {file} has no metadata file {file}.meta")]
     MissingLayerMeta { dir: String, file: String },
     #[error("replica {dir}: {meta_file} describes layer {found}, expected {file}")]
-    MisplacedLayerMeta { dir: String, meta_file: String, file: String, found: String },
+    MisplacedLayerMeta {
+        dir: String,
+        meta_file: String,
+        file: String,
+        found: String,
+    },
     #[error("replica {dir}: layer chain has a cycle: {file} is its own ancestor")]
     ChainCycle { dir: String, file: String },
     #[error("replica {dir}: layer {file} is {len} bytes, expected the volume size {expected}")]
-    LayerSizeMismatch { dir: String, file: String, len: u64, expected: u64 },
+    LayerSizeMismatch {
+        dir: String,
+        file: String,
+        len: u64,
+        expected: u64,
+    },
     #[error("replica {dir}: head file {file} was deleted")]
     HeadDeleted { dir: String, file: String },
     #[error("replica {dir}: head file {file} was replaced by another file (inode changed)")]
     HeadReplaced { dir: String, file: String },
     #[error("replica {dir}: head file {file} was truncated to {len} bytes, expected {expected}")]
-    HeadTruncated { dir: String, file: String, len: u64, expected: u64 },
+    HeadTruncated {
+        dir: String,
+        file: String,
+        len: u64,
+        expected: u64,
+    },
     #[error("replica {dir}: volume.meta now names head {found}, but {file} is open")]
-    HeadSwitched { dir: String, file: String, found: String },
+    HeadSwitched {
+        dir: String,
+        file: String,
+        found: String,
+    },
     #[error("replica {dir}: snapshot {name} already exists: choose another name")]
     SnapshotExists { dir: String, name: String },
 }
@@ -217,7 +256,12 @@ impl Replica {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(ReplicaError::NotAReplica { dir: d })
             }
-            Err(e) => return Err(ReplicaError::Io { path: disp(&vm_path), source: e }),
+            Err(e) => {
+                return Err(ReplicaError::Io {
+                    path: disp(&vm_path),
+                    source: e,
+                })
+            }
         };
 
         // Walk head -> base. Cycle check: every file may appear once.
@@ -264,7 +308,10 @@ impl Replica {
         let mut per_layer = Vec::with_capacity(self.layers.len());
         for l in &mut self.layers {
             let ranges = extent::data_blocks(l.fd.as_raw_fd(), self.size).map_err(|source| {
-                ReplicaError::Io { path: disp(&self.dir.join(&l.file)), source }
+                ReplicaError::Io {
+                    path: disp(&self.dir.join(&l.file)),
+                    source,
+                }
             })?;
             l.allocated = ranges.iter().map(|(s, e)| e - s).sum::<u64>() * BLOCK_SIZE;
             per_layer.push(ranges);
@@ -326,7 +373,8 @@ impl Replica {
             return;
         }
         let end = offset.saturating_add(len);
-        self.head_bits.set_range(offset / BLOCK_SIZE, end.div_ceil(BLOCK_SIZE));
+        self.head_bits
+            .set_range(offset / BLOCK_SIZE, end.div_ceil(BLOCK_SIZE));
     }
 
     /// Splits a read of `[offset, offset+len)` into runs served by one
@@ -340,7 +388,12 @@ impl Replica {
         let head_fd = self.head_fd();
         if !self.has_lower_layers() {
             // The head alone: its own holes already read as zeros.
-            f(ReadSegment { fd: Some(head_fd), file_offset: offset, buf_offset: 0, len });
+            f(ReadSegment {
+                fd: Some(head_fd),
+                file_offset: offset,
+                buf_offset: 0,
+                len,
+            });
             return;
         }
         let end = offset.saturating_add(len);
@@ -353,7 +406,10 @@ impl Replica {
             let (fd, run_end) = if b >= nblocks {
                 (None, u64::MAX) // Past the volume end: zeros.
             } else if self.head_bits.get(b) {
-                (Some(head_fd), self.head_bits.next_with(b + 1, end_block, false))
+                (
+                    Some(head_fd),
+                    self.head_bits.next_with(b + 1, end_block, false),
+                )
             } else {
                 let head_next = self.head_bits.next_with(b + 1, end_block, true);
                 match self.lower.lookup(b) {
@@ -397,13 +453,27 @@ impl Replica {
         let on_disk = match std::fs::metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(ReplicaError::HeadDeleted { dir: d, file: head.file.clone() })
+                return Err(ReplicaError::HeadDeleted {
+                    dir: d,
+                    file: head.file.clone(),
+                })
             }
-            Err(source) => return Err(ReplicaError::Io { path: disp(&path), source }),
+            Err(source) => {
+                return Err(ReplicaError::Io {
+                    path: disp(&path),
+                    source,
+                })
+            }
         };
-        let open = head.fd.metadata().map_err(|source| ReplicaError::Io { path: disp(&path), source })?;
+        let open = head.fd.metadata().map_err(|source| ReplicaError::Io {
+            path: disp(&path),
+            source,
+        })?;
         if on_disk.dev() != open.dev() || on_disk.ino() != open.ino() {
-            return Err(ReplicaError::HeadReplaced { dir: d, file: head.file.clone() });
+            return Err(ReplicaError::HeadReplaced {
+                dir: d,
+                file: head.file.clone(),
+            });
         }
         if open.len() != self.size {
             return Err(ReplicaError::HeadTruncated {
@@ -414,10 +484,17 @@ impl Replica {
             });
         }
         let vm_path = self.dir.join(meta::VOLUME_META);
-        let bytes = std::fs::read(&vm_path).map_err(|source| ReplicaError::Io { path: disp(&vm_path), source })?;
+        let bytes = std::fs::read(&vm_path).map_err(|source| ReplicaError::Io {
+            path: disp(&vm_path),
+            source,
+        })?;
         let vm = parse_meta(&d, meta::VOLUME_META, &bytes, meta::parse_volume_meta)?;
         if vm.head != head.file {
-            return Err(ReplicaError::HeadSwitched { dir: d, file: head.file.clone(), found: vm.head });
+            return Err(ReplicaError::HeadSwitched {
+                dir: d,
+                file: head.file.clone(),
+                found: vm.head,
+            });
         }
         Ok(())
     }
@@ -453,7 +530,10 @@ impl Replica {
         let snap = meta::snapshot_file_name(name);
         let snap_path = self.dir.join(&snap);
         if self.layers.iter().any(|l| l.file == snap) || snap_path.exists() {
-            return Err(ReplicaError::SnapshotExists { dir: d, name: name.to_string() });
+            return Err(ReplicaError::SnapshotExists {
+                dir: d,
+                name: name.to_string(),
+            });
         }
         let old_head = self.head().file.clone();
         let old_path = self.dir.join(&old_head);
@@ -498,8 +578,8 @@ impl Replica {
         let prepare = || -> Result<(), ReplicaError> {
             write_layer_meta(&self.dir, &snap_meta)?; // 2.
             std::fs::hard_link(&old_path, &snap_path).map_err(io_err(&snap_path))?; // 3.
-            // 4. A leftover new-head file can only be an orphan (the chain has
-            // one head); start from an empty file regardless.
+                                                                                    // 4. A leftover new-head file can only be an orphan (the chain has
+                                                                                    // one head); start from an empty file regardless.
             create_sparse(&new_path, self.size).map_err(io_err(&new_path))?;
             write_layer_meta(&self.dir, &head_meta)?;
             Ok(())
@@ -546,7 +626,11 @@ impl Replica {
                     removed: l.meta.removed,
                     labels: l.meta.labels.clone(),
                     // The head grows as writes land: count the live bitmap.
-                    allocated: if is_head { self.head_bits.count() * BLOCK_SIZE } else { l.allocated },
+                    allocated: if is_head {
+                        self.head_bits.count() * BLOCK_SIZE
+                    } else {
+                        l.allocated
+                    },
                     is_head,
                 }
             })
@@ -580,7 +664,12 @@ impl Replica {
 
 /// Creates (or truncates) a sparse file of `size` bytes and makes it durable.
 fn create_sparse(path: &Path, size: u64) -> io::Result<()> {
-    let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path)?;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
     f.set_len(size)?;
     f.sync_all()
 }
@@ -592,13 +681,21 @@ fn parse_meta<T>(
     parse: fn(&[u8]) -> Result<T, MetaError>,
 ) -> Result<T, ReplicaError> {
     parse(bytes).map_err(|e| match e {
-        MetaError::Json(reason) => ReplicaError::BadJson { dir: dir.into(), file: file.into(), reason },
-        MetaError::UnsupportedFormat { found } => {
-            ReplicaError::UnsupportedFormat { dir: dir.into(), file: file.into(), found }
-        }
-        MetaError::Invalid(reason) => {
-            ReplicaError::InvalidMeta { dir: dir.into(), file: file.into(), reason }
-        }
+        MetaError::Json(reason) => ReplicaError::BadJson {
+            dir: dir.into(),
+            file: file.into(),
+            reason,
+        },
+        MetaError::UnsupportedFormat { found } => ReplicaError::UnsupportedFormat {
+            dir: dir.into(),
+            file: file.into(),
+            found,
+        },
+        MetaError::Invalid(reason) => ReplicaError::InvalidMeta {
+            dir: dir.into(),
+            file: file.into(),
+            reason,
+        },
     })
 }
 
@@ -622,35 +719,74 @@ fn open_layer(
                 file: file.into(),
             })
         }
-        Err(source) => return Err(ReplicaError::Io { path: disp(&path), source }),
+        Err(source) => {
+            return Err(ReplicaError::Io {
+                path: disp(&path),
+                source,
+            })
+        }
     };
     let meta_file = meta::layer_meta_file_name(file);
     let meta_path = dir.join(&meta_file);
     let lm = match std::fs::read(&meta_path) {
         Ok(b) => parse_meta(&d, &meta_file, &b, meta::parse_layer_meta)?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(ReplicaError::MissingLayerMeta { dir: d, file: file.into() })
+            return Err(ReplicaError::MissingLayerMeta {
+                dir: d,
+                file: file.into(),
+            })
         }
-        Err(source) => return Err(ReplicaError::Io { path: disp(&meta_path), source }),
+        Err(source) => {
+            return Err(ReplicaError::Io {
+                path: disp(&meta_path),
+                source,
+            })
+        }
     };
     if lm.name != file {
-        return Err(ReplicaError::MisplacedLayerMeta { dir: d, meta_file, file: file.into(), found: lm.name });
+        return Err(ReplicaError::MisplacedLayerMeta {
+            dir: d,
+            meta_file,
+            file: file.into(),
+            found: lm.name,
+        });
     }
-    let len = fd.metadata().map_err(|source| ReplicaError::Io { path: disp(&path), source })?.len();
+    let len = fd
+        .metadata()
+        .map_err(|source| ReplicaError::Io {
+            path: disp(&path),
+            source,
+        })?
+        .len();
     if len != size {
-        return Err(ReplicaError::LayerSizeMismatch { dir: d, file: file.into(), len, expected: size });
+        return Err(ReplicaError::LayerSizeMismatch {
+            dir: d,
+            file: file.into(),
+            len,
+            expected: size,
+        });
     }
-    Ok(Layer { file: file.into(), meta: lm, fd, allocated: 0 })
+    Ok(Layer {
+        file: file.into(),
+        meta: lm,
+        fd,
+        allocated: 0,
+    })
 }
 
 /// Deletes crash leftovers: `*.tmp` (half-done `atomic_write`s) and layer
 /// files or metas not in the chain (`keep`), i.e. an uncommitted or
 /// half-cleaned snapshot. Runs only after the chain validated.
 fn remove_leftovers(dir: &Path, keep: &HashSet<String>) -> Result<(), ReplicaError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| ReplicaError::Io { path: disp(dir), source })?;
+    let entries = std::fs::read_dir(dir).map_err(|source| ReplicaError::Io {
+        path: disp(dir),
+        source,
+    })?;
     let mut removed = false;
     for entry in entries.flatten() {
-        let Ok(name) = entry.file_name().into_string() else { continue };
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
         let stale = if name.ends_with(fsutil::TMP_SUFFIX) {
             true
         } else if is_layer_related(&name) {
@@ -661,12 +797,18 @@ fn remove_leftovers(dir: &Path, keep: &HashSet<String>) -> Result<(), ReplicaErr
         };
         if stale && entry.file_type().is_ok_and(|t| t.is_file()) {
             let p = entry.path();
-            std::fs::remove_file(&p).map_err(|source| ReplicaError::Io { path: disp(&p), source })?;
+            std::fs::remove_file(&p).map_err(|source| ReplicaError::Io {
+                path: disp(&p),
+                source,
+            })?;
             removed = true;
         }
     }
     if removed {
-        fsutil::fsync_dir(dir).map_err(|source| ReplicaError::Io { path: disp(dir), source })?;
+        fsutil::fsync_dir(dir).map_err(|source| ReplicaError::Io {
+            path: disp(dir),
+            source,
+        })?;
     }
     Ok(())
 }
@@ -675,15 +817,22 @@ fn write_layer_meta(dir: &Path, m: &LayerMeta) -> Result<(), ReplicaError> {
     let path = dir.join(meta::layer_meta_file_name(&m.name));
     meta::serialize_layer_meta(m)
         .and_then(|b| fsutil::atomic_write(&path, &b))
-        .map_err(|source| ReplicaError::Io { path: disp(&path), source })
+        .map_err(|source| ReplicaError::Io {
+            path: disp(&path),
+            source,
+        })
 }
 
 fn write_volume_meta(dir: &Path, m: &VolumeMeta) -> Result<(), ReplicaError> {
     let path = dir.join(meta::VOLUME_META);
     meta::serialize_volume_meta(m)
         .and_then(|b| fsutil::atomic_write(&path, &b))
-        .map_err(|source| ReplicaError::Io { path: disp(&path), source })
+        .map_err(|source| ReplicaError::Io {
+            path: disp(&path),
+            source,
+        })
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly by design.
 mod tests;

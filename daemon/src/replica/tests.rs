@@ -8,7 +8,11 @@ use std::os::unix::fs::FileExt;
 const MIB: u64 = 1 << 20;
 
 fn spec(size: u64) -> ReplicaSpec {
-    ReplicaSpec { volume: "vol".into(), replica: "vol-r1".into(), size }
+    ReplicaSpec {
+        volume: "vol".into(),
+        replica: "vol-r1".into(),
+        size,
+    }
 }
 
 fn with_fd<T>(fd: RawFd, f: impl FnOnce(&File) -> T) -> T {
@@ -64,7 +68,10 @@ fn create_open_roundtrip() {
     assert_eq!(chain.len(), 1);
     assert_eq!(chain[0].file, "volume-head-000.img");
     assert!(chain[0].is_head && chain[0].parent.is_empty() && chain[0].allocated == 0);
-    assert!(matches!(Replica::create(&dir, &spec(MIB)), Err(ReplicaError::AlreadyExists { .. })));
+    assert!(matches!(
+        Replica::create(&dir, &spec(MIB)),
+        Err(ReplicaError::AlreadyExists { .. })
+    ));
 }
 
 #[test]
@@ -76,9 +83,18 @@ fn create_rejects_bad_size_and_names() {
             Err(ReplicaError::InvalidSize { .. })
         ));
     }
-    let bad = ReplicaSpec { volume: "Bad_Name".into(), ..spec(MIB) };
-    assert!(matches!(Replica::create(&d.path().join("y"), &bad), Err(ReplicaError::InvalidName(_))));
-    assert!(matches!(Replica::open(&d.path().join("z")), Err(ReplicaError::NotAReplica { .. })));
+    let bad = ReplicaSpec {
+        volume: "Bad_Name".into(),
+        ..spec(MIB)
+    };
+    assert!(matches!(
+        Replica::create(&d.path().join("y"), &bad),
+        Err(ReplicaError::InvalidName(_))
+    ));
+    assert!(matches!(
+        Replica::open(&d.path().join("z")),
+        Err(ReplicaError::NotAReplica { .. })
+    ));
 }
 
 #[test]
@@ -99,7 +115,12 @@ fn single_layer_read_is_one_head_segment() {
     let segs = segments(&r, 4096, 3 * 4096);
     assert_eq!(
         segs,
-        vec![ReadSegment { fd: Some(r.head_fd()), file_offset: 4096, buf_offset: 0, len: 3 * 4096 }]
+        vec![ReadSegment {
+            fd: Some(r.head_fd()),
+            file_offset: 4096,
+            buf_offset: 0,
+            len: 3 * 4096
+        }]
     );
     let b = read(&r, 8192, 4096);
     assert_eq!(&b[..5], b"hello");
@@ -116,7 +137,17 @@ fn map_built_at_open_equals_marked_map() {
     }
     write(&r, 500 * BLOCK_SIZE, &vec![1u8; 10 * BLOCK_SIZE as usize]);
     let marked = r.head_block_ranges();
-    assert_eq!(marked, vec![(0, 3), (63, 66), (200, 201), (500, 510), (1000, 1001), (2047, 2048)]);
+    assert_eq!(
+        marked,
+        vec![
+            (0, 3),
+            (63, 66),
+            (200, 201),
+            (500, 510),
+            (1000, 1001),
+            (2047, 2048)
+        ]
+    );
     drop(r);
     let r = Replica::open(d.path()).unwrap();
     assert_eq!(r.head_block_ranges(), marked);
@@ -145,19 +176,54 @@ fn segments_coalesce_and_pick_newest() {
     assert_eq!(
         segs,
         vec![
-            ReadSegment { fd: Some(fds[0]), file_offset: 0, buf_offset: 0, len: 2 * b },
-            ReadSegment { fd: Some(fds[1]), file_offset: 2 * b, buf_offset: 2 * b, len: b },
-            ReadSegment { fd: Some(fds[2]), file_offset: 3 * b, buf_offset: 3 * b, len: b },
-            ReadSegment { fd: Some(fds[1]), file_offset: 4 * b, buf_offset: 4 * b, len: 2 * b },
-            ReadSegment { fd: None, file_offset: 6 * b, buf_offset: 6 * b, len: 2 * b },
+            ReadSegment {
+                fd: Some(fds[0]),
+                file_offset: 0,
+                buf_offset: 0,
+                len: 2 * b
+            },
+            ReadSegment {
+                fd: Some(fds[1]),
+                file_offset: 2 * b,
+                buf_offset: 2 * b,
+                len: b
+            },
+            ReadSegment {
+                fd: Some(fds[2]),
+                file_offset: 3 * b,
+                buf_offset: 3 * b,
+                len: b
+            },
+            ReadSegment {
+                fd: Some(fds[1]),
+                file_offset: 4 * b,
+                buf_offset: 4 * b,
+                len: 2 * b
+            },
+            ReadSegment {
+                fd: None,
+                file_offset: 6 * b,
+                buf_offset: 6 * b,
+                len: 2 * b
+            },
         ]
     );
     let data = read(&r, 0, 8 * BLOCK_SIZE);
-    let expect: Vec<u8> = [1u8, 1, 2, 3, 2, 2, 0, 0].iter().flat_map(|&v| vec![v; bs]).collect();
+    let expect: Vec<u8> = [1u8, 1, 2, 3, 2, 2, 0, 0]
+        .iter()
+        .flat_map(|&v| vec![v; bs])
+        .collect();
     assert_eq!(data, expect);
     let chain = r.chain();
     let files: Vec<&str> = chain.iter().map(|l| l.file.as_str()).collect();
-    assert_eq!(files, ["volume-snap-a.img", "volume-snap-b.img", "volume-head-002.img"]);
+    assert_eq!(
+        files,
+        [
+            "volume-snap-a.img",
+            "volume-snap-b.img",
+            "volume-head-002.img"
+        ]
+    );
     assert_eq!(chain[0].snapshot.as_deref(), Some("a"));
     assert_eq!(chain[1].parent, "volume-snap-a.img");
     assert_eq!(chain[2].parent, "volume-snap-b.img");
@@ -169,7 +235,10 @@ fn segments_coalesce_and_pick_newest() {
 fn snapshot_rejects_bad_and_duplicate_names() {
     let d = tempfile::tempdir().unwrap();
     let mut r = Replica::create(d.path(), &spec(MIB)).unwrap();
-    assert!(matches!(r.snapshot("Bad", true, BTreeMap::new()), Err(ReplicaError::InvalidName(_))));
+    assert!(matches!(
+        r.snapshot("Bad", true, BTreeMap::new()),
+        Err(ReplicaError::InvalidName(_))
+    ));
     r.snapshot("a", true, BTreeMap::new()).unwrap();
     assert!(matches!(
         r.snapshot("a", true, BTreeMap::new()),
@@ -196,7 +265,11 @@ fn crash_before_snapshot_commit_keeps_old_chain() {
         labels: BTreeMap::new(),
     };
     write_layer_meta(dir, &snap_meta).unwrap();
-    std::fs::hard_link(dir.join("volume-head-000.img"), dir.join("volume-snap-x.img")).unwrap();
+    std::fs::hard_link(
+        dir.join("volume-head-000.img"),
+        dir.join("volume-snap-x.img"),
+    )
+    .unwrap();
     create_sparse(&dir.join("volume-head-001.img"), MIB).unwrap();
     let head_meta = LayerMeta {
         name: "volume-head-001.img".into(),
@@ -208,7 +281,12 @@ fn crash_before_snapshot_commit_keeps_old_chain() {
     let mut r = Replica::open(dir).unwrap();
     assert_eq!(r.chain().len(), 1);
     assert_eq!(&read(&r, 0, 4)[..], b"data");
-    for leftover in ["volume-snap-x.img", "volume-snap-x.img.meta", "volume-head-001.img", "volume-head-001.img.meta"] {
+    for leftover in [
+        "volume-snap-x.img",
+        "volume-snap-x.img.meta",
+        "volume-head-001.img",
+        "volume-head-001.img.meta",
+    ] {
         assert!(!dir.join(leftover).exists(), "{leftover} not cleaned");
     }
     // And the same snapshot can now be taken for real.
@@ -246,10 +324,25 @@ fn check_files_detects_changes() {
     r.check_files().unwrap();
     let head = dir.join("volume-head-000.img");
 
-    std::fs::OpenOptions::new().write(true).open(&head).unwrap().set_len(4096).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&head)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
     match r.check_files() {
-        Err(e @ ReplicaError::HeadTruncated { len: 4096, expected: MIB, .. }) => {
-            assert!(e.to_string().contains("truncated to 4096 bytes, expected 1048576"), "{e}")
+        Err(
+            e @ ReplicaError::HeadTruncated {
+                len: 4096,
+                expected: MIB,
+                ..
+            },
+        ) => {
+            assert!(
+                e.to_string()
+                    .contains("truncated to 4096 bytes, expected 1048576"),
+                "{e}"
+            )
         }
         other => panic!("{other:?}"),
     }
@@ -258,12 +351,18 @@ fn check_files_detects_changes() {
 
     std::fs::rename(&head, dir.join("moved")).unwrap();
     std::fs::write(&head, vec![0u8; MIB as usize]).unwrap();
-    assert!(matches!(r.check_files(), Err(ReplicaError::HeadReplaced { .. })));
+    assert!(matches!(
+        r.check_files(),
+        Err(ReplicaError::HeadReplaced { .. })
+    ));
 
     std::fs::remove_file(&head).unwrap();
     match r.check_files() {
         Err(e @ ReplicaError::HeadDeleted { .. }) => {
-            assert!(e.to_string().contains("volume-head-000.img was deleted"), "{e}")
+            assert!(
+                e.to_string().contains("volume-head-000.img was deleted"),
+                "{e}"
+            )
         }
         other => panic!("{other:?}"),
     }
@@ -278,7 +377,10 @@ fn check_files_detects_changes() {
 fn open_removes_tmp_leftovers() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    Replica::create(dir, &spec(MIB)).unwrap().set_revision(5).unwrap();
+    Replica::create(dir, &spec(MIB))
+        .unwrap()
+        .set_revision(5)
+        .unwrap();
     std::fs::write(dir.join("volume.meta.tmp"), b"{\"format\":1, \"revis").unwrap();
     std::fs::write(dir.join("volume-head-000.img.meta.tmp"), b"\0\0garbage").unwrap();
     let r = Replica::open(dir).unwrap();
