@@ -518,7 +518,9 @@ impl Replica {
     /// 7. reopen: new fds (snapshot read-only) and maps.
     ///
     /// A failure before step 5 undoes steps 2-4 (best effort; `open` cleans
-    /// whatever remains).
+    /// whatever remains) and leaves `self` unchanged. A failure of step 7
+    /// means the snapshot is committed on disk but `self` still holds the
+    /// old fds: drop it and [`Replica::open`] the directory again.
     pub fn snapshot(
         &mut self,
         name: &str,
