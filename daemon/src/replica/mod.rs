@@ -1,16 +1,119 @@
 //! The replica format: a directory holding a chain of sparse image layers.
-//! (Interface fixed; implementation in progress.)
+//!
+//! Owns everything on a replica's disk directory and the read-path maps over
+//! it:
+//! - `volume.meta` names the writable head layer (`volume-head-NNN.img`) and
+//!   holds the volume size and the replica-set revision;
+//! - each layer file has a `<file>.meta` naming its parent; following parents
+//!   from the head reaches the base layer (empty parent);
+//! - snapshot layers (`volume-snap-<name>.img`) are read-only.
+//!
+//! Reads resolve each block to the newest layer holding it ([`extent`]);
+//! writes go to the head only, and the I/O threads record them with
+//! [`Replica::mark_written`]. Metadata changes use [`crate::fsutil::atomic_write`]
+//! and `volume.meta` is always written last: it is the commit point.
 
-use std::os::fd::RawFd;
-use std::path::Path;
+pub mod extent;
+pub mod meta;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use crate::fsutil;
+use crate::name::NameError;
+use extent::{HeadBitmap, Lookup, LowerMap};
+use meta::{LayerMeta, LayerName, MetaError, VolumeMeta};
 
 /// Granularity of extent tracking and of every I/O the engine issues.
 pub const BLOCK_SIZE: u64 = 4096;
 
+/// Why a replica operation failed. Messages name the replica directory and
+/// the file involved.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
     #[error("replica {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("replica {dir}: no volume.meta: not a replica directory (create it first)")]
+    NotAReplica { dir: String },
+    #[error("replica {dir}: already holds a volume.meta: open it, or delete the directory to start over")]
+    AlreadyExists { dir: String },
+    #[error("replica size {size} must be a nonzero multiple of {BLOCK_SIZE} bytes")]
+    InvalidSize { size: u64 },
+    #[error("{0}")]
+    InvalidName(#[from] NameError),
+    #[error("replica {dir}: {file} is not valid metadata: {reason}")]
+    BadJson {
+        dir: String,
+        file: String,
+        reason: String,
+    },
+    #[error(
+        "replica {dir}: {file} has format version {found}; this build reads version {}: upgrade cairn",
+        meta::FORMAT_VERSION
+    )]
+    UnsupportedFormat {
+        dir: String,
+        file: String,
+        found: u64,
+    },
+    #[error("replica {dir}: {file}: {reason}")]
+    InvalidMeta {
+        dir: String,
+        file: String,
+        reason: String,
+    },
+    #[error("replica {dir}: {referrer} names {kind} {file} which does not exist")]
+    MissingLayer {
+        dir: String,
+        referrer: String,
+        kind: &'static str,
+        file: String,
+    },
+    #[error("replica {dir}: layer {file} has no metadata file {file}.meta")]
+    MissingLayerMeta { dir: String, file: String },
+    #[error("replica {dir}: {meta_file} describes layer {found}, expected {file}")]
+    MisplacedLayerMeta {
+        dir: String,
+        meta_file: String,
+        file: String,
+        found: String,
+    },
+    #[error("replica {dir}: layer chain has a cycle: {file} is its own ancestor")]
+    ChainCycle { dir: String, file: String },
+    #[error("replica {dir}: layer {file} is {len} bytes, expected the volume size {expected}")]
+    LayerSizeMismatch {
+        dir: String,
+        file: String,
+        len: u64,
+        expected: u64,
+    },
+    #[error("replica {dir}: head file {file} was deleted")]
+    HeadDeleted { dir: String, file: String },
+    #[error("replica {dir}: head file {file} was replaced by another file (inode changed)")]
+    HeadReplaced { dir: String, file: String },
+    #[error("replica {dir}: head file {file} was truncated to {len} bytes, expected {expected}")]
+    HeadTruncated {
+        dir: String,
+        file: String,
+        len: u64,
+        expected: u64,
+    },
+    #[error("replica {dir}: volume.meta now names head {found}, but {file} is open")]
+    HeadSwitched {
+        dir: String,
+        file: String,
+        found: String,
+    },
+    #[error("replica {dir}: snapshot {name} already exists: choose another name")]
+    SnapshotExists { dir: String, name: String },
 }
 
 /// What a new replica is made of.
@@ -30,17 +133,708 @@ pub struct ReadSegment {
     pub len: u64,
 }
 
-pub struct Replica {}
+/// One layer of the chain as shown to the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// File name in the replica directory.
+    pub file: String,
+    /// `name` from the layer's meta: by convention equal to `file`.
+    pub name: String,
+    /// Snapshot name (`<name>` of `volume-snap-<name>.img`); `None` for the head.
+    pub snapshot: Option<String>,
+    pub parent: String,
+    pub created: String,
+    pub user_created: bool,
+    pub removed: bool,
+    pub labels: BTreeMap<String, String>,
+    /// Bytes this layer holds data for (allocated blocks × [`BLOCK_SIZE`]).
+    pub allocated: u64,
+    pub is_head: bool,
+}
+
+/// An open layer file.
+#[derive(Debug)]
+struct Layer {
+    file: String,
+    meta: LayerMeta,
+    /// Read-write for the head, read-only for snapshots. Owned for the
+    /// replica's lifetime so the raw fds handed out stay valid.
+    fd: File,
+    /// Allocated bytes at open (snapshots never change after open).
+    allocated: u64,
+}
+
+/// An open replica. `Send + Sync`: the I/O threads share it through an `Arc`.
+#[derive(Debug)]
+pub struct Replica {
+    dir: PathBuf,
+    volume: String,
+    replica: String,
+    size: u64,
+    /// Current `volume.meta`; the lock serializes rewrites (`set_revision`).
+    meta: Mutex<VolumeMeta>,
+    /// Oldest first; the head is last (there is always at least the head).
+    layers: Vec<Layer>,
+    /// Raw fd of every layer, same order, for allocation-free lookups.
+    fds: Vec<RawFd>,
+    lower: LowerMap,
+    head_bits: HeadBitmap,
+}
+
+/// Files written alongside the layers that open() must not treat as orphans.
+fn is_layer_related(name: &str) -> bool {
+    let file = name.strip_suffix(meta::LAYER_META_SUFFIX).unwrap_or(name);
+    meta::parse_layer_file_name(file).is_some()
+}
+
+fn disp(p: &Path) -> String {
+    p.display().to_string()
+}
 
 impl Replica {
-    pub fn create(_dir: &Path, _spec: &ReplicaSpec) -> Result<Self, ReplicaError> { todo!() }
-    pub fn open(_dir: &Path) -> Result<Self, ReplicaError> { todo!() }
-    pub fn size(&self) -> u64 { todo!() }
-    pub fn revision(&self) -> u64 { todo!() }
-    pub fn set_revision(&self, _rev: u64) -> Result<(), ReplicaError> { todo!() }
-    pub fn head_fd(&self) -> RawFd { todo!() }
-    pub fn has_lower_layers(&self) -> bool { todo!() }
-    pub fn mark_written(&self, _offset: u64, _len: u64) { todo!() }
-    pub fn resolve_read(&self, _offset: u64, _len: u64, _f: impl FnMut(ReadSegment)) { todo!() }
-    pub fn check_files(&self) -> Result<(), ReplicaError> { todo!() }
+    /// Creates a new replica in `dir` (made if missing) and opens it.
+    ///
+    /// Order: head image, head meta, then `volume.meta` last. A crash before
+    /// `volume.meta` is written leaves a directory `open` rejects as "not a
+    /// replica" and `create` can be retried on.
+    pub fn create(dir: &Path, spec: &ReplicaSpec) -> Result<Self, ReplicaError> {
+        if spec.size == 0 || spec.size % BLOCK_SIZE != 0 {
+            return Err(ReplicaError::InvalidSize { size: spec.size });
+        }
+        crate::name::validate_volume_name(&spec.volume)?;
+        crate::name::validate_label("replica", &spec.replica, 63)?;
+        let io_err = |path: &Path| {
+            let path = disp(path);
+            move |source| ReplicaError::Io { path, source }
+        };
+        let vm_path = dir.join(meta::VOLUME_META);
+        match std::fs::symlink_metadata(&vm_path) {
+            Ok(_) => return Err(ReplicaError::AlreadyExists { dir: disp(dir) }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&vm_path)(e)),
+        }
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        // The new directory entry itself must be durable too.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fsutil::fsync_dir(parent).map_err(io_err(parent))?;
+        }
+
+        let head = meta::head_file_name(0);
+        let head_path = dir.join(&head);
+        create_sparse(&head_path, spec.size).map_err(io_err(&head_path))?;
+        let lm = LayerMeta {
+            name: head.clone(),
+            parent: String::new(),
+            created: meta::now_created(),
+            user_created: false,
+            removed: false,
+            labels: BTreeMap::new(),
+        };
+        write_layer_meta(dir, &lm)?;
+        let vm = VolumeMeta {
+            format: meta::FORMAT_VERSION,
+            volume: spec.volume.clone(),
+            replica: spec.replica.clone(),
+            size: spec.size,
+            sector_size: BLOCK_SIZE,
+            head,
+            revision: 0,
+        };
+        write_volume_meta(dir, &vm)?; // Commit point.
+        Self::open(dir)
+    }
+
+    /// Opens the replica in `dir`: validates the chain, opens every layer and
+    /// builds the extent maps. Removes crash leftovers: `*.tmp` files and
+    /// layer files no longer reachable from the head (an interrupted
+    /// snapshot).
+    pub fn open(dir: &Path) -> Result<Self, ReplicaError> {
+        let d = disp(dir);
+        let vm_path = dir.join(meta::VOLUME_META);
+        let vm = match std::fs::read(&vm_path) {
+            Ok(b) => parse_meta(&d, meta::VOLUME_META, &b, meta::parse_volume_meta)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ReplicaError::NotAReplica { dir: d })
+            }
+            Err(e) => {
+                return Err(ReplicaError::Io {
+                    path: disp(&vm_path),
+                    source: e,
+                })
+            }
+        };
+
+        // Walk head -> base. Cycle check: every file may appear once.
+        let mut chain: Vec<Layer> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut file = vm.head.clone();
+        let mut referrer = meta::VOLUME_META.to_string();
+        loop {
+            if !seen.insert(file.clone()) {
+                return Err(ReplicaError::ChainCycle { dir: d, file });
+            }
+            let is_head = chain.is_empty();
+            let layer = open_layer(dir, &file, &referrer, is_head, vm.size)?;
+            let parent = layer.meta.parent.clone();
+            referrer = meta::layer_meta_file_name(&file);
+            chain.push(layer);
+            if parent.is_empty() {
+                break;
+            }
+            file = parent;
+        }
+        chain.reverse();
+
+        remove_leftovers(dir, &seen)?;
+
+        let mut r = Replica {
+            dir: dir.to_path_buf(),
+            volume: vm.volume.clone(),
+            replica: vm.replica.clone(),
+            size: vm.size,
+            meta: Mutex::new(vm),
+            fds: Vec::new(),
+            layers: chain,
+            lower: LowerMap::default(),
+            head_bits: HeadBitmap::new(0),
+        };
+        r.build_maps()?;
+        Ok(r)
+    }
+
+    /// (Re)builds the fd table and extent maps from the layer files.
+    fn build_maps(&mut self) -> Result<(), ReplicaError> {
+        let nblocks = self.size / BLOCK_SIZE;
+        let mut per_layer = Vec::with_capacity(self.layers.len());
+        for l in &mut self.layers {
+            let ranges = extent::data_blocks(l.fd.as_raw_fd(), self.size).map_err(|source| {
+                ReplicaError::Io {
+                    path: disp(&self.dir.join(&l.file)),
+                    source,
+                }
+            })?;
+            l.allocated = ranges.iter().map(|(s, e)| e - s).sum::<u64>() * BLOCK_SIZE;
+            per_layer.push(ranges);
+        }
+        let head_ranges = per_layer.pop().unwrap_or_default();
+        self.lower = LowerMap::build(&per_layer);
+        self.head_bits = HeadBitmap::from_ranges(nblocks, &head_ranges);
+        self.fds = self.layers.iter().map(|l| l.fd.as_raw_fd()).collect();
+        Ok(())
+    }
+
+    /// Volume size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Replica-set revision stored in `volume.meta`.
+    pub fn revision(&self) -> u64 {
+        self.lock_meta().revision
+    }
+
+    /// Persists a new revision (atomic rewrite of `volume.meta`).
+    pub fn set_revision(&self, rev: u64) -> Result<(), ReplicaError> {
+        let mut m = self.lock_meta();
+        let mut next = m.clone();
+        next.revision = rev;
+        write_volume_meta(&self.dir, &next)?;
+        *m = next;
+        Ok(())
+    }
+
+    fn lock_meta(&self) -> MutexGuard<'_, VolumeMeta> {
+        // A panic while holding the lock cannot leave the struct half
+        // updated (it is replaced whole), so a poisoned lock is still good.
+        self.meta.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn head(&self) -> &Layer {
+        // `open` never builds a replica without a head.
+        &self.layers[self.layers.len() - 1]
+    }
+
+    /// The head file, open read-write.
+    pub fn head_fd(&self) -> RawFd {
+        self.head().fd.as_raw_fd()
+    }
+
+    /// True when the head has a parent snapshot, i.e. reads need the maps.
+    pub fn has_lower_layers(&self) -> bool {
+        self.layers.len() > 1
+    }
+
+    /// Records that `[offset, offset+len)` of the head now holds data
+    /// (rounded outward to blocks). Lock-free and allocation-free; call after
+    /// the write to the head completed and before acknowledging it.
+    #[inline]
+    pub fn mark_written(&self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let end = offset.saturating_add(len);
+        self.head_bits
+            .set_range(offset / BLOCK_SIZE, end.div_ceil(BLOCK_SIZE));
+    }
+
+    /// Splits a read of `[offset, offset+len)` into runs served by one
+    /// source each, in order, calling `f` for each; adjacent blocks from the
+    /// same source are one segment. `fd: None` means "fill with zeros".
+    /// No allocation.
+    pub fn resolve_read(&self, offset: u64, len: u64, mut f: impl FnMut(ReadSegment)) {
+        if len == 0 {
+            return;
+        }
+        let head_fd = self.head_fd();
+        if !self.has_lower_layers() {
+            // The head alone: its own holes already read as zeros.
+            f(ReadSegment {
+                fd: Some(head_fd),
+                file_offset: offset,
+                buf_offset: 0,
+                len,
+            });
+            return;
+        }
+        let end = offset.saturating_add(len);
+        let nblocks = self.head_bits.blocks();
+        let end_block = end.div_ceil(BLOCK_SIZE).min(nblocks);
+        let mut pending: Option<ReadSegment> = None;
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / BLOCK_SIZE;
+            let (fd, run_end) = if b >= nblocks {
+                (None, u64::MAX) // Past the volume end: zeros.
+            } else if self.head_bits.get(b) {
+                (
+                    Some(head_fd),
+                    self.head_bits.next_with(b + 1, end_block, false),
+                )
+            } else {
+                let head_next = self.head_bits.next_with(b + 1, end_block, true);
+                match self.lower.lookup(b) {
+                    Lookup::In(x) => {
+                        let fd = self.fds.get(x.layer as usize).copied();
+                        (fd, x.end.min(head_next))
+                    }
+                    Lookup::Gap { next } => (None, next.min(head_next)),
+                }
+            };
+            // Every branch ends its run at least one block past `b`, so the
+            // loop always advances.
+            let seg_end = run_end.saturating_mul(BLOCK_SIZE).min(end);
+            match &mut pending {
+                Some(p) if p.fd == fd && p.file_offset + p.len == pos => p.len += seg_end - pos,
+                _ => {
+                    if let Some(p) = pending.take() {
+                        f(p);
+                    }
+                    pending = Some(ReadSegment {
+                        fd,
+                        file_offset: pos,
+                        buf_offset: pos - offset,
+                        len: seg_end - pos,
+                    });
+                }
+            }
+            pos = seg_end;
+        }
+        if let Some(p) = pending {
+            f(p);
+        }
+    }
+
+    /// Health check: the head file is still the open inode at full size and
+    /// `volume.meta` still parses and names it.
+    pub fn check_files(&self) -> Result<(), ReplicaError> {
+        let d = disp(&self.dir);
+        let head = self.head();
+        let path = self.dir.join(&head.file);
+        let on_disk = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ReplicaError::HeadDeleted {
+                    dir: d,
+                    file: head.file.clone(),
+                })
+            }
+            Err(source) => {
+                return Err(ReplicaError::Io {
+                    path: disp(&path),
+                    source,
+                })
+            }
+        };
+        let open = head.fd.metadata().map_err(|source| ReplicaError::Io {
+            path: disp(&path),
+            source,
+        })?;
+        if on_disk.dev() != open.dev() || on_disk.ino() != open.ino() {
+            return Err(ReplicaError::HeadReplaced {
+                dir: d,
+                file: head.file.clone(),
+            });
+        }
+        if open.len() != self.size {
+            return Err(ReplicaError::HeadTruncated {
+                dir: d,
+                file: head.file.clone(),
+                len: open.len(),
+                expected: self.size,
+            });
+        }
+        let vm_path = self.dir.join(meta::VOLUME_META);
+        let bytes = std::fs::read(&vm_path).map_err(|source| ReplicaError::Io {
+            path: disp(&vm_path),
+            source,
+        })?;
+        let vm = parse_meta(&d, meta::VOLUME_META, &bytes, meta::parse_volume_meta)?;
+        if vm.head != head.file {
+            return Err(ReplicaError::HeadSwitched {
+                dir: d,
+                file: head.file.clone(),
+                found: vm.head,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes snapshot `name` of the head: the head becomes read-only layer
+    /// `volume-snap-<name>.img` and a new empty head is stacked on it.
+    /// Offline: the replica must not be serving I/O (hence `&mut self`).
+    ///
+    /// Crash safety. `volume.meta`'s `head` field is the commit point; every
+    /// step before it only adds files `open` does not reach from the old
+    /// head (and removes as leftovers), every step after it only removes
+    /// files the new chain does not reach:
+    /// 1. fsync the head's data;
+    /// 2. write `volume-snap-<name>.img.meta` (parent = old head's parent);
+    /// 3. hard-link the head to `volume-snap-<name>.img` (same inode: no copy,
+    ///    and the old head name stays valid for the old `volume.meta`);
+    /// 4. create the empty head `volume-head-(NNN+1).img` and its meta
+    ///    (parent = the snapshot);
+    /// 5. COMMIT: rewrite `volume.meta` with the new head;
+    /// 6. unlink the old head name and its meta;
+    /// 7. reopen: new fds (snapshot read-only) and maps.
+    ///
+    /// A failure before step 5 undoes steps 2-4 (best effort; `open` cleans
+    /// whatever remains) and leaves `self` unchanged. A failure of step 7
+    /// means the snapshot is committed on disk but `self` still holds the
+    /// old fds: drop it and [`Replica::open`] the directory again.
+    pub fn snapshot(
+        &mut self,
+        name: &str,
+        user_created: bool,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), ReplicaError> {
+        crate::name::validate_label("snapshot", name, 63)?;
+        let d = disp(&self.dir);
+        let snap = meta::snapshot_file_name(name);
+        let snap_path = self.dir.join(&snap);
+        if self.layers.iter().any(|l| l.file == snap) || snap_path.exists() {
+            return Err(ReplicaError::SnapshotExists {
+                dir: d,
+                name: name.to_string(),
+            });
+        }
+        let old_head = self.head().file.clone();
+        let old_path = self.dir.join(&old_head);
+        let gen = match meta::parse_layer_file_name(&old_head) {
+            Some(LayerName::Head(n)) => n,
+            _ => {
+                return Err(ReplicaError::InvalidMeta {
+                    dir: d,
+                    file: meta::VOLUME_META.into(),
+                    reason: format!("head {old_head:?} is not a head file name"),
+                })
+            }
+        };
+        let new_head = meta::head_file_name(gen.saturating_add(1));
+        let new_path = self.dir.join(&new_head);
+        let io_err = |path: &Path| {
+            let path = disp(path);
+            move |source| ReplicaError::Io { path, source }
+        };
+
+        // 1.
+        self.head().fd.sync_all().map_err(io_err(&old_path))?;
+        let snap_meta = LayerMeta {
+            name: snap.clone(),
+            parent: self.head().meta.parent.clone(),
+            created: meta::now_created(),
+            user_created,
+            removed: false,
+            labels,
+        };
+        let head_meta = LayerMeta {
+            name: new_head.clone(),
+            parent: snap.clone(),
+            created: meta::now_created(),
+            user_created: false,
+            removed: false,
+            labels: BTreeMap::new(),
+        };
+        let mut next_vm = self.lock_meta().clone();
+        next_vm.head = new_head.clone();
+
+        let prepare = || -> Result<(), ReplicaError> {
+            write_layer_meta(&self.dir, &snap_meta)?; // 2.
+            std::fs::hard_link(&old_path, &snap_path).map_err(io_err(&snap_path))?; // 3.
+                                                                                    // 4. A leftover new-head file can only be an orphan (the chain has
+                                                                                    // one head); start from an empty file regardless.
+            create_sparse(&new_path, self.size).map_err(io_err(&new_path))?;
+            write_layer_meta(&self.dir, &head_meta)?;
+            Ok(())
+        };
+        let committed = prepare().and_then(|()| write_volume_meta(&self.dir, &next_vm)); // 5.
+        if let Err(e) = committed {
+            for f in [&snap, &new_head] {
+                let _ = std::fs::remove_file(self.dir.join(f));
+                let _ = std::fs::remove_file(self.dir.join(meta::layer_meta_file_name(f)));
+            }
+            let _ = fsutil::fsync_dir(&self.dir);
+            return Err(e);
+        }
+        *self.lock_meta() = next_vm;
+
+        // 6. Past the commit point: failures here leave orphans `open` removes.
+        let _ = std::fs::remove_file(&old_path);
+        let _ = std::fs::remove_file(self.dir.join(meta::layer_meta_file_name(&old_head)));
+        let _ = fsutil::fsync_dir(&self.dir);
+
+        // 7.
+        *self = Self::open(&self.dir)?;
+        Ok(())
+    }
+
+    /// The chain, oldest first, head last.
+    pub fn chain(&self) -> Vec<LayerInfo> {
+        let last = self.layers.len().saturating_sub(1);
+        self.layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let is_head = i == last;
+                LayerInfo {
+                    file: l.file.clone(),
+                    name: l.meta.name.clone(),
+                    snapshot: match meta::parse_layer_file_name(&l.file) {
+                        Some(LayerName::Snapshot(s)) => Some(s.to_string()),
+                        _ => None,
+                    },
+                    parent: l.meta.parent.clone(),
+                    created: l.meta.created.clone(),
+                    user_created: l.meta.user_created,
+                    removed: l.meta.removed,
+                    labels: l.meta.labels.clone(),
+                    // The head grows as writes land: count the live bitmap.
+                    allocated: if is_head {
+                        self.head_bits.count() * BLOCK_SIZE
+                    } else {
+                        l.allocated
+                    },
+                    is_head,
+                }
+            })
+            .collect()
+    }
+
+    /// The replica directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn volume_name(&self) -> &str {
+        &self.volume
+    }
+
+    pub fn replica_name(&self) -> &str {
+        &self.replica
+    }
+
+    /// Head blocks recorded as written, as sorted block ranges (tests and
+    /// diagnostics).
+    pub fn head_block_ranges(&self) -> Vec<(u64, u64)> {
+        self.head_bits.ranges()
+    }
+
+    /// The merged snapshot-layer map (tests and diagnostics).
+    pub fn lower_extents(&self) -> &[extent::Extent] {
+        self.lower.extents()
+    }
 }
+
+/// Creates (or truncates) a sparse file of `size` bytes and makes it durable.
+fn create_sparse(path: &Path, size: u64) -> io::Result<()> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    f.set_len(size)?;
+    f.sync_all()
+}
+
+fn parse_meta<T>(
+    dir: &str,
+    file: &str,
+    bytes: &[u8],
+    parse: fn(&[u8]) -> Result<T, MetaError>,
+) -> Result<T, ReplicaError> {
+    parse(bytes).map_err(|e| match e {
+        MetaError::Json(reason) => ReplicaError::BadJson {
+            dir: dir.into(),
+            file: file.into(),
+            reason,
+        },
+        MetaError::UnsupportedFormat { found } => ReplicaError::UnsupportedFormat {
+            dir: dir.into(),
+            file: file.into(),
+            found,
+        },
+        MetaError::Invalid(reason) => ReplicaError::InvalidMeta {
+            dir: dir.into(),
+            file: file.into(),
+            reason,
+        },
+    })
+}
+
+/// Opens and validates one layer named by `referrer`.
+fn open_layer(
+    dir: &Path,
+    file: &str,
+    referrer: &str,
+    is_head: bool,
+    size: u64,
+) -> Result<Layer, ReplicaError> {
+    let d = disp(dir);
+    let path = dir.join(file);
+    let fd = match OpenOptions::new().read(true).write(is_head).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(ReplicaError::MissingLayer {
+                dir: d,
+                referrer: referrer.into(),
+                kind: if is_head { "head" } else { "parent" },
+                file: file.into(),
+            })
+        }
+        Err(source) => {
+            return Err(ReplicaError::Io {
+                path: disp(&path),
+                source,
+            })
+        }
+    };
+    let meta_file = meta::layer_meta_file_name(file);
+    let meta_path = dir.join(&meta_file);
+    let lm = match std::fs::read(&meta_path) {
+        Ok(b) => parse_meta(&d, &meta_file, &b, meta::parse_layer_meta)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(ReplicaError::MissingLayerMeta {
+                dir: d,
+                file: file.into(),
+            })
+        }
+        Err(source) => {
+            return Err(ReplicaError::Io {
+                path: disp(&meta_path),
+                source,
+            })
+        }
+    };
+    if lm.name != file {
+        return Err(ReplicaError::MisplacedLayerMeta {
+            dir: d,
+            meta_file,
+            file: file.into(),
+            found: lm.name,
+        });
+    }
+    let len = fd
+        .metadata()
+        .map_err(|source| ReplicaError::Io {
+            path: disp(&path),
+            source,
+        })?
+        .len();
+    if len != size {
+        return Err(ReplicaError::LayerSizeMismatch {
+            dir: d,
+            file: file.into(),
+            len,
+            expected: size,
+        });
+    }
+    Ok(Layer {
+        file: file.into(),
+        meta: lm,
+        fd,
+        allocated: 0,
+    })
+}
+
+/// Deletes crash leftovers: `*.tmp` (half-done `atomic_write`s) and layer
+/// files or metas not in the chain (`keep`), i.e. an uncommitted or
+/// half-cleaned snapshot. Runs only after the chain validated.
+fn remove_leftovers(dir: &Path, keep: &HashSet<String>) -> Result<(), ReplicaError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| ReplicaError::Io {
+        path: disp(dir),
+        source,
+    })?;
+    let mut removed = false;
+    for entry in entries.flatten() {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let stale = if name.ends_with(fsutil::TMP_SUFFIX) {
+            true
+        } else if is_layer_related(&name) {
+            let file = name.strip_suffix(meta::LAYER_META_SUFFIX).unwrap_or(&name);
+            !keep.contains(file)
+        } else {
+            false
+        };
+        if stale && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let p = entry.path();
+            std::fs::remove_file(&p).map_err(|source| ReplicaError::Io {
+                path: disp(&p),
+                source,
+            })?;
+            removed = true;
+        }
+    }
+    if removed {
+        fsutil::fsync_dir(dir).map_err(|source| ReplicaError::Io {
+            path: disp(dir),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn write_layer_meta(dir: &Path, m: &LayerMeta) -> Result<(), ReplicaError> {
+    let path = dir.join(meta::layer_meta_file_name(&m.name));
+    meta::serialize_layer_meta(m)
+        .and_then(|b| fsutil::atomic_write(&path, &b))
+        .map_err(|source| ReplicaError::Io {
+            path: disp(&path),
+            source,
+        })
+}
+
+fn write_volume_meta(dir: &Path, m: &VolumeMeta) -> Result<(), ReplicaError> {
+    let path = dir.join(meta::VOLUME_META);
+    meta::serialize_volume_meta(m)
+        .and_then(|b| fsutil::atomic_write(&path, &b))
+        .map_err(|source| ReplicaError::Io {
+            path: disp(&path),
+            source,
+        })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // Tests fail loudly by design.
+mod tests;
