@@ -223,6 +223,27 @@ fn failed_read_is_retried_on_another_replica() {
 }
 
 #[test]
+fn short_read_from_a_truncated_head_fails_that_replica() {
+    let f = fixture(4 * MIB, 2);
+    let mut engine = QueueEngine::new(f.volume.clone(), 4);
+    let mut ring = TestRing::new();
+    let mut data = pattern(9, 8192);
+    assert_eq!(ring.one(&mut engine, req(IoOp::Write, 2 * MIB, data.len()), &mut data), 8192);
+    // Someone truncates replica 0's head under the running volume: reads
+    // there come back short (EOF), not with an error.
+    // SAFETY: the fd is open and owned by the replica.
+    assert_eq!(unsafe { libc::ftruncate(f.replicas[0].head_fd(), 0) }, 0);
+    for _ in 0..4 {
+        let mut out = vec![0xaau8; 8192];
+        assert_eq!(ring.one(&mut engine, req(IoOp::Read, 2 * MIB, out.len()), &mut out), 8192);
+        assert_eq!(out, data);
+    }
+    let states = f.volume.replicas();
+    assert_eq!(states[0].state, ReplicaState::Failed);
+    assert!(states[0].message.contains("short"), "{}", states[0].message);
+}
+
+#[test]
 fn losing_every_replica_faults_the_volume() {
     let f = fixture(4 * MIB, 2);
     let mut engine = QueueEngine::new(f.volume.clone(), 4);
