@@ -1,1 +1,77 @@
-//! (in progress)
+//! The embedded control plane: what volumes exist on this node, where their
+//! replicas live, and their lifecycle (create, attach, detach, delete, fail a
+//! replica), kept across restarts.
+//!
+//! ```text
+//!  api::server ──▶ VolumeManager ──(one tokio Mutex: lifecycle ops run one at a time)
+//!                   │   │   └─ store: <data-dir>/volumes/<name>.json (atomic writes)
+//!                   │   └─ placement: replicas on distinct disks
+//!                   ▼
+//!   attach: Replica::open ─▶ VolumeIo::new ─▶ begin_epoch ─▶ UblkDevice::start
+//!                   ▲
+//!   engine events (I/O threads, unbounded channel) ─▶ event task ─▶ record
+//!   1 s ticker ─▶ VolumeIo::check_replicas on every attached volume
+//! ```
+//!
+//! Concurrency rules: every lifecycle operation holds the manager's state
+//! mutex for its whole duration, including the blocking ublk start/stop (run
+//! on `spawn_blocking`), so two operations on one volume never interleave.
+//! This is the rare path; the I/O path never touches it. Engine events are
+//! sent from I/O threads on an unbounded channel and applied by a task that
+//! takes the same mutex, so an I/O thread never waits for the control plane.
+
+mod error;
+mod manager;
+pub mod placement;
+pub mod store;
+
+use std::path::PathBuf;
+
+pub use error::ControlError;
+pub use manager::{DiskInfo, NodeInfo, ReplicaInfo, VolumeInfo, VolumeManager, VolumeState};
+
+use crate::frontend::FrontendOptions;
+
+/// How this node runs. Built by `cairnd` from its flags.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Name recorded as each replica's node (default: the host name).
+    pub node_id: String,
+    /// Holds `volumes/` (records) and, without `disks`, the default disk.
+    pub data_dir: PathBuf,
+    /// Directories that hold replicas (`<disk>/replicas/<replica>/`). Empty
+    /// means one disk, `<data-dir>/disks/default`.
+    pub disks: Vec<PathBuf>,
+    /// Queue layout of the ublk devices of volumes created from now on.
+    pub frontend: FrontendOptions,
+}
+
+impl NodeConfig {
+    /// Defaults for everything but the data directory.
+    pub fn new(data_dir: impl Into<PathBuf>) -> NodeConfig {
+        NodeConfig {
+            node_id: hostname(),
+            data_dir: data_dir.into(),
+            disks: Vec::new(),
+            frontend: FrontendOptions::default(),
+        }
+    }
+
+    /// The disks as configured, or the default disk.
+    pub fn disk_paths(&self) -> Vec<PathBuf> {
+        if self.disks.is_empty() {
+            vec![self.data_dir.join("disks").join("default")]
+        } else {
+            self.disks.clone()
+        }
+    }
+}
+
+/// This host's name, or `localhost` when the kernel does not say.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}

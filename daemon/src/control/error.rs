@@ -1,0 +1,66 @@
+//! `ControlError`: every way a control-plane request can fail. The API maps it
+//! to a gRPC status in one place (`api::server`); messages are what the
+//! operator reads on one line, so each says what to do next.
+
+use std::path::PathBuf;
+
+use crate::engine::EngineError;
+use crate::frontend::FrontendError;
+use crate::name::NameError;
+use crate::replica::{ReplicaError, BLOCK_SIZE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    #[error("size is zero: give a size such as 1GiB")]
+    ZeroSize,
+    #[error("size {size} is not a multiple of {BLOCK_SIZE} bytes: round it to e.g. 4KiB/1MiB")]
+    UnalignedSize { size: u64 },
+    #[error("volume {volume:?} wants {wanted} replicas but this node has {disks} disk{}: lower --replicas or start cairnd with more --disk", if *.disks == 1 { "" } else { "s" })]
+    NotEnoughDisks { volume: String, wanted: u32, disks: usize },
+    #[error("volume {volume:?} wants {wanted} replicas, at most {max} are supported: lower --replicas")]
+    TooManyReplicas { volume: String, wanted: u32, max: usize },
+    #[error("volume {name:?} already exists: pick another name or delete it first")]
+    AlreadyExists { name: String },
+    #[error("volume {name:?} not found: see `cairnctl volume list`")]
+    NotFound { name: String },
+    #[error("volume {name:?} is already attached at {device}: detach it first")]
+    AlreadyAttached { name: String, device: String },
+    #[error("volume {name:?} is attached: detach it first or pass --force")]
+    Attached { name: String },
+    #[error("volume {volume:?} has no replica named {replica:?}: see `cairnctl volume get {volume}`")]
+    UnknownReplica { volume: String, replica: String },
+    #[error("replica {replica} is the last healthy replica of volume {volume}: failing it would fault the volume")]
+    LastHealthyReplica { volume: String, replica: String },
+    #[error("volume {volume} has no healthy replica")]
+    NoHealthyReplica { volume: String },
+    #[error("disk {path} {reason}: create the directory or fix --disk")]
+    BadDisk { path: PathBuf, reason: &'static str },
+    #[error("disk {path} is given twice: give each --disk once")]
+    DuplicateDisk { path: PathBuf },
+    #[error(transparent)]
+    Frontend(#[from] FrontendError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// A blocking task died (panicked or was cancelled); a bug, not an input error.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ControlError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ControlError {
+        let path = path.into();
+        move |source| ControlError::Io { path, source }
+    }
+}
+
+impl From<tokio::task::JoinError> for ControlError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        ControlError::Internal(format!("background task failed: {e}"))
+    }
+}
