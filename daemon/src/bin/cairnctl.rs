@@ -1,1 +1,314 @@
-fn main() {}
+//! `cairnctl`: the command line for a node's cairnd. Parses a command, makes
+//! one API call over the Unix socket, prints a table or JSON. Any failure is
+//! one line on stderr, `error: <what to do>`, and exit code 1.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use cairn::api::client::{connect, DEFAULT_SOCKET};
+use cairn::api::pb;
+use cairn::size::{parse_size, HumanSize};
+
+/// Manage Cairn volumes on this node.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// cairnd's API socket.
+    #[arg(long, global = true, env = "CAIRN_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, attach, inspect and delete volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Act on one replica of a volume.
+    #[command(subcommand)]
+    Replica(ReplicaCmd),
+    /// This node.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCmd {
+    /// Create a volume (detached).
+    Create {
+        /// Volume name: a DNS-1123 label (lower-case letters, digits, '-').
+        name: String,
+        /// Size, e.g. 10GiB or 512MiB; a multiple of 4KiB.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Replicas, each on a different disk. Default: 1 on a one-disk node, else 2.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        replicas: Option<u32>,
+    },
+    /// List volumes.
+    List,
+    /// Show a volume and its replicas.
+    Get { name: String },
+    /// Attach a volume as /dev/ublkbN and print the device path.
+    Attach { name: String },
+    /// Remove a volume's device (data is kept).
+    Detach { name: String },
+    /// Delete a volume and its replicas' data.
+    Delete {
+        name: String,
+        /// Detach first if attached.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReplicaCmd {
+    /// Take a replica out of service (it is not used again).
+    Fail { volume: String, replica: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    /// Show this node's disks and ublk status.
+    Get,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help / --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => return fail(&one_line(&e.render().to_string())),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    match rt.block_on(run(cli)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(msg) => fail(&msg),
+    }
+}
+
+fn fail(msg: &str) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::FAILURE
+}
+
+/// Folds clap's multi-line usage error into one line: the lines before the
+/// usage hint, without clap's own `error:` prefix and tips.
+fn one_line(rendered: &str) -> String {
+    let mut parts = Vec::new();
+    for line in rendered.lines() {
+        let line = line.trim();
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if line.is_empty() || line.starts_with("tip:") {
+            continue;
+        }
+        parts.push(line.strip_prefix("error:").unwrap_or(line).trim());
+    }
+    parts.join(" ")
+}
+
+/// Runs the command; returns what to print on stdout, or the error message.
+async fn run(cli: Cli) -> Result<String, String> {
+    let mut client = connect(&cli.socket).await.map_err(|e| e.to_string())?;
+    let json = cli.output == Output::Json;
+    let msg = |s: tonic::Status| s.message().to_string();
+    match cli.command {
+        Command::Volume(cmd) => match cmd {
+            VolumeCmd::Create { name, size, replicas } => {
+                let req = pb::CreateVolumeRequest { name, size, replicas: replicas.unwrap_or(0) };
+                let v = client.create_volume(req).await.map_err(msg)?.into_inner();
+                Ok(if json { to_json(&volume_json(&v)) } else { volume_table(&v) })
+            }
+            VolumeCmd::List => {
+                let vs = client.list_volumes(pb::ListVolumesRequest {}).await.map_err(msg)?.into_inner().volumes;
+                Ok(if json {
+                    to_json(&serde_json::Value::Array(vs.iter().map(volume_json).collect()))
+                } else {
+                    list_table(&vs)
+                })
+            }
+            VolumeCmd::Get { name } => {
+                let v = client.get_volume(pb::VolumeRef { name }).await.map_err(msg)?.into_inner();
+                Ok(if json { to_json(&volume_json(&v)) } else { volume_table(&v) })
+            }
+            VolumeCmd::Attach { name } => {
+                let v = client.attach_volume(pb::VolumeRef { name }).await.map_err(msg)?.into_inner();
+                // Just the path, so `DEV=$(cairnctl volume attach v)` works.
+                Ok(if json { to_json(&volume_json(&v)) } else { format!("{}\n", v.device) })
+            }
+            VolumeCmd::Detach { name } => {
+                let v = client.detach_volume(pb::VolumeRef { name }).await.map_err(msg)?.into_inner();
+                Ok(if json { to_json(&volume_json(&v)) } else { format!("volume {} detached\n", v.name) })
+            }
+            VolumeCmd::Delete { name, force } => {
+                client.delete_volume(pb::DeleteVolumeRequest { name: name.clone(), force }).await.map_err(msg)?;
+                Ok(if json { to_json(&json!({ "deleted": name })) } else { format!("volume {name} deleted\n") })
+            }
+        },
+        Command::Replica(ReplicaCmd::Fail { volume, replica }) => {
+            let v = client.fail_replica(pb::FailReplicaRequest { volume, replica }).await.map_err(msg)?.into_inner();
+            Ok(if json { to_json(&volume_json(&v)) } else { volume_table(&v) })
+        }
+        Command::Node(NodeCmd::Get) => {
+            let n = client.get_node(pb::GetNodeRequest {}).await.map_err(msg)?.into_inner();
+            Ok(if json { to_json(&node_json(&n)) } else { node_table(&n) })
+        }
+    }
+}
+
+fn to_json(v: &serde_json::Value) -> String {
+    // Serializing a Value cannot fail; fall back to compact just in case.
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
+    s.push('\n');
+    s
+}
+
+fn volume_json(v: &pb::Volume) -> serde_json::Value {
+    json!({
+        "name": v.name,
+        "state": v.state,
+        "size": v.size,
+        "device": v.device,
+        "replicas": v.replicas.iter().map(|r| json!({
+            "name": r.name,
+            "node": r.node,
+            "disk": r.disk,
+            "state": r.state,
+            "message": r.message,
+        })).collect::<Vec<_>>(),
+        "revision": v.revision,
+        "queues": v.queues,
+        "queue_depth": v.queue_depth,
+        "message": v.message,
+    })
+}
+
+fn node_json(n: &pb::Node) -> serde_json::Value {
+    json!({
+        "name": n.name,
+        "ublk_status": n.ublk_status,
+        "disks": n.disks.iter().map(|d| json!({
+            "path": d.path,
+            "size": d.size,
+            "available": d.available,
+            "replicas": d.replicas,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+fn healthy_of(v: &pb::Volume) -> String {
+    let healthy = v.replicas.iter().filter(|r| r.state == "healthy").count();
+    format!("{healthy}/{}", v.replicas.len())
+}
+
+fn list_table(vs: &[pb::Volume]) -> String {
+    let mut rows = vec![row(&["NAME", "STATE", "SIZE", "REPLICAS", "DEVICE"])];
+    for v in vs {
+        rows.push(vec![
+            v.name.clone(),
+            v.state.clone(),
+            HumanSize(v.size).to_string(),
+            healthy_of(v),
+            or_dash(&v.device).to_string(),
+        ]);
+    }
+    table(&rows)
+}
+
+fn volume_table(v: &pb::Volume) -> String {
+    let mut out = list_table(std::slice::from_ref(v));
+    if !v.message.is_empty() {
+        let _ = writeln!(out, "message: {}", v.message);
+    }
+    out.push('\n');
+    let mut rows = vec![row(&["REPLICA", "NODE", "DISK", "STATE", "MESSAGE"])];
+    for r in &v.replicas {
+        rows.push(vec![r.name.clone(), r.node.clone(), r.disk.clone(), r.state.clone(), or_dash(&r.message).to_string()]);
+    }
+    out.push_str(&table(&rows));
+    out
+}
+
+fn node_table(n: &pb::Node) -> String {
+    let mut out = format!("node: {}\nublk: {}\n\n", n.name, if n.ublk_status.is_empty() { "available" } else { &n.ublk_status });
+    let mut rows = vec![row(&["DISK", "SIZE", "AVAILABLE", "REPLICAS"])];
+    for d in &n.disks {
+        rows.push(vec![
+            d.path.clone(),
+            approx_size(d.size),
+            approx_size(d.available),
+            d.replicas.to_string(),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    out
+}
+
+/// Disk sizes are not round numbers: one decimal in the largest unit fits.
+fn approx_size(n: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    match UNITS.iter().find(|(_, u)| n >= *u) {
+        Some((name, unit)) => format!("{:.1}{name}", n as f64 / *unit as f64),
+        None => HumanSize(n).to_string(),
+    }
+}
+
+fn row(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|c| c.to_string()).collect()
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not
+/// padded, so lines carry no trailing blanks.
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (c, cell) in r.iter().enumerate() {
+            if c + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ", w = widths[c]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
