@@ -26,6 +26,7 @@ pub fn status(e: ControlError) -> Status {
         | E::ZeroSize
         | E::UnalignedSize { .. }
         | E::NotEnoughDisks { .. }
+        | E::ZeroReplicas { .. }
         | E::TooManyReplicas { .. } => Code::InvalidArgument,
         E::AlreadyExists { .. } => Code::AlreadyExists,
         E::NotFound { .. } | E::UnknownReplica { .. } => Code::NotFound,

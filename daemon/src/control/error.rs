@@ -19,6 +19,8 @@ pub enum ControlError {
     UnalignedSize { size: u64 },
     #[error("volume {volume:?} wants {wanted} replicas but this node has {disks} disk{}: lower --replicas or start cairnd with more --disk", if *.disks == 1 { "" } else { "s" })]
     NotEnoughDisks { volume: String, wanted: u32, disks: usize },
+    #[error("volume {volume:?} needs at least 1 replica: pass --replicas 1 or more")]
+    ZeroReplicas { volume: String },
     #[error("volume {volume:?} wants {wanted} replicas, at most {max} are supported: lower --replicas")]
     TooManyReplicas { volume: String, wanted: u32, max: usize },
     #[error("volume {name:?} already exists: pick another name or delete it first")]

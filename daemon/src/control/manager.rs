@@ -222,7 +222,10 @@ impl VolumeManager {
             return Err(ControlError::UnalignedSize { size });
         }
         let count = replicas.unwrap_or_else(|| self.default_replicas());
-        if count == 0 || count as usize > MAX_REPLICAS {
+        if count == 0 {
+            return Err(ControlError::ZeroReplicas { volume: name.to_string() });
+        }
+        if count as usize > MAX_REPLICAS {
             return Err(ControlError::TooManyReplicas { volume: name.to_string(), wanted: count, max: MAX_REPLICAS });
         }
         let inner = &self.inner;
@@ -880,4 +883,141 @@ fn disk_space(path: &Path) -> Option<(u64, u64)> {
     let s = unsafe { s.assume_init() };
     let frsize = s.f_frsize as u64;
     Some((s.f_blocks as u64 * frsize, s.f_bavail as u64 * frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Every path under `root` with the file contents: "changes nothing"
+    /// means this is equal before and after.
+    fn snapshot(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                for e in std::fs::read_dir(&p).unwrap() {
+                    stack.push(e.unwrap().path());
+                }
+                out.push((p, Vec::new()));
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    async fn manager(root: &Path, disks: usize) -> VolumeManager {
+        let mut config = NodeConfig::new(root.join("data"));
+        config.node_id = "n1".into();
+        for i in 0..disks {
+            let d = root.join(format!("disk{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            config.disks.push(d);
+        }
+        VolumeManager::open(config).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn bad_input_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = manager(tmp.path(), 2).await;
+        m.create("good", 1 << 20, Some(2)).await.unwrap();
+        let before = snapshot(tmp.path());
+        let cases: Vec<(&str, u64, Option<u32>, &str)> = vec![
+            ("Bad_Name", 1 << 20, None, "DNS-1123"),
+            ("", 1 << 20, None, "empty"),
+            ("z", 0, None, "size is zero"),
+            ("u", 1000, None, "size 1000 is not a multiple of 4096 bytes: round it to e.g. 4KiB/1MiB"),
+            ("good", 1 << 20, None, "volume \"good\" already exists: pick another name or delete it first"),
+            ("many", 1 << 20, Some(3), "wants 3 replicas but this node has 2 disks"),
+            ("zero", 1 << 20, Some(0), "needs at least 1 replica"),
+        ];
+        for (name, size, replicas, want) in cases {
+            let e = m.create(name, size, replicas).await.unwrap_err().to_string();
+            assert!(e.contains(want), "create({name:?}, {size}, {replicas:?}): {e}");
+            assert_eq!(snapshot(tmp.path()), before, "create({name:?}) changed the data dir");
+        }
+        let e = m.fail_replica("good", "nope").await.unwrap_err();
+        assert!(matches!(e, ControlError::UnknownReplica { .. }), "{e}");
+        let e = m.delete("nope", false).await.unwrap_err();
+        assert!(matches!(e, ControlError::NotFound { .. }), "{e}");
+        if !Path::new("/dev/ublk-control").exists() {
+            let e = m.attach("good").await.unwrap_err().to_string();
+            assert_eq!(e, "ublk driver not available: load it with `modprobe ublk_drv`, kernel 6.0 or newer");
+        }
+        assert_eq!(snapshot(tmp.path()), before);
+        assert_eq!(m.get("good").await.unwrap().state, VolumeState::Detached);
+    }
+
+    #[tokio::test]
+    async fn default_replicas_and_placement_spread() {
+        let tmp = tempfile::tempdir().unwrap();
+        let one = manager(&tmp.path().join("one"), 0).await;
+        assert_eq!(one.default_replicas(), 1);
+        let v = one.create("a", 1 << 20, None).await.unwrap();
+        assert_eq!(v.replicas.len(), 1);
+        assert!(v.replicas[0].dir.starts_with(tmp.path().join("one/data/disks/default/replicas")));
+
+        let m = manager(&tmp.path().join("three"), 3).await;
+        assert_eq!(m.default_replicas(), 2);
+        let a = m.create("a", 1 << 20, None).await.unwrap();
+        let b = m.create("b", 1 << 20, Some(1)).await.unwrap();
+        // `b` goes to the one disk `a` left empty.
+        assert!(a.replicas.iter().all(|r| r.disk != b.replicas[0].disk), "{a:?} {b:?}");
+        for r in &a.replicas {
+            assert!(r.name.starts_with("a-r-") && r.name.len() == "a-r-".len() + 8, "{}", r.name);
+            assert!(r.dir.join("volume.meta").is_file());
+            assert_eq!(r.node, "n1");
+        }
+    }
+
+    #[tokio::test]
+    async fn fail_detached_replica_persists_and_keeps_last() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = manager(tmp.path(), 2).await;
+        let v = m.create("v", 1 << 20, Some(2)).await.unwrap();
+        let (r0, r1) = (v.replicas[0].name.clone(), v.replicas[1].name.clone());
+        let v = m.fail_replica("v", &r1).await.unwrap();
+        assert_eq!(v.replicas[1].state, ReplicaState::Failed);
+        assert_eq!(v.replicas[1].message, OPERATOR_FAILED);
+        // Idempotent on a failed replica; refuses the last healthy one.
+        m.fail_replica("v", &r1).await.unwrap();
+        let e = m.fail_replica("v", &r0).await.unwrap_err();
+        assert!(matches!(e, ControlError::LastHealthyReplica { .. }), "{e}");
+        m.shutdown().await;
+        drop(m);
+        let m = manager(tmp.path(), 2).await;
+        let v = m.get("v").await.unwrap();
+        assert_eq!(v.replicas[0].state, ReplicaState::Healthy);
+        assert_eq!(v.replicas[1].state, ReplicaState::Failed);
+    }
+
+    #[tokio::test]
+    async fn corrupt_record_is_skipped_at_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = manager(tmp.path(), 1).await;
+        m.create("ok", 1 << 20, None).await.unwrap();
+        drop(m);
+        std::fs::write(tmp.path().join("data/volumes/broken.json"), b"not json").unwrap();
+        let m = manager(tmp.path(), 1).await;
+        let names: Vec<String> = m.list().await.into_iter().map(|v| v.name).collect();
+        assert_eq!(names, vec!["ok".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn bad_disks_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = NodeConfig::new(tmp.path().join("data"));
+        c.disks = vec![tmp.path().join("missing")];
+        let e = VolumeManager::open(c.clone()).await.err().unwrap();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        std::fs::create_dir(tmp.path().join("d")).unwrap();
+        c.disks = vec![tmp.path().join("d"), tmp.path().join("d/../d")];
+        let e = VolumeManager::open(c).await.err().unwrap();
+        assert!(matches!(e, ControlError::DuplicateDisk { .. }), "{e}");
+    }
 }
