@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cairn::api::pb::cairn_client::CairnClient;
-use cairn::api::pb::{self, CreateVolumeRequest, DeleteVolumeRequest, FailReplicaRequest, VolumeRef};
+use cairn::api::pb::{
+    self, CreateVolumeRequest, DeleteVolumeRequest, FailReplicaRequest, VolumeRef,
+};
 use cairn::api::{client, server};
 use cairn::control::{NodeConfig, VolumeManager};
 use tonic::transport::Channel;
@@ -41,7 +43,12 @@ impl Daemon {
             .await
             .unwrap();
         });
-        Daemon { manager, stop: Some(tx), served: Some(served), socket }
+        Daemon {
+            manager,
+            stop: Some(tx),
+            served: Some(served),
+            socket,
+        }
     }
 
     async fn client(&self) -> CairnClient<Channel> {
@@ -56,7 +63,11 @@ impl Daemon {
 }
 
 fn create(name: &str, size: u64, replicas: u32) -> CreateVolumeRequest {
-    CreateVolumeRequest { name: name.into(), size, replicas }
+    CreateVolumeRequest {
+        name: name.into(),
+        size,
+        replicas,
+    }
 }
 
 fn vref(name: &str) -> VolumeRef {
@@ -90,32 +101,73 @@ async fn volume_lifecycle() {
     let d = Daemon::start(tmp.path()).await;
     let mut c = d.client().await;
 
-    let v = c.create_volume(create("db", 8 << 20, 2)).await.unwrap().into_inner();
-    assert_eq!((v.name.as_str(), v.state.as_str(), v.size, v.device.as_str()), ("db", "detached", 8 << 20, ""));
+    let v = c
+        .create_volume(create("db", 8 << 20, 2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (v.name.as_str(), v.state.as_str(), v.size, v.device.as_str()),
+        ("db", "detached", 8 << 20, "")
+    );
     assert_eq!(v.replicas.len(), 2);
-    assert_ne!(v.replicas[0].disk, v.replicas[1].disk, "replicas share a disk");
+    assert_ne!(
+        v.replicas[0].disk, v.replicas[1].disk,
+        "replicas share a disk"
+    );
     for r in &v.replicas {
         assert_eq!((r.node.as_str(), r.state.as_str()), ("node-a", "healthy"));
-        assert!(Path::new(&r.disk).join("replicas").join(&r.name).join("volume.meta").is_file());
+        assert!(Path::new(&r.disk)
+            .join("replicas")
+            .join(&r.name)
+            .join("volume.meta")
+            .is_file());
     }
     // 0 replicas = the default, which is 2 on a two-disk node.
-    let w = c.create_volume(create("web", 4096, 0)).await.unwrap().into_inner();
+    let w = c
+        .create_volume(create("web", 4096, 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(w.replicas.len(), 2);
 
-    let list = c.list_volumes(pb::ListVolumesRequest {}).await.unwrap().into_inner().volumes;
-    assert_eq!(list.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["db", "web"]);
+    let list = c
+        .list_volumes(pb::ListVolumesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .volumes;
+    assert_eq!(
+        list.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        ["db", "web"]
+    );
     assert_eq!(c.get_volume(vref("db")).await.unwrap().into_inner(), v);
 
-    let node = c.get_node(pb::GetNodeRequest {}).await.unwrap().into_inner();
+    let node = c
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(node.name, "node-a");
-    assert_eq!(node.disks.iter().map(|d| d.replicas).collect::<Vec<_>>(), [2, 2]);
+    assert_eq!(
+        node.disks.iter().map(|d| d.replicas).collect::<Vec<_>>(),
+        [2, 2]
+    );
     assert!(node.disks.iter().all(|d| d.size > 0));
 
     // Delete removes the replica directories and the record.
-    let dirs: Vec<PathBuf> =
-        w.replicas.iter().map(|r| Path::new(&r.disk).join("replicas").join(&r.name)).collect();
+    let dirs: Vec<PathBuf> = w
+        .replicas
+        .iter()
+        .map(|r| Path::new(&r.disk).join("replicas").join(&r.name))
+        .collect();
     assert!(dirs.iter().all(|d| d.is_dir()));
-    c.delete_volume(DeleteVolumeRequest { name: "web".into(), force: false }).await.unwrap();
+    c.delete_volume(DeleteVolumeRequest {
+        name: "web".into(),
+        force: false,
+    })
+    .await
+    .unwrap();
     assert!(dirs.iter().all(|d| !d.exists()), "replica dirs left behind");
     assert!(!tmp.path().join("data/volumes/web.json").exists());
     let e = c.get_volume(vref("web")).await.unwrap_err();
@@ -155,22 +207,48 @@ async fn bad_requests_are_refused_and_change_nothing() {
     assert_eq!((e.code(), e.message()), (Code::NotFound, not_found));
     let e = c.detach_volume(vref("nope")).await.unwrap_err();
     assert_eq!((e.code(), e.message()), (Code::NotFound, not_found));
-    let e = c.delete_volume(DeleteVolumeRequest { name: "nope".into(), force: true }).await.unwrap_err();
+    let e = c
+        .delete_volume(DeleteVolumeRequest {
+            name: "nope".into(),
+            force: true,
+        })
+        .await
+        .unwrap_err();
     assert_eq!((e.code(), e.message()), (Code::NotFound, not_found));
-    let e = c.fail_replica(FailReplicaRequest { volume: "db".into(), replica: "nope".into() }).await.unwrap_err();
+    let e = c
+        .fail_replica(FailReplicaRequest {
+            volume: "db".into(),
+            replica: "nope".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
-    assert!(e.message().contains("has no replica named \"nope\""), "{}", e.message());
+    assert!(
+        e.message().contains("has no replica named \"nope\""),
+        "{}",
+        e.message()
+    );
 
     if Path::new("/dev/ublk-control").exists() {
         eprintln!("this host has ublk: the driver-missing refusal is not checked here");
     } else {
         let e = c.attach_volume(vref("db")).await.unwrap_err();
         assert_eq!(e.code(), Code::Unavailable);
-        assert_eq!(e.message(), "ublk driver not available: load it with `modprobe ublk_drv`, kernel 6.0 or newer");
+        assert_eq!(
+            e.message(),
+            "ublk driver not available: load it with `modprobe ublk_drv`, kernel 6.0 or newer"
+        );
         let v = c.get_volume(vref("db")).await.unwrap().into_inner();
-        assert_eq!((v.state.as_str(), v.device.as_str(), v.revision), ("detached", "", 0));
+        assert_eq!(
+            (v.state.as_str(), v.device.as_str(), v.revision),
+            ("detached", "", 0)
+        );
     }
-    assert_eq!(snapshot(tmp.path()), before, "a refused request changed the data dir or disks");
+    assert_eq!(
+        snapshot(tmp.path()),
+        before,
+        "a refused request changed the data dir or disks"
+    );
     d.stop().await;
 }
 
@@ -179,23 +257,52 @@ async fn failed_replica_and_records_survive_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let d = Daemon::start(tmp.path()).await;
     let mut c = d.client().await;
-    let v = c.create_volume(create("db", 1 << 20, 2)).await.unwrap().into_inner();
+    let v = c
+        .create_volume(create("db", 1 << 20, 2))
+        .await
+        .unwrap()
+        .into_inner();
     let (r0, r1) = (v.replicas[0].name.clone(), v.replicas[1].name.clone());
-    let v = c.fail_replica(FailReplicaRequest { volume: "db".into(), replica: r1.clone() }).await.unwrap().into_inner();
+    let v = c
+        .fail_replica(FailReplicaRequest {
+            volume: "db".into(),
+            replica: r1.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(v.replicas[1].state, "failed");
     assert_eq!(v.replicas[0].state, "healthy");
     assert_eq!(v.state, "detached");
-    let e = c.fail_replica(FailReplicaRequest { volume: "db".into(), replica: r0.clone() }).await.unwrap_err();
+    let e = c
+        .fail_replica(FailReplicaRequest {
+            volume: "db".into(),
+            replica: r0.clone(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(e.message().contains("last healthy replica"), "{}", e.message());
+    assert!(
+        e.message().contains("last healthy replica"),
+        "{}",
+        e.message()
+    );
     c.create_volume(create("logs", 4096, 1)).await.unwrap();
-    let before = c.list_volumes(pb::ListVolumesRequest {}).await.unwrap().into_inner();
+    let before = c
+        .list_volumes(pb::ListVolumesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     drop(c);
     d.stop().await;
 
     let d = Daemon::start(tmp.path()).await;
     let mut c = d.client().await;
-    let after = c.list_volumes(pb::ListVolumesRequest {}).await.unwrap().into_inner();
+    let after = c
+        .list_volumes(pb::ListVolumesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(after, before);
     assert_eq!(after.volumes[0].replicas[1].message, "failed by operator");
     d.stop().await;
@@ -208,6 +315,9 @@ async fn unreachable_socket_says_what_to_do() {
     let e = client::connect(&path).await.err().unwrap();
     assert_eq!(
         e.to_string(),
-        format!("cannot reach cairnd at {}: is it running? (start it with cairnd, or pass --socket)", path.display())
+        format!(
+            "cannot reach cairnd at {}: is it running? (start it with cairnd, or pass --socket)",
+            path.display()
+        )
     );
 }

@@ -34,25 +34,48 @@ impl Cairnd {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let mut d = Cairnd { child, socket, _tmp: tmp };
+        let mut d = Cairnd {
+            child,
+            socket,
+            _tmp: tmp,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !d.socket.exists() {
-            assert!(d.child.try_wait().unwrap().is_none(), "cairnd exited during startup");
-            assert!(Instant::now() < deadline, "cairnd did not open its socket within 30 s");
+            assert!(
+                d.child.try_wait().unwrap().is_none(),
+                "cairnd exited during startup"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "cairnd did not open its socket within 30 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         d
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_cairnctl")).arg("--socket").arg(&self.socket).args(args).output().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_cairnctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// Runs cairnctl, expects success, returns stdout.
     fn ok(&self, args: &[&str]) -> String {
         let out = self.ctl(args);
-        assert!(out.status.success(), "cairnctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        assert!(out.stderr.is_empty(), "cairnctl {args:?} wrote to stderr: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cairnctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "cairnctl {args:?} wrote to stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 }
@@ -69,27 +92,49 @@ impl Drop for Cairnd {
 fn assert_error(out: &Output, want: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    assert!(out.stdout.is_empty(), "stdout: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_eq!(stderr.lines().count(), 1, "not one line: {stderr:?}");
     assert!(stderr.starts_with("error: "), "{stderr:?}");
-    assert!(stderr.contains(want), "{stderr:?} does not contain {want:?}");
+    assert!(
+        stderr.contains(want),
+        "{stderr:?} does not contain {want:?}"
+    );
 }
 
 #[test]
 fn create_list_get_delete() {
     let d = Cairnd::start();
-    let out = d.ok(&["volume", "create", "db", "--size", "64MiB", "--replicas", "2"]);
-    assert!(out.contains("db") && out.contains("64MiB") && out.contains("detached"), "{out}");
+    let out = d.ok(&[
+        "volume",
+        "create",
+        "db",
+        "--size",
+        "64MiB",
+        "--replicas",
+        "2",
+    ]);
+    assert!(
+        out.contains("db") && out.contains("64MiB") && out.contains("detached"),
+        "{out}"
+    );
 
     let list = d.ok(&["volume", "list"]);
     let lines: Vec<&str> = list.lines().collect();
     assert_eq!(lines.len(), 2, "{list}");
-    assert!(lines[0].starts_with("NAME") && lines[1].starts_with("db "), "{list}");
+    assert!(
+        lines[0].starts_with("NAME") && lines[1].starts_with("db "),
+        "{list}"
+    );
     // Columns line up: each header starts where its value starts.
     let col = |line: &str, word: &str| line.find(word).unwrap();
     assert_eq!(col(lines[0], "SIZE"), col(lines[1], "64MiB"), "{list}");
 
-    let json: serde_json::Value = serde_json::from_str(&d.ok(&["-o", "json", "volume", "get", "db"])).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&d.ok(&["-o", "json", "volume", "get", "db"])).unwrap();
     assert_eq!(json["name"], "db");
     assert_eq!(json["state"], "detached");
     assert_eq!(json["size"], 64u64 << 20);
@@ -102,10 +147,12 @@ fn create_list_get_delete() {
         assert!(Path::new(r["disk"].as_str().unwrap()).is_dir());
         assert!(r["node"].as_str().is_some_and(|n| !n.is_empty()));
     }
-    let list: serde_json::Value = serde_json::from_str(&d.ok(&["volume", "list", "-o", "json"])).unwrap();
+    let list: serde_json::Value =
+        serde_json::from_str(&d.ok(&["volume", "list", "-o", "json"])).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
 
-    let node: serde_json::Value = serde_json::from_str(&d.ok(&["-o", "json", "node", "get"])).unwrap();
+    let node: serde_json::Value =
+        serde_json::from_str(&d.ok(&["-o", "json", "node", "get"])).unwrap();
     assert_eq!(node["disks"].as_array().unwrap().len(), 2);
 
     d.ok(&["volume", "delete", "db"]);
@@ -117,22 +164,50 @@ fn create_list_get_delete() {
 fn bad_input_is_one_line_error() {
     let d = Cairnd::start();
     d.ok(&["volume", "create", "good", "--size", "1MiB"]);
-    assert_error(&d.ctl(&["volume", "create", "x", "--size", "12XB"]), "unknown unit");
+    assert_error(
+        &d.ctl(&["volume", "create", "x", "--size", "12XB"]),
+        "unknown unit",
+    );
     assert_error(&d.ctl(&["volume", "create", "x"]), "--size");
-    assert_error(&d.ctl(&["volume", "create", "u", "--size", "1000"]), "multiple of 4096");
-    assert_error(&d.ctl(&["volume", "create", "z", "--size", "0"]), "size is zero");
-    assert_error(&d.ctl(&["volume", "create", "Bad_Name", "--size", "1MiB"]), "DNS-1123");
-    assert_error(&d.ctl(&["volume", "create", "good", "--size", "1MiB"]), "already exists");
-    assert_error(&d.ctl(&["volume", "create", "m", "--size", "1MiB", "--replicas", "3"]), "wants 3 replicas");
+    assert_error(
+        &d.ctl(&["volume", "create", "u", "--size", "1000"]),
+        "multiple of 4096",
+    );
+    assert_error(
+        &d.ctl(&["volume", "create", "z", "--size", "0"]),
+        "size is zero",
+    );
+    assert_error(
+        &d.ctl(&["volume", "create", "Bad_Name", "--size", "1MiB"]),
+        "DNS-1123",
+    );
+    assert_error(
+        &d.ctl(&["volume", "create", "good", "--size", "1MiB"]),
+        "already exists",
+    );
+    assert_error(
+        &d.ctl(&["volume", "create", "m", "--size", "1MiB", "--replicas", "3"]),
+        "wants 3 replicas",
+    );
     assert_error(&d.ctl(&["volume", "attach", "nope"]), "not found");
     assert_error(&d.ctl(&["volume", "delete", "nope"]), "not found");
-    assert_error(&d.ctl(&["replica", "fail", "good", "nope"]), "no replica named");
+    assert_error(
+        &d.ctl(&["replica", "fail", "good", "nope"]),
+        "no replica named",
+    );
     assert_error(&d.ctl(&["volume", "frobnicate"]), "frobnicate");
     if !Path::new("/dev/ublk-control").exists() {
-        assert_error(&d.ctl(&["volume", "attach", "good"]), "ublk driver not available: load it with `modprobe ublk_drv`");
+        assert_error(
+            &d.ctl(&["volume", "attach", "good"]),
+            "ublk driver not available: load it with `modprobe ublk_drv`",
+        );
     }
     let list = d.ok(&["volume", "list"]);
-    assert_eq!(list.lines().count(), 2, "bad input changed the volume list: {list}");
+    assert_eq!(
+        list.lines().count(),
+        2,
+        "bad input changed the volume list: {list}"
+    );
 }
 
 #[test]
@@ -147,7 +222,10 @@ fn unreachable_daemon() {
         .unwrap();
     assert_error(
         &out,
-        &format!("cannot reach cairnd at {}: is it running? (start it with cairnd, or pass --socket)", sock.display()),
+        &format!(
+            "cannot reach cairnd at {}: is it running? (start it with cairnd, or pass --socket)",
+            sock.display()
+        ),
     );
 }
 
@@ -162,7 +240,10 @@ fn sigterm_removes_socket_and_exits_zero() {
         if let Some(s) = d.child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "cairnd did not exit within 30 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "cairnd did not exit within 30 s of SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "{status:?}");

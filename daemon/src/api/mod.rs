@@ -19,9 +19,14 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("cannot listen on {path}: {source}")]
-    Bind { path: PathBuf, source: std::io::Error },
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("serving the API: {0}")]
     Serve(#[from] tonic::transport::Error),
-    #[error("cannot reach cairnd at {path}: is it running? (start it with cairnd, or pass --socket)")]
+    #[error(
+        "cannot reach cairnd at {path}: is it running? (start it with cairnd, or pass --socket)"
+    )]
     Unreachable { path: PathBuf },
 }

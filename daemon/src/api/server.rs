@@ -30,14 +30,19 @@ pub fn status(e: ControlError) -> Status {
         | E::TooManyReplicas { .. } => Code::InvalidArgument,
         E::AlreadyExists { .. } => Code::AlreadyExists,
         E::NotFound { .. } | E::UnknownReplica { .. } => Code::NotFound,
-        E::AlreadyAttached { .. } | E::Attached { .. } | E::LastHealthyReplica { .. } | E::NoHealthyReplica { .. } => {
-            Code::FailedPrecondition
-        }
+        E::AlreadyAttached { .. }
+        | E::Attached { .. }
+        | E::LastHealthyReplica { .. }
+        | E::NoHealthyReplica { .. } => Code::FailedPrecondition,
         E::Frontend(FrontendError::DriverMissing) => Code::Unavailable,
         E::Engine(EngineError::UnknownReplica { .. }) => Code::NotFound,
-        E::Engine(EngineError::LastHealthyReplica { .. } | EngineError::Faulted { .. }) => Code::FailedPrecondition,
+        E::Engine(EngineError::LastHealthyReplica { .. } | EngineError::Faulted { .. }) => {
+            Code::FailedPrecondition
+        }
         E::BadDisk { .. } | E::DuplicateDisk { .. } => Code::FailedPrecondition,
-        E::Frontend(_) | E::Engine(_) | E::Replica(_) | E::Io { .. } | E::Internal(_) => Code::Internal,
+        E::Frontend(_) | E::Engine(_) | E::Replica(_) | E::Io { .. } | E::Internal(_) => {
+            Code::Internal
+        }
     };
     if code == Code::Internal {
         // Logged here, where it is handled; the caller sees the same text.
@@ -61,7 +66,10 @@ impl CairnService {
 /// file left by an earlier run, and makes the socket owner-only (the API can
 /// create and delete volumes).
 pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
-    let err = |source| ApiError::Bind { path: path.to_path_buf(), source };
+    let err = |source| ApiError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(err)?;
     }
@@ -91,11 +99,18 @@ pub async fn serve(
 
 #[tonic::async_trait]
 impl Cairn for CairnService {
-    async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
         // proto3 has no "unset": 0 replicas means the node's default.
         let replicas = (r.replicas != 0).then_some(r.replicas);
-        let v = self.manager.create(&r.name, r.size, replicas).await.map_err(status)?;
+        let v = self
+            .manager
+            .create(&r.name, r.size, replicas)
+            .await
+            .map_err(status)?;
         Ok(Response::new(volume(v)))
     }
 
@@ -107,18 +122,39 @@ impl Cairn for CairnService {
         Ok(Response::new(pb::ListVolumesResponse { volumes }))
     }
 
-    async fn get_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
-        let v = self.manager.get(&req.into_inner().name).await.map_err(status)?;
+    async fn get_volume(
+        &self,
+        req: Request<pb::VolumeRef>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let v = self
+            .manager
+            .get(&req.into_inner().name)
+            .await
+            .map_err(status)?;
         Ok(Response::new(volume(v)))
     }
 
-    async fn attach_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
-        let v = self.manager.attach(&req.into_inner().name).await.map_err(status)?;
+    async fn attach_volume(
+        &self,
+        req: Request<pb::VolumeRef>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let v = self
+            .manager
+            .attach(&req.into_inner().name)
+            .await
+            .map_err(status)?;
         Ok(Response::new(volume(v)))
     }
 
-    async fn detach_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
-        let v = self.manager.detach(&req.into_inner().name).await.map_err(status)?;
+    async fn detach_volume(
+        &self,
+        req: Request<pb::VolumeRef>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let v = self
+            .manager
+            .detach(&req.into_inner().name)
+            .await
+            .map_err(status)?;
         Ok(Response::new(volume(v)))
     }
 
@@ -127,17 +163,30 @@ impl Cairn for CairnService {
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let r = req.into_inner();
-        self.manager.delete(&r.name, r.force).await.map_err(status)?;
+        self.manager
+            .delete(&r.name, r.force)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
-    async fn fail_replica(&self, req: Request<pb::FailReplicaRequest>) -> Result<Response<pb::Volume>, Status> {
+    async fn fail_replica(
+        &self,
+        req: Request<pb::FailReplicaRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        let v = self.manager.fail_replica(&r.volume, &r.replica).await.map_err(status)?;
+        let v = self
+            .manager
+            .fail_replica(&r.volume, &r.replica)
+            .await
+            .map_err(status)?;
         Ok(Response::new(volume(v)))
     }
 
-    async fn get_node(&self, _req: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
+    async fn get_node(
+        &self,
+        _req: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
         Ok(Response::new(node(self.manager.node().await)))
     }
 }
@@ -147,7 +196,10 @@ fn volume(v: VolumeInfo) -> pb::Volume {
         name: v.name,
         state: v.state.as_str().to_string(),
         size: v.size,
-        device: v.device.map(|d| d.display().to_string()).unwrap_or_default(),
+        device: v
+            .device
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
         replicas: v.replicas.into_iter().map(replica).collect(),
         revision: v.revision,
         queues: v.queues.into(),

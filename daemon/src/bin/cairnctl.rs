@@ -98,7 +98,10 @@ fn main() -> ExitCode {
         }
         Err(e) => return fail(&one_line(&e.render().to_string())),
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
     };
@@ -140,44 +143,113 @@ async fn run(cli: Cli) -> Result<String, String> {
     let msg = |s: tonic::Status| s.message().to_string();
     match cli.command {
         Command::Volume(cmd) => match cmd {
-            VolumeCmd::Create { name, size, replicas } => {
-                let req = pb::CreateVolumeRequest { name, size, replicas: replicas.unwrap_or(0) };
+            VolumeCmd::Create {
+                name,
+                size,
+                replicas,
+            } => {
+                let req = pb::CreateVolumeRequest {
+                    name,
+                    size,
+                    replicas: replicas.unwrap_or(0),
+                };
                 let v = client.create_volume(req).await.map_err(msg)?.into_inner();
-                Ok(if json { to_json(&volume_json(&v)) } else { volume_table(&v) })
+                Ok(if json {
+                    to_json(&volume_json(&v))
+                } else {
+                    volume_table(&v)
+                })
             }
             VolumeCmd::List => {
-                let vs = client.list_volumes(pb::ListVolumesRequest {}).await.map_err(msg)?.into_inner().volumes;
+                let vs = client
+                    .list_volumes(pb::ListVolumesRequest {})
+                    .await
+                    .map_err(msg)?
+                    .into_inner()
+                    .volumes;
                 Ok(if json {
-                    to_json(&serde_json::Value::Array(vs.iter().map(volume_json).collect()))
+                    to_json(&serde_json::Value::Array(
+                        vs.iter().map(volume_json).collect(),
+                    ))
                 } else {
                     list_table(&vs)
                 })
             }
             VolumeCmd::Get { name } => {
-                let v = client.get_volume(pb::VolumeRef { name }).await.map_err(msg)?.into_inner();
-                Ok(if json { to_json(&volume_json(&v)) } else { volume_table(&v) })
+                let v = client
+                    .get_volume(pb::VolumeRef { name })
+                    .await
+                    .map_err(msg)?
+                    .into_inner();
+                Ok(if json {
+                    to_json(&volume_json(&v))
+                } else {
+                    volume_table(&v)
+                })
             }
             VolumeCmd::Attach { name } => {
-                let v = client.attach_volume(pb::VolumeRef { name }).await.map_err(msg)?.into_inner();
+                let v = client
+                    .attach_volume(pb::VolumeRef { name })
+                    .await
+                    .map_err(msg)?
+                    .into_inner();
                 // Just the path, so `DEV=$(cairnctl volume attach v)` works.
-                Ok(if json { to_json(&volume_json(&v)) } else { format!("{}\n", v.device) })
+                Ok(if json {
+                    to_json(&volume_json(&v))
+                } else {
+                    format!("{}\n", v.device)
+                })
             }
             VolumeCmd::Detach { name } => {
-                let v = client.detach_volume(pb::VolumeRef { name }).await.map_err(msg)?.into_inner();
-                Ok(if json { to_json(&volume_json(&v)) } else { format!("volume {} detached\n", v.name) })
+                let v = client
+                    .detach_volume(pb::VolumeRef { name })
+                    .await
+                    .map_err(msg)?
+                    .into_inner();
+                Ok(if json {
+                    to_json(&volume_json(&v))
+                } else {
+                    format!("volume {} detached\n", v.name)
+                })
             }
             VolumeCmd::Delete { name, force } => {
-                client.delete_volume(pb::DeleteVolumeRequest { name: name.clone(), force }).await.map_err(msg)?;
-                Ok(if json { to_json(&json!({ "deleted": name })) } else { format!("volume {name} deleted\n") })
+                client
+                    .delete_volume(pb::DeleteVolumeRequest {
+                        name: name.clone(),
+                        force,
+                    })
+                    .await
+                    .map_err(msg)?;
+                Ok(if json {
+                    to_json(&json!({ "deleted": name }))
+                } else {
+                    format!("volume {name} deleted\n")
+                })
             }
         },
         Command::Replica(ReplicaCmd::Fail { volume, replica }) => {
-            let v = client.fail_replica(pb::FailReplicaRequest { volume, replica }).await.map_err(msg)?.into_inner();
-            Ok(if json { to_json(&volume_json(&v)) } else { volume_table(&v) })
+            let v = client
+                .fail_replica(pb::FailReplicaRequest { volume, replica })
+                .await
+                .map_err(msg)?
+                .into_inner();
+            Ok(if json {
+                to_json(&volume_json(&v))
+            } else {
+                volume_table(&v)
+            })
         }
         Command::Node(NodeCmd::Get) => {
-            let n = client.get_node(pb::GetNodeRequest {}).await.map_err(msg)?.into_inner();
-            Ok(if json { to_json(&node_json(&n)) } else { node_table(&n) })
+            let n = client
+                .get_node(pb::GetNodeRequest {})
+                .await
+                .map_err(msg)?
+                .into_inner();
+            Ok(if json {
+                to_json(&node_json(&n))
+            } else {
+                node_table(&n)
+            })
         }
     }
 }
@@ -257,14 +329,28 @@ fn volume_table(v: &pb::Volume) -> String {
     out.push('\n');
     let mut rows = vec![row(&["REPLICA", "NODE", "DISK", "STATE", "MESSAGE"])];
     for r in &v.replicas {
-        rows.push(vec![r.name.clone(), r.node.clone(), r.disk.clone(), r.state.clone(), or_dash(&r.message).to_string()]);
+        rows.push(vec![
+            r.name.clone(),
+            r.node.clone(),
+            r.disk.clone(),
+            r.state.clone(),
+            or_dash(&r.message).to_string(),
+        ]);
     }
     out.push_str(&table(&rows));
     out
 }
 
 fn node_table(n: &pb::Node) -> String {
-    let mut out = format!("node: {}\nublk: {}\n\n", n.name, if n.ublk_status.is_empty() { "available" } else { &n.ublk_status });
+    let mut out = format!(
+        "node: {}\nublk: {}\n\n",
+        n.name,
+        if n.ublk_status.is_empty() {
+            "available"
+        } else {
+            &n.ublk_status
+        }
+    );
     let mut rows = vec![row(&["DISK", "SIZE", "AVAILABLE", "REPLICAS"])];
     for d in &n.disks {
         rows.push(vec![
@@ -280,7 +366,12 @@ fn node_table(n: &pb::Node) -> String {
 
 /// Disk sizes are not round numbers: one decimal in the largest unit fits.
 fn approx_size(n: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
     match UNITS.iter().find(|(_, u)| n >= *u) {
         Some((name, unit)) => format!("{:.1}{name}", n as f64 / *unit as f64),
         None => HumanSize(n).to_string(),
@@ -295,8 +386,15 @@ fn row(cells: &[&str]) -> Vec<String> {
 /// padded, so lines carry no trailing blanks.
 fn table(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> =
-        (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     let mut out = String::new();
     for r in rows {
         let mut line = String::new();

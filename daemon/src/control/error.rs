@@ -18,11 +18,21 @@ pub enum ControlError {
     #[error("size {size} is not a multiple of {BLOCK_SIZE} bytes: round it to e.g. 4KiB/1MiB")]
     UnalignedSize { size: u64 },
     #[error("volume {volume:?} wants {wanted} replicas but this node has {disks} disk{}: lower --replicas or start cairnd with more --disk", if *.disks == 1 { "" } else { "s" })]
-    NotEnoughDisks { volume: String, wanted: u32, disks: usize },
+    NotEnoughDisks {
+        volume: String,
+        wanted: u32,
+        disks: usize,
+    },
     #[error("volume {volume:?} needs at least 1 replica: pass --replicas 1 or more")]
     ZeroReplicas { volume: String },
-    #[error("volume {volume:?} wants {wanted} replicas, at most {max} are supported: lower --replicas")]
-    TooManyReplicas { volume: String, wanted: u32, max: usize },
+    #[error(
+        "volume {volume:?} wants {wanted} replicas, at most {max} are supported: lower --replicas"
+    )]
+    TooManyReplicas {
+        volume: String,
+        wanted: u32,
+        max: usize,
+    },
     #[error("volume {name:?} already exists: pick another name or delete it first")]
     AlreadyExists { name: String },
     #[error("volume {name:?} not found: see `cairnctl volume list`")]
@@ -31,7 +41,9 @@ pub enum ControlError {
     AlreadyAttached { name: String, device: String },
     #[error("volume {name:?} is attached: detach it first or pass --force")]
     Attached { name: String },
-    #[error("volume {volume:?} has no replica named {replica:?}: see `cairnctl volume get {volume}`")]
+    #[error(
+        "volume {volume:?} has no replica named {replica:?}: see `cairnctl volume get {volume}`"
+    )]
     UnknownReplica { volume: String, replica: String },
     #[error("replica {replica} is the last healthy replica of volume {volume}: failing it would fault the volume")]
     LastHealthyReplica { volume: String, replica: String },
@@ -48,7 +60,10 @@ pub enum ControlError {
     #[error(transparent)]
     Replica(#[from] ReplicaError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A blocking task died (panicked or was cancelled); a bug, not an input error.
     #[error("internal error: {0}")]
     Internal(String),

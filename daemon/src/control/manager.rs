@@ -15,7 +15,8 @@ use super::placement::{self, DiskLoad};
 use super::store::{RecordState, ReplicaRecord, Store, VolumeRecord, RECORD_FORMAT};
 use super::{ControlError, NodeConfig};
 use crate::engine::{
-    EngineEvent, EventSink, ReplicaHandle, ReplicaIo, ReplicaState, VolumeHealth, VolumeIo, MAX_REPLICAS,
+    EngineEvent, EventSink, ReplicaHandle, ReplicaIo, ReplicaState, VolumeHealth, VolumeIo,
+    MAX_REPLICAS,
 };
 use crate::frontend::{ublk_available, FrontendOptions, UblkDevice};
 use crate::metrics::VolumeSample;
@@ -172,7 +173,14 @@ impl VolumeManager {
                 attached = record.attached,
                 "volume restored"
             );
-            state.volumes.insert(record.name.clone(), Volume { record, live: None, message: String::new() });
+            state.volumes.insert(
+                record.name.clone(),
+                Volume {
+                    record,
+                    live: None,
+                    message: String::new(),
+                },
+            );
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
@@ -213,7 +221,12 @@ impl VolumeManager {
 
     /// Creates a volume: validates everything first (nothing changes on bad
     /// input), then makes the replica directories, then the record.
-    pub async fn create(&self, name: &str, size: u64, replicas: Option<u32>) -> Result<VolumeInfo, ControlError> {
+    pub async fn create(
+        &self,
+        name: &str,
+        size: u64,
+        replicas: Option<u32>,
+    ) -> Result<VolumeInfo, ControlError> {
         crate::name::validate_volume_name(name)?;
         if size == 0 {
             return Err(ControlError::ZeroSize);
@@ -223,20 +236,31 @@ impl VolumeManager {
         }
         let count = replicas.unwrap_or_else(|| self.default_replicas());
         if count == 0 {
-            return Err(ControlError::ZeroReplicas { volume: name.to_string() });
+            return Err(ControlError::ZeroReplicas {
+                volume: name.to_string(),
+            });
         }
         if count as usize > MAX_REPLICAS {
-            return Err(ControlError::TooManyReplicas { volume: name.to_string(), wanted: count, max: MAX_REPLICAS });
+            return Err(ControlError::TooManyReplicas {
+                volume: name.to_string(),
+                wanted: count,
+                max: MAX_REPLICAS,
+            });
         }
         let inner = &self.inner;
         let mut st = inner.state.lock().await;
         if st.volumes.contains_key(name) {
-            return Err(ControlError::AlreadyExists { name: name.to_string() });
+            return Err(ControlError::AlreadyExists {
+                name: name.to_string(),
+            });
         }
         let loads: Vec<DiskLoad> = inner
             .disks
             .iter()
-            .map(|d| DiskLoad { path: d.clone(), replicas: st.replicas_on(d) })
+            .map(|d| DiskLoad {
+                path: d.clone(),
+                replicas: st.replicas_on(d),
+            })
             .collect();
         let chosen = placement::place(name, count, &loads)?;
 
@@ -255,7 +279,16 @@ impl VolumeManager {
         }
         let specs: Vec<(PathBuf, ReplicaSpec)> = replicas
             .iter()
-            .map(|r| (r.dir.clone(), ReplicaSpec { volume: name.to_string(), replica: r.name.clone(), size }))
+            .map(|r| {
+                (
+                    r.dir.clone(),
+                    ReplicaSpec {
+                        volume: name.to_string(),
+                        replica: r.name.clone(),
+                        size,
+                    },
+                )
+            })
             .collect();
         let dirs: Vec<PathBuf> = replicas.iter().map(|r| r.dir.clone()).collect();
         tokio::task::spawn_blocking(move || -> Result<(), ControlError> {
@@ -287,7 +320,11 @@ impl VolumeManager {
             return Err(e);
         }
         tracing::info!(volume = name, size = %crate::size::HumanSize(size), replicas = count, "volume created");
-        let v = Volume { record, live: None, message: String::new() };
+        let v = Volume {
+            record,
+            live: None,
+            message: String::new(),
+        };
         let info = v.info();
         st.volumes.insert(name.to_string(), v);
         inner.publish(&st);
@@ -340,7 +377,9 @@ impl VolumeManager {
         let v = st.volume(name)?;
         if v.live.is_some() {
             if !force {
-                return Err(ControlError::Attached { name: name.to_string() });
+                return Err(ControlError::Attached {
+                    name: name.to_string(),
+                });
             }
             let r = inner.detach_locked(&mut st, name, false).await;
             inner.publish(&st);
@@ -369,12 +408,19 @@ impl VolumeManager {
     }
 
     /// Takes a replica out of service. Refuses the last healthy replica.
-    pub async fn fail_replica(&self, volume: &str, replica: &str) -> Result<VolumeInfo, ControlError> {
+    pub async fn fail_replica(
+        &self,
+        volume: &str,
+        replica: &str,
+    ) -> Result<VolumeInfo, ControlError> {
         let inner = &self.inner;
         let mut st = inner.state.lock().await;
         let v = st.volume_mut(volume)?;
         let Some(rec) = v.record.replicas.iter().find(|r| r.name == replica) else {
-            return Err(ControlError::UnknownReplica { volume: volume.to_string(), replica: replica.to_string() });
+            return Err(ControlError::UnknownReplica {
+                volume: volume.to_string(),
+                replica: replica.to_string(),
+            });
         };
         if rec.state == RecordState::Failed {
             return Ok(v.info());
@@ -387,7 +433,12 @@ impl VolumeManager {
             let io = live.io.clone();
             v.record.sync_from(&io);
         } else {
-            let healthy = v.record.replicas.iter().filter(|r| r.state == RecordState::Healthy).count();
+            let healthy = v
+                .record
+                .replicas
+                .iter()
+                .filter(|r| r.state == RecordState::Healthy)
+                .count();
             if healthy <= 1 {
                 return Err(ControlError::LastHealthyReplica {
                     volume: volume.to_string(),
@@ -412,7 +463,12 @@ impl VolumeManager {
             .iter()
             .map(|d| {
                 let (size, available) = disk_space(d).unwrap_or((0, 0));
-                DiskInfo { path: d.clone(), size, available, replicas: st.replicas_on(d) as u32 }
+                DiskInfo {
+                    path: d.clone(),
+                    size,
+                    available,
+                    replicas: st.replicas_on(d) as u32,
+                }
             })
             .collect();
         NodeInfo {
@@ -426,8 +482,12 @@ impl VolumeManager {
     /// wish to be attached, so the next cairnd attaches them again.
     pub async fn shutdown(&self) {
         let mut st = self.inner.state.lock().await;
-        let names: Vec<String> =
-            st.volumes.iter().filter(|(_, v)| v.live.is_some()).map(|(n, _)| n.clone()).collect();
+        let names: Vec<String> = st
+            .volumes
+            .iter()
+            .filter(|(_, v)| v.live.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
         for name in names {
             if let Err(e) = self.inner.detach_locked(&mut st, &name, true).await {
                 tracing::error!(volume = %name, error = %e, "stopping volume at shutdown");
@@ -446,8 +506,11 @@ impl VolumeManager {
                     size: e.size,
                     health: Some(io.health()),
                     replicas: e.replicas,
-                    healthy_replicas: io.replicas().iter().filter(|r| r.state == ReplicaState::Healthy).count()
-                        as u32,
+                    healthy_replicas: io
+                        .replicas()
+                        .iter()
+                        .filter(|r| r.state == ReplicaState::Healthy)
+                        .count() as u32,
                     revision: io.revision(),
                     io: io.stats(),
                 },
@@ -481,7 +544,12 @@ impl Inner {
         // Before touching any replica file: opening replicas and starting an
         // epoch change them, and without the driver attach must change nothing.
         ublk_available()?;
-        let used: HashSet<u32> = st.volumes.values().filter_map(|v| v.live.as_ref()).map(|l| l.device.dev_id()).collect();
+        let used: HashSet<u32> = st
+            .volumes
+            .values()
+            .filter_map(|v| v.live.as_ref())
+            .map(|l| l.device.dev_id())
+            .collect();
         let v = st.volume_mut(name)?;
         let healthy: Vec<(String, PathBuf)> = v
             .record
@@ -491,7 +559,9 @@ impl Inner {
             .map(|r| (r.name.clone(), r.dir.clone()))
             .collect();
         if healthy.is_empty() {
-            return Err(ControlError::NoHealthyReplica { volume: name.to_string() });
+            return Err(ControlError::NoHealthyReplica {
+                volume: name.to_string(),
+            });
         }
         // A recorded device id is only a crashed daemon's device if no volume
         // of ours has it now; the frontend removes a stale device of that id.
@@ -504,10 +574,15 @@ impl Inner {
             let _ = tx.send((vol.clone(), ev));
         });
         let size = v.record.size;
-        let opts = FrontendOptions { queues: v.record.queues, queue_depth: v.record.queue_depth };
+        let opts = FrontendOptions {
+            queues: v.record.queues,
+            queue_depth: v.record.queue_depth,
+        };
         let vname = name.to_string();
-        let outcome = tokio::task::spawn_blocking(move || attach_blocking(&vname, size, healthy, sink, &opts, recover))
-            .await?;
+        let outcome = tokio::task::spawn_blocking(move || {
+            attach_blocking(&vname, size, healthy, sink, &opts, recover)
+        })
+        .await?;
         for (replica, reason) in &outcome.open_failed {
             tracing::warn!(volume = name, %replica, %reason, "replica cannot be opened; marked failed");
             v.record.set_failed(replica, reason);
@@ -550,7 +625,12 @@ impl Inner {
     /// Stops the device and flushes. `keep_wanted` (shutdown) keeps the
     /// record's wish to be attached; a clean stop always forgets the device
     /// id, since the device is gone and its id may be reused by anyone.
-    async fn detach_locked(&self, st: &mut State, name: &str, keep_wanted: bool) -> Result<(), ControlError> {
+    async fn detach_locked(
+        &self,
+        st: &mut State,
+        name: &str,
+        keep_wanted: bool,
+    ) -> Result<(), ControlError> {
         let v = st.volume_mut(name)?;
         let live = v.live.take();
         let mut stop_err = None;
@@ -607,8 +687,12 @@ impl Inner {
                 name: v.record.name.clone(),
                 size: v.record.size,
                 replicas: v.record.replicas.len() as u32,
-                healthy_in_record: v.record.replicas.iter().filter(|r| r.state == RecordState::Healthy).count()
-                    as u32,
+                healthy_in_record: v
+                    .record
+                    .replicas
+                    .iter()
+                    .filter(|r| r.state == RecordState::Healthy)
+                    .count() as u32,
                 revision: v.record.revision,
                 io: v.live.as_ref().map(|l| l.io.clone()),
             })
@@ -619,15 +703,27 @@ impl Inner {
 
 impl State {
     fn volume(&self, name: &str) -> Result<&Volume, ControlError> {
-        self.volumes.get(name).ok_or_else(|| ControlError::NotFound { name: name.to_string() })
+        self.volumes
+            .get(name)
+            .ok_or_else(|| ControlError::NotFound {
+                name: name.to_string(),
+            })
     }
 
     fn volume_mut(&mut self, name: &str) -> Result<&mut Volume, ControlError> {
-        self.volumes.get_mut(name).ok_or_else(|| ControlError::NotFound { name: name.to_string() })
+        self.volumes
+            .get_mut(name)
+            .ok_or_else(|| ControlError::NotFound {
+                name: name.to_string(),
+            })
     }
 
     fn replicas_on(&self, disk: &Path) -> usize {
-        self.volumes.values().flat_map(|v| &v.record.replicas).filter(|r| r.disk == disk).count()
+        self.volumes
+            .values()
+            .flat_map(|v| &v.record.replicas)
+            .filter(|r| r.disk == disk)
+            .count()
     }
 }
 
@@ -665,7 +761,9 @@ impl Volume {
             .map(|r| {
                 // The engine knows only the replicas it was given at attach;
                 // the rest were failed before and the record says so.
-                let engine = live.as_ref().and_then(|(_, st)| st.iter().find(|s| s.name == r.name));
+                let engine = live
+                    .as_ref()
+                    .and_then(|(_, st)| st.iter().find(|s| s.name == r.name));
                 let (state, message) = match engine {
                     Some(s) => (s.state, s.message.clone()),
                     None => match r.state {
@@ -673,7 +771,14 @@ impl Volume {
                         RecordState::Failed => (ReplicaState::Failed, r.message.clone()),
                     },
                 };
-                ReplicaInfo { name: r.name.clone(), node: r.node.clone(), disk: r.disk.clone(), dir: r.dir.clone(), state, message }
+                ReplicaInfo {
+                    name: r.name.clone(),
+                    node: r.node.clone(),
+                    disk: r.disk.clone(),
+                    dir: r.dir.clone(),
+                    state,
+                    message,
+                }
             })
             .collect();
         let (state, device, revision) = match &live {
@@ -725,19 +830,40 @@ fn attach_blocking(
     for (rname, dir) in replicas {
         match Replica::open(&dir) {
             Ok(r) if r.size() != size => {
-                open_failed.push((rname, format!("replica holds {} bytes, the volume has {size}", r.size())));
+                open_failed.push((
+                    rname,
+                    format!("replica holds {} bytes, the volume has {size}", r.size()),
+                ));
             }
             Ok(r) if r.volume_name() != name || r.replica_name() != rname => open_failed.push((
                 rname,
-                format!("{} belongs to replica {} of volume {}", dir.display(), r.replica_name(), r.volume_name()),
+                format!(
+                    "{} belongs to replica {} of volume {}",
+                    dir.display(),
+                    r.replica_name(),
+                    r.volume_name()
+                ),
             )),
-            Ok(r) => handles.push(ReplicaHandle { name: rname, io: ReplicaIo::Local(Arc::new(r)) }),
+            Ok(r) => handles.push(ReplicaHandle {
+                name: rname,
+                io: ReplicaIo::Local(Arc::new(r)),
+            }),
             Err(e) => open_failed.push((rname, e.to_string())),
         }
     }
-    let fail = |open_failed, revision, e: ControlError| AttachOutcome { open_failed, revision, result: Err(e) };
+    let fail = |open_failed, revision, e: ControlError| AttachOutcome {
+        open_failed,
+        revision,
+        result: Err(e),
+    };
     if handles.is_empty() {
-        return fail(open_failed, None, ControlError::NoHealthyReplica { volume: name.to_string() });
+        return fail(
+            open_failed,
+            None,
+            ControlError::NoHealthyReplica {
+                volume: name.to_string(),
+            },
+        );
     }
     let io = match VolumeIo::new(name, size, handles, sink) {
         Ok(io) => io,
@@ -749,12 +875,18 @@ fn attach_blocking(
             return fail(
                 open_failed,
                 Some(io.revision()),
-                ControlError::NoHealthyReplica { volume: name.to_string() },
+                ControlError::NoHealthyReplica {
+                    volume: name.to_string(),
+                },
             )
         }
     };
     match UblkDevice::start(io.clone(), opts, recover) {
-        Ok(dev) => AttachOutcome { open_failed, revision: Some(revision), result: Ok((io, dev)) },
+        Ok(dev) => AttachOutcome {
+            open_failed,
+            revision: Some(revision),
+            result: Ok((io, dev)),
+        },
         Err(e) => fail(open_failed, Some(revision), e.into()),
     }
 }
@@ -762,13 +894,21 @@ fn attach_blocking(
 /// Startup: attaches every volume whose record wants it, holding the state
 /// lock taken in `open` so API calls queue behind it.
 async fn restore(inner: Arc<Inner>, mut st: OwnedMutexGuard<State>) {
-    let wanted: Vec<String> = st.volumes.values().filter(|v| v.record.attached).map(|v| v.record.name.clone()).collect();
+    let wanted: Vec<String> = st
+        .volumes
+        .values()
+        .filter(|v| v.record.attached)
+        .map(|v| v.record.name.clone())
+        .collect();
     if wanted.is_empty() {
         return;
     }
     if let Err(e) = ublk_available() {
         // Once, not per volume: the cause is the node, not the volumes.
-        tracing::error!("{e}; {} volume(s) stay detached until cairnd restarts with the driver loaded", wanted.len());
+        tracing::error!(
+            "{e}; {} volume(s) stay detached until cairnd restarts with the driver loaded",
+            wanted.len()
+        );
         for name in &wanted {
             if let Ok(v) = st.volume_mut(name) {
                 v.message = format!("not attached: {e}");
@@ -805,14 +945,22 @@ async fn check_loop(inner: Weak<Inner>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let Some(state) = inner.upgrade().map(|i| i.state.clone()) else { return };
-        let ios: Vec<Arc<VolumeIo>> =
-            state.lock().await.volumes.values().filter_map(|v| v.live.as_ref().map(|l| l.io.clone())).collect();
+        let Some(state) = inner.upgrade().map(|i| i.state.clone()) else {
+            return;
+        };
+        let ios: Vec<Arc<VolumeIo>> = state
+            .lock()
+            .await
+            .volumes
+            .values()
+            .filter_map(|v| v.live.as_ref().map(|l| l.io.clone()))
+            .collect();
         if ios.is_empty() {
             continue;
         }
         // Failures found here reach the record through the event channel.
-        let _ = tokio::task::spawn_blocking(move || ios.iter().for_each(|io| io.check_replicas())).await;
+        let _ = tokio::task::spawn_blocking(move || ios.iter().for_each(|io| io.check_replicas()))
+            .await;
     }
 }
 
@@ -828,9 +976,17 @@ fn prepare_disks(config: &NodeConfig) -> Result<Vec<PathBuf>, ControlError> {
         }
         match std::fs::metadata(&disk) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(ControlError::BadDisk { path: disk, reason: "is not a directory" }),
+            Ok(_) => {
+                return Err(ControlError::BadDisk {
+                    path: disk,
+                    reason: "is not a directory",
+                })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ControlError::BadDisk { path: disk, reason: "does not exist" })
+                return Err(ControlError::BadDisk {
+                    path: disk,
+                    reason: "does not exist",
+                })
             }
             Err(e) => return Err(ControlError::io(&disk)(e)),
         }
@@ -881,8 +1037,12 @@ fn disk_space(path: &Path) -> Option<(u64, u64)> {
     }
     // SAFETY: statvfs returned 0, so it initialized `s`.
     let s = unsafe { s.assume_init() };
+    // The statvfs fields are u64 here but narrower on 32-bit targets.
+    #[allow(clippy::unnecessary_cast)]
     let frsize = s.f_frsize as u64;
-    Some((s.f_blocks as u64 * frsize, s.f_bavail as u64 * frsize))
+    #[allow(clippy::unnecessary_cast)]
+    let (blocks, avail) = (s.f_blocks as u64, s.f_bavail as u64);
+    Some((blocks * frsize, avail * frsize))
 }
 
 #[cfg(test)]
@@ -931,15 +1091,41 @@ mod tests {
             ("Bad_Name", 1 << 20, None, "DNS-1123"),
             ("", 1 << 20, None, "empty"),
             ("z", 0, None, "size is zero"),
-            ("u", 1000, None, "size 1000 is not a multiple of 4096 bytes: round it to e.g. 4KiB/1MiB"),
-            ("good", 1 << 20, None, "volume \"good\" already exists: pick another name or delete it first"),
-            ("many", 1 << 20, Some(3), "wants 3 replicas but this node has 2 disks"),
+            (
+                "u",
+                1000,
+                None,
+                "size 1000 is not a multiple of 4096 bytes: round it to e.g. 4KiB/1MiB",
+            ),
+            (
+                "good",
+                1 << 20,
+                None,
+                "volume \"good\" already exists: pick another name or delete it first",
+            ),
+            (
+                "many",
+                1 << 20,
+                Some(3),
+                "wants 3 replicas but this node has 2 disks",
+            ),
             ("zero", 1 << 20, Some(0), "needs at least 1 replica"),
         ];
         for (name, size, replicas, want) in cases {
-            let e = m.create(name, size, replicas).await.unwrap_err().to_string();
-            assert!(e.contains(want), "create({name:?}, {size}, {replicas:?}): {e}");
-            assert_eq!(snapshot(tmp.path()), before, "create({name:?}) changed the data dir");
+            let e = m
+                .create(name, size, replicas)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(want),
+                "create({name:?}, {size}, {replicas:?}): {e}"
+            );
+            assert_eq!(
+                snapshot(tmp.path()),
+                before,
+                "create({name:?}) changed the data dir"
+            );
         }
         let e = m.fail_replica("good", "nope").await.unwrap_err();
         assert!(matches!(e, ControlError::UnknownReplica { .. }), "{e}");
@@ -947,7 +1133,10 @@ mod tests {
         assert!(matches!(e, ControlError::NotFound { .. }), "{e}");
         if !Path::new("/dev/ublk-control").exists() {
             let e = m.attach("good").await.unwrap_err().to_string();
-            assert_eq!(e, "ublk driver not available: load it with `modprobe ublk_drv`, kernel 6.0 or newer");
+            assert_eq!(
+                e,
+                "ublk driver not available: load it with `modprobe ublk_drv`, kernel 6.0 or newer"
+            );
         }
         assert_eq!(snapshot(tmp.path()), before);
         assert_eq!(m.get("good").await.unwrap().state, VolumeState::Detached);
@@ -960,16 +1149,25 @@ mod tests {
         assert_eq!(one.default_replicas(), 1);
         let v = one.create("a", 1 << 20, None).await.unwrap();
         assert_eq!(v.replicas.len(), 1);
-        assert!(v.replicas[0].dir.starts_with(tmp.path().join("one/data/disks/default/replicas")));
+        assert!(v.replicas[0]
+            .dir
+            .starts_with(tmp.path().join("one/data/disks/default/replicas")));
 
         let m = manager(&tmp.path().join("three"), 3).await;
         assert_eq!(m.default_replicas(), 2);
         let a = m.create("a", 1 << 20, None).await.unwrap();
         let b = m.create("b", 1 << 20, Some(1)).await.unwrap();
         // `b` goes to the one disk `a` left empty.
-        assert!(a.replicas.iter().all(|r| r.disk != b.replicas[0].disk), "{a:?} {b:?}");
+        assert!(
+            a.replicas.iter().all(|r| r.disk != b.replicas[0].disk),
+            "{a:?} {b:?}"
+        );
         for r in &a.replicas {
-            assert!(r.name.starts_with("a-r-") && r.name.len() == "a-r-".len() + 8, "{}", r.name);
+            assert!(
+                r.name.starts_with("a-r-") && r.name.len() == "a-r-".len() + 8,
+                "{}",
+                r.name
+            );
             assert!(r.dir.join("volume.meta").is_file());
             assert_eq!(r.node, "n1");
         }

@@ -21,12 +21,20 @@ pub struct DiskLoad {
 /// the node has fewer disks than that.
 pub fn place(volume: &str, count: u32, disks: &[DiskLoad]) -> Result<Vec<PathBuf>, ControlError> {
     if count as usize > disks.len() {
-        return Err(ControlError::NotEnoughDisks { volume: volume.to_string(), wanted: count, disks: disks.len() });
+        return Err(ControlError::NotEnoughDisks {
+            volume: volume.to_string(),
+            wanted: count,
+            disks: disks.len(),
+        });
     }
     let mut order: Vec<&DiskLoad> = disks.iter().collect();
     // Stable sort: equal loads keep the configured order.
     order.sort_by_key(|d| d.replicas);
-    Ok(order.into_iter().take(count as usize).map(|d| d.path.clone()).collect())
+    Ok(order
+        .into_iter()
+        .take(count as usize)
+        .map(|d| d.path.clone())
+        .collect())
 }
 
 #[cfg(test)]
@@ -35,13 +43,23 @@ mod tests {
     use super::*;
 
     fn disks(loads: &[usize]) -> Vec<DiskLoad> {
-        loads.iter().enumerate().map(|(i, &n)| DiskLoad { path: format!("/d{i}").into(), replicas: n }).collect()
+        loads
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| DiskLoad {
+                path: format!("/d{i}").into(),
+                replicas: n,
+            })
+            .collect()
     }
 
     #[test]
     fn distinct_disks_least_loaded_first() {
         let d = disks(&[2, 0, 1]);
-        assert_eq!(place("v", 2, &d).unwrap(), vec![PathBuf::from("/d1"), PathBuf::from("/d2")]);
+        assert_eq!(
+            place("v", 2, &d).unwrap(),
+            vec![PathBuf::from("/d1"), PathBuf::from("/d2")]
+        );
         assert_eq!(place("v", 3, &d).unwrap().len(), 3);
         let all = place("v", 3, &d).unwrap();
         let mut dedup = all.clone();
@@ -52,7 +70,10 @@ mod tests {
 
     #[test]
     fn ties_keep_configured_order() {
-        assert_eq!(place("v", 1, &disks(&[0, 0])).unwrap(), vec![PathBuf::from("/d0")]);
+        assert_eq!(
+            place("v", 1, &disks(&[0, 0])).unwrap(),
+            vec![PathBuf::from("/d0")]
+        );
     }
 
     #[test]

@@ -127,13 +127,23 @@ impl Store {
 
 fn load_one(path: &Path) -> Result<VolumeRecord, String> {
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    let record: VolumeRecord = serde_json::from_slice(&bytes).map_err(|e| format!("not valid JSON: {e}"))?;
+    let record: VolumeRecord =
+        serde_json::from_slice(&bytes).map_err(|e| format!("not valid JSON: {e}"))?;
     if record.format != RECORD_FORMAT {
-        return Err(format!("format {} is not supported (this cairnd reads {RECORD_FORMAT})", record.format));
+        return Err(format!(
+            "format {} is not supported (this cairnd reads {RECORD_FORMAT})",
+            record.format
+        ));
     }
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
     if record.name != stem {
-        return Err(format!("names volume {:?}, but the file is named for {stem:?}", record.name));
+        return Err(format!(
+            "names volume {:?}, but the file is named for {stem:?}",
+            record.name
+        ));
     }
     crate::name::validate_volume_name(&record.name).map_err(|e| e.to_string())?;
     if record.replicas.is_empty() {
@@ -202,7 +212,11 @@ mod tests {
         let store = Store::open(tmp.path()).unwrap();
         store.save(&record("good")).unwrap();
         std::fs::write(store.path("bad"), b"{\"name\": \"bad\", trunc").unwrap();
-        std::fs::write(store.path("other"), serde_json::to_vec(&record("good")).unwrap()).unwrap();
+        std::fs::write(
+            store.path("other"),
+            serde_json::to_vec(&record("good")).unwrap(),
+        )
+        .unwrap();
         std::fs::write(tmp.path().join("volumes/crash.json.tmp"), b"garbage").unwrap();
         let (loaded, corrupt) = store.load_all().unwrap();
         assert_eq!(loaded.len(), 1);
@@ -210,7 +224,13 @@ mod tests {
         let mut bad: Vec<_> = corrupt.iter().map(|c| c.to_string()).collect();
         bad.sort();
         assert_eq!(bad.len(), 2, "{bad:?}");
-        assert!(bad[0].contains("bad.json") && bad[0].contains("not valid JSON"), "{bad:?}");
-        assert!(bad[1].contains("other.json") && bad[1].contains("file is named for"), "{bad:?}");
+        assert!(
+            bad[0].contains("bad.json") && bad[0].contains("not valid JSON"),
+            "{bad:?}"
+        );
+        assert!(
+            bad[1].contains("other.json") && bad[1].contains("file is named for"),
+            "{bad:?}"
+        );
     }
 }
