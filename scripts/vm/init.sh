@@ -31,6 +31,10 @@ mount -t tmpfs tmp $r/tmp
 mount -t tmpfs run $r/run
 mount -t tmpfs var $r/var
 mkdir -p $r/var/tmp $r/var/lib $r/run/lock
+# busybox applets (nc, ...) as a fallback at the end of PATH
+mkdir -p $r/run/busybox
+cp /bin/busybox $r/run/busybox/busybox
+for a in $(/bin/busybox --list); do ln -s busybox $r/run/busybox/$a 2>/dev/null; done
 ip link set lo up 2>/dev/null
 
 cat >$r/tmp/vm-wrapper.sh <<'WRAP'

@@ -164,7 +164,7 @@ env_file=$cache/run-$run_id.env
     printf 'export REPO=%q\n' "$repo"
     printf 'export SCRATCH=/scratch\n'
     printf 'export VM_CWD=%q\n' "$PWD"
-    printf 'export PATH=%q\n' "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/root/.cargo/bin"
+    printf 'export PATH=%q\n' "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/root/.cargo/bin:/run/busybox"
     for name in ${VM_ENV:-}; do
         [[ -n "${!name:-}" ]] && printf 'export %s=%q\n' "$name" "${!name}"
     done
