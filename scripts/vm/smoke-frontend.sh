@@ -7,7 +7,7 @@ coproc SRV { "$ex" $((256 << 20)) $SCRATCH/r0 $SCRATCH/r1 2>$SCRATCH/srv.log; }
 read -r dev <&"${SRV[0]}"
 echo "device: $dev"
 fio --name=v --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bsrange=4k-128k --iodepth=16 \
-    --size=100% --verify=crc32c --verify_fatal=1 --output-format=terse >/dev/null && echo "fio verify ok"
+    --size=100% --verify=crc32c --verify_fatal=1 --eta=never --output-format=terse >/dev/null && echo "fio verify ok"
 mkfs.ext4 -q -F "$dev" && echo "mkfs ok"
 echo stop >&"${SRV[1]}"
 wait $SRV_PID || true
