@@ -11,7 +11,7 @@ DEV=$(ctl volume attach v1)
 say "attached at $DEV"
 
 job=(--name=verify --filename="$DEV" --ioengine=libaio --direct=1 --rw=randwrite
-     --bsrange=4k-128k --iodepth=16 --size=100% --verify=crc32c --verify_fatal=1
+     --bsrange=4k-128k --iodepth=16 --size=100% --verify=crc32c --verify_fatal=1 --eta=never
      --randrepeat=1 --randseed=42)
 fio "${job[@]}" --do_verify=1 --output="$WORK/fio-write.txt" || { cat "$WORK/fio-write.txt"; die "fio write+verify failed"; }
 grep -q "err= 0" "$WORK/fio-write.txt" || die "fio reported errors"

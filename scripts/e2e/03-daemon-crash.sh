@@ -11,7 +11,7 @@ DEV=$(ctl volume attach crash)
 say "attached at $DEV"
 
 job=(--name=crash --filename="$DEV" --ioengine=libaio --direct=1 --rw=randwrite
-     --bs=16k --iodepth=16 --size=100% --verify=crc32c --verify_fatal=1
+     --bs=16k --iodepth=16 --size=100% --verify=crc32c --verify_fatal=1 --eta=never
      --randrepeat=1 --randseed=7 --fsync=32)
 fio "${job[@]}" --do_verify=0 --output="$WORK/fio-write.txt" &
 FIO=$!

@@ -13,7 +13,7 @@ run_with_fault() { # VOLUME FAULT-FUNCTION
     local dev
     dev=$(ctl volume attach "$vol")
     local job=(--name="$vol" --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite
-               --bs=16k --iodepth=16 --size=100% --verify=crc32c --verify_fatal=1 --randseed=3)
+               --bs=16k --iodepth=16 --size=100% --verify=crc32c --verify_fatal=1 --eta=never --randseed=3)
     fio "${job[@]}" --do_verify=1 --output="$WORK/fio-$vol.txt" &
     local fio=$!
     sleep 3

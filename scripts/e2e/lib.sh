@@ -14,6 +14,8 @@ LOG="$WORK/cairnd.log"
 CAIRND_PID=""
 
 rm -rf "$WORK" && mkdir -p "$WORK/d1" "$WORK/d2" "$DATA"
+# fio keeps verify state files in the working directory; the repo is read-only here.
+cd "$WORK"
 
 say() { printf '[%s] %s\n' "$CASE" "$*"; }
 die() {

@@ -1,0 +1,47 @@
+//! Serves one volume straight from replica directories, without the control
+//! plane: a tool for debugging the engine and the ublk frontend in a kernel.
+//!
+//! `serve_volume [--recover DEV_ID] SIZE_BYTES DIR...` creates (or opens) a
+//! replica in each DIR, attaches them as one ublk device (taking over device
+//! DEV_ID if a killed server left it), prints its path, and serves it until
+//! stdin closes or reads a line.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use anyhow::Context;
+use cairn::engine::{ReplicaHandle, ReplicaIo, VolumeIo};
+use cairn::frontend::{FrontendOptions, UblkDevice};
+use cairn::replica::{Replica, ReplicaSpec};
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut recover = None;
+    if args.first().map(String::as_str) == Some("--recover") {
+        recover = Some(args.get(1).context("--recover DEV_ID")?.parse::<u32>()?);
+        args.drain(..2);
+    }
+    let (size, dirs) = args.split_first().context("usage: serve_volume SIZE_BYTES DIR...")?;
+    let size: u64 = size.parse().context("SIZE_BYTES")?;
+    let mut handles = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        let dir = Path::new(dir);
+        let name = format!("dbg-r-{i}");
+        let replica = if dir.join("volume.meta").exists() {
+            Replica::open(dir)?
+        } else {
+            Replica::create(dir, &ReplicaSpec { volume: "dbg".into(), replica: name.clone(), size })?
+        };
+        handles.push(ReplicaHandle { name, io: ReplicaIo::Local(replica.into()) });
+    }
+    let volume = VolumeIo::new("dbg", size, handles, Box::new(|e| eprintln!("event: {e:?}")))?;
+    volume.begin_epoch()?;
+    let dev = UblkDevice::start(volume.clone(), &FrontendOptions { queues: 2, queue_depth: 64 }, recover)?;
+    println!("{}", dev.path().display());
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    dev.stop()?;
+    eprintln!("stats: {:?} health: {:?}", volume.stats(), volume.health());
+    Ok(())
+}
