@@ -633,6 +633,7 @@ impl Inner {
     ) -> Result<(), ControlError> {
         let v = st.volume_mut(name)?;
         let live = v.live.take();
+        let was_live = live.is_some();
         let mut stop_err = None;
         if let Some(Live { io, device }) = live {
             let io2 = io.clone();
@@ -650,7 +651,11 @@ impl Inner {
             }
             stop_err = stopped.err();
         }
-        let changed = v.record.attached != keep_wanted || v.record.dev_id.is_some();
+        if !keep_wanted && !was_live {
+            // The operator asked for detached: a reason it is not attached is moot.
+            v.message.clear();
+        }
+        let changed = was_live || v.record.attached != keep_wanted || v.record.dev_id.is_some();
         v.record.attached = keep_wanted && v.record.attached;
         v.record.dev_id = None;
         if changed || stop_err.is_some() {
