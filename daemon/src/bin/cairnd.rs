@@ -24,7 +24,7 @@ struct Args {
     /// Unix socket the API listens on.
     #[arg(long, env = "CAIRN_SOCKET", default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Directory that holds replicas; repeat for each disk. Default: <data-dir>/disks/default.
+    /// Directory that holds replicas; repeat for each disk. Default: `<data-dir>/disks/default`.
     #[arg(long = "disk", env = "CAIRN_DISKS", value_delimiter = ',')]
     disks: Vec<PathBuf>,
     /// Name of this node, recorded with each replica. Default: the host name.
