@@ -4,7 +4,7 @@
 # replicas' head files hold identical bytes.
 source "$(dirname "$0")/lib.sh"
 
-start_cairnd
+start_cairnd --metrics-listen 127.0.0.1:9420
 ctl volume create v1 --size 256MiB --replicas 2 >/dev/null
 DEV=$(ctl volume attach v1)
 [[ -b "$DEV" ]] || die "attach printed $DEV, which is not a block device"
@@ -19,6 +19,11 @@ fio "${job[@]}" --verify_only --output="$WORK/fio-verify.txt" || { cat "$WORK/fi
 say "fio write+verify and verify-only passes: ok"
 
 [[ "$(vol_field v1 state)" == healthy ]] || die "volume state $(vol_field v1 state), expected healthy"
+metrics=$(wget -qO- http://127.0.0.1:9420/metrics) || die "metrics endpoint did not answer"
+writes=$(sed -n 's/^cairn_volume_writes_total{volume="v1"} //p' <<<"$metrics")
+healthy=$(sed -n 's/^cairn_volume_healthy_replicas{volume="v1"} //p' <<<"$metrics")
+[[ "${writes:-0}" -gt 1000 && "$healthy" == 2 ]] || die "metrics: writes=$writes healthy_replicas=$healthy"
+say "metrics: $writes writes, $healthy healthy replicas"
 ctl volume detach v1 >/dev/null
 [[ ! -e "$DEV" ]] || die "$DEV still exists after detach"
 
