@@ -55,17 +55,22 @@ run_jobs cairn "$dev"
 
 targets=(raw-file loop cairn)
 if command -v rublk >/dev/null; then
+    # Same shape as Cairn's device: 2 queues x 64, buffered I/O on the file.
     truncate -s "$SIZE" "$work/rublk.img"
-    rublk add loop -f "$work/rublk.img" >"$work/rublk.json"
-    rdev=/dev/ublkb$(jq -r '.dev_id // ."dev_info".dev_id' "$work/rublk.json" 2>/dev/null || echo 0)
-    run_jobs rublk-loop "$rdev"
-    rublk del -a || true
+    rublk add loop -n 9 -q "${BENCH_QUEUES:-2}" -d 64 --buffered-io --quiet -f "$work/rublk.img"
+    for _ in $(seq 1 100); do [[ -b /dev/ublkb9 ]] && break; sleep 0.2; done
+    run_jobs rublk-loop /dev/ublkb9
+    rublk del -n 9 || true
     targets+=(rublk-loop)
 fi
 
 echo
-printf '| job | %s | cairn / loop |\n' "$(IFS='|'; echo "${targets[*]}" | sed 's/|/ | /g')"
-printf '|---|%s---|\n' "$(for _ in "${targets[@]}"; do printf -- '---|'; done)"
+has_rublk=0
+[[ " ${targets[*]} " == *" rublk-loop "* ]] && has_rublk=1
+extra=" cairn / loop |"
+[[ $has_rublk == 1 ]] && extra+=" cairn / rublk |"
+printf '| job | %s |%s\n' "$(IFS='|'; echo "${targets[*]}" | sed 's/|/ | /g')" "$extra"
+printf '|---|%s---|%s\n' "$(for _ in "${targets[@]}"; do printf -- '---|'; done)" "$([[ $has_rublk == 1 ]] && echo '---|')"
 for j in "${jobs[@]}"; do
     row="| $j |"
     for t in "${targets[@]}"; do
@@ -74,6 +79,11 @@ for j in "${jobs[@]}"; do
     done
     read -r ci _ <<<"${result[cairn,$j]}"
     read -r li _ <<<"${result[loop,$j]}"
-    ratio=$(awk -v a="$ci" -v b="$li" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')
-    echo "$row ${ratio}x |"
+    ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "n/a" }'; }
+    row+=" $(ratio "$ci" "$li") |"
+    if [[ $has_rublk == 1 ]]; then
+        read -r ri _ <<<"${result[rublk-loop,$j]}"
+        row+=" $(ratio "$ci" "$ri") |"
+    fi
+    echo "$row"
 done
