@@ -189,7 +189,7 @@ timeout --foreground "$VM_TIMEOUT" qemu-system-x86_64 $accel \
     -serial stdio \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -drive file="$scratch_img",if=virtio,format=raw,cache=unsafe,discard=unmap \
-    </dev/null 2>&1 | tr -d '\r' | tee "$console" | sed -u -n '/^CAIRN-VM-BEGIN$/,/^CAIRN-VM-EXIT=/{/^CAIRN-VM-BEGIN$/d;/^CAIRN-VM-EXIT=/d;p}'
+    </dev/null 2>&1 | sed -u 's/\r$//' | tee "$console" | sed -u -n '/^CAIRN-VM-BEGIN$/,/^CAIRN-VM-EXIT=/{/^CAIRN-VM-BEGIN$/d;/^CAIRN-VM-EXIT=/d;p}'
 rc=${PIPESTATUS[0]}
 set -e
 elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
