@@ -10,7 +10,9 @@ base=${SCRATCH:-/tmp}
 dir=$(mktemp -d "$base/cairn-quickstart.XXXXXX")
 sock=$dir/cairnd.sock
 mkdir -p "$dir/disk-a" "$dir/disk-b" "$dir/mnt"
-ctl() { "$BIN/cairnctl" --socket "$sock" "$@"; }
+# Each command is echoed (to stderr, so `dev=$(ctl volume attach ...)` stays clean).
+ctl() { echo "\$ cairnctl $*" >&2; "$BIN/cairnctl" --socket "$sock" "$@"; }
+show() { echo "\$ $*" >&2; "$@"; }
 
 cleanup() {
     mountpoint -q "$dir/mnt" && umount "$dir/mnt"
@@ -25,16 +27,14 @@ echo "\$ cairnd --data-dir $dir/data --socket $sock --disk $dir/disk-a --disk $d
 pid=$!
 for _ in $(seq 1 150); do [[ -S $sock ]] && break; sleep 0.2; done
 
-set -x
-ctl volume create demo --size 1GiB --replicas 2
+ctl volume create demo --size 1GiB --replicas 2 >/dev/null
 dev=$(ctl volume attach demo)
-mkfs.ext4 -q "$dev"
-mount "$dev" "$dir/mnt"
+echo "$dev"
+show mkfs.ext4 -q "$dev"
+show mount "$dev" "$dir/mnt"
 echo "hello from cairn" >"$dir/mnt/hello.txt"
-df -h "$dir/mnt"
+show df -h "$dir/mnt"
 ctl volume get demo
-ctl volume list
-{ set +x; } 2>/dev/null
 if [[ "${KEEP:-0}" == 1 ]]; then
     echo "cairnd keeps running (pid $pid); socket $sock; unmount and kill it when done."
     trap - EXIT

@@ -36,6 +36,7 @@ mkdir -p $r/run/busybox
 cp /bin/busybox $r/run/busybox/busybox
 for a in $(/bin/busybox --list); do ln -s busybox $r/run/busybox/$a 2>/dev/null; done
 ip link set lo up 2>/dev/null
+hostname cairn-vm
 
 cat >$r/tmp/vm-wrapper.sh <<'WRAP'
 set -u
