@@ -592,11 +592,8 @@ mod tests {
         assert_eq!(buf, b"earlier");
         // The largest payload is fine.
         let h = Header { request_id: 1, op: Op::Data };
-        let (_, frame) = (h.clone(), {
-            let mut f = Vec::new();
-            encode_frame(&mut f, &h, &big[..MAX_PAYLOAD]).unwrap();
-            f
-        });
+        let mut frame = Vec::new();
+        encode_frame(&mut frame, &h, &big[..MAX_PAYLOAD]).unwrap();
         assert!(matches!(decode_frame(&frame).unwrap(), Decoded::Frame { payload, .. } if payload.len() == MAX_PAYLOAD));
     }
 
@@ -650,7 +647,7 @@ mod tests {
                 Ok(n)
             }
         }
-        for mut r in [FrameReader::new(Box::new(Trickle(buf.clone(), 0)) as Box<dyn Read>), FrameReader::new(Box::new(io::Cursor::new(buf.clone())))] {
+        for mut r in [FrameReader::new(Box::new(Trickle(buf.clone(), 0)) as Box<dyn Read>), FrameReader::new(Box::new(io::Cursor::new(buf.clone())) as Box<dyn Read>)] {
             for (i, op) in ops.iter().enumerate() {
                 let (header, payload) = r.next_frame().unwrap().unwrap();
                 assert_eq!((header.request_id, &header.op), (i as u64, op));
@@ -674,7 +671,8 @@ mod tests {
 
     #[test]
     fn layer_info_converts_losslessly() {
-        let Op::Layers { layers } = &every_op()[16] else { panic!("every_op order changed") };
+        let ops = every_op();
+        let Op::Layers { layers } = &ops[16] else { panic!("every_op order changed") };
         let d = layers[0].clone();
         assert_eq!(LayerDesc::from(LayerInfo::from(d.clone())), d);
     }
