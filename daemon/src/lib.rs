@@ -23,3 +23,4 @@ pub mod metrics;
 pub mod name;
 pub mod replica;
 pub mod size;
+pub mod transport;
