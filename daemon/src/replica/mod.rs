@@ -133,8 +133,9 @@ pub struct ReadSegment {
     pub len: u64,
 }
 
-/// One layer of the chain as shown to the control plane.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One layer of the chain as shown to the control plane, and as it crosses
+/// the replica wire protocol (hence the bincode derives).
+#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
 pub struct LayerInfo {
     /// File name in the replica directory.
     pub file: String,

@@ -31,6 +31,6 @@ pub mod wire;
 
 pub use auth::{AuthError, ClientHandshake, ClusterSecret, ServerHandshake};
 pub use wire::{
-    decode_frame, encode_frame, encode_frame_head, Decoded, FrameReader, Header, LayerDesc, Op, WireError, MAGIC,
+    decode_frame, encode_frame, encode_frame_head, Decoded, FrameReader, Header, Op, WireError, MAGIC,
     MAX_HEADER, MAX_PAYLOAD, PREFIX_LEN,
 };

@@ -10,7 +10,6 @@
 //! allocate more than those bounds (and [`FrameReader`] grows its buffer only
 //! as bytes actually arrive).
 
-use std::collections::BTreeMap;
 use std::io::{self, Read};
 
 use bincode::{Decode, Encode};
@@ -37,7 +36,7 @@ pub const MAX_PAYLOAD: usize = 8 << 20;
 /// in-memory bytes (8 per `u64` even when varint-encoded in 1 byte, a
 /// container's `len × size_of::<T>()` up front), so the bound must sit above
 /// what a legitimate header of [`MAX_HEADER`] bytes expands to: about 8× for
-/// lists of integers, more for a long `Vec<LayerDesc>` of near-empty layers.
+/// lists of integers, more for a long `Vec<LayerInfo>` of near-empty layers.
 const HEADER_DECODE_LIMIT: usize = 4 << 20;
 
 /// No flag is defined yet. Unknown flags are rejected rather than ignored so
@@ -108,7 +107,7 @@ pub enum Op {
     GetRevision,
     SetRevision { revision: u64 },
     ListLayers,
-    /// Allocated ranges of one layer (file name as in [`LayerDesc::file`]).
+    /// Allocated ranges of one layer (file name as in [`LayerInfo::file`]).
     ListExtents { layer: String },
     Ping,
 
@@ -117,7 +116,7 @@ pub enum Op {
     /// The payload is the data read.
     Data,
     Revision { revision: u64 },
-    Layers { layers: Vec<LayerDesc> },
+    Layers { layers: Vec<LayerInfo> },
     /// `(offset, len)` pairs in bytes, sorted by offset, not overlapping.
     Extents { extents: Vec<(u64, u64)> },
     Pong,
@@ -126,54 +125,6 @@ pub enum Op {
     Error { errno: i32, message: String },
 }
 
-/// One layer of a remote replica's chain: [`LayerInfo`] as it crosses the wire.
-#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
-pub struct LayerDesc {
-    pub file: String,
-    pub name: String,
-    pub snapshot: Option<String>,
-    pub parent: String,
-    pub created: String,
-    pub user_created: bool,
-    pub removed: bool,
-    pub labels: BTreeMap<String, String>,
-    pub allocated: u64,
-    pub is_head: bool,
-}
-
-impl From<LayerInfo> for LayerDesc {
-    fn from(l: LayerInfo) -> Self {
-        LayerDesc {
-            file: l.file,
-            name: l.name,
-            snapshot: l.snapshot,
-            parent: l.parent,
-            created: l.created,
-            user_created: l.user_created,
-            removed: l.removed,
-            labels: l.labels,
-            allocated: l.allocated,
-            is_head: l.is_head,
-        }
-    }
-}
-
-impl From<LayerDesc> for LayerInfo {
-    fn from(l: LayerDesc) -> Self {
-        LayerInfo {
-            file: l.file,
-            name: l.name,
-            snapshot: l.snapshot,
-            parent: l.parent,
-            created: l.created,
-            user_created: l.user_created,
-            removed: l.removed,
-            labels: l.labels,
-            allocated: l.allocated,
-            is_head: l.is_head,
-        }
-    }
-}
 
 /// Result of [`decode_frame`].
 #[derive(Debug, PartialEq, Eq)]
@@ -410,6 +361,7 @@ impl<R: Read> FrameReader<R> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     /// One value of every `Op` variant. The match below fails to compile when
     /// a variant is added and not listed here.
@@ -434,7 +386,7 @@ mod tests {
             Op::Data,
             Op::Revision { revision: u64::MAX },
             Op::Layers {
-                layers: vec![LayerDesc {
+                layers: vec![LayerInfo {
                     file: "volume-snap-a.img".into(),
                     name: "volume-snap-a.img".into(),
                     snapshot: Some("a".into()),
@@ -669,14 +621,6 @@ mod tests {
         assert_eq!(head, whole);
     }
 
-    #[test]
-    fn layer_info_converts_losslessly() {
-        let ops = every_op();
-        let Op::Layers { layers } = &ops[16] else { panic!("every_op order changed") };
-        let d = layers[0].clone();
-        assert_eq!(LayerDesc::from(LayerInfo::from(d.clone())), d);
-    }
-
     fn arb_bytes32() -> impl Strategy<Value = [u8; 32]> {
         proptest::array::uniform32(any::<u8>())
     }
@@ -695,7 +639,7 @@ mod tests {
             any::<bool>(),
         )
             .prop_map(|(file, name, snapshot, parent, created, user_created, removed, labels, allocated, is_head)| {
-                LayerDesc { file, name, snapshot, parent, created, user_created, removed, labels, allocated, is_head }
+                LayerInfo { file, name, snapshot, parent, created, user_created, removed, labels, allocated, is_head }
             });
         prop_oneof![
             (".{0,40}", arb_bytes32()).prop_map(|(node, nonce)| Op::Hello { node, nonce }),
