@@ -47,10 +47,21 @@ done
 [ -n "${rundir:-}" ] && [ -n "${nonce:-}" ] && [ -n "${repo:-}" ] || fail "missing cairn.* kernel parameters"
 
 # Modules in dependency order (run.sh resolved them with modules.dep and
-# decompressed them, since busybox insmod cannot read .ko.xz).
-while read -r m; do
-    insmod "/modules/$m" || echo "cairn-init: warning: insmod $m failed"
-done </modules/order
+# decompressed them, since busybox insmod cannot read .ko.xz). Group 0 (the
+# 9p stack) is needed at once; the others (ext4, xfs, loop + ublk_drv: ~2 s
+# under TCG one after another) load in parallel while the new root is built.
+load_modules() {
+    while read -r m; do
+        insmod "/modules/$m" || echo "cairn-init: warning: insmod $m failed"
+    done <"$1"
+}
+load_modules /modules/group0
+module_loaders=
+for g in /modules/group*; do
+    [ "$g" = /modules/group0 ] && continue
+    load_modules "$g" &
+    module_loaders="$module_loaders $!"
+done
 
 mkdir -p /host
 # msize: bigger 9p messages make reading host binaries faster. cache=loose is
@@ -98,13 +109,13 @@ if [ ! -d "$r$repo" ]; then
 fi
 # busybox applets (nc, ...) as a fallback at the end of the guest's PATH.
 mkdir -p $r/run/busybox
-cp /bin/busybox $r/run/busybox/busybox
-for a in $(busybox --list); do ln -s busybox "$r/run/busybox/$a" 2>/dev/null; done
+busybox --install -s $r/run/busybox
 cp /stage2.sh $r/run/cairn-stage2.sh
 
 hostname cairn-vm
 ip link set lo up || echo "cairn-init: warning: cannot bring up lo"
 
+wait $module_loaders
 chroot $r /bin/bash /run/cairn-stage2.sh "$rundir/env" "$nonce" ||
     fail "stage 2 failed to start (exit $?)"
 
