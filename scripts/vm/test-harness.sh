@@ -53,7 +53,7 @@ args_ok() {
 check "arguments pass through intact" args_ok
 
 cwd_env_ok() {
-    (cd "$here" && FOO='x y' BAR= SHOW_VARS="FOO BAR BAZ" VM_ENV="FOO BAR BAZ SHOW_VARS" \
+    (cd "$here" && FOO='x y' BAR='' SHOW_VARS="FOO BAR BAZ" VM_ENV="FOO BAR BAZ SHOW_VARS" \
         expect_status 0 ./exit-with.sh) &&
         expect_output "cwd: $here" && expect_output "FOO=x y" && expect_output "BAR=" &&
         expect_output "BAZ=<unset>" && expect_output "REPO=$(cd "$here/../.." && pwd) SCRATCH=/scratch"
