@@ -2,205 +2,328 @@
 # scripts/vm/run.sh SCRIPT [ARGS...]
 #
 # Boots a QEMU guest on Debian's linux-image-6.12-amd64 kernel (it ships
-# ublk_drv; bookworm's default 6.1 kernel does not) and runs SCRIPT inside as
-# root. Prints the script's output and exits with its status.
+# ublk_drv; bookworm's default 6.1 kernel does not, and the host kernel here
+# has none and cannot load modules) and runs SCRIPT in it as root. Prints the
+# script's output (stdout+stderr) and exits with its status.
 #
-# The guest sees the host's root filesystem read-only over 9p and runs the
-# host's own dynamically linked binaries (bash, fio, mkfs.*, the workspace's
-# target/release binaries) in a chroot whose /tmp, /run, /var are tmpfs and
-# whose /scratch is a fresh ext4 virtio disk. Only busybox, an /init and the
-# needed kernel modules go into the initramfs, cached under target/vm/.
+# The guest sees the host's root read-only over 9p and runs the host's own
+# dynamically linked programs (bash, fio, mkfs.*, target/release/*) in a chroot
+# with tmpfs /tmp /run /var /mnt and a fresh ext4 disk at /scratch. Only
+# busybox, two small init scripts and the needed kernel modules go into the
+# initramfs. Everything built is cached in target/vm/. See README.md here.
 #
 # Environment:
 #   VM_MEM (3G)  VM_CPUS (2)  VM_TIMEOUT (1800 s)  VM_SCRATCH_SIZE (8G)
-#   VM_ACCEL     kvm or tcg; default: probe KVM once (cached), else TCG
-#   VM_ENV       names of host variables to export into the guest script
+#   VM_ACCEL     kvm or tcg; default: probe KVM once (verdict cached), else TCG
+#   VM_ENV       space-separated names of host variables to export to SCRIPT
+#   VM_VERBOSE   1: also show the boot (kernel, init) on stderr
+# Exit status: SCRIPT's; 124 on timeout; 125 when the harness itself failed.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=$repo/target/vm
-kpkg=linux-image-6.12-amd64
+kernel_meta=linux-image-6.12-amd64
+
 VM_MEM=${VM_MEM:-3G}
 VM_CPUS=${VM_CPUS:-2}
 VM_TIMEOUT=${VM_TIMEOUT:-1800}
 VM_SCRATCH_SIZE=${VM_SCRATCH_SIZE:-8G}
+VM_VERBOSE=${VM_VERBOSE:-0}
+
+# Modules the guest loads, in groups, each module after its dependencies
+# (from modules.dep; those built into the kernel are not there and skipped).
+# The first group is loaded before anything else: the 9p stack to reach the
+# host, and crc32c, which ext4 and libcrc32c (xfs) ask the crypto API for at
+# run time (that would need modprobe). The other groups load in parallel in
+# the background while init builds the new root (xfs alone takes ~1 s under
+# TCG), so they must not share a dependency outside the first group.
+guest_module_groups=(
+    "virtio_blk netfs 9pnet 9pnet_virtio 9p crc32c_generic crc32c-intel"
+    "crc16 mbcache jbd2 ext4"
+    "libcrc32c xfs"
+    "loop ublk_drv"
+)
 
 log() { printf 'vm: %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 125; }
+die() {
+    log "error: $*"
+    exit 125
+}
 
-[[ $# -ge 1 ]] || die "usage: scripts/vm/run.sh SCRIPT [ARGS...]"
-script=$(realpath "$1") || die "script $1 not found"
-shift
-[[ -f "$script" ]] || die "script $script not found"
-case "$script" in
-    /tmp/* | /run/* | /var/* | /proc/* | /sys/* | /dev/*)
-        die "script $script is in a directory the guest replaces with its own; put it under the repo or /root" ;;
-esac
-mkdir -p "$cache"
-
-# --- host packages ---------------------------------------------------------
+# --- host packages -----------------------------------------------------------
+# Installs what is missing, quietly; apt-get update only when needed.
 ensure_packages() {
     local need=() p
-    for p in qemu-system-x86 busybox-static cpio xz-utils kmod fio e2fsprogs xfsprogs jq util-linux; do
+    for p in qemu-system-x86 busybox-static cpio xz-utils kmod fio e2fsprogs xfsprogs util-linux jq; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
     done
     [[ ${#need[@]} -eq 0 ]] && return 0
     log "installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    apt-get update -qq >/dev/null || die "apt-get update failed"
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null ||
+        die "apt-get install ${need[*]} failed"
 }
 
-# --- kernel ----------------------------------------------------------------
-# Downloads the kernel package (never installed on the host) and extracts it;
-# depmod generates modules.dep, which the package leaves to its postinst.
+# --- kernel ------------------------------------------------------------------
+# The meta package only depends on the versioned image package; download both
+# (never install: the host must keep its own kernel) and extract the image.
+# The package leaves modules.dep to its postinst, so run depmod on the copy.
+# Sets $kver.
 ensure_kernel() {
-    if [[ -f "$cache/kernel/.ready" ]]; then
-        kver=$(cat "$cache/kernel/.ready")
+    local kdir=$cache/kernel
+    if [[ -f $kdir/.ready ]]; then
+        kver=$(cat "$kdir/.ready")
         return 0
     fi
-    log "fetching $kpkg"
-    rm -rf "$cache/kernel" "$cache/dl" && mkdir -p "$cache/dl" "$cache/kernel"
-    local dep
-    dep=$(apt-cache depends "$kpkg" 2>/dev/null | sed -n 's/.*Depends: \(linux-image-6\.12[^ ]*\).*/\1/p' | head -n1)
-    [[ -n "$dep" ]] || { apt-get update -qq; dep=$(apt-cache depends "$kpkg" | sed -n 's/.*Depends: \(linux-image-6\.12[^ ]*\).*/\1/p' | head -n1); }
-    [[ -n "$dep" ]] || die "apt has no $kpkg (need Debian bookworm-backports or newer in sources)"
-    (cd "$cache/dl" && apt-get download "$dep" 2>&1 | grep -v '^W:' >&2) || die "apt-get download $dep failed"
-    dpkg-deb -x "$cache"/dl/*.deb "$cache/kernel"
-    kver=$(ls "$cache/kernel/lib/modules" | head -n1)
-    depmod -b "$cache/kernel" "$kver"
-    echo "$kver" >"$cache/kernel/.ready"
-    rm -rf "$cache/dl"
+    log "fetching the guest kernel ($kernel_meta)"
+    local dl=$cache/dl
+    rm -rf "$kdir" "$dl"
+    mkdir -p "$dl" "$kdir"
+    # apt-get download writes into the current directory, as _apt if it can.
+    chmod 0777 "$dl"
+    fetch_pkg() { (cd "$dl" && apt-get download -q "$1" >/dev/null 2>&1); }
+    if ! fetch_pkg "$kernel_meta"; then
+        apt-get update -qq >/dev/null || true
+        fetch_pkg "$kernel_meta" || die "apt-get download $kernel_meta failed (is it in the apt sources?)"
+    fi
+    local image
+    image=$(dpkg-deb -f "$dl"/"$kernel_meta"_*.deb Depends | tr ',' '\n' |
+        sed -n 's/^ *\(linux-image-6\.12[^ ]*\).*/\1/p' | head -n1)
+    [[ -n $image ]] || die "cannot find the image package $kernel_meta depends on"
+    fetch_pkg "$image" || die "apt-get download $image failed"
+    dpkg-deb -x "$dl/${image}"_*.deb "$kdir"
+    kver=$(ls "$kdir/lib/modules")
+    [[ -f $kdir/boot/vmlinuz-$kver ]] || die "no vmlinuz in $image"
+    depmod -b "$kdir" "$kver" || die "depmod failed"
+    rm -rf "$dl"
+    echo "$kver" >"$kdir/.ready"
 }
 
 # --- initramfs ---------------------------------------------------------------
-# Modules the guest loads (with their dependencies, in order). Anything built
-# into the kernel is simply not found in modules.dep and skipped.
-modules=(virtio_blk netfs 9pnet 9pnet_virtio 9p crc32c_generic crc32c-intel crc16 mbcache jbd2 ext4 libcrc32c xfs loop ublk_drv)
-
-# Prints module paths (relative to lib/modules/KVER) for $1 and its deps, deps first.
+# Prints the paths (relative to lib/modules/KVER) of module $2 and of all its
+# dependencies, dependencies first, from modules.dep file $1.
 module_closure() {
-    local dep_file=$1 name=$2 line path deps d
-    line=$(grep -E "(^|/)${name}\.ko(\.xz)?:" "$dep_file" | head -n1) || true
-    [[ -n "$line" ]] || return 0
-    path=${line%%:*}
-    deps=${line#*:}
-    for d in $deps; do
-        module_closure "$dep_file" "$(basename "$d" | sed 's/\.ko\(\.xz\)\{0,1\}$//')"
+    local dep_file=$1 name=$2 line dep
+    line=$(grep -E "(^|/)${name}\.ko(\.xz|\.zst|\.gz)?:" "$dep_file" | head -n1) || true
+    [[ -n $line ]] || return 0 # built in (or absent): nothing to load
+    for dep in ${line#*:}; do
+        dep=$(basename "$dep")
+        module_closure "$dep_file" "${dep%%.ko*}"
     done
-    echo "$path"
+    echo "${line%%:*}"
 }
 
-build_initramfs() {
-    local kdir=$cache/kernel/lib/modules/$kver
-    local inputs
-    inputs=$( (cat "$here/init.sh"; echo "$kver"; echo "${modules[*]}"; ls -l /bin/busybox) | sha256sum | cut -c1-16)
-    if [[ -f "$cache/initramfs.cpio.gz" && "$(cat "$cache/initramfs.hash" 2>/dev/null)" == "$inputs" ]]; then
+# Rebuilds target/vm/initramfs.cpio.gz when any input changed: this script,
+# init.sh, stage2.sh, busybox, the kernel version or the module list.
+ensure_initramfs() {
+    local kmods=$cache/kernel/lib/modules/$kver
+    local hash
+    hash=$( (cat "$here/run.sh" "$here/init.sh" "$here/stage2.sh" /bin/busybox
+        echo "$kver ${guest_module_groups[*]}") | sha256sum | cut -c1-16)
+    if [[ -f $cache/initramfs.cpio.gz && "$(cat "$cache/initramfs.hash" 2>/dev/null)" == "$hash" ]]; then
         return 0
     fi
-    log "building initramfs"
+    log "building the initramfs"
     local root=$cache/initramfs
-    rm -rf "$root" && mkdir -p "$root"/{bin,sbin,proc,sys,dev,host,newroot,modules,tmp}
+    rm -rf "$root"
+    mkdir -p "$root"/{bin,modules}
     cp /bin/busybox "$root/bin/busybox"
-    ln -s busybox "$root/bin/sh"
-    cp "$here/init.sh" "$root/init" && chmod 0755 "$root/init"
-    local seen=" " m p
-    for m in "${modules[@]}"; do
-        while read -r p; do
-            [[ -n "$p" && "$seen" != *" $p "* ]] || continue
-            seen+="$p "
-            local out
-            out=$root/modules/$(basename "$p" .xz)
-            case "$p" in
-                *.xz) xz -dc "$kdir/$p" >"$out" ;;
-                *) cp "$kdir/$p" "$out" ;;
-            esac
-            chmod 0644 "$out"
-            basename "$out" >>"$root/modules/order"
-        done < <(module_closure "$kdir/modules.dep" "$m")
+    install -m 0755 "$here/init.sh" "$root/init"
+    install -m 0644 "$here/stage2.sh" "$root/stage2.sh"
+    # modules/group<N>: file names in load order; see guest_module_groups.
+    local seen=" " g m p out
+    for g in "${!guest_module_groups[@]}"; do
+        touch "$root/modules/group$g"
+        for m in ${guest_module_groups[$g]}; do
+            while read -r p; do
+                [[ -n $p ]] || continue
+                out=$(basename "$p")
+                out=${out%%.ko*}.ko
+                if [[ $seen == *" $out "* ]]; then
+                    grep -qx "$out" "$root/modules/group0" "$root/modules/group$g" ||
+                        die "module $out is needed by two background groups: move it to the first"
+                    continue
+                fi
+                seen+="$out "
+                case "$p" in
+                    *.xz) xz -dc "$kmods/$p" >"$root/modules/$out" ;;
+                    *) cp "$kmods/$p" "$root/modules/$out" ;;
+                esac
+                echo "$out" >>"$root/modules/group$g"
+            done < <(module_closure "$kmods/modules.dep" "$m")
+        done
     done
-    (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) >"$cache/initramfs.cpio.gz"
-    echo "$inputs" >"$cache/initramfs.hash"
+    cat "$root"/modules/group* | grep -qx ublk_drv.ko || die "the guest kernel has no ublk_drv module"
+    (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) >"$cache/initramfs.cpio.gz.new"
+    mv "$cache/initramfs.cpio.gz.new" "$cache/initramfs.cpio.gz"
+    echo "$hash" >"$cache/initramfs.hash"
 }
 
 # --- acceleration ------------------------------------------------------------
-# /dev/kvm may exist but not boot a stock guest (seen: a PVM hypervisor). Probe
-# by booting once with a trivial script; remember the verdict.
+# /dev/kvm can exist and still not boot a stock guest (seen here: a PVM
+# hypervisor; qemu asserts on MSRs or the guest crashes). So the first run
+# boots a trivial script under KVM and caches the verdict in target/vm/accel.
+# Prints qemu's acceleration arguments.
 accel_args() {
     local accel=${VM_ACCEL:-}
-    if [[ -z "$accel" ]]; then
-        if [[ -f "$cache/accel" ]]; then
+    if [[ -z $accel ]]; then
+        if [[ -f $cache/accel ]]; then
             accel=$(cat "$cache/accel")
-        elif [[ -r /dev/kvm && -w /dev/kvm ]]; then
-            accel=tcg
-            local probe=$cache/kvm-probe.sh
-            printf '#!/bin/sh\nexit 0\n' >"$probe"
-            if VM_ACCEL=kvm VM_TIMEOUT=60 VM_PROBE=1 "$0" "$probe" >/dev/null 2>&1; then
-                accel=kvm
-            fi
-            echo "$accel" >"$cache/accel"
-            log "acceleration: $accel (probed; delete $cache/accel to probe again)"
         else
             accel=tcg
+            if [[ -r /dev/kvm && -w /dev/kvm ]]; then
+                log "probing KVM (once; the verdict is cached in target/vm/accel)"
+                local probe=$cache/kvm-probe.sh
+                printf '#!/bin/sh\necho kvm-ok\n' >"$probe"
+                chmod +x "$probe"
+                if [[ "$(VM_ACCEL=kvm VM_TIMEOUT=90 VM_QUIET=1 "$here/run.sh" "$probe" 2>/dev/null)" == kvm-ok ]]; then
+                    accel=kvm
+                fi
+            fi
+            echo "$accel" >"$cache/accel"
+            log "acceleration: $accel"
         fi
     fi
     case "$accel" in
         kvm) echo "-accel kvm -cpu host" ;;
         tcg) echo "-accel tcg,thread=multi -cpu max" ;;
-        *) die "VM_ACCEL must be kvm or tcg, not $accel" ;;
+        *) die "VM_ACCEL must be kvm or tcg, not '$accel'" ;;
     esac
 }
 
-# --- run ---------------------------------------------------------------------
-ensure_packages
-ensure_kernel
-build_initramfs
-accel=$(accel_args)
+# --- the run -----------------------------------------------------------------
+# Directories the guest replaces with its own: a script there is copied.
+guest_owned() {
+    case "$1" in
+        /tmp/* | /run/* | /var/* | /mnt/* | /media/* | /proc/* | /sys/* | /dev/* | /scratch/*) return 0 ;;
+    esac
+    return 1
+}
 
-run_id=$$
-env_file=$cache/run-$run_id.env
-{
-    printf 'export REPO=%q\n' "$repo"
-    printf 'export SCRATCH=/scratch\n'
-    printf 'export VM_CWD=%q\n' "$PWD"
-    printf 'export PATH=%q\n' "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/root/.cargo/bin:/run/busybox"
-    for name in ${VM_ENV:-}; do
-        [[ -n "${!name:-}" ]] && printf 'export %s=%q\n' "$name" "${!name}"
-    done
-    printf 'VM_CMD=(%q' "$script"
-    for a in "$@"; do printf ' %q' "$a"; done
-    printf ')\n'
-} >"$env_file"
+# Writes the env file stage2.sh sources: REPO, SCRATCH, the VM_ENV variables,
+# the start directory and the command.
+write_env() {
+    local script=$1
+    shift
+    local name
+    {
+        printf 'export REPO=%q\n' "$repo"
+        printf 'export SCRATCH=/scratch\n'
+        printf 'export HOME=/root USER=root LOGNAME=root TERM=dumb LANG=C.UTF-8\n'
+        printf 'export PATH=%q\n' "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/root/.cargo/bin:/run/busybox"
+        for name in ${VM_ENV:-}; do
+            [[ $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "VM_ENV: '$name' is not a variable name"
+            if [[ -n ${!name+set} ]]; then printf 'export %s=%q\n' "$name" "${!name}"; fi
+        done
+        printf 'VM_CWD=%q\n' "$PWD"
+        # Not executable: run it with bash rather than fail with 126.
+        if [[ -x $script ]]; then printf 'VM_CMD=(%q' "$script"; else printf 'VM_CMD=(bash %q' "$script"; fi
+        for a in "$@"; do printf ' %q' "$a"; done
+        printf ')\n'
+    } >"$rundir/env"
+}
 
-scratch_img=$cache/scratch-$run_id.img
-rm -f "$scratch_img"
-truncate -s "$VM_SCRATCH_SIZE" "$scratch_img"
-console=$cache/last-console.log
-trap 'rm -f "$env_file" "$scratch_img"' EXIT
+# Reads the console on stdin, writes it all to the console log, and passes
+# the script's output (between the BEGIN and EXIT markers) to stdout. Lines
+# from init before BEGIN go to stderr (only cairn-init ones unless verbose).
+filter_console() {
+    tr -d '\r' | tee "$console" | awk -v nonce="$nonce" -v verbose="$VM_VERBOSE" '
+        BEGIN { begin = "CAIRN-VM-BEGIN-" nonce; end = "CAIRN-VM-EXIT-" nonce "="; state = 0; empties = 0 }
+        state == 0 {
+            if ($0 == begin) { state = 1; next }
+            if (verbose == 1 || $0 ~ /^cairn-(init|stage2):/) { print > "/dev/stderr"; fflush("/dev/stderr") }
+            next
+        }
+        state == 1 {
+            i = index($0, end)
+            if (i == 0) {
+                if ($0 == "") { empties++; next } # held back: stage2 adds one before the marker
+                for (; empties > 0; empties--) print ""
+                print; fflush(); next
+            }
+            for (; empties > 1; empties--) print ""
+            if (i > 1) { print substr($0, 1, i - 1); fflush() }
+            state = 2
+        }'
+}
 
-start=$(date +%s.%N)
-set +e
-# shellcheck disable=SC2086
-timeout --foreground "$VM_TIMEOUT" qemu-system-x86_64 $accel \
-    -smp "$VM_CPUS" -m "$VM_MEM" -nodefaults -no-reboot -display none \
-    -kernel "$cache/kernel/boot/vmlinuz-$kver" -initrd "$cache/initramfs.cpio.gz" \
-    -append "console=ttyS0 quiet loglevel=3 panic=-1 cairn.env=$env_file" \
-    -serial stdio \
-    -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
-    -drive file="$scratch_img",if=virtio,format=raw,cache=unsafe,discard=unmap \
-    </dev/null 2>&1 | sed -u 's/\r$//' | tee "$console" | sed -u -n '/^CAIRN-VM-BEGIN$/,/^CAIRN-VM-EXIT=/{/^CAIRN-VM-BEGIN$/d;/^CAIRN-VM-EXIT=/d;p}'
-rc=${PIPESTATUS[0]}
-set -e
-elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
-status=$(sed -n 's/^CAIRN-VM-EXIT=\([0-9]*\)$/\1/p' "$console" | tail -n1)
-if [[ -z "$status" ]]; then
-    if [[ $rc -eq 124 ]]; then
-        log "guest timed out after ${VM_TIMEOUT}s (VM_TIMEOUT); console log: $console"
-    else
-        log "guest ended without reporting a status (qemu exit $rc); console log: $console"
+main() {
+    [[ $# -ge 1 ]] || die "usage: scripts/vm/run.sh SCRIPT [ARGS...]"
+    local script
+    script=$(realpath -e -- "$1" 2>/dev/null) || die "no such script: $1"
+    shift
+    [[ -f $script ]] || die "not a file: $script"
+
+    ensure_packages
+    mkdir -p "$cache"
+    ensure_kernel
+    ensure_initramfs
+    local accel
+    accel=$(accel_args)
+
+    rundir=$cache/run-$$
+    rm -rf "$rundir"
+    mkdir -p "$rundir"
+    local scratch=$cache/scratch-$$.img
+    # shellcheck disable=SC2064
+    trap "rm -rf '$rundir' '$scratch'" EXIT
+    if guest_owned "$script"; then
+        # The guest has its own /tmp etc.; run a copy (its siblings stay behind).
+        cp "$script" "$rundir/$(basename "$script")"
+        script=$rundir/$(basename "$script")
     fi
-    exit 124
-fi
-[[ -n "${VM_PROBE:-}" ]] || log "guest ran $(basename "$script") in ${elapsed}s, exit $status"
-exit "$status"
+    guest_owned "$PWD/" && log "warning: $PWD does not exist in the guest; the script starts in /"
+    write_env "$script" "$@"
+    # A fresh sparse ext4 image each run. Inode tables and journal are written
+    # now (lazy init off) so no kernel thread zeroes them during a benchmark.
+    truncate -s "$VM_SCRATCH_SIZE" "$scratch"
+    mkfs.ext4 -q -F -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 "$scratch" ||
+        die "mkfs.ext4 on $scratch failed"
+
+    nonce=$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
+    console=$cache/last-console.log
+    [[ -n ${VM_QUIET:-} ]] && console=$rundir/console.log # the KVM probe keeps the real log intact
+
+    # lpj: skip measuring the delay loop on each CPU (0.6 s under TCG; udelay
+    # uses the TSC anyway). mitigations=off: the guest runs only our tests.
+    local kernel_args="console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off lpj=10000000"
+    local start end rc status
+    start=$(date +%s.%N)
+    set +e
+    # -nodefaults: no VGA/NIC/floppy to probe. -no-reboot: a guest panic
+    # (panic=-1) ends qemu instead of looping. stdin is /dev/null so qemu
+    # never puts a terminal into raw mode.
+    # shellcheck disable=SC2086
+    timeout -k 10 "$VM_TIMEOUT" qemu-system-x86_64 $accel \
+        -machine pc -smp "$VM_CPUS" -m "$VM_MEM" \
+        -nodefaults -no-reboot -display none -serial stdio \
+        -kernel "$cache/kernel/boot/vmlinuz-$kver" -initrd "$cache/initramfs.cpio.gz" \
+        -append "$kernel_args cairn.run=$rundir cairn.nonce=$nonce cairn.repo=$repo" \
+        -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+        -drive file="$scratch",if=virtio,format=raw,cache=unsafe,discard=unmap \
+        </dev/null 2>"$rundir/qemu.err" | filter_console
+    rc=${PIPESTATUS[0]}
+    set -e
+    end=$(date +%s.%N)
+    if [[ -s $rundir/qemu.err ]]; then
+        { echo "----- qemu stderr -----"; cat "$rundir/qemu.err"; } >>"$console"
+    fi
+
+    status=$(sed -n "s/.*CAIRN-VM-EXIT-$nonce=\([0-9]*\)\$/\1/p" "$console" | head -n1)
+    if [[ -z $status ]]; then
+        if [[ $rc -eq 124 || $rc -eq 137 ]]; then
+            log "error: the guest timed out after ${VM_TIMEOUT}s (VM_TIMEOUT); console log: $console"
+            exit 124
+        fi
+        [[ -s $rundir/qemu.err ]] && sed 's/^/qemu: /' "$rundir/qemu.err" | tail -n 5 >&2
+        log "error: the guest ended without reporting a status (qemu exit $rc); console log: $console"
+        exit 125
+    fi
+    [[ -n ${VM_QUIET:-} ]] ||
+        log "$(basename "$script") exited $status in the guest ($(awk -v s="$start" -v e="$end" 'BEGIN { printf "%.1f", e - s }') s wall)"
+    exit "$status"
+}
+
+main "$@"
