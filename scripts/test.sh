@@ -31,15 +31,23 @@ vm_passed=0 vm_failed=0
 if [[ "${SKIP_VM:-0}" == 1 ]]; then
     echo "== guest e2e suite SKIPPED (SKIP_VM=1): ublk claims are unproven in this run"
 else
-    echo "== guest e2e suite (real ublk in QEMU)"
+    echo "== guest harness tests (status, arguments, environment, timeout)"
     set +e
+    bash scripts/vm/test-harness.sh 2>&1 | tee target/vm-harness.log
+    h_rc=${PIPESTATUS[0]}
+    h_passed=$(sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$/\1/p' target/vm-harness.log | tail -n1)
+    h_failed=$(sed -n 's/^\([0-9]*\) passed, \([0-9]*\) failed$/\2/p' target/vm-harness.log | tail -n1)
+    h_passed=${h_passed:-0}
+    h_failed=${h_failed:-0}
+    [[ $h_rc -ne 0 && $h_failed -eq 0 ]] && h_failed=1
+    echo "== guest e2e suite (real ublk in QEMU)"
     bash scripts/vm/run.sh scripts/e2e/run-all.sh 2>&1 | tee target/e2e.log
     vm_rc=${PIPESTATUS[0]}
     set -e
     vm_passed=$(sed -n 's/^e2e: \([0-9]*\) passed, \([0-9]*\) failed.*/\1/p' target/e2e.log | tail -n1)
     vm_failed=$(sed -n 's/^e2e: \([0-9]*\) passed, \([0-9]*\) failed.*/\2/p' target/e2e.log | tail -n1)
-    vm_passed=${vm_passed:-0}
-    vm_failed=${vm_failed:-0}
+    vm_passed=$(( ${vm_passed:-0} + h_passed ))
+    vm_failed=$(( ${vm_failed:-0} + h_failed ))
     if [[ $vm_rc -ne 0 && $vm_failed -eq 0 ]]; then
         echo "guest run failed (exit $vm_rc) before reporting results: see target/vm/last-console.log"
         vm_failed=1
