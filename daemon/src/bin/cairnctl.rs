@@ -141,6 +141,14 @@ async fn run(cli: Cli) -> Result<String, String> {
     let mut client = connect(&cli.socket).await.map_err(|e| e.to_string())?;
     let json = cli.output == Output::Json;
     let msg = |s: tonic::Status| s.message().to_string();
+    // Every volume command answers with the volume: JSON, or its text form.
+    let show = |v: &pb::Volume, text: fn(&pb::Volume) -> String| {
+        if json {
+            to_json(&volume_json(v))
+        } else {
+            text(v)
+        }
+    };
     match cli.command {
         Command::Volume(cmd) => match cmd {
             VolumeCmd::Create {
@@ -154,11 +162,7 @@ async fn run(cli: Cli) -> Result<String, String> {
                     replicas: replicas.unwrap_or(0),
                 };
                 let v = client.create_volume(req).await.map_err(msg)?.into_inner();
-                Ok(if json {
-                    to_json(&volume_json(&v))
-                } else {
-                    volume_table(&v)
-                })
+                Ok(show(&v, volume_table))
             }
             VolumeCmd::List => {
                 let vs = client
@@ -181,11 +185,7 @@ async fn run(cli: Cli) -> Result<String, String> {
                     .await
                     .map_err(msg)?
                     .into_inner();
-                Ok(if json {
-                    to_json(&volume_json(&v))
-                } else {
-                    volume_table(&v)
-                })
+                Ok(show(&v, volume_table))
             }
             VolumeCmd::Attach { name } => {
                 let v = client
@@ -194,11 +194,7 @@ async fn run(cli: Cli) -> Result<String, String> {
                     .map_err(msg)?
                     .into_inner();
                 // Just the path, so `DEV=$(cairnctl volume attach v)` works.
-                Ok(if json {
-                    to_json(&volume_json(&v))
-                } else {
-                    format!("{}\n", v.device)
-                })
+                Ok(show(&v, |v| format!("{}\n", v.device)))
             }
             VolumeCmd::Detach { name } => {
                 let v = client
@@ -206,11 +202,7 @@ async fn run(cli: Cli) -> Result<String, String> {
                     .await
                     .map_err(msg)?
                     .into_inner();
-                Ok(if json {
-                    to_json(&volume_json(&v))
-                } else {
-                    format!("volume {} detached\n", v.name)
-                })
+                Ok(show(&v, |v| format!("volume {} detached\n", v.name)))
             }
             VolumeCmd::Delete { name, force } => {
                 client
@@ -233,11 +225,7 @@ async fn run(cli: Cli) -> Result<String, String> {
                 .await
                 .map_err(msg)?
                 .into_inner();
-            Ok(if json {
-                to_json(&volume_json(&v))
-            } else {
-                volume_table(&v)
-            })
+            Ok(show(&v, volume_table))
         }
         Command::Node(NodeCmd::Get) => {
             let n = client
