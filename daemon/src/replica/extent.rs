@@ -191,7 +191,12 @@ impl HeadBitmap {
                 ((1u64 << (hi - lo)) - 1) << lo
             };
             if let Some(word) = self.words.get(w) {
-                word.fetch_or(mask, Ordering::Relaxed);
+                // Bits are only ever set while serving, so a load that sees
+                // them all set is final: overwrites skip the atomic RMW and
+                // the cache line stays shared between queue threads.
+                if word.load(Ordering::Relaxed) & mask != mask {
+                    word.fetch_or(mask, Ordering::Relaxed);
+                }
             }
             b = b - lo + hi;
         }
