@@ -131,10 +131,6 @@ impl QueueEngine {
         QueueEngine { volume, stats, tags: vec![TagState::default(); depth as usize].into_boxed_slice(), next_read: 0 }
     }
 
-    pub fn volume(&self) -> &Arc<VolumeIo> {
-        &self.volume
-    }
-
     /// True while any request has SQEs the kernel has not completed.
     pub fn in_flight(&self) -> bool {
         self.tags.iter().any(|t| t.pending > 0)
