@@ -10,7 +10,7 @@ use std::io::BufRead;
 use std::path::Path;
 
 use anyhow::Context;
-use cairn::engine::{ReplicaHandle, ReplicaIo, VolumeIo};
+use cairn::engine::{QueueLayout, ReplicaHandle, ReplicaIo, VolumeIo};
 use cairn::frontend::{FrontendOptions, UblkDevice};
 use cairn::replica::{Replica, ReplicaSpec};
 
@@ -33,11 +33,13 @@ fn main() -> anyhow::Result<()> {
         } else {
             Replica::create(dir, &ReplicaSpec { volume: "dbg".into(), replica: name.clone(), size })?
         };
-        handles.push(ReplicaHandle { name, io: ReplicaIo::Local(replica.into()) });
+        handles.push(ReplicaHandle { name, io: Some(ReplicaIo::Local(replica.into())) });
     }
-    let volume = VolumeIo::new("dbg", size, handles, Box::new(|e| eprintln!("event: {e:?}")))?;
+    let opts = FrontendOptions { queues: 2, queue_depth: 64 };
+    let layout = QueueLayout { queues: opts.queues, depth: opts.queue_depth };
+    let volume = VolumeIo::new("dbg", size, handles, Box::new(|e| eprintln!("event: {e:?}")), layout)?;
     volume.begin_epoch()?;
-    let dev = UblkDevice::start(volume.clone(), &FrontendOptions { queues: 2, queue_depth: 64 }, recover)?;
+    let dev = UblkDevice::start(volume.clone(), &opts, recover)?;
     println!("{}", dev.path().display());
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);

@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod control;
+pub mod disks;
 pub mod engine;
 pub mod frontend;
 pub mod fsutil;

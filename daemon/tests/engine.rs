@@ -11,61 +11,17 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use cairn::engine::{
-    EngineEvent, IoOp, IoRequest, QueueEngine, ReplicaHandle, ReplicaIo, ReplicaState, SqeSink,
-    VolumeHealth, VolumeIo,
+    EngineEvent, IoOp, IoRequest, QueueEngine, QueueLayout, ReplicaHandle, ReplicaIo, ReplicaState, VolumeHealth,
+    VolumeIo,
 };
 use cairn::replica::{Replica, ReplicaSpec};
-use io_uring::{squeue, IoUring};
 use proptest::prelude::*;
 
 const MIB: u64 = 1 << 20;
+const LAYOUT: QueueLayout = QueueLayout { queues: 1, depth: 64 };
 
-/// A ring that plays the ublk queue ring's part.
-struct TestRing {
-    ring: IoUring,
-}
-
-impl SqeSink for TestRing {
-    fn push(&mut self, sqe: squeue::Entry, tag: u16, replica: u8) {
-        let sqe = sqe.user_data(tag as u64 | (replica as u64) << 16);
-        // SAFETY: buffers referenced by the SQE outlive its completion (the
-        // tests wait for every request before touching its buffer).
-        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
-            self.ring.submit().expect("submit");
-        }
-    }
-}
-
-impl TestRing {
-    fn new() -> TestRing {
-        TestRing { ring: IoUring::new(256).expect("io_uring") }
-    }
-
-    /// Runs requests concurrently (one tag each) to completion; returns
-    /// their results in order.
-    fn run(&mut self, engine: &mut QueueEngine, reqs: &[(IoRequest, *mut u8)]) -> Vec<i32> {
-        let mut results = vec![None; reqs.len()];
-        for (tag, (req, buf)) in reqs.iter().enumerate() {
-            results[tag] = engine.submit(tag as u16, *req, *buf, self);
-        }
-        while results.iter().any(|r| r.is_none()) {
-            self.ring.submit_and_wait(1).expect("submit_and_wait");
-            let cqes: Vec<_> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
-            for (data, res) in cqes {
-                let tag = (data & 0xffff) as u16;
-                if let Some(r) = engine.complete(tag, (data >> 16) as u8, res, self) {
-                    assert!(results[tag as usize].is_none(), "tag {tag} completed twice");
-                    results[tag as usize] = Some(r);
-                }
-            }
-        }
-        results.into_iter().map(|r| r.unwrap_or(i32::MIN)).collect()
-    }
-
-    fn one(&mut self, engine: &mut QueueEngine, req: IoRequest, buf: &mut [u8]) -> i32 {
-        self.run(engine, &[(req, buf.as_mut_ptr())])[0]
-    }
-}
+mod common;
+use common::TestRing;
 
 fn req(op: IoOp, offset: u64, len: usize) -> IoRequest {
     IoRequest { op, offset, len: len as u32, fua: false }
@@ -96,9 +52,9 @@ fn fixture_with(size: u64, n: usize, prepare: impl Fn(usize, &mut Replica)) -> F
     let handles = replicas
         .iter()
         .enumerate()
-        .map(|(i, r)| ReplicaHandle { name: format!("vol-r-{i}"), io: ReplicaIo::Local(r.clone()) })
+        .map(|(i, r)| ReplicaHandle { name: format!("vol-r-{i}"), io: Some(ReplicaIo::Local(r.clone())) })
         .collect();
-    let volume = VolumeIo::new("vol", size, handles, Box::new(move |e| sink.lock().expect("lock").push(e)))
+    let volume = VolumeIo::new("vol", size, handles, Box::new(move |e| sink.lock().expect("lock").push(e)), LAYOUT)
         .expect("volume");
     volume.begin_epoch().expect("epoch");
     Fixture { _dir: dir, volume, replicas, events }
@@ -140,7 +96,7 @@ fn inject(fd: RawFd, target: &File) {
 #[test]
 fn write_lands_on_every_replica_and_reads_back() {
     let f = fixture(8 * MIB, 3);
-    let mut engine = QueueEngine::new(f.volume.clone(), 8);
+    let mut engine = QueueEngine::new(f.volume.clone(), 0, 8);
     let mut ring = TestRing::new();
     let mut data = pattern(7, 64 * 1024);
     assert_eq!(ring.one(&mut engine, req(IoOp::Write, MIB, data.len()), &mut data), data.len() as i32);
@@ -164,7 +120,7 @@ fn write_lands_on_every_replica_and_reads_back() {
 #[test]
 fn out_of_range_and_unaligned_requests_are_rejected() {
     let f = fixture(4 * MIB, 1);
-    let mut engine = QueueEngine::new(f.volume.clone(), 4);
+    let mut engine = QueueEngine::new(f.volume.clone(), 0, 4);
     let mut ring = TestRing::new();
     let mut buf = vec![0u8; 8192];
     assert_eq!(ring.one(&mut engine, req(IoOp::Write, 4 * MIB - 4096, 8192), &mut buf), -libc::EINVAL);
@@ -175,7 +131,7 @@ fn out_of_range_and_unaligned_requests_are_rejected() {
 #[test]
 fn failed_write_leg_fails_the_replica_and_the_write_succeeds_degraded() {
     let f = fixture(4 * MIB, 2);
-    let mut engine = QueueEngine::new(f.volume.clone(), 4);
+    let mut engine = QueueEngine::new(f.volume.clone(), 0, 4);
     let mut ring = TestRing::new();
     let rev_before = f.replicas[0].revision();
     let full = File::options().write(true).open("/dev/full").expect("/dev/full");
@@ -207,7 +163,7 @@ fn failed_write_leg_fails_the_replica_and_the_write_succeeds_degraded() {
 #[test]
 fn failed_read_is_retried_on_another_replica() {
     let f = fixture(4 * MIB, 2);
-    let mut engine = QueueEngine::new(f.volume.clone(), 4);
+    let mut engine = QueueEngine::new(f.volume.clone(), 0, 4);
     let mut ring = TestRing::new();
     let mut data = pattern(3, 8192);
     assert_eq!(ring.one(&mut engine, req(IoOp::Write, 4096, data.len()), &mut data), 8192);
@@ -225,7 +181,7 @@ fn failed_read_is_retried_on_another_replica() {
 #[test]
 fn short_read_from_a_truncated_head_fails_that_replica() {
     let f = fixture(4 * MIB, 2);
-    let mut engine = QueueEngine::new(f.volume.clone(), 4);
+    let mut engine = QueueEngine::new(f.volume.clone(), 0, 4);
     let mut ring = TestRing::new();
     let mut data = pattern(9, 8192);
     assert_eq!(ring.one(&mut engine, req(IoOp::Write, 2 * MIB, data.len()), &mut data), 8192);
@@ -246,7 +202,7 @@ fn short_read_from_a_truncated_head_fails_that_replica() {
 #[test]
 fn losing_every_replica_faults_the_volume() {
     let f = fixture(4 * MIB, 2);
-    let mut engine = QueueEngine::new(f.volume.clone(), 4);
+    let mut engine = QueueEngine::new(f.volume.clone(), 0, 4);
     let mut ring = TestRing::new();
     let full = File::options().write(true).open("/dev/full").expect("/dev/full");
     for r in &f.replicas {
@@ -278,9 +234,9 @@ fn stale_replica_leaves_the_set_at_attach() {
         .replicas
         .iter()
         .enumerate()
-        .map(|(i, r)| ReplicaHandle { name: format!("vol-r-{i}"), io: ReplicaIo::Local(r.clone()) })
+        .map(|(i, r)| ReplicaHandle { name: format!("vol-r-{i}"), io: Some(ReplicaIo::Local(r.clone())) })
         .collect();
-    let again = VolumeIo::new("vol", 4 * MIB, handles, Box::new(|_| {})).expect("volume");
+    let again = VolumeIo::new("vol", 4 * MIB, handles, Box::new(|_| {}), LAYOUT).expect("volume");
     again.begin_epoch().expect("epoch");
     let states = again.replicas();
     assert_eq!(states[1].state, ReplicaState::Failed);
@@ -313,7 +269,7 @@ fn reads_resolve_through_snapshot_layers() {
         head(r).write_all_at(&vec![b'B'; 4 * 4096], 2 * 4096).expect("write B");
         r.snapshot("s2", true, BTreeMap::new()).expect("snapshot 2");
     });
-    let mut engine = QueueEngine::new(f.volume.clone(), 4);
+    let mut engine = QueueEngine::new(f.volume.clone(), 0, 4);
     let mut ring = TestRing::new();
     let mut c = vec![b'C'; 4096];
     assert_eq!(ring.one(&mut engine, req(IoOp::Write, 5 * 4096, 4096), &mut c), 4096);
@@ -382,7 +338,7 @@ proptest! {
         if layered {
             model[4096 * 16..4096 * 16 + base.len()].copy_from_slice(&base);
         }
-        let mut engine = QueueEngine::new(f.volume.clone(), 16);
+        let mut engine = QueueEngine::new(f.volume.clone(), 0, 16);
         let mut ring = TestRing::new();
         let mut none = [];
         for op in ops {

@@ -26,6 +26,7 @@ pub fn status(e: ControlError) -> Status {
         | E::ZeroSize
         | E::UnalignedSize { .. }
         | E::NotEnoughDisks { .. }
+        | E::NotEnoughNodes { .. }
         | E::ZeroReplicas { .. }
         | E::TooManyReplicas { .. } => Code::InvalidArgument,
         E::AlreadyExists { .. } => Code::AlreadyExists,
@@ -39,7 +40,14 @@ pub fn status(e: ControlError) -> Status {
         E::Engine(EngineError::LastHealthyReplica { .. } | EngineError::Faulted { .. }) => {
             Code::FailedPrecondition
         }
-        E::BadDisk { .. } | E::DuplicateDisk { .. } => Code::FailedPrecondition,
+        E::BadDisk { .. } | E::DuplicateDisk { .. } | E::NodeInUse { .. } | E::Secret(_) => Code::FailedPrecondition,
+        E::Setting(crate::control::settings::SettingError::Unknown(_)) | E::NothingToAdopt { .. } => Code::NotFound,
+        E::Setting(crate::control::settings::SettingError::Invalid { .. }) => Code::InvalidArgument,
+        E::Cluster(crate::control::cluster::ClusterError::BadAddr { .. }) => Code::InvalidArgument,
+        E::Cluster(crate::control::cluster::ClusterError::UnknownNode(_)) => Code::NotFound,
+        E::Cluster(crate::control::cluster::ClusterError::Standalone) => Code::FailedPrecondition,
+        E::Cluster(_) => Code::Unavailable,
+        E::Disk(_) | E::Setting(_) => Code::Internal,
         E::Frontend(_) | E::Engine(_) | E::Replica(_) | E::Io { .. } | E::Internal(_) => {
             Code::Internal
         }
@@ -189,6 +197,90 @@ impl Cairn for CairnService {
     ) -> Result<Response<pb::Node>, Status> {
         Ok(Response::new(node(self.manager.node().await)))
     }
+
+    async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let rules = self.manager.rules();
+        let nodes = self.manager.nodes().await.into_iter().map(|n| cluster_node(n, rules)).collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> Result<Response<pb::ClusterNode>, Status> {
+        let rules = self.manager.rules();
+        let n = self.manager.node_add(&req.into_inner().addr).await.map_err(status)?;
+        Ok(Response::new(cluster_node(n, rules)))
+    }
+
+    async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        self.manager.node_remove(&req.into_inner().node).await.map_err(status)?;
+        Ok(Response::new(pb::RemoveNodeResponse {}))
+    }
+
+    async fn adopt_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
+        let v = self.manager.adopt(&req.into_inner().name).await.map_err(status)?;
+        Ok(Response::new(volume(v)))
+    }
+
+    async fn list_settings(&self, _req: Request<pb::ListSettingsRequest>) -> Result<Response<pb::ListSettingsResponse>, Status> {
+        let settings = self
+            .manager
+            .settings()
+            .into_iter()
+            .map(|(d, value)| pb::Setting {
+                name: d.name.to_string(),
+                value,
+                default_value: d.default.to_string(),
+                description: d.description.to_string(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListSettingsResponse { settings }))
+    }
+
+    async fn get_setting(&self, req: Request<pb::SettingRef>) -> Result<Response<pb::Setting>, Status> {
+        let name = req.into_inner().name;
+        let value = self.manager.setting(&name).map_err(status)?;
+        Ok(Response::new(setting(&name, value)))
+    }
+
+    async fn set_setting(&self, req: Request<pb::SetSettingRequest>) -> Result<Response<pb::Setting>, Status> {
+        let r = req.into_inner();
+        let value = self.manager.set_setting(&r.name, &r.value).map_err(status)?;
+        Ok(Response::new(setting(&r.name, value)))
+    }
+}
+
+fn setting(name: &str, value: String) -> pb::Setting {
+    let d = crate::control::settings::DEFINITIONS.iter().find(|d| d.name == name);
+    pb::Setting {
+        name: name.to_string(),
+        value,
+        default_value: d.map(|d| d.default.to_string()).unwrap_or_default(),
+        description: d.map(|d| d.description.to_string()).unwrap_or_default(),
+    }
+}
+
+fn cluster_node(n: crate::control::cluster::NodeView, rules: crate::control::placement::Rules) -> pb::ClusterNode {
+    let up = n.up;
+    pb::ClusterNode {
+        name: n.name,
+        addr: n.addr,
+        local: n.local,
+        up,
+        message: n.message,
+        disks: n
+            .report
+            .map(|r| r.disks)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| pb::ClusterDisk {
+                schedulable: up && crate::disks::disk_fits(&d, 0, rules.over_provisioning, rules.min_available),
+                path: d.path,
+                size: d.size,
+                available: d.available,
+                allocated: d.allocated,
+                replicas: d.replicas,
+            })
+            .collect(),
+    }
 }
 
 fn volume(v: VolumeInfo) -> pb::Volume {
@@ -216,9 +308,18 @@ fn replica(r: ReplicaInfo) -> pb::Replica {
         state: match r.state {
             ReplicaState::Healthy => "healthy",
             ReplicaState::Failed => "failed",
+            ReplicaState::Rebuilding => "rebuilding",
         }
         .to_string(),
         message: r.message,
+        addr: r.addr,
+        rebuild: r.rebuild.map(|b| pb::Rebuild {
+            percent: b.percent,
+            done_bytes: b.done,
+            total_bytes: b.total,
+            bytes_per_second: b.rate,
+            incremental: b.incremental,
+        }),
     }
 }
 

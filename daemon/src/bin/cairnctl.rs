@@ -41,9 +41,22 @@ enum Command {
     /// Act on one replica of a volume.
     #[command(subcommand)]
     Replica(ReplicaCmd),
-    /// This node.
+    /// This node and the cluster's nodes.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Daemon settings.
+    #[command(subcommand)]
+    Setting(SettingCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum SettingCmd {
+    /// Every setting with its value and default.
+    List,
+    /// One setting's value.
+    Get { name: String },
+    /// Change a setting (validated; a bad value changes nothing).
+    Set { name: String, value: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,7 +68,9 @@ enum VolumeCmd {
         /// Size, e.g. 10GiB or 512MiB; a multiple of 4KiB.
         #[arg(long, value_parser = parse_size)]
         size: u64,
-        /// Replicas, each on a different disk. Default: 1 on a one-disk node, else 2.
+        /// Replicas: each on a different node in a cluster (hard
+        /// anti-affinity), on a different disk on a standalone node.
+        /// Default: up to 3 in a cluster; 1 on a one-disk node, else 2.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         replicas: Option<u32>,
     },
@@ -74,6 +89,9 @@ enum VolumeCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Recreate a lost volume record from its replicas on the cluster's
+    /// nodes (this node becomes the owner).
+    Adopt { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +104,13 @@ enum ReplicaCmd {
 enum NodeCmd {
     /// Show this node's disks and ublk status.
     Get,
+    /// Every node of the cluster with its disks: size, allocated, used,
+    /// schedulable.
+    List,
+    /// Add a peer by its replica address (HOST:PORT of its --replica-listen).
+    Add { addr: String },
+    /// Remove a peer, by node name or address.
+    Remove { node: String },
 }
 
 fn main() -> ExitCode {
@@ -218,6 +243,10 @@ async fn run(cli: Cli) -> Result<String, String> {
                     format!("volume {name} deleted\n")
                 })
             }
+            VolumeCmd::Adopt { name } => {
+                let v = client.adopt_volume(pb::VolumeRef { name }).await.map_err(msg)?.into_inner();
+                Ok(show(&v, volume_table))
+            }
         },
         Command::Replica(ReplicaCmd::Fail { volume, replica }) => {
             let v = client
@@ -226,6 +255,44 @@ async fn run(cli: Cli) -> Result<String, String> {
                 .map_err(msg)?
                 .into_inner();
             Ok(show(&v, volume_table))
+        }
+        Command::Node(NodeCmd::List) => {
+            let nodes = client.list_nodes(pb::ListNodesRequest {}).await.map_err(msg)?.into_inner().nodes;
+            Ok(if json {
+                to_json(&serde_json::Value::Array(nodes.iter().map(cluster_node_json).collect()))
+            } else {
+                nodes_table(&nodes)
+            })
+        }
+        Command::Node(NodeCmd::Add { addr }) => {
+            let n = client.add_node(pb::AddNodeRequest { addr }).await.map_err(msg)?.into_inner();
+            Ok(if json { to_json(&cluster_node_json(&n)) } else { nodes_table(std::slice::from_ref(&n)) })
+        }
+        Command::Node(NodeCmd::Remove { node }) => {
+            client.remove_node(pb::RemoveNodeRequest { node: node.clone() }).await.map_err(msg)?;
+            Ok(if json { to_json(&json!({ "removed": node })) } else { format!("node {node} removed\n") })
+        }
+        Command::Setting(cmd) => {
+            let settings = match cmd {
+                SettingCmd::List => client.list_settings(pb::ListSettingsRequest {}).await.map_err(msg)?.into_inner().settings,
+                SettingCmd::Get { name } => vec![client.get_setting(pb::SettingRef { name }).await.map_err(msg)?.into_inner()],
+                SettingCmd::Set { name, value } => {
+                    vec![client.set_setting(pb::SetSettingRequest { name, value }).await.map_err(msg)?.into_inner()]
+                }
+            };
+            Ok(if json {
+                let list: Vec<_> = settings
+                    .iter()
+                    .map(|s| json!({ "name": s.name, "value": s.value, "default": s.default_value, "description": s.description }))
+                    .collect();
+                to_json(&serde_json::Value::Array(list))
+            } else {
+                let mut rows = vec![row(&["NAME", "VALUE", "DEFAULT", "DESCRIPTION"])];
+                for s in &settings {
+                    rows.push(vec![s.name.clone(), s.value.clone(), s.default_value.clone(), s.description.clone()]);
+                }
+                table(&rows)
+            })
         }
         Command::Node(NodeCmd::Get) => {
             let n = client
@@ -258,9 +325,17 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "replicas": v.replicas.iter().map(|r| json!({
             "name": r.name,
             "node": r.node,
+            "addr": r.addr,
             "disk": r.disk,
             "state": r.state,
             "message": r.message,
+            "rebuild": r.rebuild.as_ref().map(|b| json!({
+                "percent": b.percent,
+                "done_bytes": b.done_bytes,
+                "total_bytes": b.total_bytes,
+                "bytes_per_second": b.bytes_per_second,
+                "incremental": b.incremental,
+            })),
         })).collect::<Vec<_>>(),
         "revision": v.revision,
         "queues": v.queues,
@@ -315,13 +390,25 @@ fn volume_table(v: &pb::Volume) -> String {
         let _ = writeln!(out, "message: {}", v.message);
     }
     out.push('\n');
-    let mut rows = vec![row(&["REPLICA", "NODE", "DISK", "STATE", "MESSAGE"])];
+    let mut rows = vec![row(&["REPLICA", "NODE", "DISK", "STATE", "REBUILD", "MESSAGE"])];
     for r in &v.replicas {
+        let rebuild = match &r.rebuild {
+            Some(b) => format!(
+                "{}% {}/{} {}/s{}",
+                b.percent,
+                approx_size(b.done_bytes),
+                approx_size(b.total_bytes),
+                approx_size(b.bytes_per_second),
+                if b.incremental { " (changed blocks)" } else { " (full)" }
+            ),
+            None => "-".to_string(),
+        };
         rows.push(vec![
             r.name.clone(),
             r.node.clone(),
             r.disk.clone(),
             r.state.clone(),
+            rebuild,
             or_dash(&r.message).to_string(),
         ]);
     }
@@ -350,6 +437,52 @@ fn node_table(n: &pb::Node) -> String {
     }
     out.push_str(&table(&rows));
     out
+}
+
+fn cluster_node_json(n: &pb::ClusterNode) -> serde_json::Value {
+    json!({
+        "name": n.name,
+        "addr": n.addr,
+        "local": n.local,
+        "up": n.up,
+        "message": n.message,
+        "disks": n.disks.iter().map(|d| json!({
+            "path": d.path,
+            "size": d.size,
+            "available": d.available,
+            "used": d.size.saturating_sub(d.available),
+            "allocated": d.allocated,
+            "replicas": d.replicas,
+            "schedulable": d.schedulable,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Longhorn's node columns: Size, Allocated (promised), Used.
+fn nodes_table(nodes: &[pb::ClusterNode]) -> String {
+    let mut rows = vec![row(&["NODE", "ADDRESS", "STATE", "DISK", "SIZE", "ALLOCATED", "USED", "REPLICAS", "SCHEDULABLE"])];
+    for n in nodes {
+        let state = if n.up { "up" } else { "down" };
+        let name = if n.local { format!("{} (this node)", n.name) } else { n.name.clone() };
+        if n.disks.is_empty() {
+            rows.push(vec![name, or_dash(&n.addr).to_string(), state.to_string(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into(), "no".into()]);
+            continue;
+        }
+        for d in &n.disks {
+            rows.push(vec![
+                name.clone(),
+                or_dash(&n.addr).to_string(),
+                state.to_string(),
+                d.path.clone(),
+                approx_size(d.size),
+                approx_size(d.allocated),
+                approx_size(d.size.saturating_sub(d.available)),
+                d.replicas.to_string(),
+                if d.schedulable { "yes" } else { "no" }.to_string(),
+            ]);
+        }
+    }
+    table(&rows)
 }
 
 /// Disk sizes are not round numbers: one decimal in the largest unit fits.

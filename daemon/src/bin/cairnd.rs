@@ -39,6 +39,21 @@ struct Args {
     /// Serve Prometheus metrics on http://ADDR/metrics (e.g. 127.0.0.1:9420). Off by default.
     #[arg(long, env = "CAIRN_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Serve this node's replicas to peers on ADDR (e.g. 0.0.0.0:9500) and
+    /// join a cluster. Needs --cluster-secret.
+    #[arg(long, env = "CAIRN_REPLICA_LISTEN")]
+    replica_listen: Option<SocketAddr>,
+    /// Address peers reach this node's replica server at, when it is not
+    /// the --replica-listen address (e.g. that is 0.0.0.0:9500).
+    #[arg(long, env = "CAIRN_ADVERTISE")]
+    advertise: Option<String>,
+    /// File holding the cluster secret (the same on every node, 16+ bytes).
+    #[arg(long, env = "CAIRN_CLUSTER_SECRET")]
+    cluster_secret: Option<PathBuf>,
+    /// A peer's replica address (HOST:PORT); repeat for each peer. This
+    /// node may be listed too.
+    #[arg(long = "peer", env = "CAIRN_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
     /// Log filter (tracing EnvFilter syntax), e.g. info or cairn=debug.
     #[arg(long, env = "CAIRN_LOG", default_value = "info")]
     log_level: String,
@@ -58,6 +73,10 @@ async fn main() -> anyhow::Result<()> {
     if let Some(id) = args.node_id {
         config.node_id = id;
     }
+    config.replica_listen = args.replica_listen;
+    config.advertise = args.advertise;
+    config.cluster_secret = args.cluster_secret;
+    config.peers = args.peers;
     config.frontend = FrontendOptions {
         queues: args.queues.unwrap_or(FrontendOptions::default().queues),
         queue_depth: args.queue_depth,

@@ -23,6 +23,20 @@ pub enum ControlError {
         wanted: u32,
         disks: usize,
     },
+    #[error("volume {volume:?} wants {wanted} replicas but only {eligible} nodes can take one{}", if *.soft { " (soft anti-affinity: one per fitting disk)" } else { " (hard anti-affinity: one per node)" })]
+    NotEnoughNodes { volume: String, wanted: u32, eligible: usize, soft: bool },
+    #[error(transparent)]
+    Setting(#[from] super::settings::SettingError),
+    #[error("cluster secret: {0}")]
+    Secret(String),
+    #[error("node {node} still holds replicas of volume {volume:?}: move them first (fail them and let them be replaced)")]
+    NodeInUse { node: String, volume: String },
+    #[error("no replica of volume {volume:?} found on this node or any reachable peer: check the name and that the nodes are up (`cairnctl node list`)")]
+    NothingToAdopt { volume: String },
+    #[error(transparent)]
+    Cluster(#[from] super::cluster::ClusterError),
+    #[error(transparent)]
+    Disk(#[from] crate::disks::DiskError),
     #[error("volume {volume:?} needs at least 1 replica: pass --replicas 1 or more")]
     ZeroReplicas { volume: String },
     #[error(

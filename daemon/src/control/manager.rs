@@ -1,26 +1,32 @@
 //! `VolumeManager`: the volume lifecycle on one node. See the module docs of
 //! [`crate::control`] for the locking rules.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, Mutex, OwnedMutexGuard};
 use tokio::task::JoinHandle;
 
-use super::placement::{self, DiskLoad};
+use super::cluster::{Cluster, NodeView};
+use super::placement::{self, DiskLoad, NodeCandidate, Rules};
+use super::repair::{self, RepairDone};
+use super::settings::{self, Settings};
 use super::store::{RecordState, ReplicaRecord, Store, VolumeRecord, RECORD_FORMAT};
 use super::{ControlError, NodeConfig};
+use crate::disks::{disk_fits, NodeDisks};
 use crate::engine::{
-    EngineEvent, EventSink, ReplicaHandle, ReplicaIo, ReplicaState, VolumeHealth, VolumeIo,
-    MAX_REPLICAS,
+    EngineEvent, EventSink, QueueLayout, RebuildProgress, RemoteReplica, RemoteTarget, ReplicaHandle, ReplicaIo,
+    ReplicaState, VolumeHealth, VolumeIo, MAX_REPLICAS,
 };
 use crate::frontend::{ublk_available, FrontendOptions, UblkDevice};
 use crate::metrics::VolumeSample;
-use crate::replica::{Replica, ReplicaSpec, BLOCK_SIZE};
+use crate::replica::BLOCK_SIZE;
+use crate::transport::{ClusterSecret, Op, ReplicaReport, ReplicaServer};
 
 /// How often attached volumes' replica files are health-checked.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -75,10 +81,25 @@ pub struct VolumeInfo {
 pub struct ReplicaInfo {
     pub name: String,
     pub node: String,
+    /// Replica server address; empty for a replica on this node.
+    pub addr: String,
     pub disk: PathBuf,
     pub dir: PathBuf,
     pub state: ReplicaState,
     pub message: String,
+    pub rebuild: Option<RebuildInfo>,
+}
+
+/// A rebuild in progress, as `volume get` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildInfo {
+    pub percent: u32,
+    pub done: u64,
+    pub total: u64,
+    /// Bytes per second.
+    pub rate: u64,
+    /// Copying only what the replica missed (else everything).
+    pub incremental: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +117,9 @@ pub struct DiskInfo {
     pub size: u64,
     pub available: u64,
     pub replicas: u32,
+    /// Volume bytes the replicas on this disk promise.
+    pub allocated: u64,
+    pub schedulable: bool,
 }
 
 /// The node's volumes and their lifecycle. Create with [`VolumeManager::open`]
@@ -104,37 +128,51 @@ pub struct DiskInfo {
 pub struct VolumeManager {
     inner: Arc<Inner>,
     tasks: Vec<JoinHandle<()>>,
+    /// Serves this node's replicas to peers (cluster mode).
+    _server: Option<ReplicaServer>,
 }
 
-struct Inner {
-    node_id: String,
-    disks: Vec<PathBuf>,
-    frontend: FrontendOptions,
-    store: Store,
-    state: Arc<Mutex<State>>,
+pub(super) struct Inner {
+    pub(super) node_id: String,
+    pub(super) disks: Arc<NodeDisks>,
+    pub(super) frontend: FrontendOptions,
+    pub(super) store: Store,
+    pub(super) state: Arc<Mutex<State>>,
     /// Cloned into each attached volume's engine event sink.
     events: mpsc::UnboundedSender<(String, EngineEvent)>,
     /// Read by the metrics scrape, which is synchronous; refreshed after
     /// every change under `state`.
     view: std::sync::Mutex<Vec<ViewEntry>>,
+    pub(super) settings: Arc<Settings>,
+    pub(super) cluster: Arc<Cluster>,
+    /// Rebuilds running now, by volume.
+    pub(super) rebuilds: std::sync::Mutex<HashMap<String, Vec<RunningRebuild>>>,
+    pub(super) repair_done: mpsc::UnboundedSender<RepairDone>,
+}
+
+pub(super) struct RunningRebuild {
+    pub slot: usize,
+    pub node: String,
+    pub progress: Arc<RebuildProgress>,
+    pub cancel: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
-struct State {
-    volumes: BTreeMap<String, Volume>,
+pub(super) struct State {
+    pub(super) volumes: BTreeMap<String, Volume>,
 }
 
-struct Volume {
-    record: VolumeRecord,
-    live: Option<Live>,
+pub(super) struct Volume {
+    pub(super) record: VolumeRecord,
+    pub(super) live: Option<Live>,
     /// Why the volume is detached although the record wants it attached, or
     /// what went wrong at its last detach. Not persisted.
-    message: String,
+    pub(super) message: String,
 }
 
 /// An attached volume.
-struct Live {
-    io: Arc<VolumeIo>,
+pub(super) struct Live {
+    pub(super) io: Arc<VolumeIo>,
     device: UblkDevice,
 }
 
@@ -155,15 +193,35 @@ impl VolumeManager {
         config.frontend.validate()?;
         let data_dir = config.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(ControlError::io(&data_dir))?;
-        let disks = prepare_disks(&config)?;
+        let disk_paths = prepare_disks(&config)?;
         let store = Store::open(&data_dir)?;
+        let settings = Arc::new(Settings::open(&data_dir)?);
+        let secret = match &config.cluster_secret {
+            Some(path) => Some(ClusterSecret::load(path).map_err(|e| ControlError::Secret(e.to_string()))?),
+            None => None,
+        };
+        if config.replica_listen.is_some() != secret.is_some() {
+            return Err(ControlError::Secret(
+                "--replica-listen and --cluster-secret go together: give both to join a cluster, or neither".into(),
+            ));
+        }
+        let advertise = config.advertise.clone().or_else(|| config.replica_listen.map(|a| a.to_string()));
+        let cluster = Arc::new(Cluster::open(&config.node_id, advertise, secret.clone(), &data_dir, &config.peers)?);
         let (records, corrupt) = store.load_all()?;
         for c in &corrupt {
             tracing::error!(path = %c.path.display(), reason = %c.reason, "skipping unreadable volume record; fix or remove the file");
         }
-        for d in &disks {
+        for d in &disk_paths {
             tracing::info!(disk = %d.display(), "disk");
         }
+        let disks = Arc::new(NodeDisks::new(&config.node_id, disk_paths));
+        let server = match (config.replica_listen, secret) {
+            (Some(addr), Some(secret)) => Some(
+                ReplicaServer::start(addr, secret, disks.clone())
+                    .map_err(|e| ControlError::Io { path: PathBuf::from(format!("replica listen {addr}")), source: e })?,
+            ),
+            _ => None,
+        };
         let mut state = State::default();
         for record in records {
             tracing::info!(
@@ -183,6 +241,7 @@ impl VolumeManager {
             );
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        let (repair_tx, repair_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             node_id: config.node_id.clone(),
             disks,
@@ -191,24 +250,48 @@ impl VolumeManager {
             state: Arc::new(Mutex::new(state)),
             events: tx,
             view: std::sync::Mutex::new(Vec::new()),
+            settings,
+            cluster,
+            rebuilds: std::sync::Mutex::new(HashMap::new()),
+            repair_done: repair_tx,
         });
+        // The first poll, before restore, so remote replicas' nodes are known.
+        if inner.cluster.enabled() {
+            let c = inner.cluster.clone();
+            let _ = tokio::task::spawn_blocking(move || c.poll()).await;
+        }
         // Taken before any API call can be served, so nothing sees the
         // volumes before the restore below has had its turn.
         let guard = inner.state.clone().lock_owned().await;
         inner.publish(&guard);
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(restore(inner.clone(), guard)),
             tokio::spawn(event_loop(Arc::downgrade(&inner), rx)),
             tokio::spawn(check_loop(Arc::downgrade(&inner))),
+            tokio::spawn(repair::repair_loop(Arc::downgrade(&inner))),
+            tokio::spawn(repair::done_loop(Arc::downgrade(&inner), repair_rx)),
         ];
-        Ok(VolumeManager { inner, tasks })
+        if inner.cluster.enabled() {
+            tasks.push(tokio::spawn(repair::poll_loop(inner.cluster.clone())));
+        }
+        Ok(VolumeManager { inner, tasks, _server: server })
+    }
+
+    /// The replica server's address (cluster mode).
+    pub fn replica_addr(&self) -> Option<std::net::SocketAddr> {
+        self._server.as_ref().map(ReplicaServer::local_addr)
     }
 
     /// Replicas a volume gets when the request does not say: 1 on a one-disk
     /// node, else 2 (replicas must sit on distinct disks, and 2 survives one
     /// disk failure without needing a third disk).
     pub fn default_replicas(&self) -> u32 {
-        if self.inner.disks.len() == 1 {
+        if self.inner.cluster.enabled() {
+            // Longhorn's default: 3, fewer when the cluster is smaller.
+            let nodes = 1 + self.inner.cluster.nodes().iter().filter(|n| n.up).count();
+            return nodes.clamp(1, 3) as u32;
+        }
+        if self.inner.disks.disks().len() == 1 {
             1
         } else {
             2
@@ -254,54 +337,50 @@ impl VolumeManager {
                 name: name.to_string(),
             });
         }
-        let loads: Vec<DiskLoad> = inner
-            .disks
-            .iter()
-            .map(|d| DiskLoad {
-                path: d.clone(),
-                replicas: st.replicas_on(d),
-            })
-            .collect();
-        let chosen = placement::place(name, count, &loads)?;
-
-        let mut replicas = Vec::with_capacity(chosen.len());
-        for disk in chosen {
-            let rname = unique_replica_name(name, &disk)?;
-            let dir = disk.join("replicas").join(&rname);
-            replicas.push(ReplicaRecord {
-                name: rname,
-                node: inner.node_id.clone(),
-                disk,
-                dir,
-                state: RecordState::Healthy,
-                message: String::new(),
-            });
-        }
-        let specs: Vec<(PathBuf, ReplicaSpec)> = replicas
-            .iter()
-            .map(|r| {
-                (
-                    r.dir.clone(),
-                    ReplicaSpec {
-                        volume: name.to_string(),
-                        replica: r.name.clone(),
-                        size,
-                    },
-                )
-            })
-            .collect();
-        let dirs: Vec<PathBuf> = replicas.iter().map(|r| r.dir.clone()).collect();
-        tokio::task::spawn_blocking(move || -> Result<(), ControlError> {
-            for (dir, spec) in &specs {
-                if let Err(e) = Replica::create(dir, spec) {
-                    // Each name was fresh, so every one of these directories is ours.
-                    remove_dirs(specs.iter().map(|(d, _)| d.as_path()));
-                    return Err(e.into());
+        let replicas = if inner.cluster.enabled() {
+            let i = self.inner.clone();
+            let vname = name.to_string();
+            tokio::task::spawn_blocking(move || i.create_replicas(&vname, count, size, &[])).await??
+        } else {
+            let loads: Vec<DiskLoad> = inner
+                .disks
+                .disks()
+                .iter()
+                .map(|d| DiskLoad { path: d.clone(), replicas: st.replicas_on(d) })
+                .collect();
+            let chosen = placement::place(name, count, &loads)?;
+            let disks = inner.disks.clone();
+            let vname = name.to_string();
+            let node = inner.node_id.clone();
+            tokio::task::spawn_blocking(move || -> Result<Vec<ReplicaRecord>, ControlError> {
+                let mut made: Vec<ReplicaRecord> = Vec::new();
+                for disk in chosen {
+                    let rname = random_replica_name(&vname)?;
+                    let want = disk.clone();
+                    match disks.create(&vname, &rname, size, |d| Path::new(&d.path) == want) {
+                        Ok((disk, dir)) => made.push(ReplicaRecord {
+                            name: rname,
+                            node: node.clone(),
+                            disk,
+                            dir,
+                            state: RecordState::Healthy,
+                            message: String::new(),
+                            addr: String::new(),
+                            failed_at: None,
+                        }),
+                        Err(e) => {
+                            for r in &made {
+                                let _ = disks.delete(&r.name);
+                            }
+                            return Err(e.into());
+                        }
+                    }
                 }
-            }
-            Ok(())
-        })
-        .await??;
+                Ok(made)
+            })
+            .await??
+        };
+        let dirs: Vec<(String, String)> = replicas.iter().map(|r| (r.name.clone(), r.addr.clone())).collect();
 
         let record = VolumeRecord {
             format: RECORD_FORMAT,
@@ -316,7 +395,13 @@ impl VolumeManager {
             replicas,
         };
         if let Err(e) = inner.store.save(&record) {
-            remove_dirs(dirs.iter().map(PathBuf::as_path));
+            let i = self.inner.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for (name, addr) in dirs {
+                    i.delete_replica(&name, &addr);
+                }
+            })
+            .await;
             return Err(e);
         }
         tracing::info!(volume = name, size = %crate::size::HumanSize(size), replicas = count, "volume created");
@@ -325,7 +410,7 @@ impl VolumeManager {
             live: None,
             message: String::new(),
         };
-        let info = v.info();
+        let info = v.info(&self.inner);
         st.volumes.insert(name.to_string(), v);
         inner.publish(&st);
         Ok(info)
@@ -334,12 +419,12 @@ impl VolumeManager {
     /// Every volume, sorted by name.
     pub async fn list(&self) -> Vec<VolumeInfo> {
         let st = self.inner.state.lock().await;
-        st.volumes.values().map(Volume::info).collect()
+        st.volumes.values().map(|v| v.info(&self.inner)).collect()
     }
 
     pub async fn get(&self, name: &str) -> Result<VolumeInfo, ControlError> {
         let st = self.inner.state.lock().await;
-        Ok(st.volume(name)?.info())
+        Ok(st.volume(name)?.info(&self.inner))
     }
 
     /// Attaches a volume as `/dev/ublkbN` (the returned info's `device`).
@@ -355,7 +440,7 @@ impl VolumeManager {
         let result = self.inner.attach_locked(&mut st, name).await;
         self.inner.publish(&st);
         result?;
-        Ok(st.volume(name)?.info())
+        Ok(st.volume(name)?.info(&self.inner))
     }
 
     /// Removes the device, flushes the replicas, and records that the volume
@@ -366,7 +451,7 @@ impl VolumeManager {
         let result = self.inner.detach_locked(&mut st, name, false).await;
         self.inner.publish(&st);
         result?;
-        Ok(st.volume(name)?.info())
+        Ok(st.volume(name)?.info(&self.inner))
     }
 
     /// Deletes a volume and its replicas. An attached volume needs `force`,
@@ -386,15 +471,17 @@ impl VolumeManager {
             r?;
         }
         let v = st.volume(name)?;
-        let dirs: Vec<PathBuf> = v.record.replicas.iter().map(|r| r.dir.clone()).collect();
+        let replicas: Vec<(String, String)> = v.record.replicas.iter().map(|r| (r.name.clone(), r.addr.clone())).collect();
         // Replicas first, record last: a crash in between leaves a record
-        // whose replicas are gone, and deleting again finishes the job.
+        // whose replicas are gone, and deleting again finishes the job. A
+        // replica on a node that is down now is left there (logged).
+        let i = self.inner.clone();
         tokio::task::spawn_blocking(move || -> Result<(), ControlError> {
-            for dir in &dirs {
-                match std::fs::remove_dir_all(dir) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(ControlError::io(dir)(e)),
+            for (rname, addr) in &replicas {
+                if addr.is_empty() {
+                    i.disks.delete(rname)?;
+                } else {
+                    i.delete_replica(rname, addr);
                 }
             }
             Ok(())
@@ -423,7 +510,7 @@ impl VolumeManager {
             });
         };
         if rec.state == RecordState::Failed {
-            return Ok(v.info());
+            return Ok(v.info(&self.inner));
         }
         if let Some(live) = &v.live {
             let io = live.io.clone();
@@ -449,33 +536,140 @@ impl VolumeManager {
         }
         inner.store.save(&v.record)?;
         tracing::warn!(volume, replica, "replica failed by operator");
-        let info = v.info();
+        let info = v.info(&self.inner);
         inner.publish(&st);
         Ok(info)
     }
 
     /// This node's name, disks and whether ublk can be used.
     pub async fn node(&self) -> NodeInfo {
+        let disks = self.inner.disks.clone();
+        let report = tokio::task::spawn_blocking(move || disks.report()).await.unwrap_or_else(|_| {
+            crate::transport::NodeReport { node: String::new(), disks: Vec::new() }
+        });
+        NodeInfo {
+            name: self.inner.node_id.clone(),
+            disks: report
+                .disks
+                .into_iter()
+                .map(|d| DiskInfo {
+                    path: PathBuf::from(d.path),
+                    size: d.size,
+                    available: d.available,
+                    replicas: d.replicas,
+                    allocated: d.allocated,
+                    schedulable: false,
+                })
+                .collect(),
+            ublk_status: ublk_available().err().map(|e| e.to_string()),
+        }
+    }
+
+    /// Every node of the cluster (this one first) with its disks; each disk
+    /// says whether a replica of `probe_size` bytes could be scheduled there
+    /// now (1 GiB when 0).
+    pub async fn nodes(&self) -> Vec<NodeView> {
+        let i = self.inner.clone();
+        tokio::task::spawn_blocking(move || i.cluster.nodes_with(i.disks.report())).await.unwrap_or_default()
+    }
+
+    /// The placement settings now.
+    pub fn rules(&self) -> Rules {
+        self.inner.rules()
+    }
+
+    /// Adds a peer (by its replica address) and returns what it reports.
+    pub async fn node_add(&self, addr: &str) -> Result<NodeView, ControlError> {
+        let c = self.inner.cluster.clone();
+        let addr = addr.to_string();
+        Ok(tokio::task::spawn_blocking(move || c.add(&addr)).await??)
+    }
+
+    /// Removes a peer by node name or address. Refused while volumes of this
+    /// node keep replicas there (fail and replace them first).
+    pub async fn node_remove(&self, which: &str) -> Result<(), ControlError> {
         let st = self.inner.state.lock().await;
-        let disks = self
-            .inner
-            .disks
+        let addr_match = |r: &ReplicaRecord| r.node == which || (!r.addr.is_empty() && r.addr == which);
+        if let Some(v) = st.volumes.values().find(|v| v.record.replicas.iter().any(addr_match)) {
+            return Err(ControlError::NodeInUse { node: which.to_string(), volume: v.record.name.clone() });
+        }
+        drop(st);
+        Ok(self.inner.cluster.remove(which)?)
+    }
+
+    /// Every setting and its value.
+    pub fn settings(&self) -> Vec<(&'static settings::Definition, String)> {
+        self.inner.settings.list()
+    }
+
+    pub fn setting(&self, name: &str) -> Result<String, ControlError> {
+        Ok(self.inner.settings.get(name)?)
+    }
+
+    pub fn set_setting(&self, name: &str, value: &str) -> Result<String, ControlError> {
+        Ok(self.inner.settings.set(name, value)?)
+    }
+
+    /// Rebuilds the record of volume `name` from its replicas on this node
+    /// and every reachable peer (after the owner's record was lost). The
+    /// replicas at the highest revision are healthy; older ones are failed
+    /// and get rebuilt once the volume is attached.
+    pub async fn adopt(&self, name: &str) -> Result<VolumeInfo, ControlError> {
+        crate::name::validate_volume_name(name)?;
+        let mut st = self.inner.state.lock().await;
+        if st.volumes.contains_key(name) {
+            return Err(ControlError::AlreadyExists { name: name.to_string() });
+        }
+        let i = self.inner.clone();
+        let found = tokio::task::spawn_blocking(move || i.find_replicas()).await?;
+        let mine: Vec<(NodeView, ReplicaReport)> =
+            found.into_iter().filter(|(_, r)| r.volume == name && r.error.is_empty()).collect();
+        let Some(newest) = mine.iter().map(|(_, r)| r.revision).max() else {
+            return Err(ControlError::NothingToAdopt { volume: name.to_string() });
+        };
+        let size = mine.iter().find(|(_, r)| r.revision == newest).map(|(_, r)| r.size).unwrap_or(0);
+        if mine.len() > MAX_REPLICAS {
+            return Err(ControlError::TooManyReplicas { volume: name.to_string(), wanted: mine.len() as u32, max: MAX_REPLICAS });
+        }
+        let replicas: Vec<ReplicaRecord> = mine
             .iter()
-            .map(|d| {
-                let (size, available) = disk_space(d).unwrap_or((0, 0));
-                DiskInfo {
-                    path: d.clone(),
-                    size,
-                    available,
-                    replicas: st.replicas_on(d) as u32,
+            .map(|(node, r)| {
+                let ok = r.revision == newest && r.size == size;
+                ReplicaRecord {
+                    name: r.replica.clone(),
+                    node: node.name.clone(),
+                    disk: PathBuf::from(&r.disk),
+                    dir: PathBuf::from(&r.dir),
+                    state: if ok { RecordState::Healthy } else { RecordState::Failed },
+                    message: if ok {
+                        String::new()
+                    } else {
+                        format!("adopted behind the newest replica (revision {} < {newest})", r.revision)
+                    },
+                    addr: if node.local { String::new() } else { node.addr.clone() },
+                    failed_at: (!ok).then(unix_now),
                 }
             })
             .collect();
-        NodeInfo {
-            name: self.inner.node_id.clone(),
-            disks,
-            ublk_status: ublk_available().err().map(|e| e.to_string()),
-        }
+        let record = VolumeRecord {
+            format: RECORD_FORMAT,
+            name: name.to_string(),
+            size,
+            replica_count: replicas.len() as u32,
+            queues: self.inner.frontend.queues,
+            queue_depth: self.inner.frontend.queue_depth,
+            attached: false,
+            dev_id: None,
+            revision: newest,
+            replicas,
+        };
+        self.inner.store.save(&record)?;
+        tracing::info!(volume = name, replicas = record.replicas.len(), revision = newest, "volume adopted");
+        let v = Volume { record, live: None, message: String::new() };
+        let info = v.info(&self.inner);
+        st.volumes.insert(name.to_string(), v);
+        self.inner.publish(&st);
+        Ok(info)
     }
 
     /// Removes every device and flushes its replicas, but keeps each volume's
@@ -540,7 +734,7 @@ impl Inner {
     /// Attaches volume `name` (known to exist and be detached) with the state
     /// lock held. On error the record keeps what was learned (replicas that
     /// would not open are failed) but the volume stays detached.
-    async fn attach_locked(&self, st: &mut State, name: &str) -> Result<(), ControlError> {
+    pub(super) async fn attach_locked(self: &Arc<Self>, st: &mut State, name: &str) -> Result<(), ControlError> {
         // Before touching any replica file: opening replicas and starting an
         // epoch change them, and without the driver attach must change nothing.
         ublk_available()?;
@@ -550,19 +744,29 @@ impl Inner {
             .filter_map(|v| v.live.as_ref())
             .map(|l| l.device.dev_id())
             .collect();
+        let salvage = self.settings.bool(settings::AUTO_SALVAGE);
         let v = st.volume_mut(name)?;
-        let healthy: Vec<(String, PathBuf)> = v
-            .record
-            .replicas
-            .iter()
-            .filter(|r| r.state == RecordState::Healthy)
-            .map(|r| (r.name.clone(), r.dir.clone()))
-            .collect();
-        if healthy.is_empty() {
+        let none_healthy = v.record.replicas.iter().all(|r| r.state == RecordState::Failed);
+        if none_healthy && !salvage {
             return Err(ControlError::NoHealthyReplica {
                 volume: name.to_string(),
             });
         }
+        if none_healthy {
+            // Auto-salvage: every replica is a candidate; the epoch keeps
+            // those at the highest revision and fails the rest.
+            tracing::warn!(volume = name, "every replica is failed: auto-salvage from the newest");
+        }
+        let replicas: Vec<AttachReplica> = v
+            .record
+            .replicas
+            .iter()
+            .map(|r| AttachReplica {
+                name: r.name.clone(),
+                addr: r.addr.clone(),
+                wanted: none_healthy || r.state == RecordState::Healthy,
+            })
+            .collect();
         // A recorded device id is only a crashed daemon's device if no volume
         // of ours has it now; the frontend removes a stale device of that id.
         let recover = v.record.dev_id.filter(|id| !used.contains(id));
@@ -579,8 +783,9 @@ impl Inner {
             queue_depth: v.record.queue_depth,
         };
         let vname = name.to_string();
+        let me = self.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            attach_blocking(&vname, size, healthy, sink, &opts, recover)
+            attach_blocking(&me, &vname, size, replicas, sink, &opts, recover)
         })
         .await?;
         for (replica, reason) in &outcome.open_failed {
@@ -592,6 +797,16 @@ impl Inner {
         }
         match outcome.result {
             Ok((io, device)) => {
+                if none_healthy {
+                    // Salvaged: the record trusts what the epoch kept.
+                    for (r, s) in v.record.replicas.iter_mut().zip(io.replicas()) {
+                        if s.state == ReplicaState::Healthy {
+                            r.state = RecordState::Healthy;
+                            r.message.clear();
+                            r.failed_at = None;
+                        }
+                    }
+                }
                 v.record.sync_from(&io);
                 v.record.attached = true;
                 v.record.dev_id = Some(device.dev_id());
@@ -631,6 +846,7 @@ impl Inner {
         name: &str,
         keep_wanted: bool,
     ) -> Result<(), ControlError> {
+        self.cancel_rebuilds(name);
         let v = st.volume_mut(name)?;
         let live = v.live.take();
         let was_live = live.is_some();
@@ -684,7 +900,7 @@ impl Inner {
         self.publish(st);
     }
 
-    fn publish(&self, st: &State) {
+    pub(super) fn publish(&self, st: &State) {
         let entries = st
             .volumes
             .values()
@@ -707,7 +923,7 @@ impl Inner {
 }
 
 impl State {
-    fn volume(&self, name: &str) -> Result<&Volume, ControlError> {
+    pub(super) fn volume(&self, name: &str) -> Result<&Volume, ControlError> {
         self.volumes
             .get(name)
             .ok_or_else(|| ControlError::NotFound {
@@ -715,7 +931,7 @@ impl State {
             })
     }
 
-    fn volume_mut(&mut self, name: &str) -> Result<&mut Volume, ControlError> {
+    pub(super) fn volume_mut(&mut self, name: &str) -> Result<&mut Volume, ControlError> {
         self.volumes
             .get_mut(name)
             .ok_or_else(|| ControlError::NotFound {
@@ -734,11 +950,12 @@ impl State {
 
 impl VolumeRecord {
     /// Marks `replica` failed; false if it was already failed or is unknown.
-    fn set_failed(&mut self, replica: &str, reason: &str) -> bool {
+    pub(super) fn set_failed(&mut self, replica: &str, reason: &str) -> bool {
         match self.replicas.iter_mut().find(|r| r.name == replica) {
             Some(r) if r.state == RecordState::Healthy => {
                 r.state = RecordState::Failed;
                 r.message = reason.to_string();
+                r.failed_at = Some(unix_now());
                 true
             }
             _ => false,
@@ -746,7 +963,7 @@ impl VolumeRecord {
     }
 
     /// Copies the engine's failures and revision into the record.
-    fn sync_from(&mut self, io: &VolumeIo) {
+    pub(super) fn sync_from(&mut self, io: &VolumeIo) {
         for s in io.replicas() {
             if s.state == ReplicaState::Failed {
                 self.set_failed(&s.name, &s.message);
@@ -757,18 +974,17 @@ impl VolumeRecord {
 }
 
 impl Volume {
-    fn info(&self) -> VolumeInfo {
+    pub(super) fn info(&self, inner: &Inner) -> VolumeInfo {
         let live = self.live.as_ref().map(|l| (l, l.io.replicas()));
+        let rebuilds = inner.rebuild_infos(&self.record.name);
         let replicas: Vec<ReplicaInfo> = self
             .record
             .replicas
             .iter()
-            .map(|r| {
-                // The engine knows only the replicas it was given at attach;
-                // the rest were failed before and the record says so.
-                let engine = live
-                    .as_ref()
-                    .and_then(|(_, st)| st.iter().find(|s| s.name == r.name));
+            .enumerate()
+            .map(|(i, r)| {
+                // The engine's slot i is record replica i (same order).
+                let engine = live.as_ref().and_then(|(_, st)| st.get(i).filter(|s| s.name == r.name));
                 let (state, message) = match engine {
                     Some(s) => (s.state, s.message.clone()),
                     None => match r.state {
@@ -779,10 +995,12 @@ impl Volume {
                 ReplicaInfo {
                     name: r.name.clone(),
                     node: r.node.clone(),
+                    addr: r.addr.clone(),
                     disk: r.disk.clone(),
                     dir: r.dir.clone(),
                     state,
                     message,
+                    rebuild: rebuilds.iter().find(|(slot, _)| *slot == i).map(|(_, info)| info.clone()),
                 }
             })
             .collect();
@@ -791,7 +1009,7 @@ impl Volume {
             Some((l, _)) => {
                 let state = if l.io.health() == VolumeHealth::Faulted {
                     VolumeState::Faulted
-                } else if replicas.iter().any(|r| r.state == ReplicaState::Failed) {
+                } else if replicas.iter().any(|r| r.state != ReplicaState::Healthy) {
                     VolumeState::Degraded
                 } else {
                     VolumeState::Healthy
@@ -822,38 +1040,40 @@ struct AttachOutcome {
     result: Result<(Arc<VolumeIo>, UblkDevice), ControlError>,
 }
 
+/// A replica as attach needs it: where it is and whether the record trusts it.
+pub(super) struct AttachReplica {
+    pub name: String,
+    pub addr: String,
+    /// Healthy in the record (or a salvage candidate).
+    pub wanted: bool,
+}
+
 fn attach_blocking(
+    inner: &Inner,
     name: &str,
     size: u64,
-    replicas: Vec<(String, PathBuf)>,
+    replicas: Vec<AttachReplica>,
     sink: EventSink,
     opts: &FrontendOptions,
     recover: Option<u32>,
 ) -> AttachOutcome {
     let mut open_failed = Vec::new();
     let mut handles = Vec::new();
-    for (rname, dir) in replicas {
-        match Replica::open(&dir) {
-            Ok(r) if r.size() != size => {
-                open_failed.push((
-                    rname,
-                    format!("replica holds {} bytes, the volume has {size}", r.size()),
-                ));
+    for r in replicas {
+        if !r.wanted {
+            handles.push(ReplicaHandle { name: r.name, io: None });
+            continue;
+        }
+        match inner.open_replica(name, &r.name, &r.addr) {
+            Ok(io) if io.size() != size => {
+                open_failed.push((r.name.clone(), format!("replica holds {} bytes, the volume has {size}", io.size())));
+                handles.push(ReplicaHandle { name: r.name, io: None });
             }
-            Ok(r) if r.volume_name() != name || r.replica_name() != rname => open_failed.push((
-                rname,
-                format!(
-                    "{} belongs to replica {} of volume {}",
-                    dir.display(),
-                    r.replica_name(),
-                    r.volume_name()
-                ),
-            )),
-            Ok(r) => handles.push(ReplicaHandle {
-                name: rname,
-                io: ReplicaIo::Local(Arc::new(r)),
-            }),
-            Err(e) => open_failed.push((rname, e.to_string())),
+            Ok(io) => handles.push(ReplicaHandle { name: r.name, io: Some(io) }),
+            Err(e) => {
+                open_failed.push((r.name.clone(), e));
+                handles.push(ReplicaHandle { name: r.name, io: None });
+            }
         }
     }
     let fail = |open_failed, revision, e: ControlError| AttachOutcome {
@@ -861,7 +1081,7 @@ fn attach_blocking(
         revision,
         result: Err(e),
     };
-    if handles.is_empty() {
+    if handles.iter().all(|h| h.io.is_none()) {
         return fail(
             open_failed,
             None,
@@ -870,7 +1090,8 @@ fn attach_blocking(
             },
         );
     }
-    let io = match VolumeIo::new(name, size, handles, sink) {
+    let layout = QueueLayout { queues: opts.queues, depth: opts.queue_depth };
+    let io = match VolumeIo::new(name, size, handles, sink, layout) {
         Ok(io) => io,
         Err(e) => return fail(open_failed, None, e.into()),
     };
@@ -1006,48 +1227,182 @@ fn prepare_disks(config: &NodeConfig) -> Result<Vec<PathBuf>, ControlError> {
     Ok(out)
 }
 
-/// `<volume>-r-<8 hex>`, not yet present on `disk`.
-fn unique_replica_name(volume: &str, disk: &Path) -> Result<String, ControlError> {
-    loop {
-        let mut b = [0u8; 4];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut b))
-            .map_err(ControlError::io("/dev/urandom"))?;
-        let name = format!("{volume}-r-{:08x}", u32::from_le_bytes(b));
-        if !disk.join("replicas").join(&name).exists() {
-            return Ok(name);
-        }
-    }
+/// `<volume>-r-<8 random hex>`.
+pub(super) fn random_replica_name(volume: &str) -> Result<String, ControlError> {
+    let mut b = [0u8; 4];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(ControlError::io("/dev/urandom"))?;
+    Ok(format!("{volume}-r-{:08x}", u32::from_le_bytes(b)))
 }
 
-fn remove_dirs<'a>(dirs: impl Iterator<Item = &'a Path>) {
-    for d in dirs {
-        if let Err(e) = std::fs::remove_dir_all(d) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %d.display(), error = %e, "cleaning up a replica directory");
+/// Seconds since the Unix epoch.
+pub(super) fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Inner {
+    /// The placement settings now.
+    pub(super) fn rules(&self) -> Rules {
+        Rules {
+            soft_anti_affinity: self.settings.bool(settings::REPLICA_SOFT_ANTI_AFFINITY),
+            over_provisioning: self.settings.u64(settings::OVER_PROVISIONING) as u32,
+            min_available: self.settings.u64(settings::MIN_AVAILABLE) as u32,
+        }
+    }
+
+    /// Places and creates `count` replicas of `volume` on the cluster's
+    /// nodes, avoiding the nodes in `taken`. All or nothing. Blocking.
+    pub(super) fn create_replicas(
+        &self,
+        volume: &str,
+        count: u32,
+        size: u64,
+        taken: &[String],
+    ) -> Result<Vec<ReplicaRecord>, ControlError> {
+        let rules = self.rules();
+        let nodes = self.cluster.nodes_with(self.disks.report());
+        let candidates: Vec<NodeCandidate> = nodes
+            .iter()
+            .map(|n| NodeCandidate {
+                name: n.name.clone(),
+                local: n.local,
+                up: n.up,
+                disks: n.report.as_ref().map(|r| r.disks.clone()).unwrap_or_default(),
+            })
+            .collect();
+        let chosen = placement::place_nodes(volume, count, size, &candidates, taken, rules)?;
+        let mut made: Vec<ReplicaRecord> = Vec::new();
+        for node in chosen {
+            let Some(view) = nodes.iter().find(|n| n.name == node) else { continue };
+            let rname = random_replica_name(volume)?;
+            let result = if view.local {
+                self.disks
+                    .create(volume, &rname, size, |d| disk_fits(d, size, rules.over_provisioning, rules.min_available))
+                    .map_err(ControlError::from)
+                    .map(|(disk, dir)| (disk, dir, String::new()))
+            } else {
+                let op = Op::CreateReplica {
+                    volume: volume.to_string(),
+                    replica: rname.clone(),
+                    size,
+                    over_provisioning: rules.over_provisioning,
+                    min_available: rules.min_available,
+                };
+                match self.cluster.call(&view.addr, op) {
+                    Ok(Op::Created { disk, dir }) => Ok((PathBuf::from(disk), PathBuf::from(dir), view.addr.clone())),
+                    Ok(other) => Err(ControlError::Internal(format!("node {node} answered {other:?} to CreateReplica"))),
+                    Err(e) => Err(e.into()),
+                }
+            };
+            match result {
+                Ok((disk, dir, addr)) => made.push(ReplicaRecord {
+                    name: rname,
+                    node: node.clone(),
+                    disk,
+                    dir,
+                    state: RecordState::Healthy,
+                    message: String::new(),
+                    addr,
+                    failed_at: None,
+                }),
+                Err(e) => {
+                    for r in &made {
+                        self.delete_replica(&r.name, &r.addr);
+                    }
+                    return Err(e);
+                }
             }
         }
+        Ok(made)
     }
-}
 
-/// Filesystem size and bytes available to unprivileged users, of `path`.
-fn disk_space(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut s = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is NUL-terminated and outlives the call; `s` is a buffer of
-    // the right type that statvfs fills on success.
-    if unsafe { libc::statvfs(c.as_ptr(), s.as_mut_ptr()) } != 0 {
-        return None;
+    /// Deletes a replica here or on its node; a failure is logged (the
+    /// replica stays behind as an orphan on that node).
+    pub(super) fn delete_replica(&self, name: &str, addr: &str) {
+        let result = if addr.is_empty() {
+            self.disks.delete(name).map_err(|e| e.to_string())
+        } else {
+            match self.cluster.call(addr, Op::DeleteReplica { replica: name.to_string() }) {
+                Ok(Op::Ok) => Ok(()),
+                Ok(other) => Err(format!("answered {other:?}")),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(replica = name, %addr, error = %e, "cannot delete replica; it stays behind on its node");
+        }
     }
-    // SAFETY: statvfs returned 0, so it initialized `s`.
-    let s = unsafe { s.assume_init() };
-    // The statvfs fields are u64 here but narrower on 32-bit targets.
-    #[allow(clippy::unnecessary_cast)]
-    let frsize = s.f_frsize as u64;
-    #[allow(clippy::unnecessary_cast)]
-    let (blocks, avail) = (s.f_blocks as u64, s.f_bavail as u64);
-    Some((blocks * frsize, avail * frsize))
+
+    /// Opens a replica for the engine: the shared local object, or a
+    /// connection to its node. Blocking.
+    pub(super) fn open_replica(&self, volume: &str, name: &str, addr: &str) -> Result<ReplicaIo, String> {
+        if addr.is_empty() {
+            return self.disks.open(volume, name).map(ReplicaIo::Local).map_err(|e| e.to_string());
+        }
+        let Some(secret) = self.cluster.secret() else {
+            return Err("this node runs standalone and cannot reach remote replicas".into());
+        };
+        let target = RemoteTarget {
+            addr: addr.to_string(),
+            volume: volume.to_string(),
+            replica: name.to_string(),
+            secret: secret.clone(),
+            node: self.node_id.clone(),
+            timeout: Duration::from_secs(self.settings.u64(settings::REPLICA_TIMEOUT).max(1)),
+        };
+        RemoteReplica::connect(target).map(|r| ReplicaIo::Remote(Arc::new(r))).map_err(|e| e.to_string())
+    }
+
+    /// Every replica on this node and on every reachable peer. Blocking.
+    pub(super) fn find_replicas(&self) -> Vec<(NodeView, ReplicaReport)> {
+        let mut out = Vec::new();
+        for node in self.cluster.nodes_with(self.disks.report()) {
+            let list = if node.local {
+                self.disks.list()
+            } else {
+                match self.cluster.call(&node.addr, Op::ListReplicas) {
+                    Ok(Op::Replicas { replicas }) => replicas,
+                    _ => continue,
+                }
+            };
+            out.extend(list.into_iter().map(|r| (node.clone(), r)));
+        }
+        out
+    }
+
+    /// Asks every rebuild of `volume` to stop (detach, delete).
+    pub(super) fn cancel_rebuilds(&self, volume: &str) {
+        let rebuilds = self.rebuilds.lock().unwrap_or_else(|p| p.into_inner());
+        for r in rebuilds.get(volume).into_iter().flatten() {
+            r.cancel.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Progress of the rebuilds of `volume`, by slot.
+    pub(super) fn rebuild_infos(&self, volume: &str) -> Vec<(usize, RebuildInfo)> {
+        let rebuilds = self.rebuilds.lock().unwrap_or_else(|p| p.into_inner());
+        rebuilds
+            .get(volume)
+            .map(|list| {
+                list.iter()
+                    .map(|r| {
+                        let p = &r.progress;
+                        (
+                            r.slot,
+                            RebuildInfo {
+                                percent: p.percent(),
+                                done: p.done.load(Ordering::Relaxed),
+                                total: p.total.load(Ordering::Relaxed),
+                                rate: p.rate(),
+                                incremental: p.incremental.load(Ordering::Relaxed),
+                            },
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,14 @@
 //!                   ▲
 //!   engine events (I/O threads, unbounded channel) ─▶ event task ─▶ record
 //!   1 s ticker ─▶ VolumeIo::check_replicas on every attached volume
+//!   2 s repair ─▶ reconnect / replace failed replicas, rebuild, salvage
+//!   2 s poll   ─▶ cluster: each peer's NodeStatus (name, disks, up)
 //! ```
+//!
+//! In a cluster (`--replica-listen`, `--cluster-secret`, `--peer`), the node
+//! that creates a volume owns it: it runs the engine and keeps the record;
+//! replicas live on peers (placement) and are created, opened and deleted
+//! through their replica servers.
 //!
 //! Concurrency rules: every lifecycle operation holds the manager's state
 //! mutex for its whole duration, including the blocking ublk start/stop (run
@@ -20,15 +27,19 @@
 //! sent from I/O threads on an unbounded channel and applied by a task that
 //! takes the same mutex, so an I/O thread never waits for the control plane.
 
+pub mod cluster;
 mod error;
 mod manager;
 pub mod placement;
+mod repair;
+pub mod settings;
 pub mod store;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use error::ControlError;
-pub use manager::{DiskInfo, NodeInfo, ReplicaInfo, VolumeInfo, VolumeManager, VolumeState};
+pub use manager::{DiskInfo, NodeInfo, RebuildInfo, ReplicaInfo, VolumeInfo, VolumeManager, VolumeState};
 
 use crate::frontend::FrontendOptions;
 
@@ -44,6 +55,16 @@ pub struct NodeConfig {
     pub disks: Vec<PathBuf>,
     /// Queue layout of the ublk devices of volumes created from now on.
     pub frontend: FrontendOptions,
+    /// Where the replica server listens (`--replica-listen`); `None` runs
+    /// the node standalone.
+    pub replica_listen: Option<SocketAddr>,
+    /// Address peers use to reach this node's replica server, when it
+    /// differs from `replica_listen` (e.g. listening on 0.0.0.0).
+    pub advertise: Option<String>,
+    /// The cluster secret file (`--cluster-secret`).
+    pub cluster_secret: Option<PathBuf>,
+    /// Peers' replica addresses (`--peer`).
+    pub peers: Vec<String>,
 }
 
 impl NodeConfig {
@@ -54,6 +75,10 @@ impl NodeConfig {
             data_dir: data_dir.into(),
             disks: Vec::new(),
             frontend: FrontendOptions::default(),
+            replica_listen: None,
+            advertise: None,
+            cluster_secret: None,
+            peers: Vec::new(),
         }
     }
 

@@ -47,6 +47,13 @@ pub struct ReplicaRecord {
     /// Why the replica failed; empty while healthy.
     #[serde(default)]
     pub message: String,
+    /// The replica server address of `node`; empty for a replica on this node.
+    #[serde(default)]
+    pub addr: String,
+    /// When it failed (seconds since the Unix epoch), for the stale-replica
+    /// timeout.
+    #[serde(default)]
+    pub failed_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -176,6 +183,8 @@ mod tests {
                     dir: format!("/d1/replicas/{name}-r-0000abcd").into(),
                     state: RecordState::Healthy,
                     message: String::new(),
+                    addr: String::new(),
+                    failed_at: None,
                 },
                 ReplicaRecord {
                     name: format!("{name}-r-1111abcd"),
@@ -184,6 +193,8 @@ mod tests {
                     dir: format!("/d2/replicas/{name}-r-1111abcd").into(),
                     state: RecordState::Failed,
                     message: "head file deleted".into(),
+                    addr: "10.0.0.2:9500".into(),
+                    failed_at: Some(1_700_000_000),
                 },
             ],
         }

@@ -24,15 +24,25 @@
 //! the new healthy mask — so no write is acknowledged on a smaller replica set
 //! before the survivors' revision says they are newer than the failed one.
 //! Each `QueueEngine` is owned by exactly one queue thread.
+//!
+//! Remote replicas (`remote`) are legs too: a request on the queue's own TCP
+//! connection to the replica's node, answered through the queue's
+//! completion port. A failed replica is brought back by `rebuild`, which
+//! copies only what it missed while the volume keeps serving I/O.
 
 mod queue;
+pub mod rebuild;
+pub mod remote;
 mod replica_io;
 mod volume;
 
 pub use queue::{IoOp, IoRequest, QueueEngine, SqeSink};
+pub use rebuild::{rebuild, BlockStore, RebuildError, RebuildProgress, RebuildReport};
+pub use remote::{CompletionPort, RemoteReplica, RemoteTarget};
 pub use replica_io::ReplicaIo;
 pub use volume::{
-    EngineEvent, EventSink, IoStats, ReplicaHandle, ReplicaState, ReplicaStatus, VolumeHealth, VolumeIo,
+    EngineEvent, EventSink, IoStats, QueueLayout, ReplicaHandle, ReplicaState, ReplicaStatus, VolumeHealth,
+    VolumeIo,
 };
 
 /// Most replicas one volume can have (bits of the healthy mask, slots in the
@@ -54,4 +64,10 @@ pub enum EngineError {
     LastHealthyReplica { volume: String, replica: String },
     #[error("volume {volume} has no healthy replica")]
     Faulted { volume: String },
+    #[error("volume {volume}: {reason}")]
+    Setup { volume: String, reason: String },
+    #[error("volume {volume}: replica {replica} is in service; only a failed replica can be rebuilt")]
+    InService { volume: String, replica: String },
+    #[error("volume {volume}: rebuild of replica {replica} stopped: it failed while copying")]
+    RebuildAborted { volume: String, replica: String },
 }

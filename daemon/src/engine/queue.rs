@@ -12,6 +12,9 @@ use std::sync::Arc;
 
 use io_uring::squeue;
 
+use super::remote::CompletionPort;
+use super::replica_io::{Leg, Pushed};
+use super::volume::{healthy_of, rebuilding_of, tracking_of};
 use super::{VolumeIo, MAX_REPLICAS};
 use crate::replica::BLOCK_SIZE;
 
@@ -49,8 +52,10 @@ struct TagState {
     buf: *mut u8,
     /// SQEs not yet completed.
     pending: u32,
-    /// Replicas this request was sent to, and those whose leg failed.
+    /// Replicas this request was sent to, the readable ones among them
+    /// (whose success acknowledges it), and those whose leg failed.
     targets: u32,
+    readable: u32,
     failed: u32,
     /// Bytes each replica's completions must add up to, and did.
     expected: [u32; MAX_REPLICAS],
@@ -66,6 +71,7 @@ impl Default for TagState {
             buf: std::ptr::null_mut(),
             pending: 0,
             targets: 0,
+            readable: 0,
             failed: 0,
             expected: [0; MAX_REPLICAS],
             done: [0; MAX_REPLICAS],
@@ -113,10 +119,22 @@ impl QueueStats {
 
 pub struct QueueEngine {
     volume: Arc<VolumeIo>,
+    qid: usize,
     stats: Arc<QueueStats>,
     tags: Box<[TagState]>,
     /// Round-robin cursor for spreading reads over healthy replicas.
     next_read: u32,
+    /// Where this queue's remote answers land.
+    port: Option<Arc<CompletionPort>>,
+    /// Request-header scratch for remote legs (reused; no allocation).
+    scratch: Vec<u8>,
+}
+
+/// Requests that change data (and so are counted per region and fanned out
+/// to rebuilding replicas).
+#[inline]
+fn is_write(op: IoOp) -> bool {
+    matches!(op, IoOp::Write | IoOp::Discard | IoOp::WriteZeroes)
 }
 
 // SAFETY: the raw buffer pointers in `tags` are only dereferenced by the
@@ -125,10 +143,35 @@ pub struct QueueEngine {
 unsafe impl Send for QueueEngine {}
 
 impl QueueEngine {
-    /// An engine for a queue of `depth` tags.
-    pub fn new(volume: Arc<VolumeIo>, depth: u16) -> QueueEngine {
+    /// The engine of queue `qid`, `depth` tags deep.
+    pub fn new(volume: Arc<VolumeIo>, qid: u16, depth: u16) -> QueueEngine {
         let stats = volume.register_queue();
-        QueueEngine { volume, stats, tags: vec![TagState::default(); depth as usize].into_boxed_slice(), next_read: 0 }
+        let port = volume.port(qid as usize).cloned();
+        QueueEngine {
+            volume,
+            qid: qid as usize,
+            stats,
+            tags: vec![TagState::default(); depth as usize].into_boxed_slice(),
+            next_read: 0,
+            port,
+            scratch: Vec::with_capacity(128),
+        }
+    }
+
+    /// The eventfd to keep a read pending on (remote answers), if any.
+    pub fn port_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.port.as_ref().map(|p| p.fd())
+    }
+
+    /// After the port's eventfd read completed: folds in every remote answer
+    /// and reports each request that finished (`done(tag, result)`).
+    pub fn drain_remote(&mut self, sink: &mut impl SqeSink, mut done: impl FnMut(u16, i32)) {
+        let Some(port) = self.port.clone() else { return };
+        port.drain(|c| {
+            if let Some(res) = self.complete(c.tag, c.replica, c.res, sink) {
+                done(c.tag, res);
+            }
+        });
     }
 
     /// True while any request has SQEs the kernel has not completed.
@@ -153,7 +196,8 @@ impl QueueEngine {
                 return Some(-libc::EINVAL);
             }
         }
-        let healthy = self.volume.healthy_mask();
+        let masks = self.volume.masks();
+        let healthy = healthy_of(masks);
         if healthy == 0 {
             return Some(-libc::EIO);
         }
@@ -168,24 +212,52 @@ impl QueueEngine {
             }
             _ => {
                 let volume = &*self.volume;
-                for r in Mask(healthy) {
+                let targets = healthy | rebuilding_of(masks);
+                if is_write(req.op) {
+                    // Counted before any leg starts and before dirty maps
+                    // are marked (the rebuild's race check relies on it).
+                    volume.write_started(req.offset, req.len);
+                    let missed = tracking_of(masks) & !targets;
+                    for r in Mask(missed) {
+                        volume.mark_dirty(r, req.offset, req.len);
+                    }
+                }
+                let mut leg = Leg { qid: self.qid, tag, scratch: &mut self.scratch };
+                for r in Mask(targets) {
                     let mut pushed = 0;
-                    let mut push = |sqe| {
-                        sink.push(sqe, tag, r as u8);
-                        pushed += 1;
+                    let mut unreachable = false;
+                    let mut push = |p: Pushed| match p {
+                        Pushed::Sqe(sqe) => {
+                            sink.push(sqe, tag, r as u8);
+                            pushed += 1;
+                        }
+                        Pushed::Remote => pushed += 1,
+                        Pushed::Unreachable => unreachable = true,
                     };
                     let io = volume.replica_io(r);
+                    let Some(io) = io.as_ref() else {
+                        st.failed |= 1 << r;
+                        st.targets |= 1 << r;
+                        continue;
+                    };
                     let expected = match req.op {
-                        IoOp::Write => io.prep_write(req.offset, req.len, buf, req.fua, &mut push),
-                        IoOp::Flush => io.prep_flush(&mut push),
-                        IoOp::Discard => io.prep_discard(req.offset, req.len, &mut push),
-                        IoOp::WriteZeroes => io.prep_write_zeroes(req.offset, req.len, &mut push),
+                        IoOp::Write => io.prep_write(&mut leg, req.offset, req.len, buf, req.fua, &mut push),
+                        IoOp::Flush => io.prep_flush(&mut leg, &mut push),
+                        IoOp::Discard => io.prep_discard(&mut leg, req.offset, req.len, &mut push),
+                        IoOp::WriteZeroes => io.prep_write_zeroes(&mut leg, req.offset, req.len, &mut push),
                         IoOp::Read => 0,
                     };
+                    if unreachable {
+                        st.failed |= 1 << r;
+                        if st.error == 0 {
+                            st.error = -libc::ENOTCONN;
+                        }
+                    }
                     st.expected[r] = expected;
                     st.pending += pushed;
                     st.targets |= 1 << r;
                 }
+                st.readable = st.targets & healthy;
             }
         }
         if self.tags[tag as usize].pending == 0 {
@@ -224,7 +296,11 @@ impl QueueEngine {
     fn finish(&mut self, tag: u16, sink: &mut impl SqeSink) -> Option<i32> {
         let result = self.decide(tag, sink);
         if let Some(res) = result {
-            self.stats.count(&self.tags[tag as usize].req, res);
+            let req = self.tags[tag as usize].req;
+            if is_write(req.op) {
+                self.volume.write_finished(req.offset, req.len);
+            }
+            self.stats.count(&req, res);
         }
         result
     }
@@ -244,8 +320,12 @@ impl QueueEngine {
                 format!("{:?} came up short: {} of {} bytes", st.req.op, st.done[r], st.expected[r])
             };
             self.volume.fail_index(r, &reason);
+            if is_write(st.req.op) {
+                // The replica may or may not hold this write: recopy it.
+                self.volume.mark_dirty(r, st.req.offset, st.req.len);
+            }
         }
-        let ok = st.targets & !st.failed;
+        let ok = st.readable & !st.failed;
         if st.req.op == IoOp::Read {
             if ok != 0 {
                 return Some(st.req.len as i32);
@@ -258,9 +338,13 @@ impl QueueEngine {
             let r = pick_replica(healthy, &mut self.next_read);
             let t = &mut self.tags[tag as usize];
             *t = TagState { req: st.req, buf: st.buf, ..TagState::default() };
+            // A retry that cannot start (no connection) fails that replica
+            // and tries the next, until none is left.
             self.issue_read(tag, r, sink);
             if self.tags[tag as usize].pending == 0 {
-                return Some(st.req.len as i32);
+                // Done without I/O (all zeros) or could not start: decide
+                // again (a failed start fails that replica, so this ends).
+                return self.decide(tag, sink);
             }
             return None;
         }
@@ -274,16 +358,35 @@ impl QueueEngine {
     }
 
     fn issue_read(&mut self, tag: u16, r: usize, sink: &mut impl SqeSink) {
+        let volume = self.volume.clone();
         let st = &mut self.tags[tag as usize];
+        let mut leg = Leg { qid: self.qid, tag, scratch: &mut self.scratch };
         let mut pushed = 0;
-        let mut push = |sqe| {
-            sink.push(sqe, tag, r as u8);
-            pushed += 1;
+        let mut unreachable = false;
+        let mut push = |p: Pushed| match p {
+            Pushed::Sqe(sqe) => {
+                sink.push(sqe, tag, r as u8);
+                pushed += 1;
+            }
+            Pushed::Remote => pushed += 1,
+            Pushed::Unreachable => unreachable = true,
         };
-        let expected = self.volume.replica_io(r).prep_read(st.req.offset, st.req.len, st.buf, &mut push);
+        let io = volume.replica_io(r);
+        let expected = match io.as_ref() {
+            Some(io) => io.prep_read(&mut leg, st.req.offset, st.req.len, st.buf, &mut push),
+            None => {
+                unreachable = true;
+                0
+            }
+        };
         st.expected[r] = expected;
         st.pending = pushed;
         st.targets = 1 << r;
+        st.readable = 1 << r;
+        if unreachable {
+            st.failed |= 1 << r;
+            st.error = -libc::ENOTCONN;
+        }
     }
 }
 

@@ -1,18 +1,57 @@
-//! The seam between the engine and one replica: how an I/O becomes io_uring
-//! submissions for that replica. A local replica is files on a disk; a remote
-//! replica (reached over TCP) becomes another variant here, and the queue loop
-//! does not change.
+//! The seam between the engine and one replica: how an I/O leg starts on
+//! that replica. A local replica is files on a disk, reached with io_uring
+//! SQEs on the queue's own ring; a remote replica is a request on the queue's
+//! TCP connection to its node, answered through the queue's completion port.
+//! Either way the leg counts as one pending completion in the queue engine.
 
 use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types};
 
+use super::remote::RemoteReplica;
 use crate::replica::Replica;
+use crate::transport::Op;
 
 /// One replica as the engine reaches it.
 pub enum ReplicaIo {
     /// A replica directory on one of this node's disks.
     Local(Arc<Replica>),
+    /// A replica served by another node's cairnd.
+    Remote(Arc<RemoteReplica>),
+}
+
+/// Which request a leg belongs to, for legs that are not SQEs.
+pub(crate) struct Leg<'a> {
+    pub qid: usize,
+    pub tag: u16,
+    /// Scratch buffer for encoding a request header (reused; no allocation).
+    pub scratch: &'a mut Vec<u8>,
+}
+
+impl Leg<'_> {
+    /// Sends `op` to a remote replica; returns the completions to wait for
+    /// (1), or 0 with `failed` set when the replica has no connection for
+    /// this queue.
+    #[inline]
+    fn remote(&mut self, r: &RemoteReplica, op: Op, payload: &[u8], buf: *mut u8, expect: u32, push: &mut impl FnMut(Pushed)) {
+        match r.queue(self.qid) {
+            Some(conn) => {
+                conn.send(self.scratch, self.tag, op, payload, buf, expect);
+                push(Pushed::Remote);
+            }
+            None => push(Pushed::Unreachable),
+        }
+    }
+}
+
+/// What starting a leg produced.
+pub(crate) enum Pushed {
+    /// An SQE for the queue's ring.
+    Sqe(squeue::Entry),
+    /// A request on a remote connection; its completion comes via the port.
+    Remote,
+    /// The leg could not start (no connection): it fails at once.
+    Unreachable,
 }
 
 /// Zeros for WRITE_ZEROES on a head that shadows snapshot layers: the zeros
@@ -27,26 +66,38 @@ impl ReplicaIo {
     pub(crate) fn size(&self) -> u64 {
         match self {
             ReplicaIo::Local(r) => r.size(),
+            ReplicaIo::Remote(r) => r.size(),
         }
     }
 
     pub(crate) fn revision(&self) -> u64 {
         match self {
             ReplicaIo::Local(r) => r.revision(),
+            ReplicaIo::Remote(r) => r.revision(),
         }
     }
 
     pub(crate) fn set_revision(&self, rev: u64) -> Result<(), String> {
         match self {
             ReplicaIo::Local(r) => r.set_revision(rev).map_err(|e| e.to_string()),
+            ReplicaIo::Remote(r) => r.set_revision(rev).map_err(|e| e.to_string()),
         }
     }
 
     /// Health check outside the I/O path: are the replica's files still the
-    /// ones it opened?
+    /// ones it opened; does the remote node still answer?
     pub(crate) fn check(&self) -> Result<(), String> {
         match self {
             ReplicaIo::Local(r) => r.check_files().map_err(|e| e.to_string()),
+            ReplicaIo::Remote(r) => r.check(),
+        }
+    }
+
+    /// Where this replica lives, for logs and status.
+    pub fn describe(&self) -> String {
+        match self {
+            ReplicaIo::Local(r) => r.dir().display().to_string(),
+            ReplicaIo::Remote(r) => format!("{} at {}", r.target().replica, r.target().addr),
         }
     }
 
@@ -61,49 +112,59 @@ impl ReplicaIo {
                     Err(std::io::Error::last_os_error())
                 }
             }
+            ReplicaIo::Remote(r) => r.sync().map_err(|e| std::io::Error::other(e.to_string())),
         }
     }
 
-    /// Pushes the SQEs of a write of `len` bytes from `buf`; returns the bytes
-    /// their completions must add up to.
+    /// Starts a write of `len` bytes from `buf`; returns the bytes its
+    /// completions must add up to.
     ///
-    /// `buf` must stay valid until every pushed SQE has completed: it is the
-    /// ublk tag's I/O buffer, which the kernel does not reuse before the tag
-    /// is completed.
+    /// `buf` must stay valid until every leg has completed: it is the ublk
+    /// tag's I/O buffer, which the kernel does not reuse before the tag is
+    /// completed.
     #[inline]
     pub(crate) fn prep_write(
         &self,
+        leg: &mut Leg<'_>,
         offset: u64,
         len: u32,
         buf: *const u8,
         fua: bool,
-        push: &mut impl FnMut(squeue::Entry),
+        push: &mut impl FnMut(Pushed),
     ) -> u32 {
         match self {
             ReplicaIo::Local(r) => {
                 r.mark_written(offset, len as u64);
                 let flags = if fua { libc::RWF_DSYNC } else { 0 };
-                push(
+                push(Pushed::Sqe(
                     opcode::Write::new(types::Fd(r.head_fd()), buf, len)
                         .offset(offset)
                         .rw_flags(flags as _)
                         .build(),
-                );
+                ));
+                len
+            }
+            ReplicaIo::Remote(r) => {
+                // SAFETY: `buf` holds `len` bytes for the life of the request.
+                let data = unsafe { std::slice::from_raw_parts(buf, len as usize) };
+                leg.remote(r, Op::Write { offset, fua }, data, std::ptr::null_mut(), len, push);
                 len
             }
         }
     }
 
-    /// Pushes the SQEs that read `len` bytes at `offset` into `buf`, resolving
-    /// each block through the layer chain; ranges no layer holds are zeroed
-    /// here. Returns the bytes the completions must add up to.
+    /// Starts a read of `len` bytes at `offset` into `buf`. Locally each
+    /// block is resolved through the layer chain and ranges no layer holds
+    /// are zeroed here; a remote replica resolves its own chain. Returns the
+    /// bytes the completions must add up to.
     #[inline]
     pub(crate) fn prep_read(
         &self,
+        leg: &mut Leg<'_>,
         offset: u64,
         len: u32,
         buf: *mut u8,
-        push: &mut impl FnMut(squeue::Entry),
+        push: &mut impl FnMut(Pushed),
     ) -> u32 {
         match self {
             ReplicaIo::Local(r) => {
@@ -114,11 +175,11 @@ impl ReplicaIo {
                     let dst = unsafe { buf.add(seg.buf_offset as usize) };
                     match seg.fd {
                         Some(fd) => {
-                            push(
+                            push(Pushed::Sqe(
                                 opcode::Read::new(types::Fd(fd), dst, seg.len as u32)
                                     .offset(seg.file_offset)
                                     .build(),
-                            );
+                            ));
                             expected += seg.len as u32;
                         }
                         // SAFETY: as above, `dst..dst+len` is inside `buf`.
@@ -127,72 +188,89 @@ impl ReplicaIo {
                 });
                 expected
             }
+            ReplicaIo::Remote(r) => {
+                leg.remote(r, Op::Read { offset, len }, &[], buf, len, push);
+                len
+            }
         }
     }
 
-    /// Pushes a data sync of the writable layer.
+    /// Starts a data sync of the writable layer.
     #[inline]
-    pub(crate) fn prep_flush(&self, push: &mut impl FnMut(squeue::Entry)) -> u32 {
+    pub(crate) fn prep_flush(&self, leg: &mut Leg<'_>, push: &mut impl FnMut(Pushed)) -> u32 {
         match self {
             ReplicaIo::Local(r) => {
-                push(
+                push(Pushed::Sqe(
                     opcode::Fsync::new(types::Fd(r.head_fd()))
                         .flags(types::FsyncFlags::DATASYNC)
                         .build(),
-                );
+                ));
+                0
+            }
+            ReplicaIo::Remote(r) => {
+                leg.remote(r, Op::Flush, &[], std::ptr::null_mut(), 0, push);
                 0
             }
         }
     }
 
-    /// Pushes a discard. With snapshot layers under the head a hole would let
+    /// Starts a discard. With snapshot layers under the head a hole would let
     /// older data show through, which is allowed after a discard but wastes
     /// nothing to skip, so the discard is dropped there (as Longhorn does).
     #[inline]
-    pub(crate) fn prep_discard(&self, offset: u64, len: u32, push: &mut impl FnMut(squeue::Entry)) -> u32 {
+    pub(crate) fn prep_discard(&self, leg: &mut Leg<'_>, offset: u64, len: u32, push: &mut impl FnMut(Pushed)) -> u32 {
         match self {
             ReplicaIo::Local(r) => {
                 if !r.has_lower_layers() {
-                    push(
+                    push(Pushed::Sqe(
                         opcode::Fallocate::new(types::Fd(r.head_fd()), len as u64)
                             .offset(offset)
                             .mode(PUNCH_HOLE)
                             .build(),
-                    );
+                    ));
                 }
+                0
+            }
+            ReplicaIo::Remote(r) => {
+                leg.remote(r, Op::Discard { offset, len }, &[], std::ptr::null_mut(), 0, push);
                 0
             }
         }
     }
 
-    /// Pushes a write-zeroes: a hole when the head is the only layer (holes
+    /// Starts a write-zeroes: a hole when the head is the only layer (holes
     /// read as zeros), real zeros when older layers would show through.
     #[inline]
     pub(crate) fn prep_write_zeroes(
         &self,
+        leg: &mut Leg<'_>,
         offset: u64,
         len: u32,
-        push: &mut impl FnMut(squeue::Entry),
+        push: &mut impl FnMut(Pushed),
     ) -> u32 {
         match self {
             ReplicaIo::Local(r) => {
                 let fd = types::Fd(r.head_fd());
                 if !r.has_lower_layers() {
-                    push(opcode::Fallocate::new(fd, len as u64).offset(offset).mode(PUNCH_HOLE).build());
+                    push(Pushed::Sqe(opcode::Fallocate::new(fd, len as u64).offset(offset).mode(PUNCH_HOLE).build()));
                     return 0;
                 }
                 r.mark_written(offset, len as u64);
                 let mut done = 0u32;
                 while done < len {
                     let n = (len - done).min(ZERO_CHUNK);
-                    push(
+                    push(Pushed::Sqe(
                         opcode::Write::new(fd, ZEROES.as_ptr(), n)
                             .offset(offset + done as u64)
                             .build(),
-                    );
+                    ));
                     done += n;
                 }
                 len
+            }
+            ReplicaIo::Remote(r) => {
+                leg.remote(r, Op::WriteZeroes { offset, len }, &[], std::ptr::null_mut(), 0, push);
+                0
             }
         }
     }

@@ -1,21 +1,44 @@
 //! `VolumeIo`: one volume's replica set as every queue thread sees it, and
-//! the rare-path operations that change it (replica failure, epochs).
+//! the rare-path operations that change it (replica failure, epochs,
+//! rebuild).
+//!
+//! The set lives in one atomic word read once per I/O:
+//!
+//! ```text
+//!  bits 0..8    healthy     read and written
+//!  bits 8..16   rebuilding  written (the copy fills in the rest), never read
+//!  bits 16..24  tracking    not written: writes mark the replica's dirty map
+//! ```
+//!
+//! A replica that fails keeps a dirty map (one bit per 4 KiB block) of every
+//! write it misses, so when it comes back only those blocks are copied.
+//! Writes also count, per 1 MiB region, how many are in flight and how many
+//! ever started: a rebuild uses that to copy a region only when no write
+//! raced with the copy (see `rebuild.rs`).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::queue::QueueStats;
-use super::{EngineError, ReplicaIo, MAX_REPLICAS};
+use arc_swap::{ArcSwapOption, Guard};
 
-/// A replica handed to the engine at attach.
+use super::queue::QueueStats;
+use super::remote::CompletionPort;
+use super::{EngineError, ReplicaIo, MAX_REPLICAS};
+use crate::replica::extent::HeadBitmap;
+use crate::replica::BLOCK_SIZE;
+
+/// A replica handed to the engine at attach. `io: None` is a replica the
+/// volume has but cannot reach now (failed, or its node is down): it holds
+/// a slot so it can be rebuilt later.
 pub struct ReplicaHandle {
     pub name: String,
-    pub io: ReplicaIo,
+    pub io: Option<ReplicaIo>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplicaState {
     Healthy,
+    Rebuilding,
     Failed,
 }
 
@@ -45,24 +68,65 @@ pub enum EngineEvent {
 /// Receives engine events. Called from I/O threads: it must not block.
 pub type EventSink = Box<dyn Fn(EngineEvent) + Send + Sync>;
 
+/// Queue layout the volume is served with (the frontend's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLayout {
+    pub queues: u16,
+    pub depth: u16,
+}
+
+/// Bytes per write-tracking region (a power of two).
+pub(crate) const REGION_SHIFT: u32 = 20;
+
+/// Write counters of one region.
+#[derive(Default)]
+pub(crate) struct Region {
+    pub inflight: AtomicU32,
+    pub started: AtomicU32,
+}
+
 struct Slot {
-    name: String,
-    io: ReplicaIo,
+    name: Mutex<String>,
+    io: ArcSwapOption<ReplicaIo>,
+    /// Blocks written while this replica was out of the write set.
+    dirty: ArcSwapOption<HeadBitmap>,
+    /// The volume's revision when the replica left (a returning replica
+    /// must still be at it for its dirty map to describe it).
+    left_at: AtomicU64,
+}
+
+#[inline]
+pub(crate) fn healthy_of(m: u32) -> u32 {
+    m & 0xff
+}
+#[inline]
+pub(crate) fn rebuilding_of(m: u32) -> u32 {
+    (m >> 8) & 0xff
+}
+#[inline]
+pub(crate) fn tracking_of(m: u32) -> u32 {
+    (m >> 16) & 0xff
+}
+#[inline]
+fn pack(healthy: u32, rebuilding: u32, tracking: u32) -> u32 {
+    (healthy & 0xff) | (rebuilding & 0xff) << 8 | (tracking & 0xff) << 16
 }
 
 /// The replica set of one attached volume.
 pub struct VolumeIo {
     name: String,
     size: u64,
-    slots: Vec<Slot>,
-    /// Bit i set: slot i is in the I/O set. Read on every I/O.
-    healthy: AtomicU32,
+    slots: Box<[Slot]>,
+    masks: AtomicU32,
     revision: AtomicU64,
     /// Serializes membership changes; holds each slot's last failure reason.
     membership: Mutex<Vec<String>>,
     events: EventSink,
     /// One entry per queue engine, summed by [`VolumeIo::stats`].
     queues: Mutex<Vec<Arc<QueueStats>>>,
+    layout: QueueLayout,
+    ports: Box<[Arc<CompletionPort>]>,
+    regions: Box<[Region]>,
 }
 
 /// I/O totals of a volume since it was attached.
@@ -78,13 +142,15 @@ pub struct IoStats {
 }
 
 impl VolumeIo {
-    /// A replica set with every replica healthy. Call [`VolumeIo::begin_epoch`]
+    /// A replica set with every reachable replica healthy. Remote replicas
+    /// get their per-queue connections here. Call [`VolumeIo::begin_epoch`]
     /// before serving I/O.
     pub fn new(
         name: &str,
         size: u64,
         replicas: Vec<ReplicaHandle>,
         events: EventSink,
+        layout: QueueLayout,
     ) -> Result<Arc<VolumeIo>, EngineError> {
         if replicas.is_empty() {
             return Err(EngineError::NoReplicas { volume: name.to_string() });
@@ -93,26 +159,62 @@ impl VolumeIo {
             return Err(EngineError::TooManyReplicas { volume: name.to_string(), count: replicas.len() });
         }
         for r in &replicas {
-            if r.io.size() != size {
-                return Err(EngineError::SizeMismatch {
-                    volume: name.to_string(),
-                    replica: r.name.clone(),
-                    size: r.io.size(),
-                    expected: size,
-                });
+            if let Some(io) = &r.io {
+                if io.size() != size {
+                    return Err(EngineError::SizeMismatch {
+                        volume: name.to_string(),
+                        replica: r.name.clone(),
+                        size: io.size(),
+                        expected: size,
+                    });
+                }
             }
         }
+        let ports = (0..layout.queues.max(1))
+            .map(|_| CompletionPort::new(layout.depth).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| EngineError::Setup { volume: name.to_string(), reason: format!("eventfd: {e}") })?;
         let n = replicas.len();
-        let revision = replicas.iter().map(|r| r.io.revision()).max().unwrap_or(0);
+        let mut messages = vec![String::new(); n];
+        let mut healthy = 0u32;
+        let mut slots = Vec::with_capacity(n);
+        for (i, r) in replicas.into_iter().enumerate() {
+            let io = match r.io {
+                Some(ReplicaIo::Remote(rem)) => match rem.start_queues(&ports, layout.depth, i as u8) {
+                    Ok(()) => Some(Arc::new(ReplicaIo::Remote(rem))),
+                    Err(e) => {
+                        messages[i] = format!("cannot connect: {e}");
+                        None
+                    }
+                },
+                other => other.map(Arc::new),
+            };
+            if io.is_some() {
+                healthy |= 1 << i;
+            } else if messages[i].is_empty() {
+                messages[i] = "not reachable at attach".to_string();
+            }
+            slots.push(Slot {
+                name: Mutex::new(r.name),
+                io: ArcSwapOption::new(io),
+                dirty: ArcSwapOption::empty(),
+                left_at: AtomicU64::new(0),
+            });
+        }
+        let revision = slots.iter().filter_map(|s| s.io.load().as_ref().map(|io| io.revision())).max().unwrap_or(0);
+        let regions = (0..size.div_ceil(1 << REGION_SHIFT)).map(|_| Region::default()).collect();
         Ok(Arc::new(VolumeIo {
             name: name.to_string(),
             size,
-            slots: replicas.into_iter().map(|r| Slot { name: r.name, io: r.io }).collect(),
-            healthy: AtomicU32::new((1u32 << n) - 1),
+            slots: slots.into_boxed_slice(),
+            masks: AtomicU32::new(pack(healthy, 0, 0)),
             revision: AtomicU64::new(revision),
-            membership: Mutex::new(vec![String::new(); n]),
+            membership: Mutex::new(messages),
             events,
             queues: Mutex::new(Vec::new()),
+            layout,
+            ports: ports.into_boxed_slice(),
+            regions,
         }))
     }
 
@@ -124,11 +226,20 @@ impl VolumeIo {
         self.size
     }
 
+    pub fn layout(&self) -> QueueLayout {
+        self.layout
+    }
+
     /// Stats slot for a new queue engine (queue start, not per I/O).
     pub(crate) fn register_queue(&self) -> Arc<QueueStats> {
         let stats = Arc::new(QueueStats::default());
         self.queues.lock().unwrap_or_else(|p| p.into_inner()).push(stats.clone());
         stats
+    }
+
+    /// The completion port of queue `qid` (remote answers land there).
+    pub fn port(&self, qid: usize) -> Option<&Arc<CompletionPort>> {
+        self.ports.get(qid)
     }
 
     /// I/O totals over every queue.
@@ -154,14 +265,77 @@ impl VolumeIo {
         self.revision.load(Ordering::Acquire)
     }
 
+    /// The packed replica-set word (see the module docs).
     #[inline]
-    pub(crate) fn healthy_mask(&self) -> u32 {
-        self.healthy.load(Ordering::Acquire)
+    pub(crate) fn masks(&self) -> u32 {
+        self.masks.load(Ordering::SeqCst)
     }
 
     #[inline]
-    pub(crate) fn replica_io(&self, idx: usize) -> &ReplicaIo {
-        &self.slots[idx].io
+    pub(crate) fn healthy_mask(&self) -> u32 {
+        healthy_of(self.masks())
+    }
+
+    #[inline]
+    pub(crate) fn replica_io(&self, idx: usize) -> Guard<Option<Arc<ReplicaIo>>> {
+        self.slots[idx].io.load()
+    }
+
+    /// The I/O handle of slot `idx` (rebuild sources and targets).
+    pub fn replica(&self, idx: usize) -> Option<Arc<ReplicaIo>> {
+        self.slots.get(idx).and_then(|s| s.io.load_full())
+    }
+
+    pub(crate) fn region(&self, idx: usize) -> Option<&Region> {
+        self.regions.get(idx)
+    }
+
+    pub(crate) fn region_count(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// A write-class request on `[offset, offset+len)` starts: counted before
+    /// its legs are issued (and before it marks dirty maps).
+    #[inline]
+    pub(crate) fn write_started(&self, offset: u64, len: u32) {
+        for r in self.region_range(offset, len) {
+            if let Some(reg) = self.regions.get(r) {
+                reg.inflight.fetch_add(1, Ordering::SeqCst);
+                reg.started.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// The request counted by `write_started` finished (every leg done).
+    #[inline]
+    pub(crate) fn write_finished(&self, offset: u64, len: u32) {
+        for r in self.region_range(offset, len) {
+            if let Some(reg) = self.regions.get(r) {
+                reg.inflight.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    #[inline]
+    fn region_range(&self, offset: u64, len: u32) -> std::ops::Range<usize> {
+        let first = (offset >> REGION_SHIFT) as usize;
+        let last = ((offset + (len.max(1) as u64) - 1) >> REGION_SHIFT) as usize;
+        first..last + 1
+    }
+
+    /// Records that `[offset, offset+len)` changed while slot `idx` did not
+    /// get the write.
+    #[inline]
+    pub(crate) fn mark_dirty(&self, idx: usize, offset: u64, len: u32) {
+        if let Some(map) = self.slots[idx].dirty.load().as_ref() {
+            let end = offset + len as u64;
+            map.set_range(offset / BLOCK_SIZE, end.div_ceil(BLOCK_SIZE).min(map.blocks()));
+        }
+    }
+
+    /// The dirty map of slot `idx`, if it is tracking one.
+    pub(crate) fn dirty_map(&self, idx: usize) -> Option<Arc<HeadBitmap>> {
+        self.slots[idx].dirty.load_full()
     }
 
     pub fn health(&self) -> VolumeHealth {
@@ -175,21 +349,34 @@ impl VolumeIo {
         }
     }
 
+    pub fn slot_name(&self, idx: usize) -> String {
+        self.slots[idx].name.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The slot holding replica `name`.
+    pub fn slot_of(&self, name: &str) -> Option<usize> {
+        (0..self.slots.len()).find(|&i| self.slot_name(i) == name)
+    }
+
     pub fn replicas(&self) -> Vec<ReplicaStatus> {
         let messages = self.lock();
-        let mask = self.healthy_mask();
-        self.slots
-            .iter()
-            .enumerate()
-            .map(|(i, s)| ReplicaStatus {
-                name: s.name.clone(),
-                state: if mask & (1 << i) != 0 { ReplicaState::Healthy } else { ReplicaState::Failed },
+        let m = self.masks();
+        (0..self.slots.len())
+            .map(|i| ReplicaStatus {
+                name: self.slot_name(i),
+                state: if healthy_of(m) & (1 << i) != 0 {
+                    ReplicaState::Healthy
+                } else if rebuilding_of(m) & (1 << i) != 0 {
+                    ReplicaState::Rebuilding
+                } else {
+                    ReplicaState::Failed
+                },
                 message: messages[i].clone(),
             })
             .collect()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<String>> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Vec<String>> {
         // A panic while holding it cannot leave the Vec<String> inconsistent.
         self.membership.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -199,64 +386,98 @@ impl VolumeIo {
     /// newest+1, persisted before any I/O is served. Returns the new revision.
     pub fn begin_epoch(&self) -> Result<u64, EngineError> {
         let mut messages = self.lock();
-        let mask = self.healthy_mask();
-        let newest = self
-            .slots
+        let m = self.masks();
+        let healthy = healthy_of(m);
+        let revs: Vec<Option<u64>> = self.slots.iter().map(|s| s.io.load().as_ref().map(|io| io.revision())).collect();
+        let newest = revs
             .iter()
             .enumerate()
-            .filter(|(i, _)| mask & (1 << i) != 0)
-            .map(|(_, s)| s.io.revision())
+            .filter(|(i, _)| healthy & (1 << i) != 0)
+            .filter_map(|(_, r)| *r)
             .max()
             .unwrap_or(0);
         let mut failed = Vec::new();
-        for (i, s) in self.slots.iter().enumerate() {
-            let rev = s.io.revision();
-            if mask & (1 << i) != 0 && rev < newest {
-                failed.push((i, format!("stale: revision {rev} is behind the newest replica's {newest}")));
+        for (i, rev) in revs.iter().enumerate() {
+            if let Some(rev) = rev {
+                if healthy & (1 << i) != 0 && *rev < newest {
+                    failed.push((i, format!("stale: revision {rev} is behind the newest replica's {newest}")));
+                }
             }
         }
         let stale: u32 = failed.iter().fold(0, |m, (i, _)| m | 1 << i);
-        self.commit(&mut messages, mask & !stale, newest + 1, failed)
+        // Stale replicas missed writes nobody recorded: no dirty tracking,
+        // they need a full rebuild.
+        self.commit(&mut messages, healthy & !stale, newest + 1, failed, false)
     }
 
     /// Takes replica `idx` out of the I/O set (an I/O on it failed, or its
-    /// files changed under it). Idempotent.
+    /// files changed under it, or its node stopped answering). Idempotent.
     pub(crate) fn fail_index(&self, idx: usize, reason: &str) {
         let mut messages = self.lock();
-        let mask = self.healthy_mask();
-        if mask & (1 << idx) == 0 {
-            return;
+        let m = self.masks();
+        let bit = 1u32 << idx;
+        if healthy_of(m) & bit != 0 {
+            let next = self.revision() + 1;
+            // Errors were already turned into a failed replica inside commit.
+            let _ = self.commit(&mut messages, healthy_of(m) & !bit, next, vec![(idx, reason.to_string())], true);
+        } else if rebuilding_of(m) & bit != 0 {
+            // Not readable, so the revision need not move: the rebuild stops.
+            self.start_tracking(idx);
+            self.masks.store(pack(healthy_of(m), rebuilding_of(m) & !bit, tracking_of(m) | bit), Ordering::SeqCst);
+            self.report_failure(&mut messages, idx, format!("rebuild stopped: {reason}"));
         }
-        let next = self.revision() + 1;
-        // Errors were already turned into a failed replica inside commit.
-        let _ = self.commit(&mut messages, mask & !(1 << idx), next, vec![(idx, reason.to_string())]);
+    }
+
+    /// Gives slot `idx` a dirty map (if it has none) before it stops
+    /// getting writes. Called with the membership lock held.
+    fn start_tracking(&self, idx: usize) {
+        let slot = &self.slots[idx];
+        if slot.dirty.load().is_none() {
+            slot.dirty.store(Some(Arc::new(HeadBitmap::new(self.size.div_ceil(BLOCK_SIZE)))));
+            slot.left_at.store(self.revision(), Ordering::SeqCst);
+        }
+    }
+
+    fn report_failure(&self, messages: &mut [String], idx: usize, reason: String) {
+        let replica = self.slot_name(idx);
+        tracing::warn!(volume = %self.name, %replica, %reason, "replica failed, removed from the I/O set");
+        messages[idx] = reason.clone();
+        (self.events)(EngineEvent::ReplicaFailed { replica, reason });
     }
 
     /// Persists `revision` on every replica in `keep`, then publishes the new
-    /// set. A replica that cannot take the revision fails too.
+    /// set. A replica that cannot take the revision fails too. With `track`,
+    /// replicas leaving the set keep a dirty map.
     fn commit(
         &self,
         messages: &mut [String],
         mut keep: u32,
         revision: u64,
         mut failed: Vec<(usize, String)>,
+        track: bool,
     ) -> Result<u64, EngineError> {
-        for (i, s) in self.slots.iter().enumerate() {
+        for i in 0..self.slots.len() {
             if keep & (1 << i) == 0 {
                 continue;
             }
-            if let Err(e) = s.io.set_revision(revision) {
+            let Some(io) = self.slots[i].io.load_full() else { continue };
+            if let Err(e) = io.set_revision(revision) {
                 keep &= !(1 << i);
                 failed.push((i, format!("cannot persist revision {revision}: {e}")));
             }
         }
+        let m = self.masks();
+        let mut tracking = tracking_of(m);
+        if track {
+            for (i, _) in &failed {
+                self.start_tracking(*i);
+                tracking |= 1 << i;
+            }
+        }
         self.revision.store(revision, Ordering::Release);
-        self.healthy.store(keep, Ordering::Release);
+        self.masks.store(pack(keep, rebuilding_of(m), tracking), Ordering::SeqCst);
         for (i, reason) in failed {
-            let replica = &self.slots[i].name;
-            tracing::warn!(volume = %self.name, %replica, %reason, "replica failed, removed from the I/O set");
-            messages[i] = reason.clone();
-            (self.events)(EngineEvent::ReplicaFailed { replica: replica.clone(), reason });
+            self.report_failure(messages, i, reason);
         }
         if keep == 0 {
             tracing::error!(volume = %self.name, "volume faulted: no healthy replica left");
@@ -269,9 +490,7 @@ impl VolumeIo {
     /// healthy replica; failing an already failed replica is a no-op.
     pub fn fail_replica(&self, name: &str, reason: &str) -> Result<(), EngineError> {
         let idx = self
-            .slots
-            .iter()
-            .position(|s| s.name == name)
+            .slot_of(name)
             .ok_or_else(|| EngineError::UnknownReplica { volume: self.name.clone(), replica: name.to_string() })?;
         let mask = self.healthy_mask();
         if mask == 1 << idx {
@@ -281,12 +500,16 @@ impl VolumeIo {
         Ok(())
     }
 
-    /// Health-checks every healthy replica's files; fails the broken ones.
+    /// Health-checks every healthy or rebuilding replica; fails the broken
+    /// ones.
     pub fn check_replicas(&self) {
-        let mask = self.healthy_mask();
-        for (i, s) in self.slots.iter().enumerate() {
-            if mask & (1 << i) != 0 {
-                if let Err(reason) = s.io.check() {
+        let m = self.masks();
+        for i in 0..self.slots.len() {
+            if (healthy_of(m) | rebuilding_of(m)) & (1 << i) == 0 {
+                continue;
+            }
+            if let Some(io) = self.slots[i].io.load_full() {
+                if let Err(reason) = io.check() {
                     self.fail_index(i, &reason);
                 }
             }
@@ -297,9 +520,12 @@ impl VolumeIo {
     /// (blocking; detach and shutdown). A replica that cannot sync fails.
     pub fn flush(&self) -> Result<(), EngineError> {
         let mask = self.healthy_mask();
-        for (i, s) in self.slots.iter().enumerate() {
-            if mask & (1 << i) != 0 {
-                if let Err(e) = s.io.sync() {
+        for i in 0..self.slots.len() {
+            if mask & (1 << i) == 0 {
+                continue;
+            }
+            if let Some(io) = self.slots[i].io.load_full() {
+                if let Err(e) = io.sync() {
                     self.fail_index(i, &format!("sync failed: {e}"));
                 }
             }
@@ -308,5 +534,132 @@ impl VolumeIo {
             return Err(EngineError::Faulted { volume: self.name.clone() });
         }
         Ok(())
+    }
+
+    /// Puts `io` (replica `name`) into failed slot `idx` and makes it a
+    /// write target. Returns whether its dirty map describes it exactly (the
+    /// same replica back at the revision it left at), so only the marked
+    /// blocks need copying. Otherwise the slot tracks from an empty map and
+    /// the caller copies everything the source holds.
+    pub(crate) fn start_rebuild(&self, idx: usize, name: &str, io: ReplicaIo) -> Result<bool, EngineError> {
+        let _messages = self.lock();
+        let m = self.masks();
+        let bit = 1u32 << idx;
+        if idx >= self.slots.len() {
+            return Err(EngineError::UnknownReplica { volume: self.name.clone(), replica: name.to_string() });
+        }
+        if (healthy_of(m) | rebuilding_of(m)) & bit != 0 {
+            return Err(EngineError::InService { volume: self.name.clone(), replica: self.slot_name(idx) });
+        }
+        if healthy_of(m) == 0 {
+            return Err(EngineError::Faulted { volume: self.name.clone() });
+        }
+        if io.size() != self.size {
+            return Err(EngineError::SizeMismatch {
+                volume: self.name.clone(),
+                replica: name.to_string(),
+                size: io.size(),
+                expected: self.size,
+            });
+        }
+        if let ReplicaIo::Remote(r) = &io {
+            r.start_queues(&self.ports, self.layout.depth, idx as u8)
+                .map_err(|e| EngineError::Setup { volume: self.name.clone(), reason: e.to_string() })?;
+        }
+        let slot = &self.slots[idx];
+        let same = *slot.name.lock().unwrap_or_else(|p| p.into_inner()) == name;
+        let incremental = same
+            && tracking_of(m) & bit != 0
+            && slot.dirty.load().is_some()
+            && io.revision() == slot.left_at.load(Ordering::SeqCst);
+        if !incremental {
+            slot.dirty.store(Some(Arc::new(HeadBitmap::new(self.size.div_ceil(BLOCK_SIZE)))));
+        }
+        *slot.name.lock().unwrap_or_else(|p| p.into_inner()) = name.to_string();
+        slot.io.store(Some(Arc::new(io)));
+        self.masks.store(pack(healthy_of(m), rebuilding_of(m) | bit, tracking_of(m) | bit), Ordering::SeqCst);
+        tracing::info!(volume = %self.name, replica = name, incremental, "rebuild started");
+        Ok(incremental)
+    }
+
+    /// The copy is complete: the replica takes the current revision and
+    /// becomes readable. Fails if it left the write set meanwhile.
+    pub(crate) fn finish_rebuild(&self, idx: usize) -> Result<u64, EngineError> {
+        let mut messages = self.lock();
+        let m = self.masks();
+        let bit = 1u32 << idx;
+        if rebuilding_of(m) & bit == 0 {
+            return Err(EngineError::RebuildAborted { volume: self.name.clone(), replica: self.slot_name(idx) });
+        }
+        let revision = self.revision();
+        let io = self.slots[idx].io.load_full();
+        if let Some(Err(e)) = io.map(|io| io.set_revision(revision)) {
+            self.masks.store(pack(healthy_of(m), rebuilding_of(m) & !bit, tracking_of(m)), Ordering::SeqCst);
+            self.report_failure(&mut messages, idx, format!("cannot persist revision {revision}: {e}"));
+            return Err(EngineError::RebuildAborted { volume: self.name.clone(), replica: self.slot_name(idx) });
+        }
+        self.slots[idx].dirty.store(None);
+        self.masks.store(pack(healthy_of(m) | bit, rebuilding_of(m) & !bit, tracking_of(m) & !bit), Ordering::SeqCst);
+        messages[idx].clear();
+        Ok(revision)
+    }
+
+    /// Whether replica `revision` could come back into slot `idx` with only
+    /// its dirty map copied (the same replica, back at the revision it left
+    /// at, and this engine tracked it since).
+    pub fn can_resume(&self, idx: usize, name: &str, revision: u64) -> bool {
+        let Some(slot) = self.slots.get(idx) else { return false };
+        let m = self.masks();
+        tracking_of(m) & (1 << idx) != 0
+            && slot.dirty.load().is_some()
+            && slot.left_at.load(Ordering::SeqCst) == revision
+            && *slot.name.lock().unwrap_or_else(|p| p.into_inner()) == name
+    }
+
+    /// Auto-salvage of a faulted volume: of the replicas found, those with
+    /// the highest revision become the healthy set (a new epoch starts on
+    /// them); the rest stay failed and are rebuilt later. Returns the names
+    /// of the replicas kept; does nothing unless the volume is faulted.
+    pub fn salvage(&self, found: Vec<(usize, String, ReplicaIo)>) -> Result<Vec<String>, EngineError> {
+        let mut messages = self.lock();
+        let m = self.masks();
+        if healthy_of(m) != 0 {
+            return Ok(Vec::new());
+        }
+        let Some(newest) = found.iter().map(|(_, _, io)| io.revision()).max() else {
+            return Err(EngineError::Faulted { volume: self.name.clone() });
+        };
+        let mut keep = 0u32;
+        let mut kept = Vec::new();
+        for (idx, name, io) in found {
+            if idx >= self.slots.len() || io.revision() != newest || io.size() != self.size {
+                continue;
+            }
+            if let ReplicaIo::Remote(r) = &io {
+                if let Err(e) = r.start_queues(&self.ports, self.layout.depth, idx as u8) {
+                    tracing::warn!(volume = %self.name, replica = %name, error = %e, "salvage: cannot connect");
+                    continue;
+                }
+            }
+            let slot = &self.slots[idx];
+            *slot.name.lock().unwrap_or_else(|p| p.into_inner()) = name.clone();
+            slot.io.store(Some(Arc::new(io)));
+            slot.dirty.store(None);
+            messages[idx].clear();
+            keep |= 1 << idx;
+            kept.push(name);
+        }
+        if keep == 0 {
+            return Err(EngineError::Faulted { volume: self.name.clone() });
+        }
+        self.masks.store(pack(0, rebuilding_of(m) & !keep, tracking_of(m) & !keep), Ordering::SeqCst);
+        tracing::warn!(volume = %self.name, revision = newest, replicas = ?kept, "auto-salvage: recovering from the newest replicas");
+        self.commit(&mut messages, keep, newest + 1, Vec::new(), false)?;
+        Ok(kept)
+    }
+
+    /// Whether slot `idx` is being rebuilt.
+    pub(crate) fn is_rebuilding(&self, idx: usize) -> bool {
+        rebuilding_of(self.masks()) & (1 << idx) != 0
     }
 }

@@ -341,16 +341,38 @@ fn serve_queue(qid: u16, dev: &UblkDev, volume: Arc<VolumeIo>) {
             return;
         }
     };
-    let mut engine = QueueEngine::new(volume, dev.dev_info.queue_depth);
+    let mut engine = QueueEngine::new(volume, qid, dev.dev_info.queue_depth);
     let commit = |q: &UblkQueue, tag: u16, res: i32| {
         let buf = bufs[tag as usize].as_slice();
         if let Err(e) = q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res))) {
             tracing::error!(qid, tag, error = %e, "committing ublk result");
         }
     };
+    // Remote replicas answer on other threads; they post to the queue's
+    // completion port and bump its eventfd. A read of that eventfd is kept
+    // pending on this ring, so its completion wakes the queue thread out of
+    // io_uring_enter. The 8-byte target must outlive the ring (leaked below).
+    let port_buf: *mut u64 = Box::into_raw(Box::new(0u64));
+    let port_fd = engine.port_fd();
+    let arm_port = |q: &UblkQueue| {
+        if let Some(fd) = port_fd {
+            let sqe = io_uring::opcode::Read::new(io_uring::types::Fd(fd), port_buf.cast(), 8)
+                .build()
+                .user_data(UblkIOCtx::build_user_data(0, PORT_OP, 0, true));
+            if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
+                tracing::error!(qid, error = %e, "arming the remote completion port");
+            }
+        }
+    };
+    arm_port(&queue);
     queue.wait_and_handle_io(|q, tag, ctx| {
         let mut sink = QueueSink { queue: q };
         let done = if ctx.is_tgt_io() {
+            if UblkIOCtx::user_data_to_op(ctx.user_data()) == PORT_OP {
+                engine.drain_remote(&mut sink, |tag, res| commit(q, tag, res));
+                arm_port(q);
+                return;
+            }
             let replica = ((ctx.user_data() >> 24) & 0xffff) as u8;
             engine.complete(tag, replica, ctx.result(), &mut sink)
         } else {
@@ -364,9 +386,14 @@ fn serve_queue(qid: u16, dev: &UblkDev, volume: Arc<VolumeIo>) {
         }
     });
     if engine.in_flight() {
-        // The queue stopped with replica I/O still owned by the kernel; it may
-        // yet write into these buffers, so they must outlive the ring.
+        // The queue stopped with replica I/O still owned by the kernel (or a
+        // remote receiver); it may yet write into these buffers, so they
+        // must outlive the ring.
         tracing::warn!(qid, "queue stopped with replica I/O in flight; leaking its buffers");
         std::mem::forget(bufs);
     }
 }
+
+/// Op code (in the SQE user_data) of the completion-port eventfd read; data
+/// legs use op 0.
+const PORT_OP: u32 = 0x7f;

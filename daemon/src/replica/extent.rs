@@ -202,6 +202,22 @@ impl HeadBitmap {
         }
     }
 
+    /// Clears blocks `[start, end)` (a rebuild taking work off a dirty map).
+    pub fn clear_range(&self, start: u64, end: u64) {
+        let end = end.min(self.blocks);
+        let mut b = start;
+        while b < end {
+            let w = (b / 64) as usize;
+            let lo = b % 64;
+            let hi = (end - (b - lo)).min(64);
+            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            if let Some(word) = self.words.get(w) {
+                word.fetch_and(!mask, Ordering::SeqCst);
+            }
+            b = b - lo + hi;
+        }
+    }
+
     #[inline]
     pub fn get(&self, block: u64) -> bool {
         block < self.blocks

@@ -14,6 +14,7 @@
 //! and `volume.meta` is always written last: it is the commit point.
 
 pub mod extent;
+mod blocking;
 pub mod meta;
 
 use std::collections::{BTreeMap, HashSet};

@@ -1,11 +1,14 @@
 //! The replica transport: how the engine reaches a replica on another node.
 //!
 //! This module owns the replica wire protocol — the frame format both the
-//! replica server and the engine's remote-replica leg speak — and the
-//! cluster-secret handshake that opens every connection. It holds no sockets
-//! yet: [`wire`] is a pure codec over byte slices and `io::Read`, [`auth`]
-//! the handshake primitives. See `docs/design/0002-replica-wire-protocol.md`
-//! for the decisions behind the format.
+//! replica server and the engine's remote-replica leg speak — the
+//! cluster-secret handshake that opens every connection, the replica server
+//! ([`server`]) and the blocking peer client ([`client`]) the control plane
+//! and rebuilds use. [`wire`] is a pure codec over byte slices and
+//! `io::Read`, [`auth`] the handshake primitives. The engine's pipelined
+//! client lives in `engine::remote`. See
+//! `docs/design/0002-replica-wire-protocol.md` for the decisions behind the
+//! format.
 //!
 //! One frame (integers little-endian):
 //!
@@ -27,10 +30,15 @@
 //! state and may be called from any thread.
 
 pub mod auth;
+pub mod client;
+pub mod server;
 pub mod wire;
 
 pub use auth::{AuthError, ClientHandshake, ClusterSecret, ServerHandshake};
+pub use client::{PeerConn, PeerError};
+pub use server::{ReplicaServer, ServerStats};
 pub use wire::{
-    decode_frame, encode_frame, encode_frame_head, Decoded, FrameReader, Header, Op, WireError, MAGIC,
+    decode_frame, encode_frame, encode_frame_head, Decoded, DiskReport, FrameReader, Header, NodeReport, Op, ReplicaReport,
+    WireError, MAGIC,
     MAX_HEADER, MAX_PAYLOAD, PREFIX_LEN,
 };

@@ -123,6 +123,60 @@ pub enum Op {
     /// `errno` is positive (`libc::EIO`, …): the engine completes the ublk
     /// request with its negation, as for a local replica.
     Error { errno: i32, message: String },
+
+    // Node and replica management (the owner's control plane → a peer).
+    /// Binds this connection to one replica: every data op after it is on
+    /// that replica. Answered with `Opened`.
+    Open { volume: String, replica: String },
+    Opened { size: u64, revision: u64 },
+    /// The node's name and disks. Answered with `Node`.
+    NodeStatus,
+    Node { report: NodeReport },
+    /// Makes an empty replica on the least-loaded schedulable disk. Answered
+    /// with `Created`.
+    /// `over_provisioning` and `min_available` are the owner's placement
+    /// settings (percent), applied to this node's disks.
+    CreateReplica { volume: String, replica: String, size: u64, over_provisioning: u32, min_available: u32 },
+    Created { disk: String, dir: String },
+    /// Removes a replica's directory (a replica open elsewhere is refused).
+    DeleteReplica { replica: String },
+    /// Every replica on the node, for adoption. Answered with `Replicas`.
+    ListReplicas,
+    Replicas { replicas: Vec<ReplicaReport> },
+    /// Ranges where any layer of the bound replica holds data (what a full
+    /// rebuild copies). Answered with `Extents`.
+    ListAllocated,
+}
+
+/// One node as it describes itself.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct NodeReport {
+    pub node: String,
+    pub disks: Vec<DiskReport>,
+}
+
+/// One disk of a node: filesystem size and free space, and the bytes of
+/// volume size its replicas promise (Longhorn's Size / Used / Allocated).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct DiskReport {
+    pub path: String,
+    pub size: u64,
+    pub available: u64,
+    pub allocated: u64,
+    pub replicas: u32,
+}
+
+/// One replica as its node describes it (enough to re-adopt the volume).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ReplicaReport {
+    pub volume: String,
+    pub replica: String,
+    pub size: u64,
+    pub revision: u64,
+    pub disk: String,
+    pub dir: String,
+    /// Why the replica cannot be opened; empty when it can.
+    pub error: String,
 }
 
 
@@ -402,6 +456,31 @@ mod tests {
             Op::Extents { extents: vec![(0, 4096), (1 << 30, 1 << 20)] },
             Op::Pong,
             Op::Error { errno: libc::EIO, message: "disk gone".into() },
+            Op::Open { volume: "v".into(), replica: "v-r-0000abcd".into() },
+            Op::Opened { size: 1 << 30, revision: 9 },
+            Op::NodeStatus,
+            Op::Node {
+                report: NodeReport {
+                    node: "n1".into(),
+                    disks: vec![DiskReport { path: "/d".into(), size: 10, available: 5, allocated: 4, replicas: 1 }],
+                },
+            },
+            Op::CreateReplica { volume: "v".into(), replica: "v-r-1".into(), size: 4096, over_provisioning: 100, min_available: 25 },
+            Op::Created { disk: "/d".into(), dir: "/d/replicas/v-r-1".into() },
+            Op::DeleteReplica { replica: "v-r-1".into() },
+            Op::ListReplicas,
+            Op::Replicas {
+                replicas: vec![ReplicaReport {
+                    volume: "v".into(),
+                    replica: "v-r-1".into(),
+                    size: 4096,
+                    revision: 3,
+                    disk: "/d".into(),
+                    dir: "/d/replicas/v-r-1".into(),
+                    error: String::new(),
+                }],
+            },
+            Op::ListAllocated,
         ];
         for op in &ops {
             match op {
@@ -424,7 +503,17 @@ mod tests {
                 | Op::Layers { .. }
                 | Op::Extents { .. }
                 | Op::Pong
-                | Op::Error { .. } => {}
+                | Op::Error { .. }
+                | Op::Open { .. }
+                | Op::Opened { .. }
+                | Op::NodeStatus
+                | Op::Node { .. }
+                | Op::CreateReplica { .. }
+                | Op::Created { .. }
+                | Op::DeleteReplica { .. }
+                | Op::ListReplicas
+                | Op::Replicas { .. }
+                | Op::ListAllocated => {}
             }
         }
         ops
@@ -662,6 +751,22 @@ mod tests {
             proptest::collection::vec((any::<u64>(), any::<u64>()), 0..50).prop_map(|extents| Op::Extents { extents }),
             Just(Op::Pong),
             (any::<i32>(), ".{0,40}").prop_map(|(errno, message)| Op::Error { errno, message }),
+            (".{0,20}", ".{0,20}").prop_map(|(volume, replica)| Op::Open { volume, replica }),
+            (any::<u64>(), any::<u64>()).prop_map(|(size, revision)| Op::Opened { size, revision }),
+            Just(Op::NodeStatus),
+            (".{0,20}", proptest::collection::vec((".{0,20}", any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>()), 0..4))
+                .prop_map(|(node, d)| Op::Node {
+                    report: NodeReport {
+                        node,
+                        disks: d
+                            .into_iter()
+                            .map(|(path, size, available, allocated, replicas)| DiskReport { path, size, available, allocated, replicas })
+                            .collect(),
+                    },
+                }),
+            (".{0,20}", ".{0,20}", any::<u64>(), any::<u32>()).prop_map(|(volume, replica, size, p)| Op::CreateReplica { volume, replica, size, over_provisioning: p, min_available: p / 2 }),
+            Just(Op::ListReplicas),
+            Just(Op::ListAllocated),
         ]
     }
 

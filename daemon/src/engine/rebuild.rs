@@ -1,0 +1,362 @@
+//! Rebuild: brings a failed or new replica up to date while the volume
+//! keeps serving I/O.
+//!
+//! 1. The replica joins the write set as *rebuilding*: every new write goes
+//!    to it, but reads never do.
+//! 2. Work list: for a replica coming back at the revision it left at, the
+//!    dirty map of blocks written while it was away; for a new replica,
+//!    every range the source holds data in (from its extent maps, not by
+//!    reading). Writes that were already in flight when it joined and did
+//!    not go to it mark the map too, so the copy runs in passes until a
+//!    pass finds the map empty after every region has been seen idle.
+//! 3. Each chunk (within one 1 MiB region) is read from a healthy replica
+//!    and written to the target. The copy counts as done only if no write
+//!    to that region was in flight before and none started during the copy
+//!    (per-region counters kept by the queue engines); otherwise it is
+//!    redone. So a stale copy never overwrites a newer write on the target.
+//! 4. The target is flushed, takes the volume's current revision and
+//!    becomes healthy. If anything fails, the target is failed again and
+//!    the blocks taken off the map are put back, so a retry loses nothing.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::replica_io::ReplicaIo;
+use super::volume::{healthy_of, REGION_SHIFT};
+use super::{EngineError, VolumeIo};
+use crate::replica::extent::HeadBitmap;
+use crate::replica::{Replica, BLOCK_SIZE};
+use crate::transport::{Op, PeerConn, PeerError};
+
+/// Largest chunk copied at once (one region).
+const CHUNK: u64 = 1 << REGION_SHIFT;
+/// How long a region may stay busy before the rebuild gives up on it.
+const QUIET_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("rebuild of {replica}: {what} {store}: {source}")]
+    Io { replica: String, what: &'static str, store: String, source: io::Error },
+    #[error("rebuild of {replica}: no healthy replica to copy from")]
+    NoSource { replica: String },
+    #[error("rebuild of {replica}: region {region} stayed busy for {QUIET_TIMEOUT:?}")]
+    Busy { replica: String, region: usize },
+    #[error("rebuild of {replica}: cancelled")]
+    Cancelled { replica: String },
+}
+
+/// Blocking access to a replica's data: what a rebuild reads from and
+/// writes to, on this node or another.
+pub trait BlockStore: Send {
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    fn flush(&mut self) -> io::Result<()>;
+    /// Byte ranges `(offset, len)` where any layer holds data.
+    fn allocated(&mut self) -> io::Result<Vec<(u64, u64)>>;
+    fn describe(&self) -> String;
+}
+
+struct LocalStore(Arc<Replica>);
+
+impl BlockStore for LocalStore {
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read_at(offset, buf)
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.0.write_at(offset, data, false)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+    fn allocated(&mut self) -> io::Result<Vec<(u64, u64)>> {
+        Ok(self.0.allocated_ranges())
+    }
+    fn describe(&self) -> String {
+        self.0.dir().display().to_string()
+    }
+}
+
+struct RemoteStore {
+    conn: PeerConn,
+    data: Vec<u8>,
+}
+
+fn peer_io(e: PeerError) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl BlockStore for RemoteStore {
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let len = buf.len() as u32;
+        match self.conn.call_data(Op::Read { offset, len }, &[], &mut self.data).map_err(peer_io)? {
+            Op::Data if self.data.len() == buf.len() => {
+                buf.copy_from_slice(&self.data);
+                Ok(())
+            }
+            other => Err(io::Error::other(format!("unexpected answer {other:?} to a read"))),
+        }
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let mut none = Vec::new();
+        match self.conn.call_data(Op::Write { offset, fua: false }, data, &mut none).map_err(peer_io)? {
+            Op::Ok => Ok(()),
+            other => Err(io::Error::other(format!("unexpected answer {other:?} to a write"))),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.conn.call_ok(Op::Flush).map_err(peer_io)
+    }
+    fn allocated(&mut self) -> io::Result<Vec<(u64, u64)>> {
+        match self.conn.call(Op::ListAllocated).map_err(peer_io)? {
+            Op::Extents { extents } => Ok(extents),
+            other => Err(io::Error::other(format!("unexpected answer {other:?} to ListAllocated"))),
+        }
+    }
+    fn describe(&self) -> String {
+        self.conn.addr().to_string()
+    }
+}
+
+/// A blocking store over the same replica an engine slot uses.
+pub fn store_for(io: &ReplicaIo) -> io::Result<Box<dyn BlockStore>> {
+    Ok(match io {
+        ReplicaIo::Local(r) => Box::new(LocalStore(r.clone())),
+        ReplicaIo::Remote(r) => Box::new(RemoteStore { conn: r.open_stream().map_err(peer_io)?, data: Vec::new() }),
+    })
+}
+
+/// Live progress of one rebuild, read by `cairnctl volume get`.
+#[derive(Debug)]
+pub struct RebuildProgress {
+    pub replica: String,
+    /// Bytes to copy as known so far (grows if later passes find more).
+    pub total: AtomicU64,
+    pub done: AtomicU64,
+    pub incremental: AtomicBool,
+    pub started: Instant,
+}
+
+impl RebuildProgress {
+    pub fn new(replica: &str) -> RebuildProgress {
+        RebuildProgress {
+            replica: replica.to_string(),
+            total: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            incremental: AtomicBool::new(false),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn percent(&self) -> u32 {
+        let total = self.total.load(Ordering::Relaxed);
+        let done = self.done.load(Ordering::Relaxed);
+        if total == 0 {
+            0
+        } else {
+            ((done.min(total) * 100) / total) as u32
+        }
+    }
+
+    /// Bytes per second since the rebuild started.
+    pub fn rate(&self) -> u64 {
+        let secs = self.started.elapsed().as_secs_f64();
+        if secs <= 0.0 {
+            0
+        } else {
+            (self.done.load(Ordering::Relaxed) as f64 / secs) as u64
+        }
+    }
+}
+
+/// What a finished rebuild did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub incremental: bool,
+    /// Bytes copied (chunks redone after a racing write count again).
+    pub copied: u64,
+    pub redone_chunks: u64,
+    pub passes: u32,
+    pub elapsed: Duration,
+}
+
+/// Rebuilds slot `idx` of `volume` onto `io` (replica `name`). Blocking;
+/// run it on its own thread. `cancel` stops it between chunks.
+pub fn rebuild(
+    volume: &VolumeIo,
+    idx: usize,
+    name: &str,
+    io: ReplicaIo,
+    progress: &RebuildProgress,
+    cancel: &AtomicBool,
+) -> Result<RebuildReport, RebuildError> {
+    let io_err = |what, store: String| {
+        let replica = name.to_string();
+        move |source| RebuildError::Io { replica, what, store, source }
+    };
+    let desc = io.describe();
+    let target = store_for(&io).map_err(io_err("opening", desc.clone()))?;
+    let incremental = volume.start_rebuild(idx, name, io)?;
+    progress.incremental.store(incremental, Ordering::Relaxed);
+    let mut copier = Copier { volume, idx, name, target, progress, cancel, taken: Vec::new(), report: RebuildReport {
+        incremental,
+        copied: 0,
+        redone_chunks: 0,
+        passes: 0,
+        elapsed: Duration::ZERO,
+    } };
+    match copier.run(incremental) {
+        Ok(()) => {
+            volume.finish_rebuild(idx)?;
+            copier.report.elapsed = progress.started.elapsed();
+            tracing::info!(volume = %volume.name(), replica = name, incremental, copied = copier.report.copied,
+                elapsed_ms = copier.report.elapsed.as_millis() as u64, "rebuild complete");
+            Ok(copier.report)
+        }
+        Err(e) => {
+            // Whatever was taken off the map may not have reached the target.
+            if let Some(map) = volume.dirty_map(idx) {
+                for &(s, e) in &copier.taken {
+                    map.set_range(s, e);
+                }
+            }
+            volume.fail_index(idx, &e.to_string());
+            Err(e)
+        }
+    }
+}
+
+struct Copier<'a> {
+    volume: &'a VolumeIo,
+    idx: usize,
+    name: &'a str,
+    target: Box<dyn BlockStore>,
+    progress: &'a RebuildProgress,
+    cancel: &'a AtomicBool,
+    /// Block ranges cleared from the dirty map by this attempt.
+    taken: Vec<(u64, u64)>,
+    report: RebuildReport,
+}
+
+impl Copier<'_> {
+    fn source(&self) -> Result<Box<dyn BlockStore>, RebuildError> {
+        let healthy = healthy_of(self.volume.masks()) & !(1 << self.idx);
+        let candidates: Vec<Arc<ReplicaIo>> =
+            (0..self.volume.replica_count()).filter(|i| healthy & (1 << i) != 0).filter_map(|i| self.volume.replica(i)).collect();
+        // A local source reads without a network hop.
+        let pick = candidates
+            .iter()
+            .find(|io| matches!(***io, ReplicaIo::Local(_)))
+            .or(candidates.first())
+            .ok_or_else(|| RebuildError::NoSource { replica: self.name.to_string() })?;
+        store_for(pick).map_err(|source| RebuildError::Io {
+            replica: self.name.to_string(),
+            what: "opening source",
+            store: pick.describe(),
+            source,
+        })
+    }
+
+    fn io_err(&self, what: &'static str, store: String, source: io::Error) -> RebuildError {
+        RebuildError::Io { replica: self.name.to_string(), what, store, source }
+    }
+
+    fn run(&mut self, incremental: bool) -> Result<(), RebuildError> {
+        let mut source = self.source()?;
+        let map: Arc<HeadBitmap> = self
+            .volume
+            .dirty_map(self.idx)
+            .ok_or_else(|| EngineError::RebuildAborted { volume: self.volume.name().to_string(), replica: self.name.to_string() })?;
+        if !incremental {
+            let ranges = source.allocated().map_err(|e| self.io_err("listing extents of", source.describe(), e))?;
+            for (off, len) in ranges {
+                map.set_range(off / BLOCK_SIZE, (off + len).div_ceil(BLOCK_SIZE));
+            }
+        }
+        let mut buf = vec![0u8; CHUNK as usize];
+        let mut quiet_seen = false;
+        loop {
+            let ranges = map.ranges();
+            if ranges.is_empty() {
+                if quiet_seen {
+                    break;
+                }
+                // Writes that started before the target joined may still
+                // mark the map: wait until each region was idle once.
+                self.wait_quiet()?;
+                quiet_seen = true;
+                continue;
+            }
+            quiet_seen = false;
+            self.report.passes += 1;
+            let bytes: u64 = ranges.iter().map(|(s, e)| (e - s) * BLOCK_SIZE).sum();
+            self.progress.total.fetch_add(bytes, Ordering::Relaxed);
+            for (s, e) in ranges {
+                map.clear_range(s, e);
+                self.taken.push((s, e));
+                let (mut off, end) = (s * BLOCK_SIZE, e * BLOCK_SIZE);
+                while off < end {
+                    // Chunks never cross a region boundary.
+                    let region_end = (off | (CHUNK - 1)) + 1;
+                    let len = (end.min(region_end) - off) as usize;
+                    self.copy_chunk(&mut *source, off, &mut buf[..len])?;
+                    self.progress.done.fetch_add(len as u64, Ordering::Relaxed);
+                    off += len as u64;
+                }
+            }
+        }
+        self.target.flush().map_err(|e| self.io_err("flushing", self.target.describe(), e))
+    }
+
+    fn copy_chunk(&mut self, source: &mut dyn BlockStore, off: u64, buf: &mut [u8]) -> Result<(), RebuildError> {
+        let region_idx = (off >> REGION_SHIFT) as usize;
+        let Some(region) = self.volume.region(region_idx) else { return Ok(()) };
+        let since = Instant::now();
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(RebuildError::Cancelled { replica: self.name.to_string() });
+            }
+            if !self.volume.is_rebuilding(self.idx) {
+                return Err(EngineError::RebuildAborted {
+                    volume: self.volume.name().to_string(),
+                    replica: self.name.to_string(),
+                }
+                .into());
+            }
+            let started = region.started.load(Ordering::SeqCst);
+            if region.inflight.load(Ordering::SeqCst) != 0 {
+                if since.elapsed() > QUIET_TIMEOUT {
+                    return Err(RebuildError::Busy { replica: self.name.to_string(), region: region_idx });
+                }
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            source.read(off, buf).map_err(|e| self.io_err("reading", source.describe(), e))?;
+            self.target.write(off, buf).map_err(|e| self.io_err("writing", self.target.describe(), e))?;
+            self.report.copied += buf.len() as u64;
+            if region.inflight.load(Ordering::SeqCst) == 0 && region.started.load(Ordering::SeqCst) == started {
+                return Ok(());
+            }
+            // A write raced with the copy: the target may now hold older
+            // data than that write. Copy the region again.
+            self.report.redone_chunks += 1;
+        }
+    }
+
+    fn wait_quiet(&self) -> Result<(), RebuildError> {
+        for i in 0..self.volume.region_count() {
+            let Some(region) = self.volume.region(i) else { continue };
+            let since = Instant::now();
+            while region.inflight.load(Ordering::SeqCst) != 0 {
+                if since.elapsed() > QUIET_TIMEOUT {
+                    return Err(RebuildError::Busy { replica: self.name.to_string(), region: i });
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        Ok(())
+    }
+}

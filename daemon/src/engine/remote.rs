@@ -1,0 +1,406 @@
+//! A replica on another node, as the engine's I/O path reaches it.
+//!
+//! Each ublk queue gets its own TCP connection to the replica (a
+//! [`QueueConn`]), so queues never share a socket or a lock. The queue thread
+//! sends a request with one vectored `write` on its connection and goes on;
+//! many requests are in flight per connection. A receiver thread per
+//! connection reads the answers, copies read data straight into the tag's
+//! ublk buffer, and posts `(tag, replica, result)` to the queue's
+//! [`CompletionPort`]: a lock-free queue plus an eventfd that has a read
+//! pending on the queue's io_uring. That read's completion wakes the queue
+//! thread from `io_uring_enter` (a waker from another thread would not), and
+//! one wake drains every answer that arrived meanwhile.
+//!
+//! Failure: an answer that does not come within the replica timeout, a
+//! broken or garbled stream, or a failed send kills the connection: every
+//! request in flight on it completes with an error at once, so the engine
+//! fails the replica and I/O goes on with the others after at most the
+//! timeout. Each in-flight request's slot moves PENDING→IDLE by exactly one
+//! compare-and-swap (answer, timeout or kill), so it completes exactly once.
+
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use crossbeam_queue::ArrayQueue;
+
+use crate::transport::client::{connect_stream, PeerConn, PeerError};
+use crate::transport::server::send_frame;
+use crate::transport::{ClusterSecret, FrameReader, Header, Op, WireError};
+
+/// How a remote replica is reached.
+#[derive(Clone)]
+pub struct RemoteTarget {
+    /// `host:port` of the peer's replica server.
+    pub addr: String,
+    pub volume: String,
+    pub replica: String,
+    pub secret: ClusterSecret,
+    /// Our node id, sent in the handshake (for the peer's logs).
+    pub node: String,
+    /// An answer that takes longer fails the replica.
+    pub timeout: Duration,
+}
+
+/// One finished remote request.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteCompletion {
+    pub tag: u16,
+    pub replica: u8,
+    pub res: i32,
+}
+
+/// Where remote answers for one queue land; see the module docs.
+pub struct CompletionPort {
+    queue: ArrayQueue<RemoteCompletion>,
+    efd: OwnedFd,
+    signaled: AtomicBool,
+}
+
+impl CompletionPort {
+    /// A port for a queue of `depth` tags.
+    pub fn new(depth: u16) -> std::io::Result<CompletionPort> {
+        // SAFETY: plain syscall; the fd is owned below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh descriptor nobody else owns.
+        let efd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // At most one request per (tag, replica) is in flight.
+        let cap = (depth as usize * super::MAX_REPLICAS).max(1);
+        Ok(CompletionPort { queue: ArrayQueue::new(cap), efd, signaled: AtomicBool::new(false) })
+    }
+
+    /// The eventfd the queue keeps a read pending on.
+    pub fn fd(&self) -> RawFd {
+        self.efd.as_raw_fd()
+    }
+
+    fn post(&self, c: RemoteCompletion) {
+        if self.queue.push(c).is_err() {
+            // Cannot happen: capacity covers every (tag, replica) pair.
+            tracing::error!(tag = c.tag, replica = c.replica, "remote completion queue full; completion lost");
+        }
+        if !self.signaled.swap(true, Ordering::AcqRel) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+            unsafe { libc::write(self.fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+
+    /// Takes every posted completion. Call after the eventfd read completed
+    /// (and re-arm it): clearing the flag first means a completion posted
+    /// during the drain signals again rather than being stranded.
+    pub fn drain(&self, mut f: impl FnMut(RemoteCompletion)) {
+        self.signaled.store(false, Ordering::SeqCst);
+        while let Some(c) = self.queue.pop() {
+            f(c);
+        }
+    }
+}
+
+const IDLE: u32 = 0;
+const PENDING: u32 = 1;
+
+/// One tag's request in flight on a connection.
+struct TagSlot {
+    state: AtomicU32,
+    /// Read destination (the tag's ublk buffer) and the bytes expected.
+    buf: AtomicPtr<u8>,
+    expect: AtomicU32,
+    sent_ms: AtomicU64,
+}
+
+struct ConnShared {
+    slots: Box<[TagSlot]>,
+    dead: AtomicBool,
+    port: Arc<CompletionPort>,
+    /// The replica's slot index in the volume (set when installed).
+    index: AtomicU8,
+    stream: TcpStream,
+    timeout_ms: u64,
+    label: String,
+}
+
+impl ConnShared {
+    fn finish(&self, tag: usize, res: i32) -> bool {
+        let Some(slot) = self.slots.get(tag) else { return false };
+        if slot.state.compare_exchange(PENDING, IDLE, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            return false;
+        }
+        self.port.post(RemoteCompletion { tag: tag as u16, replica: self.index.load(Ordering::Relaxed), res });
+        true
+    }
+
+    /// Marks the connection dead and fails everything in flight on it.
+    fn kill(&self, errno: i32, reason: &str) {
+        if self.dead.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tracing::warn!(replica = %self.label, %reason, "remote replica connection lost");
+        let _ = self.stream.shutdown(Shutdown::Both);
+        for tag in 0..self.slots.len() {
+            self.finish(tag, -errno);
+        }
+    }
+}
+
+/// A queue's connection to the replica.
+pub struct QueueConn {
+    shared: Arc<ConnShared>,
+    writer: TcpStream,
+    receiver: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Coarse monotonic milliseconds (vDSO, no syscall).
+fn now_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: fills a live timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+impl QueueConn {
+    fn connect(t: &RemoteTarget, port: Arc<CompletionPort>, depth: u16, index: u8) -> Result<QueueConn, PeerError> {
+        let (writer, mut reader) = connect_stream(&t.addr, &t.secret, &t.node, t.timeout)?;
+        // Bind the connection to the replica before any I/O.
+        let mut buf = Vec::new();
+        let open = Op::Open { volume: t.volume.clone(), replica: t.replica.clone() };
+        let wire = |source| PeerError::Wire { addr: t.addr.clone(), source };
+        send_frame(&mut &writer, &mut buf, &Header { request_id: u64::MAX, op: open }, &[]).map_err(wire)?;
+        match reader.next_frame() {
+            Ok(Some((h, _))) => match h.op {
+                Op::Opened { .. } => {}
+                Op::Error { errno, message } => return Err(PeerError::Remote { addr: t.addr.clone(), errno, message }),
+                other => {
+                    return Err(PeerError::Unexpected { addr: t.addr.clone(), sent: "Open".into(), got: format!("{other:?}") })
+                }
+            },
+            Ok(None) => return Err(PeerError::Closed { addr: t.addr.clone() }),
+            Err(source) => return Err(PeerError::Wire { addr: t.addr.clone(), source }),
+        }
+        // Short reads let the receiver check timeouts while waiting.
+        let _ = writer.set_read_timeout(Some(Duration::from_millis(100)));
+        let slots = (0..depth)
+            .map(|_| TagSlot {
+                state: AtomicU32::new(IDLE),
+                buf: AtomicPtr::new(std::ptr::null_mut()),
+                expect: AtomicU32::new(0),
+                sent_ms: AtomicU64::new(0),
+            })
+            .collect();
+        let shared = Arc::new(ConnShared {
+            slots,
+            dead: AtomicBool::new(false),
+            port,
+            index: AtomicU8::new(index),
+            stream: writer.try_clone().map_err(|source| PeerError::Connect { addr: t.addr.clone(), source })?,
+            timeout_ms: t.timeout.as_millis() as u64,
+            label: format!("{} at {}", t.replica, t.addr),
+        });
+        let s2 = shared.clone();
+        let receiver = std::thread::Builder::new()
+            .name(format!("rx-{}", t.replica))
+            .spawn(move || receive(s2, reader))
+            .map_err(|source| PeerError::Connect { addr: t.addr.clone(), source })?;
+        Ok(QueueConn { shared, writer, receiver: Some(receiver) })
+    }
+
+    /// Sends one request for `tag`. Its result arrives on the port; for a
+    /// read, `expect` bytes are copied into `buf` first. Never blocks longer
+    /// than the socket's send timeout.
+    #[inline]
+    pub(crate) fn send(&self, scratch: &mut Vec<u8>, tag: u16, op: Op, payload: &[u8], buf: *mut u8, expect: u32) {
+        let sh = &*self.shared;
+        let Some(slot) = sh.slots.get(tag as usize) else {
+            return;
+        };
+        slot.buf.store(buf, Ordering::Relaxed);
+        slot.expect.store(expect, Ordering::Relaxed);
+        slot.sent_ms.store(now_ms(), Ordering::Relaxed);
+        slot.state.store(PENDING, Ordering::SeqCst);
+        if sh.dead.load(Ordering::SeqCst) {
+            sh.finish(tag as usize, -libc::EIO);
+            return;
+        }
+        let header = Header { request_id: tag as u64, op };
+        if let Err(e) = send_frame(&mut &self.writer, scratch, &header, payload) {
+            sh.kill(libc::EIO, &format!("send failed: {e}"));
+        }
+    }
+
+    pub(crate) fn is_dead(&self) -> bool {
+        self.shared.dead.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for QueueConn {
+    fn drop(&mut self) {
+        self.shared.kill(libc::EIO, "connection closed");
+        if let Some(t) = self.receiver.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Receiver thread: answers → completions; enforces the timeout.
+fn receive(sh: Arc<ConnShared>, mut reader: FrameReader<TcpStream>) {
+    let mut last_check = now_ms();
+    while !sh.dead.load(Ordering::Relaxed) {
+        match reader.next_frame() {
+            Ok(Some((h, payload))) => {
+                let tag = h.request_id as usize;
+                let Some(slot) = sh.slots.get(tag) else {
+                    sh.kill(libc::EIO, &format!("answer to unknown request {}", h.request_id));
+                    return;
+                };
+                if slot.state.load(Ordering::Acquire) != PENDING {
+                    sh.kill(libc::EIO, &format!("answer to request {tag}, which is not in flight"));
+                    return;
+                }
+                let expect = slot.expect.load(Ordering::Relaxed);
+                let res = match h.op {
+                    Op::Ok => expect as i32,
+                    Op::Data if payload.len() == expect as usize => {
+                        // SAFETY: the tag is PENDING, so its buffer (at least
+                        // `expect` bytes, the ublk tag buffer) is ours until
+                        // the completion is posted below.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(payload.as_ptr(), slot.buf.load(Ordering::Relaxed), payload.len())
+                        };
+                        expect as i32
+                    }
+                    Op::Data => {
+                        sh.kill(libc::EIO, &format!("read answer of {} bytes, expected {expect}", payload.len()));
+                        return;
+                    }
+                    Op::Error { errno, message } => {
+                        tracing::warn!(replica = %sh.label, errno, %message, "remote replica I/O error");
+                        -(errno.clamp(1, 4095))
+                    }
+                    other => {
+                        sh.kill(libc::EPROTO, &format!("unexpected answer {other:?}"));
+                        return;
+                    }
+                };
+                sh.finish(tag, res);
+            }
+            Ok(None) => {
+                sh.kill(libc::EIO, "peer closed the connection");
+                return;
+            }
+            Err(WireError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => {
+                sh.kill(libc::EIO, &e.to_string());
+                return;
+            }
+        }
+        let now = now_ms();
+        if now.saturating_sub(last_check) >= 50 {
+            last_check = now;
+            let late = sh.slots.iter().any(|s| {
+                s.state.load(Ordering::Acquire) == PENDING
+                    && now.saturating_sub(s.sent_ms.load(Ordering::Relaxed)) > sh.timeout_ms
+            });
+            if late {
+                sh.kill(libc::ETIMEDOUT, &format!("no answer within {} ms", sh.timeout_ms));
+                return;
+            }
+        }
+    }
+}
+
+/// A replica on another node: a control connection for the rare path and,
+/// once installed in a volume, one [`QueueConn`] per queue.
+pub struct RemoteReplica {
+    target: RemoteTarget,
+    size: u64,
+    revision: AtomicU64,
+    control: Mutex<PeerConn>,
+    queues: OnceLock<Box<[QueueConn]>>,
+}
+
+impl RemoteReplica {
+    /// Connects, authenticates and opens the replica (control connection).
+    pub fn connect(target: RemoteTarget) -> Result<RemoteReplica, PeerError> {
+        let mut c = PeerConn::connect(&target.addr, &target.secret, &target.node, target.timeout)?;
+        let open = Op::Open { volume: target.volume.clone(), replica: target.replica.clone() };
+        let (size, revision) = match c.call(open)? {
+            Op::Opened { size, revision } => (size, revision),
+            other => return Err(c.unexpected("Open".into(), other)),
+        };
+        Ok(RemoteReplica { target, size, revision: AtomicU64::new(revision), control: Mutex::new(c), queues: OnceLock::new() })
+    }
+
+    pub fn target(&self) -> &RemoteTarget {
+        &self.target
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    /// Opens the per-queue connections (once; the volume calls this when the
+    /// replica joins it).
+    pub(crate) fn start_queues(&self, ports: &[Arc<CompletionPort>], depth: u16, index: u8) -> Result<(), PeerError> {
+        if self.queues.get().is_some() {
+            return Ok(());
+        }
+        let conns = ports
+            .iter()
+            .map(|p| QueueConn::connect(&self.target, p.clone(), depth, index))
+            .collect::<Result<Vec<_>, _>>()?;
+        let _ = self.queues.set(conns.into_boxed_slice());
+        Ok(())
+    }
+
+    #[inline]
+    pub(crate) fn queue(&self, qid: usize) -> Option<&QueueConn> {
+        self.queues.get().and_then(|q| q.get(qid))
+    }
+
+    fn control(&self) -> std::sync::MutexGuard<'_, PeerConn> {
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_revision(&self, revision: u64) -> Result<(), PeerError> {
+        self.control().call_ok(Op::SetRevision { revision })?;
+        self.revision.store(revision, Ordering::Release);
+        Ok(())
+    }
+
+    /// Health check: the peer answers, and no queue connection died.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        if let Some(q) = self.queues.get() {
+            if q.iter().any(QueueConn::is_dead) {
+                return Err(format!("connection to {} lost", self.target.addr));
+            }
+        }
+        match self.control().call(Op::Ping) {
+            Ok(Op::Pong) => Ok(()),
+            Ok(other) => Err(format!("{}: answered {other:?} to Ping", self.target.addr)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub(crate) fn sync(&self) -> Result<(), PeerError> {
+        self.control().call_ok(Op::Flush)
+    }
+
+    /// A separate blocking connection to this replica (a rebuild's stream).
+    pub fn open_stream(&self) -> Result<PeerConn, PeerError> {
+        let t = &self.target;
+        let mut c = PeerConn::connect(&t.addr, &t.secret, &t.node, t.timeout)?;
+        match c.call(Op::Open { volume: t.volume.clone(), replica: t.replica.clone() })? {
+            Op::Opened { .. } => Ok(c),
+            other => Err(c.unexpected("Open".into(), other)),
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The replica server: serves this node's replicas to engines on other
+//! nodes over TCP (`cairnd --replica-listen`).
+//!
+//! Threads: one accept thread; one thread per connection, which runs the
+//! handshake and then executes requests in arrival order, answering each
+//! (responses carry the request id, so the client may keep many requests in
+//! flight — the connection is pipelined, not one-at-a-time). An engine opens
+//! one connection per ublk queue per replica, so queues never share a
+//! connection and the server runs them in parallel.
+//!
+//! A peer that fails the handshake, sends a malformed frame or a data op
+//! before authenticating is logged and dropped; nothing it sends reaches a
+//! replica, and other connections are unaffected.
+
+use std::io::{self, IoSlice, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::auth::{ClusterSecret, ServerHandshake};
+use super::wire::{encode_frame_head, FrameReader, Header, Op, WireError};
+use crate::disks::{disk_fits, NodeDisks};
+use crate::replica::Replica;
+
+/// How long a new connection may take to authenticate.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more are refused (a flood must not exhaust
+/// threads).
+const MAX_CONNECTIONS: usize = 4096;
+
+/// Counters a test or the metrics endpoint can read.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub accepted: AtomicU64,
+    /// Connections dropped for failing the handshake or sending garbage.
+    pub rejected: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+pub struct ReplicaServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ServerStats>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ReplicaServer {
+    /// Binds `listen` and starts serving `disks`' replicas.
+    pub fn start(listen: SocketAddr, secret: ClusterSecret, disks: Arc<NodeDisks>) -> io::Result<ReplicaServer> {
+        let listener = TcpListener::bind(listen)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(ServerStats::default());
+        let (stop2, stats2) = (stop.clone(), stats.clone());
+        let thread = std::thread::Builder::new()
+            .name("replica-accept".into())
+            .spawn(move || accept_loop(listener, secret, disks, stop2, stats2))?;
+        tracing::info!(%addr, "replica server listening");
+        Ok(ReplicaServer { addr, stop, stats, thread: Some(thread) })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+}
+
+impl Drop for ReplicaServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept thread with a connection of our own.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    secret: ClusterSecret,
+    disks: Arc<NodeDisks>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<ServerStats>,
+) {
+    let live = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a replica connection");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+        if live.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            live.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(%peer, "too many replica connections; refusing");
+            continue;
+        }
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let (secret, disks, stats, live) = (secret.clone(), disks.clone(), stats.clone(), live.clone());
+        let spawned = std::thread::Builder::new().name("replica-conn".into()).spawn(move || {
+            match serve(stream, &secret, &disks, &stats) {
+                Ok(()) => tracing::debug!(%peer, "replica connection closed"),
+                Err(ConnError::Rejected(reason)) => {
+                    stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, %reason, "replica connection rejected");
+                }
+                Err(ConnError::Io(e)) => tracing::info!(%peer, error = %e, "replica connection ended"),
+            }
+            live.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a replica connection thread");
+        }
+    }
+}
+
+enum ConnError {
+    /// The peer is not a Cairn node holding the secret, or broke the protocol.
+    Rejected(String),
+    /// The connection failed under a legitimate peer.
+    Io(io::Error),
+}
+
+impl From<WireError> for ConnError {
+    fn from(e: WireError) -> Self {
+        match e {
+            WireError::Io(e) => ConnError::Io(e),
+            other => ConnError::Rejected(other.to_string()),
+        }
+    }
+}
+
+impl From<io::Error> for ConnError {
+    fn from(e: io::Error) -> Self {
+        ConnError::Io(e)
+    }
+}
+
+/// Sends one frame: header and payload with one vectored write.
+pub(crate) fn send_frame(w: &mut impl Write, buf: &mut Vec<u8>, header: &Header, payload: &[u8]) -> Result<(), WireError> {
+    buf.clear();
+    encode_frame_head(buf, header, payload)?;
+    let mut slices = [IoSlice::new(buf), IoSlice::new(payload)];
+    let mut slices: &mut [IoSlice<'_>] = &mut slices;
+    while !slices.is_empty() && slices.iter().any(|s| !s.is_empty()) {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero).into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Sets TCP options both ends of a replica connection use: no Nagle delay
+/// (requests are latency-bound), and keepalive so a peer that vanished
+/// (power off, partition) does not pin a thread forever.
+pub(crate) fn tune_socket(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(s);
+    let set = |level, name, val: libc::c_int| {
+        // SAFETY: setsockopt with a pointer to a live c_int of the right size.
+        unsafe {
+            libc::setsockopt(fd, level, name, (&val as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as _)
+        };
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+}
+
+fn serve(stream: TcpStream, secret: &ClusterSecret, disks: &NodeDisks, stats: &ServerStats) -> Result<(), ConnError> {
+    tune_socket(&stream);
+    stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+    let mut w = stream.try_clone()?;
+    let mut reader = FrameReader::new(stream);
+    let mut out = Vec::with_capacity(256);
+
+    // Handshake: nothing but Hello, then Proof, is accepted.
+    let Some((hello, _)) = reader.next_frame()? else { return Ok(()) };
+    let (hs, challenge) =
+        ServerHandshake::on_hello(secret, &hello.op).map_err(|e| ConnError::Rejected(e.to_string()))?;
+    send_frame(&mut w, &mut out, &Header { request_id: hello.request_id, op: challenge }, &[])?;
+    let Some((proof, _)) = reader.next_frame()? else {
+        return Err(ConnError::Rejected("closed during the handshake".into()));
+    };
+    if let Err(e) = hs.on_proof(secret, &proof.op) {
+        // Tell an honest peer with the wrong secret why, then drop it.
+        let _ = send_frame(
+            &mut w,
+            &mut out,
+            &Header { request_id: proof.request_id, op: Op::Error { errno: libc::EACCES, message: e.to_string() } },
+            &[],
+        );
+        return Err(ConnError::Rejected(format!("node {:?}: {e}", hs.node)));
+    }
+    send_frame(&mut w, &mut out, &Header { request_id: proof.request_id, op: Op::Ok }, &[])?;
+    w.set_read_timeout(None)?;
+    tracing::debug!(node = %hs.node, "replica peer authenticated");
+
+    let mut bound: Option<Arc<Replica>> = None;
+    let mut data: Vec<u8> = Vec::new();
+    loop {
+        let Some((header, payload)) = reader.next_frame()? else { return Ok(()) };
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let (op, reply_data) = handle(disks, &mut bound, header.op, payload, &mut data);
+        let body: &[u8] = if reply_data { &data } else { &[] };
+        send_frame(&mut w, &mut out, &Header { request_id: header.request_id, op }, body)?;
+    }
+}
+
+fn io_err(e: io::Error) -> Op {
+    Op::Error { errno: e.raw_os_error().unwrap_or(libc::EIO), message: e.to_string() }
+}
+
+fn not_bound() -> Op {
+    Op::Error { errno: libc::EBADF, message: "no replica opened on this connection: send Open first".into() }
+}
+
+/// Executes one request. Returns the response op, and whether `data` is its
+/// payload.
+fn handle(disks: &NodeDisks, bound: &mut Option<Arc<Replica>>, op: Op, payload: &[u8], data: &mut Vec<u8>) -> (Op, bool) {
+    let done = |r: io::Result<()>| (r.map_or_else(io_err, |()| Op::Ok), false);
+    match op {
+        Op::Ping => (Op::Pong, false),
+        Op::NodeStatus => (Op::Node { report: disks.report() }, false),
+        Op::ListReplicas => (Op::Replicas { replicas: disks.list() }, false),
+        Op::Open { volume, replica } => match disks.open(&volume, &replica) {
+            Ok(r) => {
+                let reply = Op::Opened { size: r.size(), revision: r.revision() };
+                *bound = Some(r);
+                (reply, false)
+            }
+            Err(e) => (Op::Error { errno: e.errno(), message: e.to_string() }, false),
+        },
+        Op::CreateReplica { volume, replica, size, over_provisioning, min_available } => {
+            match disks.create(&volume, &replica, size, |d| disk_fits(d, size, over_provisioning, min_available)) {
+                Ok((disk, dir)) => {
+                    (Op::Created { disk: disk.display().to_string(), dir: dir.display().to_string() }, false)
+                }
+                Err(e) => (Op::Error { errno: e.errno(), message: e.to_string() }, false),
+            }
+        }
+        Op::DeleteReplica { replica } => match disks.delete(&replica) {
+            Ok(()) => (Op::Ok, false),
+            Err(e) => (Op::Error { errno: e.errno(), message: e.to_string() }, false),
+        },
+        op => {
+            let Some(r) = bound.as_ref() else { return (not_bound(), false) };
+            match op {
+                Op::Read { offset, len } => {
+                    if len as usize > super::MAX_PAYLOAD {
+                        return (Op::Error { errno: libc::EINVAL, message: "read too large".into() }, false);
+                    }
+                    data.resize(len as usize, 0);
+                    match r.read_at(offset, data) {
+                        Ok(()) => (Op::Data, true),
+                        Err(e) => (io_err(e), false),
+                    }
+                }
+                Op::Write { offset, fua } => done(r.write_at(offset, payload, fua)),
+                Op::Flush => done(r.flush()),
+                Op::Discard { offset, len } => done(r.discard(offset, len as u64)),
+                Op::WriteZeroes { offset, len } => done(r.write_zeroes(offset, len as u64)),
+                Op::GetRevision => (Op::Revision { revision: r.revision() }, false),
+                Op::SetRevision { revision } => match r.set_revision(revision) {
+                    Ok(()) => (Op::Ok, false),
+                    Err(e) => (Op::Error { errno: libc::EIO, message: e.to_string() }, false),
+                },
+                Op::ListLayers => (Op::Layers { layers: r.chain() }, false),
+                Op::ListAllocated => (Op::Extents { extents: r.allocated_ranges() }, false),
+                Op::ListExtents { .. } => {
+                    (Op::Error { errno: libc::EOPNOTSUPP, message: "ListExtents is not served; use ListAllocated".into() }, false)
+                }
+                other => (
+                    Op::Error { errno: libc::EPROTO, message: format!("unexpected {other:?} from a client") },
+                    false,
+                ),
+            }
+        }
+    }
+}
