@@ -63,14 +63,14 @@ const ZERO_CHUNK: u32 = 128 * 1024;
 const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 
 impl ReplicaIo {
-    pub(crate) fn size(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         match self {
             ReplicaIo::Local(r) => r.size(),
             ReplicaIo::Remote(r) => r.size(),
         }
     }
 
-    pub(crate) fn revision(&self) -> u64 {
+    pub fn revision(&self) -> u64 {
         match self {
             ReplicaIo::Local(r) => r.revision(),
             ReplicaIo::Remote(r) => r.revision(),

@@ -42,8 +42,12 @@ pub struct ReplicaServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     stats: Arc<ServerStats>,
+    conns: Conns,
     thread: Option<std::thread::JoinHandle<()>>,
 }
+
+/// Open connections, so stopping the server closes them too.
+type Conns = Arc<std::sync::Mutex<std::collections::HashMap<u64, TcpStream>>>;
 
 impl ReplicaServer {
     /// Binds `listen` and starts serving `disks`' replicas.
@@ -52,12 +56,13 @@ impl ReplicaServer {
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ServerStats::default());
-        let (stop2, stats2) = (stop.clone(), stats.clone());
+        let conns: Conns = Arc::default();
+        let (stop2, stats2, conns2) = (stop.clone(), stats.clone(), conns.clone());
         let thread = std::thread::Builder::new()
             .name("replica-accept".into())
-            .spawn(move || accept_loop(listener, secret, disks, stop2, stats2))?;
+            .spawn(move || accept_loop(listener, secret, disks, stop2, stats2, conns2))?;
         tracing::info!(%addr, "replica server listening");
-        Ok(ReplicaServer { addr, stop, stats, thread: Some(thread) })
+        Ok(ReplicaServer { addr, stop, stats, conns, thread: Some(thread) })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -77,6 +82,9 @@ impl Drop for ReplicaServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        for (_, c) in self.conns.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -86,8 +94,10 @@ fn accept_loop(
     disks: Arc<NodeDisks>,
     stop: Arc<AtomicBool>,
     stats: Arc<ServerStats>,
+    conns: Conns,
 ) {
     let live = Arc::new(AtomicUsize::new(0));
+    let mut next_id = 0u64;
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             return;
@@ -107,7 +117,12 @@ fn accept_loop(
             continue;
         }
         stats.accepted.fetch_add(1, Ordering::Relaxed);
-        let (secret, disks, stats, live) = (secret.clone(), disks.clone(), stats.clone(), live.clone());
+        next_id += 1;
+        let id = next_id;
+        if let Ok(c) = stream.try_clone() {
+            conns.lock().unwrap_or_else(|p| p.into_inner()).insert(id, c);
+        }
+        let (secret, disks, stats, live, conns) = (secret.clone(), disks.clone(), stats.clone(), live.clone(), conns.clone());
         let spawned = std::thread::Builder::new().name("replica-conn".into()).spawn(move || {
             match serve(stream, &secret, &disks, &stats) {
                 Ok(()) => tracing::debug!(%peer, "replica connection closed"),
@@ -117,6 +132,7 @@ fn accept_loop(
                 }
                 Err(ConnError::Io(e)) => tracing::info!(%peer, error = %e, "replica connection ended"),
             }
+            conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             live.fetch_sub(1, Ordering::SeqCst);
         });
         if let Err(e) = spawned {
