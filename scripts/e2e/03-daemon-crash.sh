@@ -24,7 +24,7 @@ CAIRND_PID=""
 [[ -b "$DEV" ]] || die "$DEV vanished when cairnd died (expected it parked for recovery)"
 sleep 1
 start_cairnd
-wait_for 60 "volume back attached" test "$(vol_field crash device)" == "$DEV"
+wait_for 60 "volume back attached" '[[ "$(vol_field crash device)" == "$DEV" ]]'
 say "restarted cairnd recovered $DEV, state $(vol_field crash state)"
 wait "$FIO" || { cat "$WORK/fio-write.txt"; die "fio failed across the daemon crash"; }
 fio "${job[@]}" --verify_only --output="$WORK/fio-verify.txt" || { cat "$WORK/fio-verify.txt"; die "verify after crash failed"; }

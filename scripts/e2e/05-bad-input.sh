@@ -46,7 +46,7 @@ DEV=$(ctl volume attach keep)
 stop_cairnd
 [[ ! -e "$DEV" ]] || die "$DEV still present after cairnd shutdown"
 start_cairnd
-wait_for 60 "keep re-attached after restart" test -b "$(vol_field keep device)"
+wait_for 60 "keep re-attached after restart" '[[ -b "$(vol_field keep device)" ]]'
 say "attached volume came back after a clean restart at $(vol_field keep device)"
 stop_cairnd
 say PASS

@@ -67,11 +67,11 @@ replica_dir() {
     ls -d "$WORK"/d*/replicas/"$name" 2>/dev/null | head -n1
 }
 
-wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+wait_for() { # wait_for SECONDS DESCRIPTION 'SHELL CONDITION' (single-quoted: evaluated each try)
     local secs=$1 what=$2
     shift 2
     for _ in $(seq 1 $((secs * 5))); do
-        "$@" && return 0
+        eval "$*" && return 0
         sleep 0.2
     done
     die "timed out after ${secs}s waiting for: $what"

@@ -43,6 +43,7 @@ guest_module_groups=(
     "crc16 mbcache jbd2 ext4"
     "libcrc32c xfs"
     "loop ublk_drv"
+    "llc stp bridge veth"
 )
 
 log() { printf 'vm: %s\n' "$*" >&2; }
@@ -55,7 +56,7 @@ die() {
 # Installs what is missing, quietly; apt-get update only when needed.
 ensure_packages() {
     local need=() p
-    for p in qemu-system-x86 busybox-static cpio xz-utils kmod fio e2fsprogs xfsprogs util-linux jq; do
+    for p in qemu-system-x86 busybox-static cpio xz-utils kmod fio e2fsprogs xfsprogs util-linux jq iproute2; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
     done
     [[ ${#need[@]} -eq 0 ]] && return 0

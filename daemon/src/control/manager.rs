@@ -26,13 +26,13 @@ use crate::engine::{
 use crate::frontend::{ublk_available, FrontendOptions, UblkDevice};
 use crate::metrics::VolumeSample;
 use crate::replica::BLOCK_SIZE;
-use crate::transport::{ClusterSecret, Op, ReplicaReport, ReplicaServer};
+use crate::transport::{ClusterSecret, Op, PeerError, ReplicaReport, ReplicaServer};
 
 /// How often attached volumes' replica files are health-checked.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Message on a replica the operator failed.
-const OPERATOR_FAILED: &str = "failed by operator";
+pub(super) const OPERATOR_FAILED: &str = "failed by operator";
 
 /// What a volume is doing, as `cairnctl` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1071,7 +1071,7 @@ fn attach_blocking(
             }
             Ok(io) => handles.push(ReplicaHandle { name: r.name, io: Some(io) }),
             Err(e) => {
-                open_failed.push((r.name.clone(), e));
+                open_failed.push((r.name.clone(), e.to_string()));
                 handles.push(ReplicaHandle { name: r.name, io: None });
             }
         }
@@ -1227,6 +1227,24 @@ fn prepare_disks(config: &NodeConfig) -> Result<Vec<PathBuf>, ControlError> {
     Ok(out)
 }
 
+/// Why a replica could not be opened.
+#[derive(Debug)]
+pub(super) enum OpenError {
+    /// Its node did not answer (down, partitioned): it may come back.
+    Unreachable(String),
+    /// Its node answered, or it is local, and the replica is missing or
+    /// unusable: it must be replaced.
+    Broken(String),
+}
+
+impl fmt::Display for OpenError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OpenError::Unreachable(s) | OpenError::Broken(s) => f.write_str(s),
+        }
+    }
+}
+
 /// `<volume>-r-<8 random hex>`.
 pub(super) fn random_replica_name(volume: &str) -> Result<String, ControlError> {
     let mut b = [0u8; 4];
@@ -1335,13 +1353,14 @@ impl Inner {
     }
 
     /// Opens a replica for the engine: the shared local object, or a
-    /// connection to its node. Blocking.
-    pub(super) fn open_replica(&self, volume: &str, name: &str, addr: &str) -> Result<ReplicaIo, String> {
+    /// connection to its node. Blocking. Errors say whether the replica is
+    /// unusable or only out of reach.
+    pub(super) fn open_replica(&self, volume: &str, name: &str, addr: &str) -> Result<ReplicaIo, OpenError> {
         if addr.is_empty() {
-            return self.disks.open(volume, name).map(ReplicaIo::Local).map_err(|e| e.to_string());
+            return self.disks.open(volume, name).map(ReplicaIo::Local).map_err(|e| OpenError::Broken(e.to_string()));
         }
         let Some(secret) = self.cluster.secret() else {
-            return Err("this node runs standalone and cannot reach remote replicas".into());
+            return Err(OpenError::Unreachable("this node runs standalone and cannot reach remote replicas".into()));
         };
         let target = RemoteTarget {
             addr: addr.to_string(),
@@ -1351,7 +1370,11 @@ impl Inner {
             node: self.node_id.clone(),
             timeout: Duration::from_secs(self.settings.u64(settings::REPLICA_TIMEOUT).max(1)),
         };
-        RemoteReplica::connect(target).map(|r| ReplicaIo::Remote(Arc::new(r))).map_err(|e| e.to_string())
+        RemoteReplica::connect(target).map(|r| ReplicaIo::Remote(Arc::new(r))).map_err(|e| match e {
+            // The node answered: the replica itself is missing or unusable.
+            PeerError::Remote { .. } => OpenError::Broken(e.to_string()),
+            _ => OpenError::Unreachable(e.to_string()),
+        })
     }
 
     /// Every replica on this node and on every reachable peer. Blocking.

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::cluster::{Cluster, POLL_INTERVAL};
-use super::manager::{unix_now, Inner, RunningRebuild};
+use super::manager::{unix_now, Inner, OpenError, RunningRebuild, OPERATOR_FAILED};
 use super::settings;
 use super::store::{RecordState, ReplicaRecord};
 use crate::engine::{rebuild, RebuildProgress, RebuildReport, ReplicaIo, ReplicaState, VolumeHealth, VolumeIo};
@@ -100,19 +100,28 @@ fn repair_volume(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: 
         if inner.rebuild_running(volume, slot) {
             continue;
         }
-        let node_up = rec.addr.is_empty() || inner.cluster.is_up(&rec.node);
-        let plan = if node_up {
-            match inner.open_replica(volume, &rec.name, &rec.addr) {
-                Ok(r) if io.can_resume(slot, &rec.name, r.revision()) => Some(Plan::Resume { io: r }),
-                Ok(_) | Err(_) => replace(inner, volume, io, records, slot, size),
-            }
-        } else {
-            let failed_for = Duration::from_secs(unix_now().saturating_sub(rec.failed_at.unwrap_or_else(unix_now)));
+        let failed_for = Duration::from_secs(unix_now().saturating_sub(rec.failed_at.unwrap_or_else(unix_now)));
+        let stale = || {
             if failed_for >= stale_after {
-                tracing::warn!(volume, replica = %rec.name, node = %rec.node, "stale replica: node away past stale-replica-timeout; replacing it");
+                tracing::warn!(volume, replica = %rec.name, node = %rec.node, "stale replica: away past stale-replica-timeout; replacing it");
                 replace(inner, volume, io, records, slot, size)
             } else {
                 None
+            }
+        };
+        let plan = if rec.message == OPERATOR_FAILED || state.message == OPERATOR_FAILED {
+            // The operator took it out: never trust it again.
+            replace(inner, volume, io, records, slot, size)
+        } else {
+            if rec.addr.is_empty() {
+                // Read the files again: the open object may be the one whose
+                // files were deleted or truncated under it.
+                inner.disks.forget(&rec.name);
+            }
+            match inner.open_replica(volume, &rec.name, &rec.addr) {
+                Ok(r) if io.can_resume(slot, &rec.name, r.revision()) => Some(Plan::Resume { io: r }),
+                Ok(_) | Err(OpenError::Broken(_)) => replace(inner, volume, io, records, slot, size),
+                Err(OpenError::Unreachable(_)) => stale(),
             }
         };
         let Some(plan) = plan else { continue };
