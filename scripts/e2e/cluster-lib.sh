@@ -127,3 +127,29 @@ fio_job() { # DEV NAME SEED
     echo --name="$2" --filename="$1" --ioengine=libaio --direct=1 --rw=randwrite --bs=16k --iodepth=16 \
         --size=100% --verify=crc32c --verify_fatal=1 --eta=never --randrepeat=1 --randseed="$3"
 }
+
+# The head image of every replica of volume $2 (owner $1) must hold the same
+# bytes: all replicas live on this machine's filesystem, so compare them.
+same_replicas() {
+    local owner=$1 vol=$2 dirs sums
+    dirs=$(vfield "$owner" "$vol" '.replicas[].dir')
+    sums=$(for d in $dirs; do sha256sum "$d"/volume-head-*.img | cut -d' ' -f1; done | sort -u)
+    [[ $(wc -l <<<"$sums") -eq 1 ]] || die "replicas of $vol differ: $(for d in $dirs; do sha256sum "$d"/volume-head-*.img; done)"
+    say "all $(wc -w <<<"$dirs") replicas of $vol hold identical bytes"
+}
+
+# fio phases over one region of a device: write (+verify), verify only.
+fio_write() { # DEV REGION-OFFSET REGION-SIZE SEED [fio args...]
+    local dev=$1 off=$2 size=$3 seed=$4
+    shift 4
+    fio --name="w$seed" --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bs=16k --iodepth=16 \
+        --offset="$off" --size="$size" --verify=crc32c --verify_fatal=1 --eta=never --randrepeat=1 \
+        --randseed="$seed" --do_verify=0 --output="$WORK/fio-w$seed.txt" "$@"
+}
+fio_verify() { # DEV REGION-OFFSET REGION-SIZE SEED
+    fio --name="w$4" --filename="$1" --ioengine=libaio --direct=1 --rw=randwrite --bs=16k --iodepth=16 \
+        --offset="$2" --size="$3" --verify=crc32c --verify_fatal=1 --eta=never --randrepeat=1 \
+        --randseed="$4" --verify_only --output="$WORK/fio-v$4.txt" ||
+        { tail -n 20 "$WORK/fio-v$4.txt"; die "verify of seed $4 over $2+$3 failed"; }
+    grep -q "err= 0" "$WORK/fio-v$4.txt" || die "verify of seed $4 reported errors"
+}

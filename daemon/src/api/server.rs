@@ -313,6 +313,7 @@ fn replica(r: ReplicaInfo) -> pb::Replica {
         .to_string(),
         message: r.message,
         addr: r.addr,
+        dir: r.dir.display().to_string(),
         rebuild: r.rebuild.map(|b| pb::Rebuild {
             percent: b.percent,
             done_bytes: b.done,

@@ -327,6 +327,7 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
             "node": r.node,
             "addr": r.addr,
             "disk": r.disk,
+            "dir": r.dir,
             "state": r.state,
             "message": r.message,
             "rebuild": r.rebuild.as_ref().map(|b| json!({
