@@ -100,7 +100,7 @@ impl Cluster {
         for addr in cli_peers.iter().chain(&saved.peers) {
             check_addr(addr)?;
             if Some(addr) != listen.as_ref() {
-                peers.insert(addr.clone(), Peer { report: None, last_seen: None, error: "not polled yet".into() });
+                peers.insert(addr.clone(), Peer { report: None, last_seen: None, error: String::new() });
             }
         }
         if !peers.is_empty() && (listen.is_none() || secret.is_none()) {
@@ -140,7 +140,7 @@ impl Cluster {
         check_addr(addr)?;
         if Some(addr) != self.listen.as_deref() {
             let mut peers = self.lock();
-            peers.entry(addr.to_string()).or_insert(Peer { report: None, last_seen: None, error: "not polled yet".into() });
+            peers.entry(addr.to_string()).or_insert(Peer { report: None, last_seen: None, error: String::new() });
             self.save(&peers)?;
         }
         self.poll_one(addr);
@@ -185,10 +185,12 @@ impl Cluster {
             }
             Ok(other) => p.error = format!("answered {other:?} to NodeStatus"),
             Err(e) => {
-                if p.error.is_empty() {
+                let e = e.to_string();
+                if p.error != e {
+                    // Once per change, not every poll.
                     tracing::warn!(peer = %addr, error = %e, "peer not answering");
                 }
-                p.error = e.to_string();
+                p.error = e;
             }
         }
     }
@@ -226,7 +228,13 @@ impl Cluster {
                     addr: addr.clone(),
                     local: false,
                     up,
-                    message: if up { String::new() } else { p.error.clone() },
+                    message: if up {
+                        String::new()
+                    } else if p.error.is_empty() {
+                        "not polled yet".to_string()
+                    } else {
+                        p.error.clone()
+                    },
                     report: p.report.clone(),
                 }
             })

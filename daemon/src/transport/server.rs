@@ -211,7 +211,10 @@ fn serve(stream: TcpStream, secret: &ClusterSecret, disks: &NodeDisks, stats: &S
         ServerHandshake::on_hello(secret, &hello.op).map_err(|e| ConnError::Rejected(e.to_string()))?;
     send_frame(&mut w, &mut out, &Header { request_id: hello.request_id, op: challenge }, &[])?;
     let Some((proof, _)) = reader.next_frame()? else {
-        return Err(ConnError::Rejected("closed during the handshake".into()));
+        return Err(ConnError::Rejected(format!(
+            "node {:?} closed the connection during the handshake (it rejected our proof: its cluster secret differs)",
+            hs.node
+        )));
     };
     if let Err(e) = hs.on_proof(secret, &proof.op) {
         // Tell an honest peer with the wrong secret why, then drop it.
