@@ -158,10 +158,21 @@ fn pipelined_writes_reach_every_replica_and_reads_come_back() {
     local.read_at(0, &mut want).expect("read local");
     assert_eq!(a.content("vol-r-a"), want);
     assert_eq!(b.content("vol-r-b"), want);
-    // Reads round-robin over all three and return the data.
+    // Reads go to the local replica while it is healthy...
     for i in 0..48u64 {
         assert_eq!(read(&mut ring, &mut engine, i * 320 * 1024, 64 * 1024), bufs[i as usize], "read {i}");
     }
+    // ...and round-robin over the remote ones without it.
+    v.fail_replica("vol-r-l", "test").expect("fail local");
+    let reqs: Vec<Vec<u8>> = (0..48).map(|_| vec![0u8; 64 * 1024]).collect();
+    let mut reqs = reqs;
+    let batch: Vec<(IoRequest, *mut u8)> = reqs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, b)| (IoRequest { op: IoOp::Read, offset: i as u64 * 320 * 1024, len: b.len() as u32, fua: false }, b.as_mut_ptr()))
+        .collect();
+    assert!(ring.run(&mut engine, &batch).iter().all(|&r| r == 64 * 1024));
+    assert_eq!(reqs, bufs, "remote reads returned other data");
     let _ = a.root.clone();
 }
 

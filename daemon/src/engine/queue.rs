@@ -207,7 +207,7 @@ impl QueueEngine {
         *st = TagState { req, buf, ..TagState::default() };
         match req.op {
             IoOp::Read => {
-                let r = pick_replica(healthy, &mut self.next_read);
+                let r = pick_replica(read_pool(healthy, self.volume.local_mask()), &mut self.next_read);
                 self.issue_read(tag, r, sink);
             }
             _ => {
@@ -335,7 +335,7 @@ impl QueueEngine {
             if healthy == 0 {
                 return Some(-libc::EIO);
             }
-            let r = pick_replica(healthy, &mut self.next_read);
+            let r = pick_replica(read_pool(healthy, self.volume.local_mask()), &mut self.next_read);
             let t = &mut self.tags[tag as usize];
             *t = TagState { req: st.req, buf: st.buf, ..TagState::default() };
             // A retry that cannot start (no connection) fails that replica
@@ -390,6 +390,17 @@ impl QueueEngine {
     }
 }
 
+/// Replicas a read may go to: the healthy local ones when there are any (no
+/// network hop, and they complete fastest), else every healthy one.
+#[inline]
+fn read_pool(healthy: u32, local: u32) -> u32 {
+    if healthy & local != 0 {
+        healthy & local
+    } else {
+        healthy
+    }
+}
+
 /// Picks the next healthy replica after the cursor.
 #[inline]
 fn pick_replica(healthy: u32, cursor: &mut u32) -> usize {
@@ -424,6 +435,13 @@ mod tests {
     fn mask_iterates_bits() {
         assert_eq!(Mask(0b1011).collect::<Vec<_>>(), vec![0, 1, 3]);
         assert_eq!(Mask(0).count(), 0);
+    }
+
+    #[test]
+    fn reads_prefer_local_replicas() {
+        assert_eq!(read_pool(0b111, 0b001), 0b001);
+        assert_eq!(read_pool(0b110, 0b001), 0b110, "local failed: any healthy");
+        assert_eq!(read_pool(0b111, 0b101), 0b101);
     }
 
     #[test]

@@ -118,6 +118,8 @@ pub struct VolumeIo {
     size: u64,
     slots: Box<[Slot]>,
     masks: AtomicU32,
+    /// Bit i set: slot i's replica is on this node (reads prefer those).
+    local: AtomicU32,
     revision: AtomicU64,
     /// Serializes membership changes; holds each slot's last failure reason.
     membership: Mutex<Vec<String>>,
@@ -202,12 +204,18 @@ impl VolumeIo {
             });
         }
         let revision = slots.iter().filter_map(|s| s.io.load().as_ref().map(|io| io.revision())).max().unwrap_or(0);
+        let local = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s.io.load().as_deref(), Some(ReplicaIo::Local(_))))
+            .fold(0u32, |m, (i, _)| m | 1 << i);
         let regions = (0..size.div_ceil(1 << REGION_SHIFT)).map(|_| Region::default()).collect();
         Ok(Arc::new(VolumeIo {
             name: name.to_string(),
             size,
             slots: slots.into_boxed_slice(),
             masks: AtomicU32::new(pack(healthy, 0, 0)),
+            local: AtomicU32::new(local),
             revision: AtomicU64::new(revision),
             membership: Mutex::new(messages),
             events,
@@ -269,6 +277,22 @@ impl VolumeIo {
     #[inline]
     pub(crate) fn masks(&self) -> u32 {
         self.masks.load(Ordering::SeqCst)
+    }
+
+    /// Slots whose replica is on this node.
+    #[inline]
+    pub(crate) fn local_mask(&self) -> u32 {
+        self.local.load(Ordering::Relaxed)
+    }
+
+    /// Records whether slot `idx` now holds a local replica.
+    fn set_local(&self, idx: usize, io: &ReplicaIo) {
+        let bit = 1u32 << idx;
+        if matches!(io, ReplicaIo::Local(_)) {
+            self.local.fetch_or(bit, Ordering::Relaxed);
+        } else {
+            self.local.fetch_and(!bit, Ordering::Relaxed);
+        }
     }
 
     #[inline]
@@ -576,6 +600,7 @@ impl VolumeIo {
             slot.dirty.store(Some(Arc::new(HeadBitmap::new(self.size.div_ceil(BLOCK_SIZE)))));
         }
         *slot.name.lock().unwrap_or_else(|p| p.into_inner()) = name.to_string();
+        self.set_local(idx, &io);
         slot.io.store(Some(Arc::new(io)));
         self.masks.store(pack(healthy_of(m), rebuilding_of(m) | bit, tracking_of(m) | bit), Ordering::SeqCst);
         tracing::info!(volume = %self.name, replica = name, incremental, "rebuild started");
@@ -643,6 +668,7 @@ impl VolumeIo {
             }
             let slot = &self.slots[idx];
             *slot.name.lock().unwrap_or_else(|p| p.into_inner()) = name.clone();
+            self.set_local(idx, &io);
             slot.io.store(Some(Arc::new(io)));
             slot.dirty.store(None);
             messages[idx].clear();
