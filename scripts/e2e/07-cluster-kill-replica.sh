@@ -24,7 +24,7 @@ wait_for 30 "v degraded" '[[ "$(vfield 1 v .state)" == degraded ]]'
 say "fio completed with n3 down; volume $(vfield 1 v .state)"
 start_node 3
 wait_for 180 "3 healthy replicas" '[[ "$(healthy_count 1 v)" -eq 3 ]]'
-copied=$(rebuilt_bytes 1)
+copied=$(rebuilt_bytes 1 v n3)
 say "n3 rebuilt: copied $((copied >> 20)) MiB of the 96 MiB volume (only what it missed)"
 [[ -n "$copied" && "$copied" -lt $((96 << 20)) ]] || die "rebuild copied ${copied:-?} bytes: not incremental"
 grep -q "rebuild started.*incremental=true" "$WORK/n1/log" || die "rebuild was not incremental"

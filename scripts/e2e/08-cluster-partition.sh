@@ -24,7 +24,7 @@ sleep $((10 - ($(date +%s) - t0) > 0 ? 10 - ($(date +%s) - t0) : 0))
 link_up 3
 say "healed after $(($(date +%s) - t0)) s; 16 MiB were written meanwhile"
 wait_for 180 "3 healthy replicas" '[[ "$(healthy_count 1 p)" -eq 3 ]]'
-copied=$(rebuilt_bytes 1)
+copied=$(rebuilt_bytes 1 p n3)
 say "rebuild after the partition copied $((copied >> 10)) KiB; written during the outage 16384 KiB; volume 98304 KiB"
 [[ -n "$copied" && "$copied" -le $((32 << 20)) ]] || die "rebuild copied ${copied:-?} bytes, expected about 16 MiB"
 fio_verify "$DEV" 0 80M 1

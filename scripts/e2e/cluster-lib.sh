@@ -5,7 +5,7 @@
 # The case creates the namespaces with net_up and the EXIT trap removes them.
 # Runs in the guest (real ublk) or, for cases that attach nothing, anywhere
 # with `ip netns` and root.
-source "$(dirname "$0")/lib.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 NODES=${NODES:-3}
 SECRET="$WORK/cluster.secret"
@@ -107,8 +107,11 @@ wait_cluster() {
 vfield() { nctl "$1" -o json volume get "$2" | jq -r "$3"; }
 healthy_count() { vfield "$1" "$2" '[.replicas[] | select(.state == "healthy")] | length'; }
 
-# The "replica rebuilt" log line's copied= bytes, latest first.
-rebuilt_bytes() { sed -n 's/.*replica rebuilt.*copied=\([0-9]*\).*/\1/p' "$WORK/n$1/log" | tail -n1; }
+# Bytes the last rebuild of volume $2's replica on node $3 copied, from
+# `volume get` on the owner $1.
+rebuilt_bytes() {
+    vfield "$1" "$2" "[.replicas[] | select(.node == \"$3\") | .last_rebuild.copied_bytes][0] // empty"
+}
 
 cluster_cleanup() {
     local i

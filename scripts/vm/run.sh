@@ -290,23 +290,35 @@ main() {
     # lpj: skip measuring the delay loop on each CPU (0.6 s under TCG; udelay
     # uses the TSC anyway). mitigations=off: the guest runs only our tests.
     local kernel_args="console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off lpj=10000000"
-    local start end rc status
+    local start end rc status tries=0
     start=$(date +%s.%N)
-    set +e
-    # -nodefaults: no VGA/NIC/floppy to probe. -no-reboot: a guest panic
-    # (panic=-1) ends qemu instead of looping. stdin is /dev/null so qemu
-    # never puts a terminal into raw mode.
-    # shellcheck disable=SC2086
-    timeout -k 10 "$VM_TIMEOUT" qemu-system-x86_64 $accel \
-        -machine pc -smp "$VM_CPUS" -m "$VM_MEM" \
-        -nodefaults -no-reboot -display none -serial stdio \
-        -kernel "$cache/kernel/boot/vmlinuz-$kver" -initrd "$cache/initramfs.cpio.gz" \
-        -append "$kernel_args cairn.run=$rundir cairn.nonce=$nonce cairn.repo=$repo" \
-        -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
-        -drive file="$scratch",if=virtio,format=raw,cache=unsafe,discard=unmap \
-        </dev/null 2>"$rundir/qemu.err" | filter_console
-    rc=${PIPESTATUS[0]}
-    set -e
+    while :; do
+        tries=$((tries + 1))
+        set +e
+        # -nodefaults: no VGA/NIC/floppy to probe. -no-reboot: a guest panic
+        # (panic=-1) ends qemu instead of looping. stdin is /dev/null so qemu
+        # never puts a terminal into raw mode.
+        # shellcheck disable=SC2086
+        timeout -k 10 "$VM_TIMEOUT" qemu-system-x86_64 $accel \
+            -machine pc -smp "$VM_CPUS" -m "$VM_MEM" \
+            -nodefaults -no-reboot -display none -serial stdio \
+            -kernel "$cache/kernel/boot/vmlinuz-$kver" -initrd "$cache/initramfs.cpio.gz" \
+            -append "$kernel_args cairn.run=$rundir cairn.nonce=$nonce cairn.repo=$repo" \
+            -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
+            -drive file="$scratch",if=virtio,format=raw,cache=unsafe,discard=unmap \
+            </dev/null 2>"$rundir/qemu.err" | filter_console
+        rc=${PIPESTATUS[0]}
+        set -e
+        # Under TCG the guest kernel rarely dies while booting (seen: an
+        # int3 oops in sched_clock_cpu while patching static keys, before
+        # init ran). The script never started, so booting again is safe.
+        if ! grep -q "CAIRN-VM-BEGIN-$nonce" "$console" && grep -q "Kernel panic" "$console" && [[ $tries -lt 3 ]]; then
+            cp "$console" "$cache/boot-panic-$tries.log"
+            log "warning: the guest kernel panicked while booting (before the script ran); booting again ($cache/boot-panic-$tries.log)"
+            continue
+        fi
+        break
+    done
     end=$(date +%s.%N)
     if [[ -s $rundir/qemu.err ]]; then
         { echo "----- qemu stderr -----"; cat "$rundir/qemu.err"; } >>"$console"

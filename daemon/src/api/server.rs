@@ -314,6 +314,12 @@ fn replica(r: ReplicaInfo) -> pb::Replica {
         message: r.message,
         addr: r.addr,
         dir: r.dir.display().to_string(),
+        last_rebuild: r.last_rebuild.map(|l| pb::LastRebuild {
+            incremental: l.incremental,
+            copied_bytes: l.copied,
+            millis: l.millis,
+            finished_at: l.finished_at,
+        }),
         rebuild: r.rebuild.map(|b| pb::Rebuild {
             percent: b.percent,
             done_bytes: b.done,

@@ -330,6 +330,12 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
             "dir": r.dir,
             "state": r.state,
             "message": r.message,
+            "last_rebuild": r.last_rebuild.as_ref().map(|l| json!({
+                "incremental": l.incremental,
+                "copied_bytes": l.copied_bytes,
+                "millis": l.millis,
+                "finished_at": l.finished_at,
+            })),
             "rebuild": r.rebuild.as_ref().map(|b| json!({
                 "percent": b.percent,
                 "done_bytes": b.done_bytes,

@@ -88,6 +88,7 @@ pub struct ReplicaInfo {
     pub state: ReplicaState,
     pub message: String,
     pub rebuild: Option<RebuildInfo>,
+    pub last_rebuild: Option<super::store::LastRebuild>,
 }
 
 /// A rebuild in progress, as `volume get` shows it.
@@ -367,6 +368,7 @@ impl VolumeManager {
                             message: String::new(),
                             addr: String::new(),
                             failed_at: None,
+                            last_rebuild: None,
                         }),
                         Err(e) => {
                             for r in &made {
@@ -648,6 +650,7 @@ impl VolumeManager {
                     },
                     addr: if node.local { String::new() } else { node.addr.clone() },
                     failed_at: (!ok).then(unix_now),
+                    last_rebuild: None,
                 }
             })
             .collect();
@@ -1001,6 +1004,7 @@ impl Volume {
                     state,
                     message,
                     rebuild: rebuilds.iter().find(|(slot, _)| *slot == i).map(|(_, info)| info.clone()),
+                    last_rebuild: r.last_rebuild.clone(),
                 }
             })
             .collect();
@@ -1323,6 +1327,7 @@ impl Inner {
                     message: String::new(),
                     addr,
                     failed_at: None,
+                    last_rebuild: None,
                 }),
                 Err(e) => {
                     for r in &made {

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use super::cluster::{Cluster, POLL_INTERVAL};
 use super::manager::{unix_now, Inner, OpenError, RunningRebuild, OPERATOR_FAILED};
 use super::settings;
-use super::store::{RecordState, ReplicaRecord};
+use super::store::{LastRebuild, RecordState, ReplicaRecord};
 use crate::engine::{rebuild, RebuildProgress, RebuildReport, ReplicaIo, ReplicaState, VolumeHealth, VolumeIo};
 
 pub const REPAIR_INTERVAL: Duration = Duration::from_secs(2);
@@ -171,6 +171,7 @@ fn replace(
                         message: String::new(),
                         addr: String::new(),
                         failed_at: None,
+                        last_rebuild: None,
                     }]
                 })
         })
@@ -286,7 +287,18 @@ pub async fn done_loop(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Repai
         match (&done.result, current) {
             (Ok(report), true) => {
                 if let Some(slot) = v.record.replicas.get_mut(done.slot) {
-                    *slot = ReplicaRecord { state: RecordState::Healthy, message: String::new(), failed_at: None, ..done.replica.clone() };
+                    *slot = ReplicaRecord {
+                        state: RecordState::Healthy,
+                        message: String::new(),
+                        failed_at: None,
+                        last_rebuild: Some(LastRebuild {
+                            incremental: report.incremental,
+                            copied: report.copied,
+                            millis: report.elapsed.as_millis() as u64,
+                            finished_at: unix_now(),
+                        }),
+                        ..done.replica.clone()
+                    };
                 }
                 v.record.sync_from(&done.io);
                 if let Err(e) = inner.store.save(&v.record) {

@@ -54,6 +54,18 @@ pub struct ReplicaRecord {
     /// timeout.
     #[serde(default)]
     pub failed_at: Option<u64>,
+    /// The last rebuild that completed onto this replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rebuild: Option<LastRebuild>,
+}
+
+/// What the last completed rebuild of a replica did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastRebuild {
+    pub incremental: bool,
+    pub copied: u64,
+    pub millis: u64,
+    pub finished_at: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +197,7 @@ mod tests {
                     message: String::new(),
                     addr: String::new(),
                     failed_at: None,
+                    last_rebuild: None,
                 },
                 ReplicaRecord {
                     name: format!("{name}-r-1111abcd"),
@@ -195,6 +208,7 @@ mod tests {
                     message: "head file deleted".into(),
                     addr: "10.0.0.2:9500".into(),
                     failed_at: Some(1_700_000_000),
+                    last_rebuild: Some(LastRebuild { incremental: true, copied: 4096, millis: 3, finished_at: 1_700_000_100 }),
                 },
             ],
         }
