@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use io_uring::squeue;
 
-use super::remote::CompletionPort;
+use super::remote::{CompletionPort, SendBatch};
+use super::ReplicaIo;
 use super::replica_io::{Leg, Pushed};
 use super::volume::{healthy_of, rebuilding_of, tracking_of};
 use super::{VolumeIo, MAX_REPLICAS};
@@ -126,8 +127,9 @@ pub struct QueueEngine {
     next_read: u32,
     /// Where this queue's remote answers land.
     port: Option<Arc<CompletionPort>>,
-    /// Request-header scratch for remote legs (reused; no allocation).
-    scratch: Vec<u8>,
+    /// Unsent remote requests, per replica slot, and which slots have any.
+    batches: [SendBatch; MAX_REPLICAS],
+    unsent: u32,
 }
 
 /// Requests that change data (and so are counted per region and fanned out
@@ -154,8 +156,28 @@ impl QueueEngine {
             tags: vec![TagState::default(); depth as usize].into_boxed_slice(),
             next_read: 0,
             port,
-            scratch: Vec::with_capacity(128),
+            batches: Default::default(),
+            unsent: 0,
         }
+    }
+
+    /// Sends the remote requests started since the last flush, one `writev`
+    /// per connection. Call before the queue thread waits for completions
+    /// (the frontend does at the last completion of each batch).
+    pub fn flush_remote(&mut self) {
+        for r in Mask(self.unsent) {
+            let batch = &mut self.batches[r];
+            match self.volume.replica_io(r).as_deref() {
+                Some(ReplicaIo::Remote(rem)) => match rem.queue(self.qid) {
+                    Some(conn) => conn.flush(batch),
+                    None => batch.clear(),
+                },
+                // The slot's replica was replaced: its old connection fails
+                // what was queued on it when it closes.
+                _ => batch.clear(),
+            }
+        }
+        self.unsent = 0;
     }
 
     /// The eventfd to keep a read pending on (remote answers), if any.
@@ -222,8 +244,8 @@ impl QueueEngine {
                         volume.mark_dirty(r, req.offset, req.len);
                     }
                 }
-                let mut leg = Leg { qid: self.qid, tag, scratch: &mut self.scratch };
                 for r in Mask(targets) {
+                    let mut leg = Leg { qid: self.qid, tag, batch: &mut self.batches[r] };
                     let mut pushed = 0;
                     let mut unreachable = false;
                     let mut push = |p: Pushed| match p {
@@ -234,6 +256,7 @@ impl QueueEngine {
                         Pushed::Remote => pushed += 1,
                         Pushed::Unreachable => unreachable = true,
                     };
+                    self.unsent |= 1 << r;
                     let io = volume.replica_io(r);
                     let Some(io) = io.as_ref() else {
                         st.failed |= 1 << r;
@@ -360,7 +383,8 @@ impl QueueEngine {
     fn issue_read(&mut self, tag: u16, r: usize, sink: &mut impl SqeSink) {
         let volume = self.volume.clone();
         let st = &mut self.tags[tag as usize];
-        let mut leg = Leg { qid: self.qid, tag, scratch: &mut self.scratch };
+        let mut leg = Leg { qid: self.qid, tag, batch: &mut self.batches[r] };
+        self.unsent |= 1 << r;
         let mut pushed = 0;
         let mut unreachable = false;
         let mut push = |p: Pushed| match p {

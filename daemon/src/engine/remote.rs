@@ -2,8 +2,10 @@
 //!
 //! Each ublk queue gets its own TCP connection to the replica (a
 //! [`QueueConn`]), so queues never share a socket or a lock. The queue thread
-//! sends a request with one vectored `write` on its connection and goes on;
-//! many requests are in flight per connection. A receiver thread per
+//! encodes each request's header into a per-replica [`SendBatch`] (write
+//! data is referenced, not copied) and, at the end of the batch of
+//! completions it is handling, sends the whole batch with one `writev`; many
+//! requests are in flight per connection. A receiver thread per
 //! connection reads the answers, copies read data straight into the tag's
 //! ublk buffer, and posts `(tag, replica, result)` to the queue's
 //! [`CompletionPort`]: a lock-free queue plus an eventfd that has a read
@@ -99,6 +101,93 @@ impl CompletionPort {
         while let Some(c) = self.queue.pop() {
             f(c);
         }
+    }
+}
+
+/// Requests encoded but not yet sent on one connection: headers in `bytes`,
+/// and the segments (header ranges and borrowed payloads) in send order.
+/// Owned by the queue engine (one per replica slot), so no lock.
+#[derive(Default)]
+pub struct SendBatch {
+    bytes: Vec<u8>,
+    segs: Vec<Seg>,
+    iov: Vec<libc::iovec>,
+}
+
+enum Seg {
+    Own { start: usize, len: usize },
+    /// A payload that stays valid until the request completes (the ublk
+    /// tag's buffer).
+    Borrowed { ptr: *const u8, len: usize },
+}
+
+// SAFETY: the raw payload pointers are only read by `writev` on the queue
+// thread that owns both the batch and the buffers they point into.
+unsafe impl Send for SendBatch {}
+
+impl SendBatch {
+    pub fn is_empty(&self) -> bool {
+        self.segs.is_empty()
+    }
+
+    fn push(&mut self, header: &Header, payload: &[u8]) -> Result<(), WireError> {
+        let start = self.bytes.len();
+        crate::transport::encode_frame_head(&mut self.bytes, header, payload)?;
+        self.segs.push(Seg::Own { start, len: self.bytes.len() - start });
+        if !payload.is_empty() {
+            self.segs.push(Seg::Borrowed { ptr: payload.as_ptr(), len: payload.len() });
+        }
+        Ok(())
+    }
+
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.segs.clear();
+    }
+
+    /// Writes everything with as few `writev` calls as the kernel allows.
+    fn write_to(&mut self, fd: RawFd) -> std::io::Result<()> {
+        self.iov.clear();
+        for s in &self.segs {
+            let (base, len) = match *s {
+                Seg::Own { start, len } => (self.bytes[start..].as_ptr(), len),
+                Seg::Borrowed { ptr, len } => (ptr, len),
+            };
+            self.iov.push(libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len });
+        }
+        let mut at = 0;
+        while at < self.iov.len() {
+            let n = (self.iov.len() - at).min(1024);
+            // SAFETY: every iovec points at live memory: `bytes` (not
+            // modified until clear) or a payload pinned by its pending request.
+            let w = unsafe { libc::writev(fd, self.iov[at..].as_ptr(), n as libc::c_int) };
+            if w < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            // Skip the fully written iovecs, trim a partly written one.
+            let mut left = w as usize;
+            while left > 0 && at < self.iov.len() {
+                let v = &mut self.iov[at];
+                if left >= v.iov_len {
+                    left -= v.iov_len;
+                    at += 1;
+                } else {
+                    // SAFETY: stays inside the same buffer.
+                    v.iov_base = unsafe { (v.iov_base as *mut u8).add(left) }.cast();
+                    v.iov_len -= left;
+                    left = 0;
+                }
+            }
+            if w == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+        }
+        self.clear();
+        Ok(())
     }
 }
 
@@ -209,11 +298,11 @@ impl QueueConn {
         Ok(QueueConn { shared, writer, receiver: Some(receiver) })
     }
 
-    /// Sends one request for `tag`. Its result arrives on the port; for a
-    /// read, `expect` bytes are copied into `buf` first. Never blocks longer
-    /// than the socket's send timeout.
+    /// Queues one request for `tag` in `batch` (sent by [`Self::flush`]).
+    /// Its result arrives on the port; for a read, `expect` bytes are copied
+    /// into `buf` first.
     #[inline]
-    pub(crate) fn send(&self, scratch: &mut Vec<u8>, tag: u16, op: Op, payload: &[u8], buf: *mut u8, expect: u32) {
+    pub(crate) fn send(&self, batch: &mut SendBatch, tag: u16, op: Op, payload: &[u8], buf: *mut u8, expect: u32) {
         let sh = &*self.shared;
         let Some(slot) = sh.slots.get(tag as usize) else {
             return;
@@ -227,8 +316,24 @@ impl QueueConn {
             return;
         }
         let header = Header { request_id: tag as u64, op };
-        if let Err(e) = send_frame(&mut &self.writer, scratch, &header, payload) {
-            sh.kill(libc::EIO, &format!("send failed: {e}"));
+        if let Err(e) = batch.push(&header, payload) {
+            sh.kill(libc::EIO, &format!("cannot encode a request: {e}"));
+        }
+    }
+
+    /// Sends what `send` queued; never blocks longer than the socket's send
+    /// timeout. A failure kills the connection (every request on it fails).
+    pub(crate) fn flush(&self, batch: &mut SendBatch) {
+        if batch.is_empty() {
+            return;
+        }
+        if self.shared.dead.load(Ordering::SeqCst) {
+            batch.clear();
+            return;
+        }
+        if let Err(e) = batch.write_to(self.writer.as_raw_fd()) {
+            batch.clear();
+            self.shared.kill(libc::EIO, &format!("send failed: {e}"));
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types};
 
-use super::remote::RemoteReplica;
+use super::remote::{RemoteReplica, SendBatch};
 use crate::replica::Replica;
 use crate::transport::Op;
 
@@ -24,8 +24,8 @@ pub enum ReplicaIo {
 pub(crate) struct Leg<'a> {
     pub qid: usize,
     pub tag: u16,
-    /// Scratch buffer for encoding a request header (reused; no allocation).
-    pub scratch: &'a mut Vec<u8>,
+    /// This replica's unsent requests on this queue (reused; no allocation).
+    pub batch: &'a mut SendBatch,
 }
 
 impl Leg<'_> {
@@ -36,7 +36,7 @@ impl Leg<'_> {
     fn remote(&mut self, r: &RemoteReplica, op: Op, payload: &[u8], buf: *mut u8, expect: u32, push: &mut impl FnMut(Pushed)) {
         match r.queue(self.qid) {
             Some(conn) => {
-                conn.send(self.scratch, self.tag, op, payload, buf, expect);
+                conn.send(self.batch, self.tag, op, payload, buf, expect);
                 push(Pushed::Remote);
             }
             None => push(Pushed::Unreachable),

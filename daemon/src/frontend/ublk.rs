@@ -371,6 +371,9 @@ fn serve_queue(qid: u16, dev: &UblkDev, volume: Arc<VolumeIo>) {
             if UblkIOCtx::user_data_to_op(ctx.user_data()) == PORT_OP {
                 engine.drain_remote(&mut sink, |tag, res| commit(q, tag, res));
                 arm_port(q);
+                if ctx.is_last_cqe() {
+                    engine.flush_remote();
+                }
                 return;
             }
             let replica = ((ctx.user_data() >> 24) & 0xffff) as u8;
@@ -383,6 +386,11 @@ fn serve_queue(qid: u16, dev: &UblkDev, volume: Arc<VolumeIo>) {
         };
         if let Some(res) = done {
             commit(q, tag, res);
+        }
+        // Remote requests started while handling this batch of completions
+        // go out together, before the queue thread waits again.
+        if ctx.is_last_cqe() {
+            engine.flush_remote();
         }
     });
     if engine.in_flight() {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::auth::{ClusterSecret, ServerHandshake};
-use super::wire::{encode_frame_head, FrameReader, Header, Op, WireError};
+use super::wire::{encode_frame, encode_frame_head, FrameReader, Header, Op, WireError};
 use crate::disks::{disk_fits, NodeDisks};
 use crate::replica::Replica;
 
@@ -28,6 +28,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; more are refused (a flood must not exhaust
 /// threads).
 const MAX_CONNECTIONS: usize = 4096;
+
+/// Buffered answers are written out at this size even mid-burst.
+const FLUSH_AT: usize = 256 * 1024;
 
 /// Counters a test or the metrics endpoint can read.
 #[derive(Debug, Default)]
@@ -232,12 +235,19 @@ fn serve(stream: TcpStream, secret: &ClusterSecret, disks: &NodeDisks, stats: &S
 
     let mut bound: Option<Arc<Replica>> = None;
     let mut data: Vec<u8> = Vec::new();
+    out.clear();
     loop {
         let Some((header, payload)) = reader.next_frame()? else { return Ok(()) };
         stats.requests.fetch_add(1, Ordering::Relaxed);
         let (op, reply_data) = handle(disks, &mut bound, header.op, payload, &mut data);
         let body: &[u8] = if reply_data { &data } else { &[] };
-        send_frame(&mut w, &mut out, &Header { request_id: header.request_id, op }, body)?;
+        encode_frame(&mut out, &Header { request_id: header.request_id, op }, body)?;
+        // Answers to a burst of pipelined requests go out in one write:
+        // flush only when no further request is already buffered.
+        if !reader.frame_buffered() || out.len() >= FLUSH_AT {
+            w.write_all(&out)?;
+            out.clear();
+        }
     }
 }
 

@@ -400,6 +400,16 @@ impl<R: Read> FrameReader<R> {
         Ok(Some((header, &self.buf[payload_range])))
     }
 
+    /// True when a whole frame (or a malformed prefix, which the next call
+    /// reports) is already buffered: `next_frame` will not block. Lets a
+    /// server answer a burst of pipelined requests with one write.
+    pub fn frame_buffered(&self) -> bool {
+        match frame_need(&self.buf[self.start..self.end]) {
+            Ok(need) => self.end - self.start >= need,
+            Err(_) => true,
+        }
+    }
+
     /// Bytes currently allocated for the read buffer (tests check the growth bound).
     pub fn buffer_capacity(&self) -> usize {
         self.buf.len()

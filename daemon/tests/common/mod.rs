@@ -56,6 +56,8 @@ impl TestRing {
             results[tag] = engine.submit(tag as u16, *req, *buf, self);
         }
         while results.iter().any(|r| r.is_none()) {
+            // As the frontend does before it waits: send queued remote requests.
+            engine.flush_remote();
             self.ring.submit_and_wait(1).expect("submit_and_wait");
             let cqes: Vec<_> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
             for (data, res) in cqes {
