@@ -32,6 +32,9 @@ use crate::transport::{Op, PeerConn, PeerError};
 
 /// Largest chunk copied at once (one region).
 const CHUNK: u64 = 1 << REGION_SHIFT;
+/// Chunks in flight to the target at once (a remote target gets them
+/// pipelined on one connection instead of one round trip each).
+const WINDOW: usize = 8;
 /// How long a region may stay busy before the rebuild gives up on it.
 const QUIET_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -54,6 +57,10 @@ pub enum RebuildError {
 pub trait BlockStore: Send {
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Several writes; a store over the network keeps them all in flight.
+    fn write_many(&mut self, chunks: &[(u64, &[u8])]) -> io::Result<()> {
+        chunks.iter().try_for_each(|(off, data)| self.write(*off, data))
+    }
     fn flush(&mut self) -> io::Result<()>;
     /// Byte ranges `(offset, len)` where any layer holds data.
     fn allocated(&mut self) -> io::Result<Vec<(u64, u64)>>;
@@ -106,6 +113,9 @@ impl BlockStore for RemoteStore {
             Op::Ok => Ok(()),
             other => Err(io::Error::other(format!("unexpected answer {other:?} to a write"))),
         }
+    }
+    fn write_many(&mut self, chunks: &[(u64, &[u8])]) -> io::Result<()> {
+        self.conn.write_many(chunks).map_err(peer_io)
     }
     fn flush(&mut self) -> io::Result<()> {
         self.conn.call_ok(Op::Flush).map_err(peer_io)
@@ -276,7 +286,7 @@ impl Copier<'_> {
                 map.set_range(off / BLOCK_SIZE, (off + len).div_ceil(BLOCK_SIZE));
             }
         }
-        let mut buf = vec![0u8; CHUNK as usize];
+        let mut bufs: Vec<Vec<u8>> = (0..WINDOW).map(|_| vec![0u8; CHUNK as usize]).collect();
         let mut quiet_seen = false;
         loop {
             let ranges = map.ranges();
@@ -294,6 +304,7 @@ impl Copier<'_> {
             self.report.passes += 1;
             let bytes: u64 = ranges.iter().map(|(s, e)| (e - s) * BLOCK_SIZE).sum();
             self.progress.total.fetch_add(bytes, Ordering::Relaxed);
+            let mut window: Vec<(u64, usize)> = Vec::with_capacity(WINDOW);
             for (s, e) in ranges {
                 map.clear_range(s, e);
                 self.taken.push((s, e));
@@ -302,13 +313,77 @@ impl Copier<'_> {
                     // Chunks never cross a region boundary.
                     let region_end = (off | (CHUNK - 1)) + 1;
                     let len = (end.min(region_end) - off) as usize;
-                    self.copy_chunk(&mut *source, off, &mut buf[..len])?;
-                    self.progress.done.fetch_add(len as u64, Ordering::Relaxed);
+                    window.push((off, len));
+                    if window.len() == WINDOW {
+                        self.copy_window(&mut *source, &window, &mut bufs)?;
+                        window.clear();
+                    }
                     off += len as u64;
                 }
             }
+            if !window.is_empty() {
+                self.copy_window(&mut *source, &window, &mut bufs)?;
+            }
         }
         self.target.flush().map_err(|e| self.io_err("flushing", self.target.describe(), e))
+    }
+
+    /// Copies up to [`WINDOW`] chunks with their writes in flight together,
+    /// then applies the race check to each; a chunk that raced with a write
+    /// is copied again on its own.
+    fn copy_window(
+        &mut self,
+        source: &mut dyn BlockStore,
+        window: &[(u64, usize)],
+        bufs: &mut [Vec<u8>],
+    ) -> Result<(), RebuildError> {
+        let mut started = [0u32; WINDOW];
+        for (i, &(off, _)) in window.iter().enumerate() {
+            started[i] = self.wait_idle((off >> REGION_SHIFT) as usize)?;
+        }
+        for (i, &(off, len)) in window.iter().enumerate() {
+            source.read(off, &mut bufs[i][..len]).map_err(|e| self.io_err("reading", source.describe(), e))?;
+        }
+        let chunks: Vec<(u64, &[u8])> = window.iter().zip(bufs.iter()).map(|(&(off, len), b)| (off, &b[..len])).collect();
+        self.target.write_many(&chunks).map_err(|e| self.io_err("writing", self.target.describe(), e))?;
+        for (i, &(off, len)) in window.iter().enumerate() {
+            self.report.copied += len as u64;
+            let Some(region) = self.volume.region((off >> REGION_SHIFT) as usize) else { continue };
+            if region.inflight.load(Ordering::SeqCst) != 0 || region.started.load(Ordering::SeqCst) != started[i] {
+                // A write raced with the copy: copy this chunk again.
+                self.report.redone_chunks += 1;
+                self.copy_chunk(source, off, &mut bufs[0][..len])?;
+            }
+            self.progress.done.fetch_add(len as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Waits until no write is in flight in region `idx`; returns its
+    /// `started` count read before that check (see `copy_chunk`).
+    fn wait_idle(&self, idx: usize) -> Result<u32, RebuildError> {
+        let Some(region) = self.volume.region(idx) else { return Ok(0) };
+        let since = Instant::now();
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(RebuildError::Cancelled { replica: self.name.to_string() });
+            }
+            if !self.volume.is_rebuilding(self.idx) {
+                return Err(EngineError::RebuildAborted {
+                    volume: self.volume.name().to_string(),
+                    replica: self.name.to_string(),
+                }
+                .into());
+            }
+            let started = region.started.load(Ordering::SeqCst);
+            if region.inflight.load(Ordering::SeqCst) == 0 {
+                return Ok(started);
+            }
+            if since.elapsed() > QUIET_TIMEOUT {
+                return Err(RebuildError::Busy { replica: self.name.to_string(), region: idx });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     fn copy_chunk(&mut self, source: &mut dyn BlockStore, off: u64, buf: &mut [u8]) -> Result<(), RebuildError> {

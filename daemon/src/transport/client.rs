@@ -133,6 +133,33 @@ impl PeerConn {
         }
     }
 
+    /// Writes several chunks pipelined: every request is sent before the
+    /// first answer is read (answers are tiny, so neither side can block the
+    /// other), then each answer must be `Ok`.
+    pub fn write_many(&mut self, chunks: &[(u64, &[u8])]) -> Result<(), PeerError> {
+        let first = self.next_id;
+        for (offset, data) in chunks {
+            let id = self.next_id;
+            self.next_id += 1;
+            let h = Header { request_id: id, op: Op::Write { offset: *offset, fua: false } };
+            send_frame(&mut self.writer, &mut self.buf, &h, data)
+                .map_err(|source| PeerError::Wire { addr: self.addr.clone(), source })?;
+        }
+        for i in 0..chunks.len() as u64 {
+            let (header, _) = match self.reader.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => return Err(PeerError::Closed { addr: self.addr.clone() }),
+                Err(source) => return Err(PeerError::Wire { addr: self.addr.clone(), source }),
+            };
+            match header.op {
+                Op::Ok if header.request_id == first + i => {}
+                Op::Error { errno, message } => return Err(PeerError::Remote { addr: self.addr.clone(), errno, message }),
+                other => return Err(self.unexpected("Write".into(), other)),
+            }
+        }
+        Ok(())
+    }
+
     pub fn call(&mut self, op: Op) -> Result<Op, PeerError> {
         let mut none = Vec::new();
         self.call_data(op, &[], &mut none)
