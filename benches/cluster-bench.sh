@@ -16,18 +16,25 @@ export SIZE=${BENCH_SIZE:-256M} RUNTIME=${BENCH_RUNTIME:-10}
 jobs=(seqwrite-1m seqread-1m randwrite-4k randread-4k)
 declare -A result
 
+# CPU time of the whole guest (every node shares its vCPUs): busy and total
+# jiffies from /proc/stat.
+cpu() { awk '/^cpu / { print $2+$3+$4+$7+$8+$9, $2+$3+$4+$5+$6+$7+$8+$9 }' /proc/stat; }
+
 run_jobs() { # TARGET-NAME DEVICE
     local target=$1
     export FILENAME=$2
     fio --name=fill --filename="$FILENAME" --size="$SIZE" --rw=write --bs=1m --ioengine=io_uring \
         --direct=1 --iodepth=8 >/dev/null
     for j in "${jobs[@]}"; do
-        local out iops bw
+        local out iops bw b0 t0 b1 t1 busy
+        read -r b0 t0 <<<"$(cpu)"
         out=$(cd "$JOBS" && fio --output-format=json "$j.fio")
+        read -r b1 t1 <<<"$(cpu)"
+        busy=$(( (b1 - b0) * 100 / (t1 - t0 > 0 ? t1 - t0 : 1) ))
         iops=$(jq '[.jobs[0].read.iops, .jobs[0].write.iops] | add | floor' <<<"$out")
         bw=$(jq '[.jobs[0].read.bw_bytes, .jobs[0].write.bw_bytes] | add / 1048576 | floor' <<<"$out")
-        result[$target,$j]="$iops $bw"
-        echo "bench $target $j iops=$iops MiB/s=$bw"
+        result[$target,$j]="$iops $bw $busy"
+        echo "bench $target $j iops=$iops MiB/s=$bw cpu-busy=$busy%"
     done
 }
 
@@ -46,14 +53,14 @@ done
 echo
 echo "## Replica count (ratios to the 1-replica volume, same run)"
 echo
-echo "| job | 1 replica IOPS | 1 replica MiB/s | 2 replicas | 3 replicas |"
-echo "|---|---:|---:|---:|---:|"
+echo "| job | 1 replica IOPS | 1 replica MiB/s | 2 replicas | 3 replicas | guest CPU busy (1 / 2 / 3) |"
+echo "|---|---:|---:|---:|---:|---:|"
 for j in "${jobs[@]}"; do
-    read -r i1 b1 <<<"${result[1-replica,$j]}"
-    read -r i2 _ <<<"${result[2-replica,$j]}"
-    read -r i3 _ <<<"${result[3-replica,$j]}"
-    printf '| %s | %s | %s | %.2fx | %.2fx |\n' "$j" "$i1" "$b1" \
-        "$(bc -l <<<"$i2 / $i1")" "$(bc -l <<<"$i3 / $i1")"
+    read -r i1 b1 c1 <<<"${result[1-replica,$j]}"
+    read -r i2 _ c2 <<<"${result[2-replica,$j]}"
+    read -r i3 _ c3 <<<"${result[3-replica,$j]}"
+    printf '| %s | %s | %s | %.2fx | %.2fx | %s%% / %s%% / %s%% |\n' "$j" "$i1" "$b1" \
+        "$(bc -l <<<"$i2 / $i1")" "$(bc -l <<<"$i3 / $i1")" "$c1" "$c2" "$c3"
 done
 
 # Rebuild throughput: a full copy onto a fresh replica (the operator fails

@@ -22,6 +22,10 @@ pub struct VolumeSample {
     pub healthy_replicas: u32,
     pub revision: u64,
     pub io: IoStats,
+    /// Bytes copied and to copy by the rebuilds running now.
+    pub rebuild_done: u64,
+    pub rebuild_total: u64,
+    pub rebuilding_replicas: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +69,9 @@ pub fn render(volumes: &[VolumeSample]) -> String {
     family("cairn_volume_flushes_total", "counter", "Flush requests completed.", &|v| Some(v.io.flushes));
     family("cairn_volume_discards_total", "counter", "Discard and write-zeroes requests.", &|v| Some(v.io.discards));
     family("cairn_volume_io_errors_total", "counter", "Requests completed with an error.", &|v| Some(v.io.errors));
+    family("cairn_volume_rebuilding_replicas", "gauge", "Replicas being rebuilt now.", &|v| Some(v.rebuilding_replicas as u64));
+    family("cairn_volume_rebuild_done_bytes", "gauge", "Bytes copied by the running rebuilds.", &|v| Some(v.rebuild_done));
+    family("cairn_volume_rebuild_total_bytes", "gauge", "Bytes the running rebuilds copy.", &|v| Some(v.rebuild_total));
     out
 }
 
@@ -121,11 +128,15 @@ mod tests {
             healthy_replicas: 1,
             revision: 7,
             io: IoStats { writes: 3, write_bytes: 12288, ..IoStats::default() },
+            rebuild_done: 1 << 20,
+            rebuild_total: 4 << 20,
+            rebuilding_replicas: 1,
         };
         let text = render(&[v]);
         assert!(text.contains("cairn_volume_degraded{volume=\"db\"} 1\n"), "{text}");
         assert!(text.contains("cairn_volume_write_bytes_total{volume=\"db\"} 12288\n"));
         assert!(text.contains("# TYPE cairn_volume_writes_total counter\n"));
+        assert!(text.contains("cairn_volume_rebuild_done_bytes{volume=\"db\"} 1048576\n"), "{text}");
         let detached = VolumeSample { health: None, name: "x".into(), ..render_default() };
         let text = render(&[detached]);
         assert!(!text.contains("cairn_volume_degraded{volume=\"x\"}"));
@@ -141,6 +152,9 @@ mod tests {
             healthy_replicas: 0,
             revision: 0,
             io: IoStats::default(),
+            rebuild_done: 0,
+            rebuild_total: 0,
+            rebuilding_replicas: 0,
         }
     }
 }

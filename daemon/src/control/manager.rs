@@ -698,7 +698,9 @@ impl VolumeManager {
         let view = self.inner.view.lock().unwrap_or_else(|p| p.into_inner());
         view.iter()
             .map(|e| match &e.io {
-                Some(io) => VolumeSample {
+                Some(io) => {
+                    let rebuilds = self.inner.rebuild_infos(&e.name);
+                    VolumeSample {
                     name: e.name.clone(),
                     size: e.size,
                     health: Some(io.health()),
@@ -710,7 +712,11 @@ impl VolumeManager {
                         .count() as u32,
                     revision: io.revision(),
                     io: io.stats(),
-                },
+                    rebuild_done: rebuilds.iter().map(|(_, r)| r.done).sum(),
+                    rebuild_total: rebuilds.iter().map(|(_, r)| r.total).sum(),
+                    rebuilding_replicas: rebuilds.len() as u32,
+                    }
+                }
                 None => VolumeSample {
                     name: e.name.clone(),
                     size: e.size,
@@ -719,6 +725,9 @@ impl VolumeManager {
                     healthy_replicas: e.healthy_in_record,
                     revision: e.revision,
                     io: Default::default(),
+                    rebuild_done: 0,
+                    rebuild_total: 0,
+                    rebuilding_replicas: 0,
                 },
             })
             .collect()
