@@ -25,7 +25,7 @@ pub enum DiskError {
     Exists { node: String, replica: String },
     #[error("replica {replica} on node {node} is in use: detach its volume first")]
     InUse { node: String, replica: String },
-    #[error("node {node} has no disk with room for a {size}-byte replica (see `cairnctl node list`)")]
+    #[error("node {node} has no disk with room for a {size}-byte replica that holds no other replica of the volume (see `cairnctl node list`)")]
     NoSpace { node: String, size: u64 },
     #[error("bad replica name {0:?}")]
     BadName(String),
@@ -198,7 +198,9 @@ impl NodeDisks {
     }
 
     /// Creates an empty replica on the disk with the least allocated bytes
-    /// among those that `fits` accepts (the placement rules of the caller).
+    /// among those that `fits` accepts (the placement rules of the caller)
+    /// and that hold no other replica of `volume` (two replicas of a volume
+    /// on one disk would fail together).
     pub fn create(
         &self,
         volume: &str,
@@ -211,10 +213,16 @@ impl NodeDisks {
             return Err(DiskError::Exists { node: self.node.clone(), replica: replica.to_string() });
         }
         let report = self.report();
+        let holding: Vec<PathBuf> = self
+            .scan()
+            .into_iter()
+            .filter(|f| f.meta.as_ref().is_ok_and(|m| m.volume == volume))
+            .map(|f| f.disk)
+            .collect();
         let disk = report
             .disks
             .iter()
-            .filter(|d| fits(d))
+            .filter(|d| fits(d) && !holding.iter().any(|h| h.as_os_str() == d.path.as_str()))
             .min_by_key(|d| d.allocated)
             .ok_or_else(|| DiskError::NoSpace { node: self.node.clone(), size })?;
         let disk = PathBuf::from(&disk.path);
@@ -306,9 +314,13 @@ mod tests {
         let disks = NodeDisks::new("n1", vec![d0.clone(), d1.clone()]);
         let (disk, dir) = disks.create("v", "v-r-1", 1 << 20, |_| true).unwrap();
         assert!(dir.starts_with(&disk));
-        // The second goes to the disk with less allocated.
+        // The second goes to the other disk: never two replicas of a volume on one disk.
         let (disk2, _) = disks.create("v", "v-r-2", 1 << 20, |_| true).unwrap();
         assert_ne!(disk, disk2);
+        assert!(matches!(disks.create("v", "v-r-9", 4096, |_| true), Err(DiskError::NoSpace { .. })));
+        // Another volume may share them.
+        disks.create("w", "w-r-1", 4096, |_| true).unwrap();
+        disks.delete("w-r-1").unwrap();
         assert!(matches!(disks.create("v", "v-r-1", 4096, |_| true), Err(DiskError::Exists { .. })));
         assert!(matches!(disks.create("v", "v-r-3", 4096, |_| false), Err(DiskError::NoSpace { .. })));
         let a = disks.open("v", "v-r-1").unwrap();

@@ -262,14 +262,14 @@ fn rebuild_under_concurrent_writes_converges() {
 #[test]
 fn a_silent_replica_times_out_and_leaves_the_io_set() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let a = Node::new(tmp.path(), "a");
+    let (a, h) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "h"));
     a.create("vol-r-a");
-    a.create("vol-r-h");
+    h.create("vol-r-h");
     // The hung node: a real server for the handshake and Open, then it is
     // frozen by SIGSTOP-like means: we point a proxy at it and stop relaying.
     let proxy = TcpListener::bind("127.0.0.1:0").expect("bind");
     let proxy_addr = proxy.local_addr().expect("addr").to_string();
-    let upstream = a.addr.clone();
+    let upstream = h.addr.clone();
     let frozen = Arc::new(AtomicBool::new(false));
     let f2 = frozen.clone();
     std::thread::spawn(move || {
@@ -294,7 +294,7 @@ fn a_silent_replica_times_out_and_leaves_the_io_set() {
             }
         }
     });
-    let mut t = a.target("vol-r-h", Duration::from_millis(800));
+    let mut t = h.target("vol-r-h", Duration::from_millis(800));
     t.addr = proxy_addr;
     let hung = ReplicaIo::Remote(Arc::new(RemoteReplica::connect(t).expect("connect")));
     let v = volume(vec![

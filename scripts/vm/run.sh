@@ -295,6 +295,20 @@ main() {
     while :; do
         tries=$((tries + 1))
         set +e
+        # Boot watchdog: under TCG the guest kernel has been seen to hang
+        # silently while booting. If the script has not begun within
+        # VM_BOOT_TIMEOUT seconds (a boot takes 5-15 s), stop qemu; the loop
+        # below boots again.
+        rm -f "$rundir/boot-hung"
+        (
+            for _ in $(seq 1 "${VM_BOOT_TIMEOUT:-120}"); do
+                sleep 1
+                grep -q "CAIRN-VM-BEGIN-$nonce" "$console" 2>/dev/null && exit 0
+            done
+            touch "$rundir/boot-hung"
+            pkill -f "cairn.nonce=$nonce" || true
+        ) &
+        local watchdog=$!
         # -nodefaults: no VGA/NIC/floppy to probe. -no-reboot: a guest panic
         # (panic=-1) ends qemu instead of looping. stdin is /dev/null so qemu
         # never puts a terminal into raw mode.
@@ -308,13 +322,17 @@ main() {
             -drive file="$scratch",if=virtio,format=raw,cache=unsafe,discard=unmap \
             </dev/null 2>"$rundir/qemu.err" | filter_console
         rc=${PIPESTATUS[0]}
+        kill "$watchdog" 2>/dev/null
+        wait "$watchdog" 2>/dev/null
         set -e
-        # Under TCG the guest kernel rarely dies while booting (seen: an
-        # int3 oops in sched_clock_cpu while patching static keys, before
-        # init ran). The script never started, so booting again is safe.
-        if ! grep -q "CAIRN-VM-BEGIN-$nonce" "$console" && grep -q "Kernel panic" "$console" && [[ $tries -lt 3 ]]; then
-            cp "$console" "$cache/boot-panic-$tries.log"
-            log "warning: the guest kernel panicked while booting (before the script ran); booting again ($cache/boot-panic-$tries.log)"
+        # Under TCG the guest kernel rarely dies or hangs while booting
+        # (seen: an int3 oops in sched_clock_cpu while patching static keys,
+        # before init ran; and a silent hang). The script never started, so
+        # booting again is safe.
+        if ! grep -q "CAIRN-VM-BEGIN-$nonce" "$console" && [[ $tries -lt 3 ]] &&
+            { grep -q "Kernel panic" "$console" || [[ -e $rundir/boot-hung ]]; }; then
+            cp "$console" "$cache/boot-failed-$tries.log"
+            log "warning: the guest kernel failed while booting (before the script ran); booting again ($cache/boot-failed-$tries.log)"
             continue
         fi
         break

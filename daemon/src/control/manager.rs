@@ -995,11 +995,15 @@ impl Volume {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                // The engine's slot i is record replica i (same order).
-                let engine = live.as_ref().and_then(|(_, st)| st.get(i).filter(|s| s.name == r.name));
-                let (state, message) = match engine {
-                    Some(s) => (s.state, s.message.clone()),
-                    None => match r.state {
+                // The engine's slot i is record replica i (same order); a
+                // slot being refilled by a replacement has the new name.
+                let slot = live.as_ref().and_then(|(_, st)| st.get(i));
+                let engine = slot.filter(|s| s.name == r.name);
+                let replacing = slot.filter(|s| s.name != r.name && s.state == ReplicaState::Rebuilding);
+                let (state, message) = match (engine, replacing) {
+                    (Some(s), _) => (s.state, s.message.clone()),
+                    (None, Some(s)) => (ReplicaState::Rebuilding, format!("being replaced by {}", s.name)),
+                    (None, None) => match r.state {
                         RecordState::Healthy => (ReplicaState::Healthy, r.message.clone()),
                         RecordState::Failed => (ReplicaState::Failed, r.message.clone()),
                     },

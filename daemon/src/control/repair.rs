@@ -91,6 +91,10 @@ fn repair_volume(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: 
     }
     let limit = inner.settings.u64(settings::REBUILD_LIMIT) as usize;
     let stale_after = Duration::from_secs_f64(inner.settings.f64(settings::STALE_REPLICA_TIMEOUT) * 60.0);
+    if limit == 0 {
+        // Rebuilds paused: failed replicas wait (and nothing is created).
+        return;
+    }
     let states = io.replicas();
     for (slot, rec) in records.iter().enumerate() {
         let Some(state) = states.get(slot) else { continue };
@@ -98,6 +102,9 @@ fn repair_volume(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: 
             continue;
         }
         if inner.rebuild_running(volume, slot) {
+            continue;
+        }
+        if !rec.addr.is_empty() && inner.rebuilds_on(&rec.node) >= limit && inner.cluster.is_up(&rec.node) {
             continue;
         }
         let failed_for = Duration::from_secs(unix_now().saturating_sub(rec.failed_at.unwrap_or_else(unix_now)));
