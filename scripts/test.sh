@@ -25,6 +25,18 @@ grep -qE "^error(\[|:)" target/host-tests.log && host_failed=1
 host_passed=$(grep -o "test result: [a-zA-Z]*\. [0-9]* passed" target/host-tests.log | awk '{s+=$4} END {print s+0}')
 host_failed_n=$(grep -o "; [0-9]* failed" target/host-tests.log | awk '{s+=$2} END {print s+0}')
 echo "host tests: $host_passed passed, $host_failed_n failed"
+
+# The cluster case that attaches nothing also runs here, on the host: three
+# cairnd in their own network namespaces (needs root and `ip netns`).
+echo "== cluster basics on the host (network namespaces)"
+if REPO=$repo SCRATCH=$repo/target/host-e2e CASE=06-cluster-basics bash scripts/e2e/06-cluster-basics.sh >target/host-cluster.log 2>&1; then
+    host_passed=$((host_passed + 1))
+    echo "host cluster basics: PASS"
+else
+    host_failed_n=$((host_failed_n + 1))
+    echo "host cluster basics: FAIL"
+    grep -v " INFO " target/host-cluster.log | tail -n 30
+fi
 t1=$(date +%s)
 
 vm_passed=0 vm_failed=0

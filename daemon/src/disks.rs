@@ -206,6 +206,7 @@ impl NodeDisks {
         volume: &str,
         replica: &str,
         size: u64,
+        replaces: Option<&str>,
         fits: impl Fn(&DiskReport) -> bool,
     ) -> Result<(PathBuf, PathBuf), DiskError> {
         crate::name::validate_label("replica", replica, 63).map_err(|_| DiskError::BadName(replica.to_string()))?;
@@ -216,7 +217,9 @@ impl NodeDisks {
         let holding: Vec<PathBuf> = self
             .scan()
             .into_iter()
-            .filter(|f| f.meta.as_ref().is_ok_and(|m| m.volume == volume))
+            // The replica being replaced does not count: its successor may
+            // take its disk.
+            .filter(|f| f.meta.as_ref().is_ok_and(|m| m.volume == volume) && Some(f.name.as_str()) != replaces)
             .map(|f| f.disk)
             .collect();
         let disk = report
@@ -312,17 +315,21 @@ mod tests {
             std::fs::create_dir_all(d.join("replicas")).unwrap();
         }
         let disks = NodeDisks::new("n1", vec![d0.clone(), d1.clone()]);
-        let (disk, dir) = disks.create("v", "v-r-1", 1 << 20, |_| true).unwrap();
+        let (disk, dir) = disks.create("v", "v-r-1", 1 << 20, None, |_| true).unwrap();
         assert!(dir.starts_with(&disk));
         // The second goes to the other disk: never two replicas of a volume on one disk.
-        let (disk2, _) = disks.create("v", "v-r-2", 1 << 20, |_| true).unwrap();
+        let (disk2, _) = disks.create("v", "v-r-2", 1 << 20, None, |_| true).unwrap();
         assert_ne!(disk, disk2);
-        assert!(matches!(disks.create("v", "v-r-9", 4096, |_| true), Err(DiskError::NoSpace { .. })));
+        assert!(matches!(disks.create("v", "v-r-9", 4096, None, |_| true), Err(DiskError::NoSpace { .. })));
+        // A replacement may take the disk of the replica it replaces.
+        let (d9, _) = disks.create("v", "v-r-9", 4096, Some("v-r-2"), |_| true).unwrap();
+        assert_eq!(d9, disk2);
+        disks.delete("v-r-9").unwrap();
         // Another volume may share them.
-        disks.create("w", "w-r-1", 4096, |_| true).unwrap();
+        disks.create("w", "w-r-1", 4096, None, |_| true).unwrap();
         disks.delete("w-r-1").unwrap();
-        assert!(matches!(disks.create("v", "v-r-1", 4096, |_| true), Err(DiskError::Exists { .. })));
-        assert!(matches!(disks.create("v", "v-r-3", 4096, |_| false), Err(DiskError::NoSpace { .. })));
+        assert!(matches!(disks.create("v", "v-r-1", 4096, None, |_| true), Err(DiskError::Exists { .. })));
+        assert!(matches!(disks.create("v", "v-r-3", 4096, None, |_| false), Err(DiskError::NoSpace { .. })));
         let a = disks.open("v", "v-r-1").unwrap();
         let b = disks.open("v", "v-r-1").unwrap();
         assert!(Arc::ptr_eq(&a, &b), "one open object per replica");

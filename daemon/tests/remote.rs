@@ -73,7 +73,7 @@ impl Node {
     }
 
     fn create(&self, replica: &str) {
-        self.disks.create("vol", replica, SIZE, |_| true).expect("create replica");
+        self.disks.create("vol", replica, SIZE, None, |_| true).expect("create replica");
     }
 
     fn target(&self, replica: &str, timeout: Duration) -> RemoteTarget {

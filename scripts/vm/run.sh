@@ -230,7 +230,8 @@ write_env() {
 # the script's output (between the BEGIN and EXIT markers) to stdout. Lines
 # from init before BEGIN go to stderr (only cairn-init ones unless verbose).
 filter_console() {
-    tr -d '\r' | tee "$console" | awk -v nonce="$nonce" -v verbose="$VM_VERBOSE" '
+    # Unbuffered: the boot watchdog and the live output read the console as it comes.
+    sed -u 's/\r//g' | tee "$console" | awk -v nonce="$nonce" -v verbose="$VM_VERBOSE" '
         BEGIN { begin = "CAIRN-VM-BEGIN-" nonce; end = "CAIRN-VM-EXIT-" nonce "="; state = 0; empties = 0 }
         state == 0 {
             if ($0 == begin) { state = 1; next }
@@ -289,7 +290,10 @@ main() {
 
     # lpj: skip measuring the delay loop on each CPU (0.6 s under TCG; udelay
     # uses the TSC anyway). mitigations=off: the guest runs only our tests.
-    local kernel_args="console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off lpj=10000000"
+    # tsc=reliable: without it the clocksource watchdog may mark the TSC
+    # unstable under TCG and flip sched_clock's static key; that code
+    # patching raced with the other vCPU (an int3 oops in sched_clock_cpu).
+    local kernel_args="console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off lpj=10000000 tsc=reliable"
     local start end rc status tries=0
     start=$(date +%s.%N)
     while :; do

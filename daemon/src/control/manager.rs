@@ -341,7 +341,7 @@ impl VolumeManager {
         let replicas = if inner.cluster.enabled() {
             let i = self.inner.clone();
             let vname = name.to_string();
-            tokio::task::spawn_blocking(move || i.create_replicas(&vname, count, size, &[])).await??
+            tokio::task::spawn_blocking(move || i.create_replicas(&vname, count, size, &[], None)).await??
         } else {
             let loads: Vec<DiskLoad> = inner
                 .disks
@@ -358,7 +358,7 @@ impl VolumeManager {
                 for disk in chosen {
                     let rname = random_replica_name(&vname)?;
                     let want = disk.clone();
-                    match disks.create(&vname, &rname, size, |d| Path::new(&d.path) == want) {
+                    match disks.create(&vname, &rname, size, None, |d| Path::new(&d.path) == want) {
                         Ok((disk, dir)) => made.push(ReplicaRecord {
                             name: rname,
                             node: node.clone(),
@@ -1294,6 +1294,7 @@ impl Inner {
         count: u32,
         size: u64,
         taken: &[String],
+        replaces: Option<&str>,
     ) -> Result<Vec<ReplicaRecord>, ControlError> {
         let rules = self.rules();
         let nodes = self.cluster.nodes_with(self.disks.report());
@@ -1313,7 +1314,7 @@ impl Inner {
             let rname = random_replica_name(volume)?;
             let result = if view.local {
                 self.disks
-                    .create(volume, &rname, size, |d| disk_fits(d, size, rules.over_provisioning, rules.min_available))
+                    .create(volume, &rname, size, replaces, |d| disk_fits(d, size, rules.over_provisioning, rules.min_available))
                     .map_err(ControlError::from)
                     .map(|(disk, dir)| (disk, dir, String::new()))
             } else {
@@ -1323,6 +1324,7 @@ impl Inner {
                     size,
                     over_provisioning: rules.over_provisioning,
                     min_available: rules.min_available,
+                    replaces: replaces.unwrap_or_default().to_string(),
                 };
                 match self.cluster.call(&view.addr, op) {
                     Ok(Op::Created { disk, dir }) => Ok((PathBuf::from(disk), PathBuf::from(dir), view.addr.clone())),

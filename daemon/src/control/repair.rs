@@ -159,14 +159,14 @@ fn replace(
 ) -> Option<Plan> {
     let taken: Vec<String> = records.iter().enumerate().filter(|(i, _)| *i != slot).map(|(_, r)| r.node.clone()).collect();
     let made = if inner.cluster.enabled() {
-        inner.create_replicas(volume, 1, size, &taken)
+        inner.create_replicas(volume, 1, size, &taken, Some(&records[slot].name))
     } else {
         // Standalone: any disk not holding another replica of the volume.
         let used: Vec<_> = records.iter().enumerate().filter(|(i, _)| *i != slot).map(|(_, r)| r.disk.clone()).collect();
         super::manager::random_replica_name(volume).and_then(|rname| {
             inner
                 .disks
-                .create(volume, &rname, size, |d| !used.iter().any(|u| u.as_os_str() == d.path.as_str()))
+                .create(volume, &rname, size, Some(&records[slot].name), |d| !used.iter().any(|u| u.as_os_str() == d.path.as_str()))
                 .map_err(Into::into)
                 .map(|(disk, dir)| {
                     vec![ReplicaRecord {

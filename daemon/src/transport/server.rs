@@ -275,8 +275,9 @@ fn handle(disks: &NodeDisks, bound: &mut Option<Arc<Replica>>, op: Op, payload: 
             }
             Err(e) => (Op::Error { errno: e.errno(), message: e.to_string() }, false),
         },
-        Op::CreateReplica { volume, replica, size, over_provisioning, min_available } => {
-            match disks.create(&volume, &replica, size, |d| disk_fits(d, size, over_provisioning, min_available)) {
+        Op::CreateReplica { volume, replica, size, over_provisioning, min_available, replaces } => {
+            let replaces = (!replaces.is_empty()).then_some(replaces.as_str());
+            match disks.create(&volume, &replica, size, replaces, |d| disk_fits(d, size, over_provisioning, min_available)) {
                 Ok((disk, dir)) => {
                     (Op::Created { disk: disk.display().to_string(), dir: dir.display().to_string() }, false)
                 }

@@ -136,7 +136,9 @@ pub enum Op {
     /// with `Created`.
     /// `over_provisioning` and `min_available` are the owner's placement
     /// settings (percent), applied to this node's disks.
-    CreateReplica { volume: String, replica: String, size: u64, over_provisioning: u32, min_available: u32 },
+    /// `replaces` names the replica this one replaces (it may share its
+    /// disk); empty for a new volume.
+    CreateReplica { volume: String, replica: String, size: u64, over_provisioning: u32, min_available: u32, replaces: String },
     Created { disk: String, dir: String },
     /// Removes a replica's directory (a replica open elsewhere is refused).
     DeleteReplica { replica: String },
@@ -475,7 +477,14 @@ mod tests {
                     disks: vec![DiskReport { path: "/d".into(), size: 10, available: 5, allocated: 4, replicas: 1 }],
                 },
             },
-            Op::CreateReplica { volume: "v".into(), replica: "v-r-1".into(), size: 4096, over_provisioning: 100, min_available: 25 },
+            Op::CreateReplica {
+                volume: "v".into(),
+                replica: "v-r-1".into(),
+                size: 4096,
+                over_provisioning: 100,
+                min_available: 25,
+                replaces: "v-r-0".into(),
+            },
             Op::Created { disk: "/d".into(), dir: "/d/replicas/v-r-1".into() },
             Op::DeleteReplica { replica: "v-r-1".into() },
             Op::ListReplicas,
@@ -774,7 +783,14 @@ mod tests {
                             .collect(),
                     },
                 }),
-            (".{0,20}", ".{0,20}", any::<u64>(), any::<u32>()).prop_map(|(volume, replica, size, p)| Op::CreateReplica { volume, replica, size, over_provisioning: p, min_available: p / 2 }),
+            (".{0,20}", ".{0,20}", any::<u64>(), any::<u32>()).prop_map(|(volume, replica, size, p)| Op::CreateReplica {
+                volume,
+                replica,
+                size,
+                over_provisioning: p,
+                min_available: p / 2,
+                replaces: String::new(),
+            }),
             Just(Op::ListReplicas),
             Just(Op::ListAllocated),
         ]
