@@ -359,17 +359,7 @@ impl VolumeManager {
                     let rname = random_replica_name(&vname)?;
                     let want = disk.clone();
                     match disks.create(&vname, &rname, size, None, |d| Path::new(&d.path) == want) {
-                        Ok((disk, dir)) => made.push(ReplicaRecord {
-                            name: rname,
-                            node: node.clone(),
-                            disk,
-                            dir,
-                            state: RecordState::Healthy,
-                            message: String::new(),
-                            addr: String::new(),
-                            failed_at: None,
-                            last_rebuild: None,
-                        }),
+                        Ok((disk, dir)) => made.push(ReplicaRecord::new(rname, node.clone(), String::new(), disk, dir)),
                         Err(e) => {
                             for r in &made {
                                 let _ = disks.delete(&r.name);
@@ -1333,17 +1323,7 @@ impl Inner {
                 }
             };
             match result {
-                Ok((disk, dir, addr)) => made.push(ReplicaRecord {
-                    name: rname,
-                    node: node.clone(),
-                    disk,
-                    dir,
-                    state: RecordState::Healthy,
-                    message: String::new(),
-                    addr,
-                    failed_at: None,
-                    last_rebuild: None,
-                }),
+                Ok((disk, dir, addr)) => made.push(ReplicaRecord::new(rname, node.clone(), addr, disk, dir)),
                 Err(e) => {
                     for r in &made {
                         self.delete_replica(&r.name, &r.addr);

@@ -168,19 +168,7 @@ fn replace(
                 .disks
                 .create(volume, &rname, size, Some(&records[slot].name), |d| !used.iter().any(|u| u.as_os_str() == d.path.as_str()))
                 .map_err(Into::into)
-                .map(|(disk, dir)| {
-                    vec![ReplicaRecord {
-                        name: rname,
-                        node: inner.node_id.clone(),
-                        disk,
-                        dir,
-                        state: RecordState::Healthy,
-                        message: String::new(),
-                        addr: String::new(),
-                        failed_at: None,
-                        last_rebuild: None,
-                    }]
-                })
+                .map(|(disk, dir)| vec![ReplicaRecord::new(rname, inner.node_id.clone(), String::new(), disk, dir)])
         })
     };
     let record = match made {

@@ -59,6 +59,24 @@ pub struct ReplicaRecord {
     pub last_rebuild: Option<LastRebuild>,
 }
 
+impl ReplicaRecord {
+    /// A new, healthy replica at `dir` on `disk` of `node` (`addr` empty
+    /// for this node).
+    pub fn new(name: String, node: String, addr: String, disk: PathBuf, dir: PathBuf) -> ReplicaRecord {
+        ReplicaRecord {
+            name,
+            node,
+            disk,
+            dir,
+            state: RecordState::Healthy,
+            message: String::new(),
+            addr,
+            failed_at: None,
+            last_rebuild: None,
+        }
+    }
+}
+
 /// What the last completed rebuild of a replica did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LastRebuild {

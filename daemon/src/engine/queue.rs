@@ -246,16 +246,8 @@ impl QueueEngine {
                 }
                 for r in Mask(targets) {
                     let mut leg = Leg { qid: self.qid, tag, batch: &mut self.batches[r] };
-                    let mut pushed = 0;
-                    let mut unreachable = false;
-                    let mut push = |p: Pushed| match p {
-                        Pushed::Sqe(sqe) => {
-                            sink.push(sqe, tag, r as u8);
-                            pushed += 1;
-                        }
-                        Pushed::Remote => pushed += 1,
-                        Pushed::Unreachable => unreachable = true,
-                    };
+                    let mut start = LegStart::default();
+                    let mut push = start.collector(sink, tag, r);
                     self.unsent |= 1 << r;
                     let io = volume.replica_io(r);
                     let Some(io) = io.as_ref() else {
@@ -270,14 +262,15 @@ impl QueueEngine {
                         IoOp::WriteZeroes => io.prep_write_zeroes(&mut leg, req.offset, req.len, &mut push),
                         IoOp::Read => 0,
                     };
-                    if unreachable {
+                    drop(push);
+                    if start.unreachable {
                         st.failed |= 1 << r;
                         if st.error == 0 {
                             st.error = -libc::ENOTCONN;
                         }
                     }
                     st.expected[r] = expected;
-                    st.pending += pushed;
+                    st.pending += start.pending;
                     st.targets |= 1 << r;
                 }
                 st.readable = st.targets & healthy;
@@ -385,31 +378,45 @@ impl QueueEngine {
         let st = &mut self.tags[tag as usize];
         let mut leg = Leg { qid: self.qid, tag, batch: &mut self.batches[r] };
         self.unsent |= 1 << r;
-        let mut pushed = 0;
-        let mut unreachable = false;
-        let mut push = |p: Pushed| match p {
-            Pushed::Sqe(sqe) => {
-                sink.push(sqe, tag, r as u8);
-                pushed += 1;
-            }
-            Pushed::Remote => pushed += 1,
-            Pushed::Unreachable => unreachable = true,
-        };
+        let mut start = LegStart::default();
+        let mut push = start.collector(sink, tag, r);
         let io = volume.replica_io(r);
         let expected = match io.as_ref() {
             Some(io) => io.prep_read(&mut leg, st.req.offset, st.req.len, st.buf, &mut push),
-            None => {
-                unreachable = true;
-                0
-            }
+            None => 0,
         };
+        drop(push);
+        let unreachable = start.unreachable || io.is_none();
         st.expected[r] = expected;
-        st.pending = pushed;
+        st.pending = start.pending;
         st.targets = 1 << r;
         st.readable = 1 << r;
         if unreachable {
             st.failed |= 1 << r;
             st.error = -libc::ENOTCONN;
+        }
+    }
+}
+
+/// What starting one leg produced: SQEs on the ring and a remote request
+/// each count as a pending completion; an unreachable replica fails the leg.
+#[derive(Default)]
+struct LegStart {
+    pending: u32,
+    unreachable: bool,
+}
+
+impl LegStart {
+    /// The `push` callback the replica seam calls for each part of the leg.
+    #[inline]
+    fn collector<'a, S: SqeSink>(&'a mut self, sink: &'a mut S, tag: u16, r: usize) -> impl FnMut(Pushed) + 'a {
+        move |p| match p {
+            Pushed::Sqe(sqe) => {
+                sink.push(sqe, tag, r as u8);
+                self.pending += 1;
+            }
+            Pushed::Remote => self.pending += 1,
+            Pushed::Unreachable => self.unreachable = true,
         }
     }
 }

@@ -164,11 +164,7 @@ impl RebuildProgress {
     pub fn percent(&self) -> u32 {
         let total = self.total.load(Ordering::Relaxed);
         let done = self.done.load(Ordering::Relaxed);
-        if total == 0 {
-            0
-        } else {
-            ((done.min(total) * 100) / total) as u32
-        }
+        (done.min(total) * 100).checked_div(total).unwrap_or(0) as u32
     }
 
     /// Bytes per second since the rebuild started.
@@ -386,29 +382,12 @@ impl Copier<'_> {
         }
     }
 
+    /// Copies one chunk until it was copied with no write racing it.
     fn copy_chunk(&mut self, source: &mut dyn BlockStore, off: u64, buf: &mut [u8]) -> Result<(), RebuildError> {
         let region_idx = (off >> REGION_SHIFT) as usize;
         let Some(region) = self.volume.region(region_idx) else { return Ok(()) };
-        let since = Instant::now();
         loop {
-            if self.cancel.load(Ordering::Relaxed) {
-                return Err(RebuildError::Cancelled { replica: self.name.to_string() });
-            }
-            if !self.volume.is_rebuilding(self.idx) {
-                return Err(EngineError::RebuildAborted {
-                    volume: self.volume.name().to_string(),
-                    replica: self.name.to_string(),
-                }
-                .into());
-            }
-            let started = region.started.load(Ordering::SeqCst);
-            if region.inflight.load(Ordering::SeqCst) != 0 {
-                if since.elapsed() > QUIET_TIMEOUT {
-                    return Err(RebuildError::Busy { replica: self.name.to_string(), region: region_idx });
-                }
-                std::thread::sleep(Duration::from_micros(200));
-                continue;
-            }
+            let started = self.wait_idle(region_idx)?;
             source.read(off, buf).map_err(|e| self.io_err("reading", source.describe(), e))?;
             self.target.write(off, buf).map_err(|e| self.io_err("writing", self.target.describe(), e))?;
             self.report.copied += buf.len() as u64;
@@ -416,7 +395,7 @@ impl Copier<'_> {
                 return Ok(());
             }
             // A write raced with the copy: the target may now hold older
-            // data than that write. Copy the region again.
+            // data than that write. Copy the chunk again.
             self.report.redone_chunks += 1;
         }
     }

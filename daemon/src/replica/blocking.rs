@@ -13,12 +13,13 @@ const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 /// Zeros for write-zeroes over snapshot layers.
 static ZEROES: [u8; 128 * 1024] = [0; 128 * 1024];
 
-fn pread_full(fd: RawFd, buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+/// Runs a positional I/O call until `len` bytes are done, retrying on EINTR
+/// and continuing after short transfers. `op(done)` transfers from byte
+/// `done` on and returns the syscall's result.
+fn full(len: usize, mut op: impl FnMut(usize) -> isize) -> io::Result<()> {
     let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
-        let n = unsafe { libc::pread(fd, rest.as_mut_ptr().cast(), rest.len(), offset as libc::off_t) };
+    while done < len {
+        let n = op(done);
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -27,35 +28,26 @@ fn pread_full(fd: RawFd, buf: &mut [u8], mut offset: u64) -> io::Result<()> {
             return Err(e);
         }
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "replica file ends early"));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "replica file ends early or takes no more data"));
         }
         done += n as usize;
-        offset += n as u64;
     }
     Ok(())
 }
 
-fn pwrite_full(fd: RawFd, buf: &[u8], mut offset: u64, flags: i32) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &buf[done..];
-        let iov = libc::iovec { iov_base: rest.as_ptr() as *mut _, iov_len: rest.len() };
-        // SAFETY: one iovec over a valid readable buffer.
-        let n = unsafe { libc::pwritev2(fd, &iov, 1, offset as libc::off_t, flags) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "replica write made no progress"));
-        }
-        done += n as usize;
-        offset += n as u64;
-    }
-    Ok(())
+fn pread_full(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let len = buf.len();
+    let ptr = buf.as_mut_ptr();
+    // SAFETY: `ptr + done .. ptr + len` lies inside `buf`.
+    full(len, |done| unsafe { libc::pread(fd, ptr.add(done).cast(), len - done, (offset + done as u64) as libc::off_t) })
+}
+
+fn pwrite_full(fd: RawFd, buf: &[u8], offset: u64, flags: i32) -> io::Result<()> {
+    full(buf.len(), |done| {
+        let iov = libc::iovec { iov_base: buf[done..].as_ptr() as *mut _, iov_len: buf.len() - done };
+        // SAFETY: one iovec over a live readable buffer.
+        unsafe { libc::pwritev2(fd, &iov, 1, (offset + done as u64) as libc::off_t, flags) }
+    })
 }
 
 impl Replica {
