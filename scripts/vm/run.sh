@@ -271,12 +271,14 @@ main() {
     local scratch=$cache/scratch-$$.img
     # shellcheck disable=SC2064
     trap "rm -rf '$rundir' '$scratch'" EXIT
-    if guest_owned "$script"; then
+    # The repo is bound at its own path in the guest (init.sh), even under
+    # /tmp; other files under a guest-owned directory are not.
+    if guest_owned "$script" && [[ $script != "$repo"/* ]]; then
         # The guest has its own /tmp etc.; run a copy (its siblings stay behind).
         cp "$script" "$rundir/$(basename "$script")"
         script=$rundir/$(basename "$script")
     fi
-    guest_owned "$PWD/" && log "warning: $PWD does not exist in the guest; the script starts in /"
+    guest_owned "$PWD/" && [[ $PWD/ != "$repo"/* ]] && log "warning: $PWD does not exist in the guest; the script starts in /"
     write_env "$script" "$@"
     # A fresh sparse ext4 image each run. Inode tables and journal are written
     # now (lazy init off) so no kernel thread zeroes them during a benchmark.

@@ -97,8 +97,10 @@ fn repair_volume(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: 
     }
     let states = io.replicas();
     for (slot, rec) in records.iter().enumerate() {
+        // The engine's slot may carry another name: a replacement whose
+        // rebuild failed. The record's replica is still the one to repair.
         let Some(state) = states.get(slot) else { continue };
-        if state.state != ReplicaState::Failed || state.name != rec.name {
+        if state.state != ReplicaState::Failed {
             continue;
         }
         if inner.rebuild_running(volume, slot) {

@@ -230,6 +230,8 @@ pub fn rebuild(
                 }
             }
             volume.fail_index(idx, &e.to_string());
+            // Close the target's connections so its node can delete it.
+            volume.clear_slot(idx);
             Err(e)
         }
     }

@@ -684,6 +684,17 @@ impl VolumeIo {
         Ok(kept)
     }
 
+    /// Drops a failed slot's replica handle (after a failed rebuild).
+    pub(crate) fn clear_slot(&self, idx: usize) {
+        let _guard = self.lock();
+        let m = self.masks();
+        if let Some(slot) = self.slots.get(idx) {
+            if (healthy_of(m) | rebuilding_of(m)) & (1 << idx) == 0 {
+                slot.io.store(None);
+            }
+        }
+    }
+
     /// Whether slot `idx` is being rebuilt.
     pub(crate) fn is_rebuilding(&self, idx: usize) -> bool {
         rebuilding_of(self.masks()) & (1 << idx) != 0
