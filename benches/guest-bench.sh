@@ -14,22 +14,7 @@ rm -rf "$work" && mkdir -p "$work/disk"
 jobs=(seqwrite-1m seqread-1m randwrite-4k randread-4k)
 declare -A result
 
-run_jobs() { # TARGET-NAME FILENAME
-    local target=$1
-    export FILENAME=$2
-    # Fill first so reads hit allocated blocks on every target.
-    fio --name=fill --filename="$FILENAME" --size="$SIZE" --rw=write --bs=1m --ioengine=io_uring \
-        --direct=1 --iodepth=8 >/dev/null
-    for j in "${jobs[@]}"; do
-        local out
-        out=$(cd "$JOBS" && fio --output-format=json "$j.fio")
-        local iops bw
-        iops=$(jq '[.jobs[0].read.iops, .jobs[0].write.iops] | add | floor' <<<"$out")
-        bw=$(jq '[.jobs[0].read.bw_bytes, .jobs[0].write.bw_bytes] | add / 1048576 | floor' <<<"$out")
-        result[$target,$j]="$iops $bw"
-        echo "bench $target $j iops=$iops MiB/s=$bw"
-    done
-}
+source "$REPO/benches/fio-lib.sh"
 
 # Raw file on the scratch filesystem.
 truncate -s "$SIZE" "$work/raw.img"
@@ -74,7 +59,7 @@ printf '|---|%s---|%s\n' "$(for _ in "${targets[@]}"; do printf -- '---|'; done)
 for j in "${jobs[@]}"; do
     row="| $j |"
     for t in "${targets[@]}"; do
-        read -r iops bw <<<"${result[$t,$j]}"
+        read -r iops bw _ <<<"${result[$t,$j]}"
         row+=" $iops IOPS, $bw MiB/s |"
     done
     read -r ci _ <<<"${result[cairn,$j]}"

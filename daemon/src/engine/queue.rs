@@ -374,7 +374,7 @@ impl QueueEngine {
     }
 
     fn issue_read(&mut self, tag: u16, r: usize, sink: &mut impl SqeSink) {
-        let volume = self.volume.clone();
+        let volume = &*self.volume;
         let st = &mut self.tags[tag as usize];
         let mut leg = Leg { qid: self.qid, tag, batch: &mut self.batches[r] };
         self.unsent |= 1 << r;
