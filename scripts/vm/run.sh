@@ -301,10 +301,9 @@ main() {
     while :; do
         tries=$((tries + 1))
         set +e
-        # Boot watchdog: under TCG the guest kernel has been seen to hang
-        # silently while booting. If the script has not begun within
-        # VM_BOOT_TIMEOUT seconds (a boot takes 5-15 s), stop qemu; the loop
-        # below boots again.
+        # Boot watchdog, a backstop next to the panic retry below: if the
+        # script has not begun within VM_BOOT_TIMEOUT seconds (a boot takes
+        # 5-15 s), stop qemu; the loop below boots again.
         rm -f "$rundir/boot-hung"
         (
             for _ in $(seq 1 "${VM_BOOT_TIMEOUT:-120}"); do
@@ -331,10 +330,9 @@ main() {
         kill "$watchdog" 2>/dev/null
         wait "$watchdog" 2>/dev/null
         set -e
-        # Under TCG the guest kernel rarely dies or hangs while booting
-        # (seen: an int3 oops in sched_clock_cpu while patching static keys,
-        # before init ran; and a silent hang). The script never started, so
-        # booting again is safe.
+        # Under TCG the guest kernel rarely dies while booting (seen: an int3
+        # oops in sched_clock_cpu while patching static keys, before init
+        # ran). The script never started, so booting again is safe.
         if ! grep -q "CAIRN-VM-BEGIN-$nonce" "$console" && [[ $tries -lt 3 ]] &&
             { grep -q "Kernel panic" "$console" || [[ -e $rundir/boot-hung ]]; }; then
             cp "$console" "$cache/boot-failed-$tries.log"
