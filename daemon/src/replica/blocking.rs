@@ -35,14 +35,14 @@ fn full(len: usize, mut op: impl FnMut(usize) -> isize) -> io::Result<()> {
     Ok(())
 }
 
-fn pread_full(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
+pub(super) fn pread_full(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let len = buf.len();
     let ptr = buf.as_mut_ptr();
     // SAFETY: `ptr + done .. ptr + len` lies inside `buf`.
     full(len, |done| unsafe { libc::pread(fd, ptr.add(done).cast(), len - done, (offset + done as u64) as libc::off_t) })
 }
 
-fn pwrite_full(fd: RawFd, buf: &[u8], offset: u64, flags: i32) -> io::Result<()> {
+pub(super) fn pwrite_full(fd: RawFd, buf: &[u8], offset: u64, flags: i32) -> io::Result<()> {
     full(buf.len(), |done| {
         let iov = libc::iovec { iov_base: buf[done..].as_ptr() as *mut _, iov_len: buf.len() - done };
         // SAFETY: one iovec over a live readable buffer.
@@ -134,8 +134,9 @@ impl Replica {
     /// Byte ranges where any layer holds data, sorted and merged: what a full
     /// rebuild must copy (everything else reads as zeros).
     pub fn allocated_ranges(&self) -> Vec<(u64, u64)> {
-        let mut blocks: Vec<(u64, u64)> = self.head_bits.ranges();
-        blocks.extend(self.lower.extents().iter().map(|e| (e.start, e.end)));
+        let c = self.chain_now();
+        let mut blocks: Vec<(u64, u64)> = c.head_bits.ranges();
+        blocks.extend(c.lower.extents().iter().map(|e| (e.start, e.end)));
         blocks.sort_unstable();
         let mut out: Vec<(u64, u64)> = Vec::with_capacity(blocks.len());
         for (s, e) in blocks {

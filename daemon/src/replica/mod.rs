@@ -15,7 +15,12 @@
 
 pub mod extent;
 mod blocking;
+mod chain_ops;
 pub mod meta;
+mod view;
+
+pub use chain_ops::Removal;
+pub use view::SnapshotView;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -23,7 +28,9 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use arc_swap::{ArcSwap, Guard};
 
 use crate::fsutil;
 use crate::name::NameError;
@@ -115,6 +122,8 @@ pub enum ReplicaError {
     },
     #[error("replica {dir}: snapshot {name} already exists: choose another name")]
     SnapshotExists { dir: String, name: String },
+    #[error("replica {dir}: no snapshot {name} (list them with `cairnctl snapshot list`)")]
+    SnapshotNotFound { dir: String, name: String },
 }
 
 /// What a new replica is made of.
@@ -166,7 +175,32 @@ struct Layer {
     allocated: u64,
 }
 
+/// The open layer chain and its read maps: replaced whole when a snapshot
+/// operation changes the chain, so every holder of the replica sees the new
+/// chain at once.
+#[derive(Debug)]
+struct Chain {
+    /// Oldest first; the head is last (there is always at least the head).
+    layers: Vec<Layer>,
+    /// Raw fd of every layer, same order, for allocation-free lookups.
+    fds: Vec<RawFd>,
+    lower: LowerMap,
+    head_bits: HeadBitmap,
+}
+
+impl Chain {
+    fn head(&self) -> &Layer {
+        // `load_chain` never builds a chain without a head.
+        &self.layers[self.layers.len() - 1]
+    }
+}
+
 /// An open replica. `Send + Sync`: the I/O threads share it through an `Arc`.
+///
+/// Chain changes (snapshot, coalesce, revert) swap [`Chain`] atomically. The
+/// raw fds the I/O path takes from the old chain stay valid only while that
+/// chain is alive, so the caller must quiesce I/O on the replica around a
+/// chain change (the engine does, see `VolumeIo::quiesce`).
 #[derive(Debug)]
 pub struct Replica {
     dir: PathBuf,
@@ -175,12 +209,20 @@ pub struct Replica {
     size: u64,
     /// Current `volume.meta`; the lock serializes rewrites (`set_revision`).
     meta: Mutex<VolumeMeta>,
-    /// Oldest first; the head is last (there is always at least the head).
-    layers: Vec<Layer>,
-    /// Raw fd of every layer, same order, for allocation-free lookups.
-    fds: Vec<RawFd>,
-    lower: LowerMap,
-    head_bits: HeadBitmap,
+    chain: ArcSwap<Chain>,
+    /// Serializes chain changes.
+    chain_ops: Mutex<()>,
+}
+
+/// What a new snapshot layer records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotSpec {
+    pub name: String,
+    /// Creation time to record; `None` = now. A rebuild copying a chain
+    /// passes the source's.
+    pub created: Option<String>,
+    pub user_created: bool,
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Files written alongside the layers that open() must not treat as orphans.
@@ -266,63 +308,38 @@ impl Replica {
             }
         };
 
-        // Walk head -> base. Cycle check: every file may appear once.
-        let mut chain: Vec<Layer> = Vec::new();
-        let mut seen: HashSet<String> = HashSet::new();
-        let mut file = vm.head.clone();
-        let mut referrer = meta::VOLUME_META.to_string();
-        loop {
-            if !seen.insert(file.clone()) {
-                return Err(ReplicaError::ChainCycle { dir: d, file });
-            }
-            let is_head = chain.is_empty();
-            let layer = open_layer(dir, &file, &referrer, is_head, vm.size)?;
-            let parent = layer.meta.parent.clone();
-            referrer = meta::layer_meta_file_name(&file);
-            chain.push(layer);
-            if parent.is_empty() {
-                break;
-            }
-            file = parent;
-        }
-        chain.reverse();
-
-        remove_leftovers(dir, &seen)?;
-
-        let mut r = Replica {
+        let chain = load_chain(dir, &vm)?;
+        Ok(Replica {
             dir: dir.to_path_buf(),
             volume: vm.volume.clone(),
             replica: vm.replica.clone(),
             size: vm.size,
             meta: Mutex::new(vm),
-            fds: Vec::new(),
-            layers: chain,
-            lower: LowerMap::default(),
-            head_bits: HeadBitmap::new(0),
-        };
-        r.build_maps()?;
-        Ok(r)
+            chain: ArcSwap::from_pointee(chain),
+            chain_ops: Mutex::new(()),
+        })
     }
 
-    /// (Re)builds the fd table and extent maps from the layer files.
-    fn build_maps(&mut self) -> Result<(), ReplicaError> {
-        let nblocks = self.size / BLOCK_SIZE;
-        let mut per_layer = Vec::with_capacity(self.layers.len());
-        for l in &mut self.layers {
-            let ranges = extent::data_blocks(l.fd.as_raw_fd(), self.size).map_err(|source| {
-                ReplicaError::Io {
-                    path: disp(&self.dir.join(&l.file)),
-                    source,
-                }
-            })?;
-            l.allocated = ranges.iter().map(|(s, e)| e - s).sum::<u64>() * BLOCK_SIZE;
-            per_layer.push(ranges);
-        }
-        let head_ranges = per_layer.pop().unwrap_or_default();
-        self.lower = LowerMap::build(&per_layer);
-        self.head_bits = HeadBitmap::from_ranges(nblocks, &head_ranges);
-        self.fds = self.layers.iter().map(|l| l.fd.as_raw_fd()).collect();
+    /// Re-reads `volume.meta` and the chain after a committed chain change
+    /// and swaps them in.
+    fn reload(&self) -> Result<(), ReplicaError> {
+        let d = disp(&self.dir);
+        let vm_path = self.dir.join(meta::VOLUME_META);
+        let bytes = std::fs::read(&vm_path).map_err(|source| ReplicaError::Io { path: disp(&vm_path), source })?;
+        let vm = parse_meta(&d, meta::VOLUME_META, &bytes, meta::parse_volume_meta)?;
+        let chain = load_chain(&self.dir, &vm)?;
+        *self.lock_meta() = vm;
+        self.chain.store(Arc::new(chain));
         Ok(())
+    }
+
+    #[inline]
+    fn chain_now(&self) -> Guard<Arc<Chain>> {
+        self.chain.load()
+    }
+
+    fn lock_ops(&self) -> MutexGuard<'_, ()> {
+        self.chain_ops.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Volume size in bytes.
@@ -351,19 +368,16 @@ impl Replica {
         self.meta.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn head(&self) -> &Layer {
-        // `open` never builds a replica without a head.
-        &self.layers[self.layers.len() - 1]
-    }
-
     /// The head file, open read-write.
+    #[inline]
     pub fn head_fd(&self) -> RawFd {
-        self.head().fd.as_raw_fd()
+        self.chain_now().head().fd.as_raw_fd()
     }
 
     /// True when the head has a parent snapshot, i.e. reads need the maps.
+    #[inline]
     pub fn has_lower_layers(&self) -> bool {
-        self.layers.len() > 1
+        self.chain_now().layers.len() > 1
     }
 
     /// Records that `[offset, offset+len)` of the head now holds data
@@ -375,7 +389,8 @@ impl Replica {
             return;
         }
         let end = offset.saturating_add(len);
-        self.head_bits
+        self.chain_now()
+            .head_bits
             .set_range(offset / BLOCK_SIZE, end.div_ceil(BLOCK_SIZE));
     }
 
@@ -387,70 +402,15 @@ impl Replica {
         if len == 0 {
             return;
         }
-        let head_fd = self.head_fd();
-        if !self.has_lower_layers() {
-            // The head alone: its own holes already read as zeros.
-            f(ReadSegment {
-                fd: Some(head_fd),
-                file_offset: offset,
-                buf_offset: 0,
-                len,
-            });
-            return;
-        }
-        let end = offset.saturating_add(len);
-        let nblocks = self.head_bits.blocks();
-        let end_block = end.div_ceil(BLOCK_SIZE).min(nblocks);
-        let mut pending: Option<ReadSegment> = None;
-        let mut pos = offset;
-        while pos < end {
-            let b = pos / BLOCK_SIZE;
-            let (fd, run_end) = if b >= nblocks {
-                (None, u64::MAX) // Past the volume end: zeros.
-            } else if self.head_bits.get(b) {
-                (
-                    Some(head_fd),
-                    self.head_bits.next_with(b + 1, end_block, false),
-                )
-            } else {
-                let head_next = self.head_bits.next_with(b + 1, end_block, true);
-                match self.lower.lookup(b) {
-                    Lookup::In(x) => {
-                        let fd = self.fds.get(x.layer as usize).copied();
-                        (fd, x.end.min(head_next))
-                    }
-                    Lookup::Gap { next } => (None, next.min(head_next)),
-                }
-            };
-            // Every branch ends its run at least one block past `b`, so the
-            // loop always advances.
-            let seg_end = run_end.saturating_mul(BLOCK_SIZE).min(end);
-            match &mut pending {
-                Some(p) if p.fd == fd && p.file_offset + p.len == pos => p.len += seg_end - pos,
-                _ => {
-                    if let Some(p) = pending.take() {
-                        f(p);
-                    }
-                    pending = Some(ReadSegment {
-                        fd,
-                        file_offset: pos,
-                        buf_offset: pos - offset,
-                        len: seg_end - pos,
-                    });
-                }
-            }
-            pos = seg_end;
-        }
-        if let Some(p) = pending {
-            f(p);
-        }
+        let c = self.chain_now();
+        resolve_in(&c.head_bits, &c.lower, &c.fds, c.head().fd.as_raw_fd(), offset, len, &mut f);
     }
-
     /// Health check: the head file is still the open inode at full size and
     /// `volume.meta` still parses and names it.
     pub fn check_files(&self) -> Result<(), ReplicaError> {
         let d = disp(&self.dir);
-        let head = self.head();
+        let c = self.chain_now();
+        let head = c.head();
         let path = self.dir.join(&head.file);
         let on_disk = match std::fs::metadata(&path) {
             Ok(m) => m,
@@ -503,7 +463,7 @@ impl Replica {
 
     /// Takes snapshot `name` of the head: the head becomes read-only layer
     /// `volume-snap-<name>.img` and a new empty head is stacked on it.
-    /// Offline: the replica must not be serving I/O (hence `&mut self`).
+    /// I/O on the replica must be quiesced (see [`Replica`]).
     ///
     /// Crash safety. `volume.meta`'s `head` field is the commit point; every
     /// step before it only adds files `open` does not reach from the old
@@ -522,24 +482,27 @@ impl Replica {
     /// A failure before step 5 undoes steps 2-4 (best effort; `open` cleans
     /// whatever remains) and leaves `self` unchanged. A failure of step 7
     /// means the snapshot is committed on disk but `self` still holds the
-    /// old fds: drop it and [`Replica::open`] the directory again.
-    pub fn snapshot(
-        &mut self,
-        name: &str,
-        user_created: bool,
-        labels: BTreeMap<String, String>,
-    ) -> Result<(), ReplicaError> {
+    /// old chain: drop it and [`Replica::open`] the directory again.
+    pub fn snapshot(&self, name: &str, user_created: bool, labels: BTreeMap<String, String>) -> Result<(), ReplicaError> {
+        self.snapshot_with(&SnapshotSpec { name: name.to_string(), created: None, user_created, labels })
+    }
+
+    /// [`Replica::snapshot`] with every field of the new layer given.
+    pub fn snapshot_with(&self, spec: &SnapshotSpec) -> Result<(), ReplicaError> {
+        let _ops = self.lock_ops();
+        let name = spec.name.as_str();
         crate::name::validate_label("snapshot", name, 63)?;
+        let c = self.chain_now();
         let d = disp(&self.dir);
         let snap = meta::snapshot_file_name(name);
         let snap_path = self.dir.join(&snap);
-        if self.layers.iter().any(|l| l.file == snap) || snap_path.exists() {
+        if c.layers.iter().any(|l| l.file == snap) || snap_path.exists() {
             return Err(ReplicaError::SnapshotExists {
                 dir: d,
                 name: name.to_string(),
             });
         }
-        let old_head = self.head().file.clone();
+        let old_head = c.head().file.clone();
         let old_path = self.dir.join(&old_head);
         let gen = match meta::parse_layer_file_name(&old_head) {
             Some(LayerName::Head(n)) => n,
@@ -559,14 +522,14 @@ impl Replica {
         };
 
         // 1.
-        self.head().fd.sync_all().map_err(io_err(&old_path))?;
+        c.head().fd.sync_all().map_err(io_err(&old_path))?;
         let snap_meta = LayerMeta {
             name: snap.clone(),
-            parent: self.head().meta.parent.clone(),
-            created: meta::now_created(),
-            user_created,
+            parent: c.head().meta.parent.clone(),
+            created: spec.created.clone().unwrap_or_else(meta::now_created),
+            user_created: spec.user_created,
             removed: false,
-            labels,
+            labels: spec.labels.clone(),
         };
         let head_meta = LayerMeta {
             name: new_head.clone(),
@@ -605,14 +568,15 @@ impl Replica {
         let _ = fsutil::fsync_dir(&self.dir);
 
         // 7.
-        *self = Self::open(&self.dir)?;
-        Ok(())
+        drop(c);
+        self.reload()
     }
 
     /// The chain, oldest first, head last.
     pub fn chain(&self) -> Vec<LayerInfo> {
-        let last = self.layers.len().saturating_sub(1);
-        self.layers
+        let c = self.chain_now();
+        let last = c.layers.len().saturating_sub(1);
+        c.layers
             .iter()
             .enumerate()
             .map(|(i, l)| {
@@ -631,7 +595,7 @@ impl Replica {
                     labels: l.meta.labels.clone(),
                     // The head grows as writes land: count the live bitmap.
                     allocated: if is_head {
-                        self.head_bits.count() * BLOCK_SIZE
+                        c.head_bits.count() * BLOCK_SIZE
                     } else {
                         l.allocated
                     },
@@ -657,12 +621,121 @@ impl Replica {
     /// Head blocks recorded as written, as sorted block ranges (tests and
     /// diagnostics).
     pub fn head_block_ranges(&self) -> Vec<(u64, u64)> {
-        self.head_bits.ranges()
+        self.chain_now().head_bits.ranges()
     }
 
     /// The merged snapshot-layer map (tests and diagnostics).
-    pub fn lower_extents(&self) -> &[extent::Extent] {
-        self.lower.extents()
+    pub fn lower_extents(&self) -> Vec<extent::Extent> {
+        self.chain_now().lower.extents().to_vec()
+    }
+}
+
+/// Opens the chain `vm` names (head -> base), validates it and builds the
+/// maps. Removes crash leftovers: `*.tmp` files and layer files no longer
+/// reachable from the head (an interrupted snapshot operation).
+fn load_chain(dir: &Path, vm: &VolumeMeta) -> Result<Chain, ReplicaError> {
+    let d = disp(dir);
+    // Walk head -> base. Cycle check: every file may appear once.
+    let mut layers: Vec<Layer> = Vec::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut file = vm.head.clone();
+    let mut referrer = meta::VOLUME_META.to_string();
+    loop {
+        if !seen.insert(file.clone()) {
+            return Err(ReplicaError::ChainCycle { dir: d, file });
+        }
+        let is_head = layers.is_empty();
+        let layer = open_layer(dir, &file, &referrer, is_head, vm.size)?;
+        let parent = layer.meta.parent.clone();
+        referrer = meta::layer_meta_file_name(&file);
+        layers.push(layer);
+        if parent.is_empty() {
+            break;
+        }
+        file = parent;
+    }
+    layers.reverse();
+    remove_leftovers(dir, &seen)?;
+
+    let nblocks = vm.size / BLOCK_SIZE;
+    let mut per_layer = Vec::with_capacity(layers.len());
+    for l in &mut layers {
+        let ranges = extent::data_blocks(l.fd.as_raw_fd(), vm.size)
+            .map_err(|source| ReplicaError::Io { path: disp(&dir.join(&l.file)), source })?;
+        l.allocated = ranges.iter().map(|(s, e)| e - s).sum::<u64>() * BLOCK_SIZE;
+        per_layer.push(ranges);
+    }
+    let head_ranges = per_layer.pop().unwrap_or_default();
+    let fds = layers.iter().map(|l| l.fd.as_raw_fd()).collect();
+    Ok(Chain { layers, fds, lower: LowerMap::build(&per_layer), head_bits: HeadBitmap::from_ranges(nblocks, &head_ranges) })
+}
+
+/// `Replica::resolve_read` over one chain (see there).
+#[inline]
+fn resolve_in(
+    head_bits: &HeadBitmap,
+    lower: &LowerMap,
+    fds: &[RawFd],
+    head_fd: RawFd,
+    offset: u64,
+    len: u64,
+    f: &mut impl FnMut(ReadSegment),
+) {
+    if fds.len() <= 1 {
+        // The head alone: its own holes already read as zeros.
+        f(ReadSegment {
+            fd: Some(head_fd),
+            file_offset: offset,
+            buf_offset: 0,
+            len,
+        });
+        return;
+    }
+    let end = offset.saturating_add(len);
+    let nblocks = head_bits.blocks();
+    let end_block = end.div_ceil(BLOCK_SIZE).min(nblocks);
+    let mut pending: Option<ReadSegment> = None;
+    let mut pos = offset;
+    while pos < end {
+        let b = pos / BLOCK_SIZE;
+        let (fd, run_end) = if b >= nblocks {
+            (None, u64::MAX) // Past the volume end: zeros.
+        } else if head_bits.get(b) {
+            (
+                Some(head_fd),
+                head_bits.next_with(b + 1, end_block, false),
+            )
+        } else {
+            let head_next = head_bits.next_with(b + 1, end_block, true);
+            match lower.lookup(b) {
+                Lookup::In(x) => {
+                    let fd = fds.get(x.layer as usize).copied();
+                    (fd, x.end.min(head_next))
+                }
+                Lookup::Gap { next } => (None, next.min(head_next)),
+            }
+        };
+        // Every branch ends its run at least one block past `b`, so the
+        // loop always advances.
+        let seg_end = run_end.saturating_mul(BLOCK_SIZE).min(end);
+        match &mut pending {
+            Some(p) if p.fd == fd && p.file_offset + p.len == pos => p.len += seg_end - pos,
+            _ => {
+                if let Some(p) = pending.take() {
+                    f(p);
+                }
+                pending = Some(ReadSegment {
+                    fd,
+                    file_offset: pos,
+                    buf_offset: pos - offset,
+                    len: seg_end - pos,
+                });
+            }
+        }
+        pos = seg_end;
+    }
+    if let Some(p) = pending {
+        f(p);
     }
 }
 

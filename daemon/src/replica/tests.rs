@@ -169,7 +169,7 @@ fn segments_coalesce_and_pick_newest() {
     write(&r, 2 * BLOCK_SIZE, &vec![2u8; 4 * bs]); // snap b: blocks 2..6
     r.snapshot("b", false, BTreeMap::new()).unwrap();
     write(&r, 3 * BLOCK_SIZE, &vec![3u8; bs]); // head: block 3
-    let fds: Vec<RawFd> = r.fds.clone();
+    let fds: Vec<RawFd> = r.chain_now().fds.clone();
     assert_eq!(fds.len(), 3);
     let segs = segments(&r, 0, 8 * BLOCK_SIZE);
     let b = BLOCK_SIZE;
@@ -387,4 +387,87 @@ fn open_removes_tmp_leftovers() {
     assert_eq!(r.revision(), 5);
     assert!(!dir.join("volume.meta.tmp").exists());
     assert!(!dir.join("volume-head-000.img.meta.tmp").exists());
+}
+
+fn snaps(r: &Replica) -> Vec<(String, bool)> {
+    r.chain().into_iter().filter_map(|l| l.snapshot.map(|s| (s, l.removed))).collect()
+}
+
+/// Remove marks, coalesces into a snapshot child, and never changes what
+/// the head or a later snapshot reads.
+#[test]
+fn remove_coalesce_purge_keep_data() {
+    let d = tempfile::tempdir().unwrap();
+    let r = Replica::create(&d.path().join("r"), &spec(4 * MIB)).unwrap();
+    write(&r, 0, &[1u8; 8192]);
+    write(&r, MIB, &[2u8; 4096]);
+    r.snapshot("a", true, BTreeMap::new()).unwrap();
+    write(&r, 4096, &[3u8; 4096]);
+    r.snapshot("b", true, BTreeMap::new()).unwrap();
+    write(&r, 2 * MIB, &[4u8; 4096]);
+    let before = read(&r, 0, 4 * MIB);
+    let b_before = {
+        let v = r.snapshot_view("b").unwrap();
+        let mut buf = vec![0u8; (4 * MIB) as usize];
+        v.read_at(0, &mut buf).unwrap();
+        buf
+    };
+    // b's child is the head: only marked.
+    assert_eq!(r.remove_snapshot("b").unwrap(), Removal::Marked);
+    assert_eq!(snaps(&r), vec![("a".into(), false), ("b".into(), true)]);
+    // a's child is b: merged away; b now holds a's blocks.
+    assert_eq!(r.remove_snapshot("a").unwrap(), Removal::Coalesced);
+    assert_eq!(snaps(&r), vec![("b".into(), true)]);
+    assert_eq!(read(&r, 0, 4 * MIB), before);
+    let v = r.snapshot_view("b").unwrap();
+    let mut buf = vec![0u8; (4 * MIB) as usize];
+    v.read_at(0, &mut buf).unwrap();
+    assert_eq!(buf, b_before);
+    assert!(!d.path().join("r").join("volume-snap-a.img").exists());
+    // After a new snapshot, purge merges the removed b into c.
+    r.snapshot("c", true, BTreeMap::new()).unwrap();
+    assert_eq!(r.purge().unwrap(), vec!["b".to_string()]);
+    assert_eq!(snaps(&r), vec![("c".into(), false)]);
+    assert_eq!(read(&r, 0, 4 * MIB), before);
+    // And the result survives a reopen.
+    let again = Replica::open(&d.path().join("r")).unwrap();
+    assert_eq!(read(&again, 0, 4 * MIB), before);
+    assert!(matches!(r.remove_snapshot("zzz"), Err(ReplicaError::SnapshotNotFound { .. })));
+}
+
+#[test]
+fn revert_drops_newer_layers_and_head() {
+    let d = tempfile::tempdir().unwrap();
+    let r = Replica::create(&d.path().join("r"), &spec(MIB)).unwrap();
+    write(&r, 0, &[1u8; 4096]);
+    r.snapshot("a", true, BTreeMap::new()).unwrap();
+    write(&r, 0, &[2u8; 4096]);
+    r.snapshot("b", true, BTreeMap::new()).unwrap();
+    write(&r, 4096, &[3u8; 4096]);
+    assert_eq!(r.revert("a").unwrap(), vec!["b".to_string()]);
+    let got = read(&r, 0, 8192);
+    assert!(got[..4096].iter().all(|&b| b == 1));
+    assert!(got[4096..].iter().all(|&b| b == 0));
+    assert_eq!(snaps(&r), vec![("a".into(), false)]);
+    let again = Replica::open(&d.path().join("r")).unwrap();
+    assert_eq!(read(&again, 0, 8192), got);
+}
+
+#[test]
+fn changed_between_lists_newer_layers_only() {
+    let d = tempfile::tempdir().unwrap();
+    let r = Replica::create(&d.path().join("r"), &spec(4 * MIB)).unwrap();
+    write(&r, 0, &[1u8; 4096]);
+    r.snapshot("a", true, BTreeMap::new()).unwrap();
+    write(&r, MIB, &[2u8; 8192]);
+    r.snapshot("b", true, BTreeMap::new()).unwrap();
+    write(&r, 2 * MIB, &[3u8; 4096]);
+    r.snapshot("c", true, BTreeMap::new()).unwrap();
+    assert_eq!(r.changed_between("a", "c").unwrap(), Some(vec![(MIB, 8192), (2 * MIB, 4096)]));
+    assert_eq!(r.changed_between("b", "c").unwrap(), Some(vec![(2 * MIB, 4096)]));
+    assert_eq!(r.changed_between("gone", "c").unwrap(), None);
+    assert_eq!(r.snapshot_view("b").unwrap().data_ranges(), vec![(0, 4096), (MIB, 8192)]);
+    assert!(!r.head_has_data());
+    write(&r, 0, &[9u8; 4096]);
+    assert!(r.head_has_data());
 }

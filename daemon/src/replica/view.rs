@@ -1,0 +1,112 @@
+//! Read-only views of one snapshot: what a backup reads. A view holds its
+//! own descriptors of the layers up to the snapshot, so a chain change on
+//! the live replica (a newer snapshot, the head moving on) does not disturb
+//! a backup in progress; removing the snapshot itself while it is being
+//! backed up is refused by the control plane.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use super::blocking::pread_full;
+use super::extent::{data_blocks, Lookup, LowerMap};
+use super::{disp, meta, Replica, ReplicaError, BLOCK_SIZE};
+
+/// The volume as it was when a snapshot was taken.
+#[derive(Debug)]
+pub struct SnapshotView {
+    size: u64,
+    files: Vec<File>,
+    map: LowerMap,
+}
+
+impl SnapshotView {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (zeros where no layer has data).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.size);
+        if end.is_none() || offset % BLOCK_SIZE != 0 || buf.len() as u64 % BLOCK_SIZE != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let b = (offset + pos as u64) / BLOCK_SIZE;
+            let want_end = (offset + buf.len() as u64) / BLOCK_SIZE;
+            let (file, run_end) = match self.map.lookup(b) {
+                Lookup::In(x) => (self.files.get(x.layer as usize), x.end.min(want_end)),
+                Lookup::Gap { next } => (None, next.min(want_end)),
+            };
+            let n = ((run_end - b) * BLOCK_SIZE) as usize;
+            let dst = &mut buf[pos..pos + n];
+            match file {
+                Some(f) => pread_full(f.as_raw_fd(), dst, offset + pos as u64)?,
+                None => dst.fill(0),
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Byte ranges `(offset, len)` where the snapshot holds data, sorted.
+    pub fn data_ranges(&self) -> Vec<(u64, u64)> {
+        merge_bytes(self.map.extents().iter().map(|e| (e.start, e.end)).collect())
+    }
+}
+
+/// Sorted block ranges, merged, as byte `(offset, len)` pairs.
+fn merge_bytes(mut blocks: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    blocks.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(blocks.len());
+    for (s, e) in blocks {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out.into_iter().map(|(s, e)| (s * BLOCK_SIZE, (e - s) * BLOCK_SIZE)).collect()
+}
+
+impl Replica {
+    /// A view of snapshot `name`.
+    pub fn snapshot_view(&self, name: &str) -> Result<SnapshotView, ReplicaError> {
+        let idx = self.snapshot_index(name)?;
+        let c = self.chain_now();
+        let mut files = Vec::with_capacity(idx + 1);
+        let mut per_layer = Vec::with_capacity(idx + 1);
+        for l in &c.layers[..=idx] {
+            let path = self.dir.join(&l.file);
+            let f = l.fd.try_clone().map_err(|source| ReplicaError::Io { path: disp(&path), source })?;
+            per_layer.push(data_blocks(f.as_raw_fd(), self.size).map_err(|source| ReplicaError::Io { path: disp(&path), source })?);
+            files.push(f);
+        }
+        Ok(SnapshotView { size: self.size, files, map: LowerMap::build(&per_layer) })
+    }
+
+    /// Byte ranges written between snapshot `from` and snapshot `to` (the
+    /// data of the layers after `from` up to `to`): what an incremental
+    /// backup must read. `None` when `from` is not an older snapshot of
+    /// this chain (removed, or never taken here): back up in full.
+    pub fn changed_between(&self, from: &str, to: &str) -> Result<Option<Vec<(u64, u64)>>, ReplicaError> {
+        let to_idx = self.snapshot_index(to)?;
+        let from_file = meta::snapshot_file_name(from);
+        let c = self.chain_now();
+        let Some(from_idx) = c.layers[..to_idx].iter().position(|l| l.file == from_file) else {
+            return Ok(None);
+        };
+        let mut blocks = Vec::new();
+        for l in &c.layers[from_idx + 1..=to_idx] {
+            let path = self.dir.join(&l.file);
+            blocks.extend(data_blocks(l.fd.as_raw_fd(), self.size).map_err(|source| ReplicaError::Io { path: disp(&path), source })?);
+        }
+        Ok(Some(merge_bytes(blocks)))
+    }
+
+    /// True when the head holds data written since the last snapshot (the
+    /// recurring snapshot job's "new data" rule).
+    pub fn head_has_data(&self) -> bool {
+        self.chain_now().head_bits.count() > 0
+    }
+}
