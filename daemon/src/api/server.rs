@@ -13,6 +13,7 @@ use tonic::{Code, Request, Response, Status};
 use super::pb;
 use super::pb::cairn_server::{Cairn, CairnServer};
 use super::ApiError;
+use crate::control::snapshots::SnapshotInfo;
 use crate::control::{ControlError, NodeInfo, ReplicaInfo, VolumeInfo, VolumeManager};
 use crate::engine::{EngineError, ReplicaState};
 use crate::frontend::FrontendError;
@@ -28,7 +29,11 @@ pub fn status(e: ControlError) -> Status {
         | E::NotEnoughDisks { .. }
         | E::NotEnoughNodes { .. }
         | E::ZeroReplicas { .. }
-        | E::TooManyReplicas { .. } => Code::InvalidArgument,
+        | E::TooManyReplicas { .. }
+        | E::BadLabel { .. } => Code::InvalidArgument,
+        E::UnknownSnapshot { .. } => Code::NotFound,
+        E::Standby { .. } | E::SnapshotBusy { .. } | E::NoHealthyReplicaFor { .. } => Code::FailedPrecondition,
+        E::Engine(EngineError::Rebuilding { .. }) => Code::FailedPrecondition,
         E::AlreadyExists { .. } => Code::AlreadyExists,
         E::NotFound { .. } | E::UnknownReplica { .. } => Code::NotFound,
         E::AlreadyAttached { .. }
@@ -246,6 +251,59 @@ impl Cairn for CairnService {
         let value = self.manager.set_setting(&r.name, &r.value).map_err(status)?;
         Ok(Response::new(setting(&r.name, value)))
     }
+
+    async fn create_snapshot(&self, req: Request<pb::CreateSnapshotRequest>) -> Result<Response<pb::Snapshot>, Status> {
+        let r = req.into_inner();
+        let name = (!r.name.is_empty()).then_some(r.name.as_str());
+        let s = self.manager.snapshot_create(&r.volume, name, r.labels.into_iter().collect()).await.map_err(status)?;
+        Ok(Response::new(snapshot(s)))
+    }
+
+    async fn list_snapshots(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let list = self.manager.snapshot_list(&req.into_inner().name).await.map_err(status)?;
+        Ok(Response::new(pb::ListSnapshotsResponse { snapshots: list.into_iter().map(snapshot).collect() }))
+    }
+
+    async fn delete_snapshot(&self, req: Request<pb::SnapshotRef>) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let coalesced = self.manager.snapshot_delete(&r.volume, &r.name).await.map_err(status)?;
+        Ok(Response::new(pb::DeleteSnapshotResponse { coalesced }))
+    }
+
+    async fn revert_snapshot(&self, req: Request<pb::SnapshotRef>) -> Result<Response<pb::RevertSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let dropped = self.manager.snapshot_revert(&r.volume, &r.name).await.map_err(status)?;
+        Ok(Response::new(pb::RevertSnapshotResponse { dropped }))
+    }
+
+    async fn purge_snapshots(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::PurgeSnapshotsResponse>, Status> {
+        let merged = self.manager.snapshot_purge(&req.into_inner().name).await.map_err(status)?;
+        Ok(Response::new(pb::PurgeSnapshotsResponse { merged }))
+    }
+
+    async fn create_backup(&self, _req: Request<pb::CreateBackupRequest>) -> Result<Response<pb::Backup>, Status> {
+        Err(Status::unimplemented("backups: not wired yet"))
+    }
+
+    async fn list_backups(&self, _req: Request<pb::ListBackupsRequest>) -> Result<Response<pb::ListBackupsResponse>, Status> {
+        Err(Status::unimplemented("backups: not wired yet"))
+    }
+
+    async fn get_backup(&self, _req: Request<pb::BackupRef>) -> Result<Response<pb::Backup>, Status> {
+        Err(Status::unimplemented("backups: not wired yet"))
+    }
+
+    async fn delete_backup(&self, _req: Request<pb::BackupRef>) -> Result<Response<pb::DeleteBackupResponse>, Status> {
+        Err(Status::unimplemented("backups: not wired yet"))
+    }
+
+    async fn activate_volume(&self, _req: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
+        Err(Status::unimplemented("backups: not wired yet"))
+    }
+
+    async fn set_recurring_jobs(&self, _req: Request<pb::SetRecurringJobsRequest>) -> Result<Response<pb::Volume>, Status> {
+        Err(Status::unimplemented("backups: not wired yet"))
+    }
 }
 
 fn setting(name: &str, value: String) -> pb::Setting {
@@ -297,6 +355,30 @@ fn volume(v: VolumeInfo) -> pb::Volume {
         queues: v.queues.into(),
         queue_depth: v.queue_depth.into(),
         message: v.message,
+        standby: v.standby,
+        from_backup: v.from_backup,
+        last_restored: v.last_restored,
+        recurring_jobs: v.recurring_jobs,
+        restore: v.restore.map(|r| pb::Progress {
+            percent: r.percent,
+            done_bytes: r.done,
+            total_bytes: r.total,
+            bytes_per_second: r.rate,
+        }),
+        last_backup: v.last_backup,
+    }
+}
+
+fn snapshot(s: SnapshotInfo) -> pb::Snapshot {
+    pb::Snapshot {
+        name: s.name,
+        parent: s.parent,
+        created: s.created,
+        size: s.size,
+        user_created: s.user_created,
+        removed: s.removed,
+        is_head: s.is_head,
+        labels: s.labels.into_iter().collect(),
     }
 }
 

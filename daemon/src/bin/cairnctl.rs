@@ -47,6 +47,40 @@ enum Command {
     /// Daemon settings.
     #[command(subcommand)]
     Setting(SettingCmd),
+    /// Point-in-time snapshots of a volume.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+}
+
+/// `key=value`, for `--label`.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label {s:?} must look like key=value")),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCmd {
+    /// Snapshot the volume now (every healthy replica at the same point).
+    Create {
+        volume: String,
+        /// Snapshot name (DNS label); generated when omitted.
+        #[arg(long)]
+        name: Option<String>,
+        /// A label, key=value; repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// The chain from the oldest snapshot to the volume head.
+    List { volume: String },
+    /// Remove a snapshot: marked removed, its data merged into the next
+    /// snapshot when there is one.
+    Delete { volume: String, name: String },
+    /// Revert a detached volume to a snapshot (newer snapshots are dropped).
+    Revert { volume: String, name: String },
+    /// Merge removed and system snapshots into their successors.
+    Purge { volume: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,15 +99,34 @@ enum VolumeCmd {
     Create {
         /// Volume name: a DNS-1123 label (lower-case letters, digits, '-').
         name: String,
-        /// Size, e.g. 10GiB or 512MiB; a multiple of 4KiB.
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
+        /// Size, e.g. 10GiB or 512MiB; a multiple of 4KiB. With
+        /// --from-backup it defaults to the backup's size.
+        #[arg(long, value_parser = parse_size, required_unless_present = "from_backup")]
+        size: Option<u64>,
         /// Replicas: each on a different node in a cluster (hard
         /// anti-affinity), on a different disk on a standalone node.
         /// Default: up to 3 in a cluster; 1 on a one-disk node, else 2.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         replicas: Option<u32>,
+        /// Restore a backup into the new volume: bak://VOLUME/BACKUP
+        /// (Longhorn's bs:// accepted). With --standby: bak://VOLUME.
+        #[arg(long)]
+        from_backup: Option<String>,
+        /// A disaster-recovery volume: follows the backup volume, restoring
+        /// each new backup incrementally; cannot be attached until
+        /// `volume activate`.
+        #[arg(long, requires = "from_backup")]
+        standby: bool,
+        /// Recurring jobs, a JSON array in Longhorn's format.
+        #[arg(long)]
+        recurring_jobs: Option<String>,
     },
+    /// Turn a DR standby volume into a normal volume (restores the latest
+    /// backup first).
+    Activate { name: String },
+    /// A volume's recurring jobs.
+    #[command(subcommand)]
+    Recurring(RecurringCmd),
     /// List volumes.
     List,
     /// Show a volume and its replicas.
@@ -92,6 +145,19 @@ enum VolumeCmd {
     /// Recreate a lost volume record from its replicas on the cluster's
     /// nodes (this node becomes the owner).
     Adopt { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum RecurringCmd {
+    /// Replace the volume's recurring jobs (`--jobs '[]'` removes them).
+    Set {
+        volume: String,
+        /// JSON array: [{"name":"daily","task":"backup","cron":"0 2 * * *","retain":7,"labels":{}}]
+        #[arg(long)]
+        jobs: String,
+    },
+    /// Show the volume's recurring jobs.
+    Get { volume: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,15 +242,14 @@ async fn run(cli: Cli) -> Result<String, String> {
     };
     match cli.command {
         Command::Volume(cmd) => match cmd {
-            VolumeCmd::Create {
-                name,
-                size,
-                replicas,
-            } => {
+            VolumeCmd::Create { name, size, replicas, from_backup, standby, recurring_jobs } => {
                 let req = pb::CreateVolumeRequest {
                     name,
-                    size,
+                    size: size.unwrap_or(0),
                     replicas: replicas.unwrap_or(0),
+                    from_backup: from_backup.unwrap_or_default(),
+                    standby,
+                    recurring_jobs: recurring_jobs.unwrap_or_default(),
                 };
                 let v = client.create_volume(req).await.map_err(msg)?.into_inner();
                 Ok(show(&v, volume_table))
@@ -243,6 +308,18 @@ async fn run(cli: Cli) -> Result<String, String> {
                     format!("volume {name} deleted\n")
                 })
             }
+            VolumeCmd::Activate { name } => {
+                let v = client.activate_volume(pb::VolumeRef { name }).await.map_err(msg)?.into_inner();
+                Ok(show(&v, volume_table))
+            }
+            VolumeCmd::Recurring(RecurringCmd::Set { volume, jobs }) => {
+                let v = client.set_recurring_jobs(pb::SetRecurringJobsRequest { volume, jobs }).await.map_err(msg)?.into_inner();
+                Ok(show(&v, |v| format!("volume {}: recurring jobs {}\n", v.name, if v.recurring_jobs.is_empty() { "[]" } else { &v.recurring_jobs })))
+            }
+            VolumeCmd::Recurring(RecurringCmd::Get { volume }) => {
+                let v = client.get_volume(pb::VolumeRef { name: volume }).await.map_err(msg)?.into_inner();
+                Ok(format!("{}\n", if v.recurring_jobs.is_empty() { "[]" } else { &v.recurring_jobs }))
+            }
             VolumeCmd::Adopt { name } => {
                 let v = client.adopt_volume(pb::VolumeRef { name }).await.map_err(msg)?.into_inner();
                 Ok(show(&v, volume_table))
@@ -294,6 +371,7 @@ async fn run(cli: Cli) -> Result<String, String> {
                 table(&rows)
             })
         }
+        Command::Snapshot(cmd) => snapshot_cmd(&mut client, cmd, json).await,
         Command::Node(NodeCmd::Get) => {
             let n = client
                 .get_node(pb::GetNodeRequest {})
@@ -307,6 +385,74 @@ async fn run(cli: Cli) -> Result<String, String> {
             })
         }
     }
+}
+
+type Client = pb::cairn_client::CairnClient<tonic::transport::Channel>;
+
+async fn snapshot_cmd(client: &mut Client, cmd: SnapshotCmd, json: bool) -> Result<String, String> {
+    let msg = |s: tonic::Status| s.message().to_string();
+    match cmd {
+        SnapshotCmd::Create { volume, name, labels } => {
+            let req = pb::CreateSnapshotRequest { volume, name: name.unwrap_or_default(), labels: labels.into_iter().collect() };
+            let s = client.create_snapshot(req).await.map_err(msg)?.into_inner();
+            Ok(if json { to_json(&snapshot_json(&s)) } else { format!("snapshot {} taken\n", s.name) })
+        }
+        SnapshotCmd::List { volume } => {
+            let list = client.list_snapshots(pb::VolumeRef { name: volume }).await.map_err(msg)?.into_inner().snapshots;
+            if json {
+                return Ok(to_json(&serde_json::Value::Array(list.iter().map(snapshot_json).collect())));
+            }
+            let mut rows = vec![row(&["NAME", "PARENT", "CREATED", "SIZE", "USER", "REMOVED", "LABELS"])];
+            for s in &list {
+                let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                rows.push(vec![
+                    s.name.clone(),
+                    if s.parent.is_empty() { "-".into() } else { s.parent.clone() },
+                    if s.is_head { "-".into() } else { s.created.clone() },
+                    HumanSize(s.size).to_string(),
+                    if s.is_head { "-".into() } else { s.user_created.to_string() },
+                    s.removed.to_string(),
+                    if labels.is_empty() { "-".into() } else { labels.join(",") },
+                ]);
+            }
+            Ok(table(&rows))
+        }
+        SnapshotCmd::Delete { volume, name } => {
+            let r = client.delete_snapshot(pb::SnapshotRef { volume, name: name.clone() }).await.map_err(msg)?.into_inner();
+            Ok(if json {
+                to_json(&json!({ "deleted": name, "coalesced": r.coalesced }))
+            } else if r.coalesced {
+                format!("snapshot {name} deleted (data merged into the next snapshot)\n")
+            } else {
+                format!("snapshot {name} marked removed (merged once a newer snapshot exists: `snapshot purge`)\n")
+            })
+        }
+        SnapshotCmd::Revert { volume, name } => {
+            let r = client.revert_snapshot(pb::SnapshotRef { volume: volume.clone(), name: name.clone() }).await.map_err(msg)?.into_inner();
+            Ok(if json {
+                to_json(&json!({ "reverted": volume, "snapshot": name, "dropped": r.dropped }))
+            } else if r.dropped.is_empty() {
+                format!("volume {volume} reverted to {name}\n")
+            } else {
+                format!("volume {volume} reverted to {name}; dropped newer snapshots: {}\n", r.dropped.join(", "))
+            })
+        }
+        SnapshotCmd::Purge { volume } => {
+            let r = client.purge_snapshots(pb::VolumeRef { name: volume.clone() }).await.map_err(msg)?.into_inner();
+            Ok(if json {
+                to_json(&json!({ "purged": volume, "merged": r.merged }))
+            } else {
+                format!("volume {volume}: {} snapshot(s) merged{}\n", r.merged.len(), if r.merged.is_empty() { String::new() } else { format!(": {}", r.merged.join(", ")) })
+            })
+        }
+    }
+}
+
+fn snapshot_json(s: &pb::Snapshot) -> serde_json::Value {
+    json!({
+        "name": s.name, "parent": s.parent, "created": s.created, "size": s.size,
+        "userCreated": s.user_created, "removed": s.removed, "isHead": s.is_head, "labels": s.labels,
+    })
 }
 
 fn to_json(v: &serde_json::Value) -> String {

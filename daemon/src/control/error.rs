@@ -79,6 +79,16 @@ pub enum ControlError {
         source: std::io::Error,
     },
     /// A blocking task died (panicked or was cancelled); a bug, not an input error.
+    #[error("{what} label {label:?}: {reason}")]
+    BadLabel { what: String, label: String, reason: String },
+    #[error("volume {name:?} is a DR standby volume: it cannot {what} until `cairnctl volume activate {name}`")]
+    Standby { name: String, what: &'static str },
+    #[error("volume {volume}: no healthy replica took the change: {reason}")]
+    NoHealthyReplicaFor { volume: String, reason: String },
+    #[error("volume {volume}: snapshot {snapshot} is in use by a running backup: wait for it to finish")]
+    SnapshotBusy { volume: String, snapshot: String },
+    #[error("volume {volume} has no snapshot {snapshot:?}: see `cairnctl snapshot list {volume}`")]
+    UnknownSnapshot { volume: String, snapshot: String },
     #[error("internal error: {0}")]
     Internal(String),
 }

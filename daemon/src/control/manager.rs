@@ -75,6 +75,13 @@ pub struct VolumeInfo {
     /// Why the volume is not in the state the operator asked for, if it isn't.
     pub message: String,
     pub replicas: Vec<ReplicaInfo>,
+    pub standby: bool,
+    pub from_backup: String,
+    pub last_restored: String,
+    pub recurring_jobs: String,
+    pub last_backup: String,
+    /// A restore into this volume in progress.
+    pub restore: Option<RebuildInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +134,7 @@ pub struct DiskInfo {
 /// inside a tokio runtime; call [`VolumeManager::shutdown`] before dropping
 /// it so attached devices are removed cleanly.
 pub struct VolumeManager {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
     tasks: Vec<JoinHandle<()>>,
     /// Serves this node's replicas to peers (cluster mode).
     _server: Option<ReplicaServer>,
@@ -149,6 +156,11 @@ pub(super) struct Inner {
     /// Rebuilds running now, by volume.
     pub(super) rebuilds: std::sync::Mutex<HashMap<String, Vec<RunningRebuild>>>,
     pub(super) repair_done: mpsc::UnboundedSender<RepairDone>,
+    /// Snapshots a running backup reads, by volume (they must not be
+    /// removed meanwhile).
+    pub(super) snapshots_in_use: std::sync::Mutex<HashMap<String, Vec<String>>>,
+    /// Restores running now (into new or DR volumes), by volume.
+    pub(super) restores: std::sync::Mutex<HashMap<String, Arc<RebuildProgress>>>,
 }
 
 pub(super) struct RunningRebuild {
@@ -255,6 +267,8 @@ impl VolumeManager {
             cluster,
             rebuilds: std::sync::Mutex::new(HashMap::new()),
             repair_done: repair_tx,
+            snapshots_in_use: std::sync::Mutex::new(HashMap::new()),
+            restores: std::sync::Mutex::new(HashMap::new()),
         });
         // The first poll, before restore, so remote replicas' nodes are known.
         if inner.cluster.enabled() {
@@ -385,6 +399,12 @@ impl VolumeManager {
             dev_id: None,
             revision: 0,
             replicas,
+            standby: false,
+            from_backup: String::new(),
+            last_restored: String::new(),
+            recurring_jobs: String::new(),
+            last_backup: String::new(),
+            last_backup_snapshot: String::new(),
         };
         if let Err(e) = inner.store.save(&record) {
             let i = self.inner.clone();
@@ -655,6 +675,12 @@ impl VolumeManager {
             dev_id: None,
             revision: newest,
             replicas,
+            standby: false,
+            from_backup: String::new(),
+            last_restored: String::new(),
+            recurring_jobs: String::new(),
+            last_backup: String::new(),
+            last_backup_snapshot: String::new(),
         };
         self.inner.store.save(&record)?;
         tracing::info!(volume = name, replicas = record.replicas.len(), revision = newest, "volume adopted");
@@ -1034,6 +1060,12 @@ impl Volume {
             queue_depth: self.record.queue_depth,
             message: self.message.clone(),
             replicas,
+            standby: self.record.standby,
+            from_backup: self.record.from_backup.clone(),
+            last_restored: self.record.last_restored.clone(),
+            recurring_jobs: self.record.recurring_jobs.clone(),
+            last_backup: self.record.last_backup.clone(),
+            restore: inner.restore_info(&self.record.name),
         }
     }
 }
@@ -1262,7 +1294,7 @@ pub(super) fn random_replica_name(volume: &str) -> Result<String, ControlError> 
 }
 
 /// Seconds since the Unix epoch.
-pub(super) fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -1395,6 +1427,34 @@ impl Inner {
     }
 
     /// Asks every rebuild of `volume` to stop (detach, delete).
+    pub(super) fn restore_info(&self, volume: &str) -> Option<RebuildInfo> {
+        let map = self.restores.lock().unwrap_or_else(|p| p.into_inner());
+        let p = map.get(volume)?;
+        Some(RebuildInfo {
+            percent: p.percent(),
+            done: p.done.load(Ordering::Relaxed),
+            total: p.total.load(Ordering::Relaxed),
+            rate: p.rate(),
+            incremental: p.incremental.load(Ordering::Relaxed),
+        })
+    }
+
+    pub(super) fn has_rebuilds(&self, volume: &str) -> bool {
+        self.rebuilds.lock().unwrap_or_else(|p| p.into_inner()).get(volume).is_some_and(|v| !v.is_empty())
+    }
+
+    pub(super) fn snapshot_in_use(&self, volume: &str, snapshot: &str) -> bool {
+        self.snapshots_in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(volume)
+            .is_some_and(|v| v.iter().any(|s| s == snapshot))
+    }
+
+    pub(super) fn backup_running(&self, volume: &str) -> bool {
+        self.snapshots_in_use.lock().unwrap_or_else(|p| p.into_inner()).get(volume).is_some_and(|v| !v.is_empty())
+    }
+
     pub(super) fn cancel_rebuilds(&self, volume: &str) {
         let rebuilds = self.rebuilds.lock().unwrap_or_else(|p| p.into_inner());
         for r in rebuilds.get(volume).into_iter().flatten() {

@@ -33,6 +33,7 @@ mod manager;
 pub mod placement;
 mod repair;
 pub mod settings;
+pub mod snapshots;
 pub mod store;
 
 use std::net::SocketAddr;

@@ -35,6 +35,25 @@ pub struct VolumeRecord {
     /// Revision counter as of the last epoch the control plane saw.
     pub revision: u64,
     pub replicas: Vec<ReplicaRecord>,
+    /// A DR standby volume: follows a backup volume, cannot be attached.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standby: bool,
+    /// The backup this volume was restored from (`bak://VOLUME/BACKUP`), or
+    /// the backup volume a standby volume follows (`bak://VOLUME`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub from_backup: String,
+    /// The last backup restored into this volume.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_restored: String,
+    /// Recurring jobs attached to this volume (JSON of Longhorn's format).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub recurring_jobs: String,
+    /// Name of the last backup of this volume Cairn made (incremental base).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_backup: String,
+    /// The snapshot the last backup was taken from.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_backup_snapshot: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -229,6 +248,12 @@ mod tests {
                     last_rebuild: Some(LastRebuild { incremental: true, copied: 4096, millis: 3, finished_at: 1_700_000_100 }),
                 },
             ],
+            standby: false,
+            from_backup: String::new(),
+            last_restored: String::new(),
+            recurring_jobs: String::new(),
+            last_backup: String::new(),
+            last_backup_snapshot: String::new(),
         }
     }
 

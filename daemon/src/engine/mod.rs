@@ -70,4 +70,8 @@ pub enum EngineError {
     InService { volume: String, replica: String },
     #[error("volume {volume}: rebuild of replica {replica} stopped: it failed while copying")]
     RebuildAborted { volume: String, replica: String },
+    #[error("volume {volume}: a replica is rebuilding; snapshot operations wait until it is done (see `cairnctl volume get {volume}`)")]
+    Rebuilding { volume: String },
+    #[error("volume {volume}: {what} failed on every healthy replica: {reason}")]
+    ChainChange { volume: String, what: String, reason: String },
 }

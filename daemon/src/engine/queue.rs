@@ -93,6 +93,9 @@ pub struct QueueStats {
     pub flushes: AtomicU64,
     pub discards: AtomicU64,
     pub errors: AtomicU64,
+    /// The volume's pause word this queue last acknowledged as quiet
+    /// (nothing in flight, new requests held back).
+    pub(crate) quiet_at: AtomicU64,
 }
 
 impl QueueStats {
@@ -130,6 +133,9 @@ pub struct QueueEngine {
     /// Unsent remote requests, per replica slot, and which slots have any.
     batches: [SendBatch; MAX_REPLICAS],
     unsent: u32,
+    /// Requests that arrived while the volume was paused, started when it
+    /// resumes. Capacity `depth`: pushing never allocates.
+    deferred: Vec<(u16, IoRequest, *mut u8)>,
 }
 
 /// Requests that change data (and so are counted per region and fanned out
@@ -158,7 +164,34 @@ impl QueueEngine {
             port,
             batches: Default::default(),
             unsent: 0,
+            deferred: Vec::with_capacity(depth as usize),
         }
+    }
+
+    /// The pause handshake (see `VolumeIo::quiesce`); call at the end of
+    /// every completion batch and after the completion port woke the queue.
+    /// While the volume is paused, acknowledges once nothing is in flight;
+    /// once it resumes, starts the requests held back meanwhile.
+    pub fn poll_pause(&mut self, sink: &mut impl SqeSink, mut done: impl FnMut(u16, i32)) {
+        let word = self.volume.pause_word();
+        if word & 1 != 0 {
+            if self.stats.quiet_at.load(Ordering::Relaxed) != word && !self.in_flight() {
+                self.stats.quiet_at.store(word, Ordering::Release);
+            }
+            return;
+        }
+        let n = self.deferred.len();
+        if n == 0 {
+            return;
+        }
+        for i in 0..n {
+            let (tag, req, buf) = self.deferred[i];
+            if let Some(res) = self.submit(tag, req, buf, sink) {
+                done(tag, res);
+            }
+        }
+        // A pause that began meanwhile pushed its own entries after `n`.
+        self.deferred.drain(..n);
     }
 
     /// Sends the remote requests started since the last flush, one `writev`
@@ -209,6 +242,12 @@ impl QueueEngine {
     /// The result is bytes for reads and writes, 0 for other operations, or a
     /// negative errno.
     pub fn submit(&mut self, tag: u16, req: IoRequest, buf: *mut u8, sink: &mut impl SqeSink) -> Option<i32> {
+        if self.volume.pause_word() & 1 != 0 {
+            // Held back until the pause ends (`poll_pause`); the tag's
+            // buffer stays with us meanwhile.
+            self.deferred.push((tag, req, buf));
+            return None;
+        }
         if req.op != IoOp::Flush {
             let end = req.offset.checked_add(req.len as u64);
             if end.is_none_or(|e| e > self.volume.size())

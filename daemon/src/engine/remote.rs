@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 
+use crate::replica::{ChainChange, ChainOutcome, LayerInfo};
 use crate::transport::client::{connect_stream, PeerConn, PeerError};
 use crate::transport::server::send_frame;
 use crate::transport::{ClusterSecret, FrameReader, Header, Op, WireError};
@@ -86,6 +87,12 @@ impl CompletionPort {
             // Cannot happen: capacity covers every (tag, replica) pair.
             tracing::error!(tag = c.tag, replica = c.replica, "remote completion queue full; completion lost");
         }
+        self.wake();
+    }
+
+    /// Wakes the queue thread (it then drains the port and looks at the
+    /// volume's pause word).
+    pub fn wake(&self) {
         if !self.signaled.swap(true, Ordering::AcqRel) {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a live u64 to our eventfd.
@@ -497,6 +504,24 @@ impl RemoteReplica {
 
     pub(crate) fn sync(&self) -> Result<(), PeerError> {
         self.control().call_ok(Op::Flush)
+    }
+
+    /// Applies a chain change on the peer's replica.
+    pub(crate) fn change_chain(&self, change: &ChainChange) -> Result<ChainOutcome, PeerError> {
+        let mut c = self.control();
+        match c.call(Op::ChangeChain { change: change.clone() })? {
+            Op::ChainChanged { names, coalesced } => Ok(ChainOutcome { names, coalesced }),
+            other => Err(c.unexpected("ChangeChain".into(), other)),
+        }
+    }
+
+    /// The peer replica's layer chain.
+    pub(crate) fn chain(&self) -> Result<Vec<LayerInfo>, PeerError> {
+        let mut c = self.control();
+        match c.call(Op::ListLayers)? {
+            Op::Layers { layers } => Ok(layers),
+            other => Err(c.unexpected("ListLayers".into(), other)),
+        }
     }
 
     /// A separate blocking connection to this replica (a rebuild's stream).

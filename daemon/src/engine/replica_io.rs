@@ -9,7 +9,7 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types};
 
 use super::remote::{RemoteReplica, SendBatch};
-use crate::replica::Replica;
+use crate::replica::{ChainChange, ChainOutcome, LayerInfo, Replica};
 use crate::transport::Op;
 
 /// One replica as the engine reaches it.
@@ -90,6 +90,22 @@ impl ReplicaIo {
         match self {
             ReplicaIo::Local(r) => r.check_files().map_err(|e| e.to_string()),
             ReplicaIo::Remote(r) => r.check(),
+        }
+    }
+
+    /// Applies a layer-chain change (the volume's I/O must be quiesced).
+    pub fn change_chain(&self, change: &ChainChange) -> Result<ChainOutcome, String> {
+        match self {
+            ReplicaIo::Local(r) => r.change_chain(change).map_err(|e| e.to_string()),
+            ReplicaIo::Remote(r) => r.change_chain(change).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The replica's layer chain, oldest first.
+    pub fn chain(&self) -> Result<Vec<LayerInfo>, String> {
+        match self {
+            ReplicaIo::Local(r) => Ok(r.chain()),
+            ReplicaIo::Remote(r) => r.chain().map_err(|e| e.to_string()),
         }
     }
 

@@ -25,6 +25,7 @@ use super::queue::QueueStats;
 use super::remote::CompletionPort;
 use super::{EngineError, ReplicaIo, MAX_REPLICAS};
 use crate::replica::extent::HeadBitmap;
+use crate::replica::{ChainChange, ChainOutcome};
 use crate::replica::BLOCK_SIZE;
 
 /// A replica handed to the engine at attach. `io: None` is a replica the
@@ -129,6 +130,36 @@ pub struct VolumeIo {
     layout: QueueLayout,
     ports: Box<[Arc<CompletionPort>]>,
     regions: Box<[Region]>,
+    /// Pause word: `epoch << 1 | paused`. Read once per request.
+    pause: AtomicU64,
+    /// Set while a [`Quiesced`] guard exists (one at a time).
+    pausing: std::sync::atomic::AtomicBool,
+}
+
+fn describe_change(c: &ChainChange) -> String {
+    match c {
+        ChainChange::Snapshot { name, .. } => format!("snapshot {name}"),
+        ChainChange::Remove { name } => format!("removing snapshot {name}"),
+        ChainChange::Purge => "snapshot purge".into(),
+        ChainChange::Revert { name } => format!("revert to snapshot {name}"),
+    }
+}
+
+/// A quiesced volume: no request is in flight on any queue and new ones are
+/// held back until this guard is dropped.
+pub struct Quiesced {
+    volume: Arc<VolumeIo>,
+}
+
+impl Drop for Quiesced {
+    fn drop(&mut self) {
+        let w = self.volume.pause.load(Ordering::Relaxed);
+        self.volume.pause.store(w & !1, Ordering::Release);
+        for p in self.volume.ports.iter() {
+            p.wake();
+        }
+        self.volume.pausing.store(false, Ordering::Release);
+    }
 }
 
 /// I/O totals of a volume since it was attached.
@@ -223,6 +254,8 @@ impl VolumeIo {
             layout,
             ports: ports.into_boxed_slice(),
             regions,
+            pause: AtomicU64::new(0),
+            pausing: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -236,6 +269,105 @@ impl VolumeIo {
 
     pub fn layout(&self) -> QueueLayout {
         self.layout
+    }
+
+    #[inline]
+    pub(crate) fn pause_word(&self) -> u64 {
+        self.pause.load(Ordering::Acquire)
+    }
+
+    /// Stops new requests on every queue and waits until none is in flight,
+    /// so the replicas' layer chains can change under no I/O (a snapshot is
+    /// taken at one point of the write stream on every replica). Each queue
+    /// acknowledges on its own thread (`QueueEngine::poll_pause`), woken
+    /// through its completion port; the hot path pays one load per request.
+    /// Fails after `timeout` (and resumes) if a queue does not go quiet.
+    pub fn quiesce(self: &Arc<Self>, timeout: std::time::Duration) -> Result<Quiesced, EngineError> {
+        if self.pausing.swap(true, Ordering::AcqRel) {
+            return Err(EngineError::Setup {
+                volume: self.name.clone(),
+                reason: "another snapshot operation is pausing I/O; try again".into(),
+            });
+        }
+        let word = ((self.pause.load(Ordering::Relaxed) >> 1) + 1) << 1 | 1;
+        self.pause.store(word, Ordering::SeqCst);
+        let guard = Quiesced { volume: self.clone() };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            for p in self.ports.iter() {
+                p.wake();
+            }
+            let quiet = {
+                let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+                queues.iter().all(|q| q.quiet_at.load(Ordering::Acquire) == word)
+            };
+            if quiet {
+                return Ok(guard);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(EngineError::Setup {
+                    volume: self.name.clone(),
+                    reason: format!("I/O did not drain within {timeout:?} for a snapshot; try again"),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Applies a layer-chain change (snapshot, removal, purge) to every
+    /// healthy replica at one point of the write stream: I/O is quiesced
+    /// around it. A replica the change fails on is failed (and rebuilt):
+    /// every healthy replica keeps the same chain. Replicas out of the
+    /// write set lose their dirty maps, since a map cannot describe a chain
+    /// change: they come back through a full rebuild. Refused while a
+    /// rebuild runs (its target would miss the change).
+    pub fn change_chain(self: &Arc<Self>, change: &ChainChange, timeout: std::time::Duration) -> Result<ChainOutcome, EngineError> {
+        if rebuilding_of(self.masks()) != 0 {
+            return Err(EngineError::Rebuilding { volume: self.name.clone() });
+        }
+        let _quiet = self.quiesce(timeout)?;
+        let healthy = healthy_of(self.masks());
+        let mut outcome: Option<ChainOutcome> = None;
+        let mut failures = Vec::new();
+        for i in 0..self.slots.len() {
+            if healthy & (1 << i) == 0 {
+                continue;
+            }
+            let Some(io) = self.slots[i].io.load_full() else { continue };
+            match io.change_chain(change) {
+                Ok(o) => {
+                    outcome.get_or_insert(o);
+                }
+                Err(e) => failures.push((i, e)),
+            }
+        }
+        let Some(outcome) = outcome else {
+            let reason = failures.first().map(|f| f.1.clone()).unwrap_or_else(|| "no healthy replica".into());
+            return Err(EngineError::ChainChange { volume: self.name.clone(), what: describe_change(change), reason });
+        };
+        for (i, e) in failures {
+            self.fail_index(i, &format!("{} failed on this replica: {e}", describe_change(change)));
+        }
+        let _members = self.lock();
+        let still = healthy_of(self.masks());
+        for (i, slot) in self.slots.iter().enumerate() {
+            if still & (1 << i) == 0 {
+                slot.dirty.store(None);
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// The healthy replicas, local ones first.
+    pub fn healthy_replicas(&self) -> Vec<Arc<ReplicaIo>> {
+        let h = healthy_of(self.masks());
+        let local = self.local_mask();
+        let mut v: Vec<(bool, Arc<ReplicaIo>)> = (0..self.slots.len())
+            .filter(|i| h & (1 << i) != 0)
+            .filter_map(|i| self.slots[i].io.load_full().map(|io| (local & (1 << i) == 0, io)))
+            .collect();
+        v.sort_by_key(|(remote, _)| *remote);
+        v.into_iter().map(|(_, io)| io).collect()
     }
 
     /// Stats slot for a new queue engine (queue start, not per I/O).

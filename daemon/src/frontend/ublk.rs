@@ -372,6 +372,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, volume: Arc<VolumeIo>) {
                 engine.drain_remote(&mut sink, |tag, res| commit(q, tag, res));
                 arm_port(q);
                 if ctx.is_last_cqe() {
+                    engine.poll_pause(&mut sink, |tag, res| commit(q, tag, res));
                     engine.flush_remote();
                 }
                 return;
@@ -390,6 +391,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, volume: Arc<VolumeIo>) {
         // Remote requests started while handling this batch of completions
         // go out together, before the queue thread waits again.
         if ctx.is_last_cqe() {
+            engine.poll_pause(&mut sink, |tag, res| commit(q, tag, res));
             engine.flush_remote();
         }
     });

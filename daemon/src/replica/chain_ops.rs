@@ -27,6 +27,25 @@ pub enum Removal {
     Marked,
 }
 
+/// A layer-chain change, as the owner applies it to every replica (locally,
+/// or over the replica protocol: hence the bincode derives).
+#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub enum ChainChange {
+    /// `created` empty = now.
+    Snapshot { name: String, created: String, user_created: bool, labels: BTreeMap<String, String> },
+    Remove { name: String },
+    Purge,
+    Revert { name: String },
+}
+
+/// What a chain change did: snapshot names dropped or merged away, and
+/// whether a removal merged the snapshot into its child.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChainOutcome {
+    pub names: Vec<String>,
+    pub coalesced: bool,
+}
+
 /// Copy unit of a coalesce.
 const COPY_CHUNK: u64 = 1 << 20;
 
@@ -59,6 +78,26 @@ pub(crate) fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
 }
 
 impl Replica {
+    /// Applies `change` (see [`ChainChange`]).
+    pub fn change_chain(&self, change: &ChainChange) -> Result<ChainOutcome, ReplicaError> {
+        match change {
+            ChainChange::Snapshot { name, created, user_created, labels } => {
+                let spec = super::SnapshotSpec {
+                    name: name.clone(),
+                    created: (!created.is_empty()).then(|| created.clone()),
+                    user_created: *user_created,
+                    labels: labels.clone(),
+                };
+                self.snapshot_with(&spec).map(|()| ChainOutcome::default())
+            }
+            ChainChange::Remove { name } => self
+                .remove_snapshot(name)
+                .map(|r| ChainOutcome { names: vec![], coalesced: r == Removal::Coalesced }),
+            ChainChange::Purge => self.purge().map(|names| ChainOutcome { names, coalesced: false }),
+            ChainChange::Revert { name } => self.revert(name).map(|names| ChainOutcome { names, coalesced: false }),
+        }
+    }
+
     pub(super) fn snapshot_index(&self, name: &str) -> Result<usize, ReplicaError> {
         let file = meta::snapshot_file_name(name);
         let c = self.chain_now();

@@ -19,7 +19,7 @@ mod chain_ops;
 pub mod meta;
 mod view;
 
-pub use chain_ops::Removal;
+pub use chain_ops::{ChainChange, ChainOutcome, Removal};
 pub use view::SnapshotView;
 
 use std::collections::{BTreeMap, HashSet};

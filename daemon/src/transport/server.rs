@@ -311,6 +311,10 @@ fn handle(disks: &NodeDisks, bound: &mut Option<Arc<Replica>>, op: Op, payload: 
                     Err(e) => (Op::Error { errno: libc::EIO, message: e.to_string() }, false),
                 },
                 Op::ListLayers => (Op::Layers { layers: r.chain() }, false),
+                Op::ChangeChain { change } => match r.change_chain(&change) {
+                    Ok(o) => (Op::ChainChanged { names: o.names, coalesced: o.coalesced }, false),
+                    Err(e) => (Op::Error { errno: libc::EIO, message: e.to_string() }, false),
+                },
                 Op::ListAllocated => (Op::Extents { extents: r.allocated_ranges() }, false),
                 Op::ListExtents { .. } => {
                     (Op::Error { errno: libc::EOPNOTSUPP, message: "ListExtents is not served; use ListAllocated".into() }, false)

@@ -14,7 +14,7 @@ use std::io::{self, Read};
 
 use bincode::{Decode, Encode};
 
-use crate::replica::LayerInfo;
+use crate::replica::{ChainChange, LayerInfo};
 
 /// The four bytes every frame starts with: ASCII `CRN1` (the `1` is the
 /// protocol version; an incompatible change takes a new magic).
@@ -148,6 +148,12 @@ pub enum Op {
     /// Ranges where any layer of the bound replica holds data (what a full
     /// rebuild copies). Answered with `Extents`.
     ListAllocated,
+    /// Changes the bound replica's layer chain (the owner has quiesced the
+    /// volume's I/O). Answered with `ChainChanged`.
+    ChangeChain { change: ChainChange },
+    /// Snapshot names the change dropped or merged away, and whether a
+    /// removal merged the snapshot's data into its child.
+    ChainChanged { names: Vec<String>, coalesced: bool },
 }
 
 /// One node as it describes itself.
@@ -793,6 +799,16 @@ mod tests {
             }),
             Just(Op::ListReplicas),
             Just(Op::ListAllocated),
+            (".{0,20}", ".{0,20}", any::<bool>(), proptest::collection::btree_map(".{0,5}", ".{0,5}", 0..3)).prop_map(
+                |(name, created, user_created, labels)| Op::ChangeChain {
+                    change: ChainChange::Snapshot { name, created, user_created, labels }
+                }
+            ),
+            ".{0,20}".prop_map(|name| Op::ChangeChain { change: ChainChange::Remove { name } }),
+            Just(Op::ChangeChain { change: ChainChange::Purge }),
+            ".{0,20}".prop_map(|name| Op::ChangeChain { change: ChainChange::Revert { name } }),
+            (proptest::collection::vec(".{0,10}", 0..3), any::<bool>())
+                .prop_map(|(names, coalesced)| Op::ChainChanged { names, coalesced }),
         ]
     }
 
