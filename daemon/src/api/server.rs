@@ -34,7 +34,7 @@ pub fn status(e: ControlError) -> Status {
         E::UnknownSnapshot { .. } => Code::NotFound,
         E::Standby { .. } | E::SnapshotBusy { .. } | E::NoHealthyReplicaFor { .. } => Code::FailedPrecondition,
         E::Engine(EngineError::Rebuilding { .. }) => Code::FailedPrecondition,
-        E::AlreadyExists { .. } => Code::AlreadyExists,
+        E::AlreadyExists { .. } | E::SnapshotExists { .. } => Code::AlreadyExists,
         E::NotFound { .. } | E::UnknownReplica { .. } => Code::NotFound,
         E::AlreadyAttached { .. }
         | E::Attached { .. }

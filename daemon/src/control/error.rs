@@ -89,6 +89,8 @@ pub enum ControlError {
     SnapshotBusy { volume: String, snapshot: String },
     #[error("volume {volume} has no snapshot {snapshot:?}: see `cairnctl snapshot list {volume}`")]
     UnknownSnapshot { volume: String, snapshot: String },
+    #[error("volume {volume} already has a snapshot {snapshot:?}: choose another name")]
+    SnapshotExists { volume: String, snapshot: String },
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -137,19 +137,14 @@ impl Inner {
                 .collect::<Vec<_>>()
         })
         .await?;
-        let mut outcome = None;
-        let mut first_err = None;
-        for (name, r) in results {
-            match r {
-                Ok(o) => {
-                    outcome.get_or_insert(o);
-                }
-                Err(e) => {
+        let outcome = results.iter().find_map(|(_, r)| r.as_ref().ok().cloned());
+        let first_err = results.iter().find_map(|(_, r)| r.as_ref().err().cloned());
+        if outcome.is_some() {
+            // Replicas that missed a change others took would diverge.
+            for (name, r) in &results {
+                if let Err(e) = r {
                     tracing::warn!(volume, replica = %name, error = %e, "snapshot change failed on a replica; it will be rebuilt");
-                    if outcome.is_none() && first_err.is_none() {
-                        first_err = Some(e.clone());
-                    }
-                    v.record.set_failed(&name, &format!("missed a snapshot change: {e}"));
+                    v.record.set_failed(name, &format!("missed a snapshot change: {e}"));
                 }
             }
         }
@@ -216,6 +211,9 @@ impl VolumeManager {
         };
         crate::name::validate_label("snapshot", &name, 63)?;
         validate_labels("snapshot", &labels)?;
+        if name == HEAD_NAME || self.snapshot_list(volume).await?.iter().any(|s| s.name == name) {
+            return Err(ControlError::SnapshotExists { volume: volume.to_string(), snapshot: name });
+        }
         let change = ChainChange::Snapshot { name: name.clone(), created: String::new(), user_created, labels };
         self.inner.apply_chain(volume, change, false).await?;
         tracing::info!(volume, snapshot = %name, "snapshot taken");
