@@ -32,7 +32,7 @@ pub fn status(e: ControlError) -> Status {
         | E::TooManyReplicas { .. }
         | E::BadLabel { .. } => Code::InvalidArgument,
         E::UnknownSnapshot { .. } => Code::NotFound,
-        E::Standby { .. } | E::SnapshotBusy { .. } | E::NoHealthyReplicaFor { .. } => Code::FailedPrecondition,
+        E::Standby { .. } | E::MustDetach { .. } | E::SnapshotBusy { .. } | E::NoHealthyReplicaFor { .. } => Code::FailedPrecondition,
         E::Engine(EngineError::Rebuilding { .. }) => Code::FailedPrecondition,
         E::AlreadyExists { .. } | E::SnapshotExists { .. } => Code::AlreadyExists,
         E::NotFound { .. } | E::UnknownReplica { .. } => Code::NotFound,

@@ -91,6 +91,8 @@ pub enum ControlError {
     UnknownSnapshot { volume: String, snapshot: String },
     #[error("volume {volume} already has a snapshot {snapshot:?}: choose another name")]
     SnapshotExists { volume: String, snapshot: String },
+    #[error("volume {name:?} is attached: detach it before you {what}")]
+    MustDetach { name: String, what: &'static str },
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -26,6 +26,10 @@ enum Kind {
     Int { min: u64, max: u64 },
     /// A positive decimal number.
     Positive,
+    /// One of these words.
+    Choice(&'static [&'static str]),
+    /// Free text checked by a function (which says what is wrong).
+    Text(fn(&str) -> Result<(), String>),
 }
 
 /// One setting's definition.
@@ -43,6 +47,30 @@ pub const STALE_REPLICA_TIMEOUT: &str = "stale-replica-timeout";
 pub const AUTO_SALVAGE: &str = "auto-salvage";
 pub const REBUILD_LIMIT: &str = "concurrent-replica-rebuild-per-node-limit";
 pub const REPLICA_TIMEOUT: &str = "engine-replica-timeout";
+pub const BACKUP_TARGET: &str = "backup-target";
+pub const BACKUP_CREDENTIAL: &str = "backup-target-credential-secret";
+pub const BACKUPSTORE_POLL_INTERVAL: &str = "backupstore-poll-interval";
+pub const ALLOW_DETACHED_JOBS: &str = "allow-recurring-job-while-volume-detached";
+pub const BACKUP_COMPRESSION: &str = "backup-compression-method";
+pub const BACKUP_BLOCK_SIZE: &str = "backup-block-size";
+pub const BACKUP_CONCURRENCY: &str = "backup-concurrent-limit";
+pub const RESTORE_CONCURRENCY: &str = "restore-concurrent-limit";
+
+fn check_backup_target(v: &str) -> Result<(), String> {
+    if v.is_empty() {
+        return Ok(());
+    }
+    // MERGE: replace with crate::backupstore::target::BackupTarget::parse.
+    if ["s3://", "nfs://", "file://"].iter().any(|p| v.starts_with(p)) { Ok(()) } else { Err("unknown scheme".into()) }
+}
+
+fn check_credential_file(v: &str) -> Result<(), String> {
+    if v.is_empty() || Path::new(v).is_absolute() {
+        Ok(())
+    } else {
+        Err("give the absolute path of a KEY=VALUE credentials file, or empty for the environment".into())
+    }
+}
 
 pub static DEFINITIONS: &[Definition] = &[
     Definition {
@@ -87,6 +115,54 @@ pub static DEFINITIONS: &[Definition] = &[
         description: "seconds a remote replica may take to answer before it is failed",
         kind: Kind::Int { min: 1, max: 300 },
     },
+    Definition {
+        name: BACKUP_TARGET,
+        default: "",
+        description: "where backups go: s3://BUCKET@REGION/PATH/, nfs://HOST:/PATH, file:///PATH; empty = file://<data-dir>/backups",
+        kind: Kind::Text(check_backup_target),
+    },
+    Definition {
+        name: BACKUP_CREDENTIAL,
+        default: "",
+        description: "file of KEY=VALUE lines (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINTS, AWS_CERT, VIRTUAL_HOSTED_STYLE, HTTP(S)_PROXY, NO_PROXY); empty = the daemon's environment",
+        kind: Kind::Text(check_credential_file),
+    },
+    Definition {
+        name: BACKUPSTORE_POLL_INTERVAL,
+        default: "300",
+        description: "seconds between polls of the backup target by DR standby volumes (0 stops polling)",
+        kind: Kind::Int { min: 0, max: 86_400 },
+    },
+    Definition {
+        name: ALLOW_DETACHED_JOBS,
+        default: "false",
+        description: "let recurring jobs run on detached volumes (replicas opened without a device)",
+        kind: Kind::Bool,
+    },
+    Definition {
+        name: BACKUP_COMPRESSION,
+        default: "lz4",
+        description: "compression of new backup blocks: lz4, gzip or none (all are readable)",
+        kind: Kind::Choice(&["lz4", "gzip", "none"]),
+    },
+    Definition {
+        name: BACKUP_BLOCK_SIZE,
+        default: "2MiB",
+        description: "block size of new backup volumes: 2MiB or 16MiB",
+        kind: Kind::Choice(&["2MiB", "16MiB"]),
+    },
+    Definition {
+        name: BACKUP_CONCURRENCY,
+        default: "8",
+        description: "block uploads in flight per backup",
+        kind: Kind::Int { min: 1, max: 64 },
+    },
+    Definition {
+        name: RESTORE_CONCURRENCY,
+        default: "8",
+        description: "block downloads in flight per restore",
+        kind: Kind::Int { min: 1, max: 64 },
+    },
 ];
 
 fn definition(name: &str) -> Result<&'static Definition, SettingError> {
@@ -111,6 +187,11 @@ pub fn validate(name: &str, value: &str) -> Result<String, SettingError> {
             Ok(x) if x.is_finite() && x > 0.0 => Ok(v.to_string()),
             _ => Err(bad("use a positive number, e.g. 2880 or 0.5".into())),
         },
+        Kind::Choice(words) => match words.iter().find(|w| **w == v) {
+            Some(w) => Ok(w.to_string()),
+            None => Err(bad(format!("use one of: {}", words.join(", ")))),
+        },
+        Kind::Text(check) => check(v).map(|()| v.to_string()).map_err(bad),
     }
 }
 
@@ -202,6 +283,13 @@ mod tests {
             (REPLICA_TIMEOUT, "0", "from 1 to 300"),
             (STALE_REPLICA_TIMEOUT, "-1", "positive number"),
             (STALE_REPLICA_TIMEOUT, "NaN", "positive number"),
+            (BACKUP_COMPRESSION, "zstd", "one of: lz4, gzip, none"),
+            (BACKUP_BLOCK_SIZE, "4MiB", "one of: 2MiB, 16MiB"),
+            (BACKUPSTORE_POLL_INTERVAL, "-5", "from 0 to 86400"),
+            (BACKUP_CREDENTIAL, "relative/creds", "absolute path"),
+            (BACKUP_TARGET, "s3://bucket/path/", ""),
+            (BACKUP_TARGET, "ftp://x/", "scheme"),
+            (ALLOW_DETACHED_JOBS, "1", "use true or false"),
         ];
         let before = std::fs::read(tmp.path().join("settings.json")).unwrap();
         for (name, value, want) in cases {

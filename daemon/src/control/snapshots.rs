@@ -103,7 +103,7 @@ impl Inner {
         }
         if let Some(live) = &v.live {
             if detached_only {
-                return Err(ControlError::Attached { name: volume.to_string() });
+                return Err(ControlError::MustDetach { name: volume.to_string(), what: "revert it to a snapshot" });
             }
             let io = live.io.clone();
             let outcome = tokio::task::spawn_blocking(move || io.change_chain(&change, QUIESCE_TIMEOUT)).await??;

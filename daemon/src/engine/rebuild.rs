@@ -27,7 +27,7 @@ use super::replica_io::ReplicaIo;
 use super::volume::{healthy_of, REGION_SHIFT};
 use super::{EngineError, VolumeIo};
 use crate::replica::extent::HeadBitmap;
-use crate::replica::{Replica, BLOCK_SIZE};
+use crate::replica::{ChainChange, LayerInfo, Replica, BLOCK_SIZE};
 use crate::transport::{Op, PeerConn, PeerError};
 
 /// Largest chunk copied at once (one region).
@@ -50,6 +50,8 @@ pub enum RebuildError {
     Busy { replica: String, region: usize },
     #[error("rebuild of {replica}: cancelled")]
     Cancelled { replica: String },
+    #[error("rebuild of {replica}: the snapshot chain changed while its layers were copied; retrying later")]
+    ChainChanged { replica: String },
 }
 
 /// Blocking access to a replica's data: what a rebuild reads from and
@@ -64,6 +66,9 @@ pub trait BlockStore: Send {
     fn flush(&mut self) -> io::Result<()>;
     /// Byte ranges `(offset, len)` where any layer holds data.
     fn allocated(&mut self) -> io::Result<Vec<(u64, u64)>>;
+    /// Byte ranges where the head alone holds data (a rebuild that copied
+    /// the snapshot layers first copies only these).
+    fn head_allocated(&mut self) -> io::Result<Vec<(u64, u64)>>;
     fn describe(&self) -> String;
 }
 
@@ -81,6 +86,9 @@ impl BlockStore for LocalStore {
     }
     fn allocated(&mut self) -> io::Result<Vec<(u64, u64)>> {
         Ok(self.0.allocated_ranges())
+    }
+    fn head_allocated(&mut self) -> io::Result<Vec<(u64, u64)>> {
+        self.0.layer_data("").map_err(io::Error::other)
     }
     fn describe(&self) -> String {
         self.0.dir().display().to_string()
@@ -126,9 +134,121 @@ impl BlockStore for RemoteStore {
             other => Err(io::Error::other(format!("unexpected answer {other:?} to ListAllocated"))),
         }
     }
+    fn head_allocated(&mut self) -> io::Result<Vec<(u64, u64)>> {
+        list_layer(&mut self.conn, "")
+    }
     fn describe(&self) -> String {
         self.conn.addr().to_string()
     }
+}
+
+fn list_layer(conn: &mut PeerConn, layer: &str) -> io::Result<Vec<(u64, u64)>> {
+    match conn.call(Op::ListExtents { layer: layer.to_string() }).map_err(peer_io)? {
+        Op::Extents { extents } => Ok(extents),
+        other => Err(io::Error::other(format!("unexpected answer {other:?} to ListExtents"))),
+    }
+}
+
+/// Reads single layer files of a replica: the source of a chain copy.
+enum LayerReader {
+    Local(Arc<Replica>),
+    Remote { conn: PeerConn, data: Vec<u8> },
+}
+
+impl LayerReader {
+    fn open(io: &ReplicaIo) -> io::Result<LayerReader> {
+        Ok(match io {
+            ReplicaIo::Local(r) => LayerReader::Local(r.clone()),
+            ReplicaIo::Remote(r) => LayerReader::Remote { conn: r.open_stream().map_err(peer_io)?, data: Vec::new() },
+        })
+    }
+
+    fn ranges(&mut self, layer: &str) -> io::Result<Vec<(u64, u64)>> {
+        match self {
+            LayerReader::Local(r) => r.layer_data(layer).map_err(io::Error::other),
+            LayerReader::Remote { conn, .. } => list_layer(conn, layer),
+        }
+    }
+
+    fn read(&mut self, layer: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self {
+            LayerReader::Local(r) => r.read_layer(layer, offset, buf),
+            LayerReader::Remote { conn, data } => {
+                let op = Op::ReadLayer { layer: layer.to_string(), offset, len: buf.len() as u32 };
+                match conn.call_data(op, &[], data).map_err(peer_io)? {
+                    Op::Data if data.len() == buf.len() => {
+                        buf.copy_from_slice(data);
+                        Ok(())
+                    }
+                    other => Err(io::Error::other(format!("unexpected answer {other:?} to ReadLayer"))),
+                }
+            }
+        }
+    }
+}
+
+/// What must match between source and target chains: the snapshots, in
+/// order, with their removed marks.
+fn chain_signature(chain: &[LayerInfo]) -> Vec<(String, bool)> {
+    chain.iter().filter(|l| !l.is_head).map(|l| (l.file.clone(), l.removed)).collect()
+}
+
+/// Gives a fresh target the source's snapshot layers before it joins the
+/// write set: each layer's own data is written to the target's head, which
+/// is then snapshotted with the layer's name, time, labels and marks. The
+/// layers are immutable while a rebuild runs (chain changes are refused),
+/// and the caller checks after joining that no change slipped in before.
+fn copy_layers(
+    volume: &VolumeIo,
+    name: &str,
+    target_io: &ReplicaIo,
+    target: &mut dyn BlockStore,
+    progress: &RebuildProgress,
+    cancel: &AtomicBool,
+) -> Result<Vec<(String, bool)>, RebuildError> {
+    let err = |what: &'static str, store: String| {
+        let replica = name.to_string();
+        move |source| RebuildError::Io { replica, what, store, source }
+    };
+    let source = pick_source(volume, usize::MAX).ok_or_else(|| RebuildError::NoSource { replica: name.to_string() })?;
+    let chain = source.chain().map_err(|e| err("listing layers of", source.describe())(io::Error::other(e)))?;
+    let mut reader = LayerReader::open(&source).map_err(err("opening source", source.describe()))?;
+    let mut buf = vec![0u8; CHUNK as usize];
+    for l in chain.iter().filter(|l| !l.is_head) {
+        let Some(snap) = l.snapshot.clone() else { continue };
+        let ranges = reader.ranges(&l.file).map_err(err("listing extents of", source.describe()))?;
+        progress.total.fetch_add(ranges.iter().map(|r| r.1).sum::<u64>(), Ordering::Relaxed);
+        for (off, len) in ranges {
+            let mut pos = off;
+            while pos < off + len {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(RebuildError::Cancelled { replica: name.to_string() });
+                }
+                let n = (off + len - pos).min(CHUNK) as usize;
+                reader.read(&l.file, pos, &mut buf[..n]).map_err(err("reading a layer of", source.describe()))?;
+                target.write(pos, &buf[..n]).map_err(err("writing", target.describe()))?;
+                progress.done.fetch_add(n as u64, Ordering::Relaxed);
+                pos += n as u64;
+            }
+        }
+        target.flush().map_err(err("flushing", target.describe()))?;
+        let mk = ChainChange::Snapshot { name: snap.clone(), created: l.created.clone(), user_created: l.user_created, labels: l.labels.clone() };
+        target_io.change_chain(&mk).map_err(|e| err("snapshotting", target.describe())(io::Error::other(e)))?;
+        if l.removed {
+            target_io
+                .change_chain(&ChainChange::Remove { name: snap })
+                .map_err(|e| err("marking a snapshot removed on", target.describe())(io::Error::other(e)))?;
+        }
+    }
+    Ok(chain_signature(&chain))
+}
+
+/// A healthy replica to copy from, other than slot `skip`; local first.
+fn pick_source(volume: &VolumeIo, skip: usize) -> Option<Arc<ReplicaIo>> {
+    let healthy = healthy_of(volume.masks()) & !(1u32.checked_shl(skip as u32).unwrap_or(0));
+    let candidates: Vec<Arc<ReplicaIo>> =
+        (0..volume.replica_count()).filter(|i| healthy & (1 << i) != 0).filter_map(|i| volume.replica(i)).collect();
+    candidates.iter().find(|io| matches!(***io, ReplicaIo::Local(_))).or(candidates.first()).cloned()
 }
 
 /// A blocking store over the same replica an engine slot uses.
@@ -204,8 +324,33 @@ pub fn rebuild(
         move |source| RebuildError::Io { replica, what, store, source }
     };
     let desc = io.describe();
-    let target = store_for(&io).map_err(io_err("opening", desc.clone()))?;
+    let mut target = store_for(&io).map_err(io_err("opening", desc.clone()))?;
+    // A full rebuild (a fresh replica) first gets the snapshot layers, so
+    // every replica has the same chain; an incremental one already has it.
+    let layered = if volume.would_resume(idx, name, &io) {
+        None
+    } else {
+        Some(copy_layers(volume, name, &io, &mut *target, progress, cancel)?)
+    };
     let incremental = volume.start_rebuild(idx, name, io)?;
+    if layered.is_none() && !incremental {
+        // It looked resumable but no longer is: the layers were not copied.
+        let e = RebuildError::ChainChanged { replica: name.to_string() };
+        volume.fail_index(idx, &e.to_string());
+        volume.clear_slot(idx);
+        return Err(e);
+    }
+    if let Some(sig) = &layered {
+        // No chain change can start now (the target is rebuilding); check
+        // that none happened while the layers were copied.
+        let now = pick_source(volume, idx).and_then(|s| s.chain().ok()).map(|c| chain_signature(&c));
+        if now.as_ref() != Some(sig) {
+            let e = RebuildError::ChainChanged { replica: name.to_string() };
+            volume.fail_index(idx, &e.to_string());
+            volume.clear_slot(idx);
+            return Err(e);
+        }
+    }
     progress.incremental.store(incremental, Ordering::Relaxed);
     let mut copier = Copier { volume, idx, name, target, progress, cancel, taken: Vec::new(), report: RebuildReport {
         incremental,
@@ -214,7 +359,7 @@ pub fn rebuild(
         passes: 0,
         elapsed: Duration::ZERO,
     } };
-    match copier.run(incremental) {
+    match copier.run(incremental, layered.is_some()) {
         Ok(()) => {
             volume.finish_rebuild(idx)?;
             copier.report.elapsed = progress.started.elapsed();
@@ -251,16 +396,8 @@ struct Copier<'a> {
 
 impl Copier<'_> {
     fn source(&self) -> Result<Box<dyn BlockStore>, RebuildError> {
-        let healthy = healthy_of(self.volume.masks()) & !(1 << self.idx);
-        let candidates: Vec<Arc<ReplicaIo>> =
-            (0..self.volume.replica_count()).filter(|i| healthy & (1 << i) != 0).filter_map(|i| self.volume.replica(i)).collect();
-        // A local source reads without a network hop.
-        let pick = candidates
-            .iter()
-            .find(|io| matches!(***io, ReplicaIo::Local(_)))
-            .or(candidates.first())
-            .ok_or_else(|| RebuildError::NoSource { replica: self.name.to_string() })?;
-        store_for(pick).map_err(|source| RebuildError::Io {
+        let pick = pick_source(self.volume, self.idx).ok_or_else(|| RebuildError::NoSource { replica: self.name.to_string() })?;
+        store_for(&pick).map_err(|source| RebuildError::Io {
             replica: self.name.to_string(),
             what: "opening source",
             store: pick.describe(),
@@ -272,14 +409,15 @@ impl Copier<'_> {
         RebuildError::Io { replica: self.name.to_string(), what, store, source }
     }
 
-    fn run(&mut self, incremental: bool) -> Result<(), RebuildError> {
+    fn run(&mut self, incremental: bool, layered: bool) -> Result<(), RebuildError> {
         let mut source = self.source()?;
         let map: Arc<HeadBitmap> = self
             .volume
             .dirty_map(self.idx)
             .ok_or_else(|| EngineError::RebuildAborted { volume: self.volume.name().to_string(), replica: self.name.to_string() })?;
         if !incremental {
-            let ranges = source.allocated().map_err(|e| self.io_err("listing extents of", source.describe(), e))?;
+            let ranges = if layered { source.head_allocated() } else { source.allocated() }
+                .map_err(|e| self.io_err("listing extents of", source.describe(), e))?;
             for (off, len) in ranges {
                 map.set_range(off / BLOCK_SIZE, (off + len).div_ceil(BLOCK_SIZE));
             }

@@ -697,6 +697,16 @@ impl VolumeIo {
     /// same replica back at the revision it left at), so only the marked
     /// blocks need copying. Otherwise the slot tracks from an empty map and
     /// the caller copies everything the source holds.
+    /// Whether [`VolumeIo::start_rebuild`] would resume (incremental) for
+    /// this replica, as things stand.
+    pub(crate) fn would_resume(&self, idx: usize, name: &str, io: &ReplicaIo) -> bool {
+        let Some(slot) = self.slots.get(idx) else { return false };
+        *slot.name.lock().unwrap_or_else(|p| p.into_inner()) == name
+            && tracking_of(self.masks()) & (1 << idx) != 0
+            && slot.dirty.load().is_some()
+            && io.revision() == slot.left_at.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn start_rebuild(&self, idx: usize, name: &str, io: ReplicaIo) -> Result<bool, EngineError> {
         let _messages = self.lock();
         let m = self.masks();

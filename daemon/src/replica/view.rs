@@ -110,3 +110,31 @@ impl Replica {
         self.chain_now().head_bits.count() > 0
     }
 }
+
+impl Replica {
+    fn layer_file(&self, file: &str) -> Result<std::fs::File, ReplicaError> {
+        let c = self.chain_now();
+        let layer = if file.is_empty() { Some(c.head()) } else { c.layers.iter().find(|l| l.file == file) };
+        let l = layer.ok_or_else(|| ReplicaError::SnapshotNotFound { dir: disp(&self.dir), name: file.to_string() })?;
+        l.fd.try_clone().map_err(|source| ReplicaError::Io { path: disp(&self.dir.join(&l.file)), source })
+    }
+
+    /// Byte ranges `(offset, len)` holding data in one layer file (`""` =
+    /// the head): what a rebuild copies layer by layer.
+    pub fn layer_data(&self, file: &str) -> Result<Vec<(u64, u64)>, ReplicaError> {
+        let f = self.layer_file(file)?;
+        let blocks = data_blocks(f.as_raw_fd(), self.size)
+            .map_err(|source| ReplicaError::Io { path: disp(&self.dir.join(file)), source })?;
+        Ok(merge_bytes(blocks))
+    }
+
+    /// Reads one layer file's own bytes (holes read as zeros).
+    pub fn read_layer(&self, file: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.size) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let f = self.layer_file(file).map_err(io::Error::other)?;
+        pread_full(f.as_raw_fd(), buf, offset)
+    }
+}

@@ -316,8 +316,19 @@ fn handle(disks: &NodeDisks, bound: &mut Option<Arc<Replica>>, op: Op, payload: 
                     Err(e) => (Op::Error { errno: libc::EIO, message: e.to_string() }, false),
                 },
                 Op::ListAllocated => (Op::Extents { extents: r.allocated_ranges() }, false),
-                Op::ListExtents { .. } => {
-                    (Op::Error { errno: libc::EOPNOTSUPP, message: "ListExtents is not served; use ListAllocated".into() }, false)
+                Op::ListExtents { layer } => match r.layer_data(&layer) {
+                    Ok(extents) => (Op::Extents { extents }, false),
+                    Err(e) => (Op::Error { errno: libc::ENOENT, message: e.to_string() }, false),
+                },
+                Op::ReadLayer { layer, offset, len } => {
+                    if len as usize > super::MAX_PAYLOAD {
+                        return (Op::Error { errno: libc::EINVAL, message: "read too large".into() }, false);
+                    }
+                    data.resize(len as usize, 0);
+                    match r.read_layer(&layer, offset, data) {
+                        Ok(()) => (Op::Data, true),
+                        Err(e) => (io_err(e), false),
+                    }
                 }
                 other => (
                     Op::Error { errno: libc::EPROTO, message: format!("unexpected {other:?} from a client") },

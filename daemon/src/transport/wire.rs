@@ -107,7 +107,8 @@ pub enum Op {
     GetRevision,
     SetRevision { revision: u64 },
     ListLayers,
-    /// Allocated ranges of one layer (file name as in [`LayerInfo::file`]).
+    /// Allocated ranges of one layer (file name as in [`LayerInfo::file`];
+    /// empty = the head). Answered with `Extents`.
     ListExtents { layer: String },
     Ping,
 
@@ -154,6 +155,9 @@ pub enum Op {
     /// Snapshot names the change dropped or merged away, and whether a
     /// removal merged the snapshot's data into its child.
     ChainChanged { names: Vec<String>, coalesced: bool },
+    /// Reads one layer file's own bytes (`layer` empty = the head): a
+    /// rebuild copying the chain layer by layer. Answered with `Data`.
+    ReadLayer { layer: String, offset: u64, len: u32 },
 }
 
 /// One node as it describes itself.
@@ -506,6 +510,19 @@ mod tests {
                 }],
             },
             Op::ListAllocated,
+            Op::ChangeChain {
+                change: ChainChange::Snapshot {
+                    name: "s1".into(),
+                    created: "2026-01-01T00:00:00Z".into(),
+                    user_created: true,
+                    labels: [("k".to_string(), "v".to_string())].into(),
+                },
+            },
+            Op::ChangeChain { change: ChainChange::Remove { name: "s1".into() } },
+            Op::ChangeChain { change: ChainChange::Purge },
+            Op::ChangeChain { change: ChainChange::Revert { name: "s1".into() } },
+            Op::ChainChanged { names: vec!["s0".into()], coalesced: true },
+            Op::ReadLayer { layer: "volume-snap-s1.img".into(), offset: 4096, len: 8192 },
         ];
         for op in &ops {
             match op {
@@ -538,7 +555,10 @@ mod tests {
                 | Op::DeleteReplica { .. }
                 | Op::ListReplicas
                 | Op::Replicas { .. }
-                | Op::ListAllocated => {}
+                | Op::ListAllocated
+                | Op::ChangeChain { .. }
+                | Op::ChainChanged { .. }
+                | Op::ReadLayer { .. } => {}
             }
         }
         ops
@@ -809,6 +829,7 @@ mod tests {
             ".{0,20}".prop_map(|name| Op::ChangeChain { change: ChainChange::Revert { name } }),
             (proptest::collection::vec(".{0,10}", 0..3), any::<bool>())
                 .prop_map(|(names, coalesced)| Op::ChainChanged { names, coalesced }),
+            (".{0,20}", any::<u64>(), any::<u32>()).prop_map(|(layer, offset, len)| Op::ReadLayer { layer, offset, len }),
         ]
     }
 
