@@ -142,6 +142,7 @@ pub struct VolumeManager {
 
 pub(super) struct Inner {
     pub(super) node_id: String,
+    pub(super) data_dir: PathBuf,
     pub(super) disks: Arc<NodeDisks>,
     pub(super) frontend: FrontendOptions,
     pub(super) store: Store,
@@ -257,6 +258,7 @@ impl VolumeManager {
         let (repair_tx, repair_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             node_id: config.node_id.clone(),
+            data_dir: data_dir.clone(),
             disks,
             frontend: config.frontend,
             store,
@@ -443,6 +445,9 @@ impl VolumeManager {
     pub async fn attach(&self, name: &str) -> Result<VolumeInfo, ControlError> {
         let mut st = self.inner.state.lock().await;
         let v = st.volume(name)?;
+        if v.record.standby {
+            return Err(ControlError::Standby { name: name.to_string(), what: "be attached" });
+        }
         if let Some(live) = &v.live {
             return Err(ControlError::AlreadyAttached {
                 name: name.to_string(),

@@ -64,6 +64,8 @@ pub trait BlockStore: Send {
         chunks.iter().try_for_each(|(off, data)| self.write(*off, data))
     }
     fn flush(&mut self) -> io::Result<()>;
+    /// Zeros `[offset, offset+len)` (a hole where the replica can punch one).
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()>;
     /// Byte ranges `(offset, len)` where any layer holds data.
     fn allocated(&mut self) -> io::Result<Vec<(u64, u64)>>;
     /// Byte ranges where the head alone holds data (a rebuild that copied
@@ -83,6 +85,9 @@ impl BlockStore for LocalStore {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.0.flush()
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.write_zeroes(offset, len)
     }
     fn allocated(&mut self) -> io::Result<Vec<(u64, u64)>> {
         Ok(self.0.allocated_ranges())
@@ -127,6 +132,16 @@ impl BlockStore for RemoteStore {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.conn.call_ok(Op::Flush).map_err(peer_io)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        // The op carries a u32 length: large ranges go in pieces.
+        let mut pos = offset;
+        while pos < offset + len {
+            let n = (offset + len - pos).min(1 << 30);
+            self.conn.call_ok(Op::WriteZeroes { offset: pos, len: n as u32 }).map_err(peer_io)?;
+            pos += n;
+        }
+        Ok(())
     }
     fn allocated(&mut self) -> io::Result<Vec<(u64, u64)>> {
         match self.conn.call(Op::ListAllocated).map_err(peer_io)? {
