@@ -30,9 +30,18 @@ pub fn status(e: ControlError) -> Status {
         | E::NotEnoughNodes { .. }
         | E::ZeroReplicas { .. }
         | E::TooManyReplicas { .. }
-        | E::BadLabel { .. } => Code::InvalidArgument,
+        | E::BadLabel { .. }
+        | E::HandleNeedsBackup { .. }
+        | E::RestoreTooSmall { .. } => Code::InvalidArgument,
+        E::NoBackupYet { .. } => Code::NotFound,
         E::UnknownSnapshot { .. } => Code::NotFound,
-        E::Standby { .. } | E::MustDetach { .. } | E::SnapshotBusy { .. } | E::NoHealthyReplicaFor { .. } => Code::FailedPrecondition,
+        E::Standby { .. }
+        | E::Restoring { .. }
+        | E::NoLocalReplica { .. }
+        | E::BackupInProgress { .. }
+        | E::NotStandby { .. }
+        | E::MustDetach { .. }
+        | E::SnapshotBusy { .. } | E::NoHealthyReplicaFor { .. } => Code::FailedPrecondition,
         E::Engine(EngineError::Rebuilding { .. }) => Code::FailedPrecondition,
         E::AlreadyExists { .. } | E::SnapshotExists { .. } => Code::AlreadyExists,
         E::NotFound { .. } | E::UnknownReplica { .. } => Code::NotFound,

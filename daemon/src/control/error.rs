@@ -93,6 +93,20 @@ pub enum ControlError {
     SnapshotExists { volume: String, snapshot: String },
     #[error("volume {name:?} is attached: detach it before you {what}")]
     MustDetach { name: String, what: &'static str },
+    #[error("volume {name:?} is being restored from a backup: wait until `cairnctl volume get {name}` shows no restore")]
+    Restoring { name: String },
+    #[error("volume {volume:?} has no healthy replica on this node: backups read a local replica (run the backup on a node holding one)")]
+    NoLocalReplica { volume: String },
+    #[error("backup handle {handle:?} names no backup: use bak://VOLUME/BACKUP (see `cairnctl backup list`)")]
+    HandleNeedsBackup { handle: String },
+    #[error("backup volume {volume:?} has no completed backup yet: back it up first")]
+    NoBackupYet { volume: String },
+    #[error("backup {handle} is still in progress: wait for it to complete")]
+    BackupInProgress { handle: String },
+    #[error("size {size} is smaller than the backup's {backup} bytes: give at least the backup's size, or none")]
+    RestoreTooSmall { size: u64, backup: u64 },
+    #[error("volume {name:?} is not a DR standby volume: nothing to activate")]
+    NotStandby { name: String },
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -448,6 +448,9 @@ impl VolumeManager {
         if v.record.standby {
             return Err(ControlError::Standby { name: name.to_string(), what: "be attached" });
         }
+        if self.inner.restore_info(name).is_some() {
+            return Err(ControlError::Restoring { name: name.to_string() });
+        }
         if let Some(live) = &v.live {
             return Err(ControlError::AlreadyAttached {
                 name: name.to_string(),
