@@ -7,8 +7,9 @@
 #   scripts/s3-server.sh start DIR PORT ACCESS SECRET [DOMAIN]
 #       starts s3s-fs on 127.0.0.1:PORT storing buckets as directories of DIR
 #       (a bucket is created with `mkdir DIR/BUCKET`), SigV4 with ACCESS/SECRET,
-#       virtual-hosted style for BUCKET.DOMAIN when DOMAIN is given (default
-#       localhost); waits until it answers and prints its pid. Log: DIR.log
+#       virtual-hosted style for Host: BUCKET.DOMAIN (default localhost:PORT; s3s
+#       compares the whole Host header, port included); waits until it answers
+#       and prints its pid. Log: DIR.log
 #   scripts/s3-server.sh stop PID
 #   scripts/s3-server.sh install-moto
 #       Python venv with moto[server] in target/tools/moto (TLS S3 for the
@@ -46,7 +47,7 @@ install)
     ;;
 start)
     [[ $# -ge 5 ]] || { echo "usage: $0 start DIR PORT ACCESS SECRET [DOMAIN]" >&2; exit 2; }
-    dir=$2 port=$3 access=$4 secret=$5 domain=${6:-localhost}
+    dir=$2 port=$3 access=$4 secret=$5 domain=${6:-localhost:$port}
     [[ -x $s3s ]] || { echo "s3s-fs missing: run scripts/s3-server.sh install" >&2; exit 1; }
     mkdir -p "$dir"
     "$s3s" --host 127.0.0.1 --port "$port" --access-key "$access" --secret-key "$secret" \

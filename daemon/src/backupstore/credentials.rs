@@ -274,9 +274,8 @@ impl Credentials {
             }
             (None, Some(file)) => {
                 let path = base.join(&file);
-                let pem = std::fs::read_to_string(&path).map_err(|e| {
-                    invalid(format!("AWS_CERT_FILE {}: {e}", path.display()))
-                })?;
+                let pem = std::fs::read_to_string(&path)
+                    .map_err(|e| invalid(format!("AWS_CERT_FILE {}: {e}", path.display())))?;
                 validate_pem(&pem)
                     .map_err(|p| invalid(format!("AWS_CERT_FILE {}: {p}", path.display())))?;
                 Some(pem)
@@ -427,7 +426,10 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(c.access_key_id.as_deref(), Some("AKIAEXAMPLE"));
-        assert_eq!(c.secret_access_key.as_ref().map(Secret::expose), Some("s3cr3t value"));
+        assert_eq!(
+            c.secret_access_key.as_ref().map(Secret::expose),
+            Some("s3cr3t value")
+        );
         assert_eq!(c.session_token.as_ref().map(Secret::expose), Some("tok"));
         assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
         assert!(c.virtual_hosted_style);
@@ -482,6 +484,9 @@ mod tests {
     fn no_keys_means_node_identity() {
         let c = parse("# nothing\n").expect("valid");
         assert!(!c.has_keys());
-        assert_eq!(c.to_string(), "credentials from /etc/cairn/backup.env (node identity)");
+        assert_eq!(
+            c.to_string(),
+            "credentials from /etc/cairn/backup.env (node identity)"
+        );
     }
 }

@@ -36,12 +36,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use object_store::aws::AmazonS3Builder;
+use object_store::client::{DnsFuture, DnsResolver};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    BackoffConfig, Certificate, ClientOptions, ObjectStore, RetryConfig,
+    BackoffConfig, Certificate, ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig,
 };
-use object_store::client::{DnsFuture, DnsResolver};
 use sha2::{Digest, Sha256};
 
 use super::credentials::{CredentialSource, Credentials, CredentialsError};
@@ -88,7 +88,7 @@ pub enum TargetError {
         target: String,
         credentials: CredentialSource,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     #[error("backup target {target}: bucket {bucket} not found at {endpoint}: create it or fix the bucket in backup-target")]
     BucketNotFound {
@@ -101,7 +101,7 @@ pub enum TargetError {
         target: String,
         endpoint: String,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     #[error("backup target {target}: TLS to {endpoint} failed ({reason}): set AWS_CERT to the CA that signed the endpoint's certificate")]
     Tls {
@@ -109,13 +109,13 @@ pub enum TargetError {
         endpoint: String,
         reason: String,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     #[error("backup target {target}: {source}")]
     Store {
         target: String,
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     #[error("backup target {target}: mount.nfs4 not found: install the NFS client (nfs-common / nfs-utils) on this node")]
     NfsClientMissing { target: String },
@@ -245,10 +245,12 @@ fn parse_s3(rest: &str) -> Result<BackupTarget, String> {
         ));
     }
     let path = path.trim_end_matches('/');
-    if path.split('/').any(|seg| seg.is_empty() || seg == "." || seg == "..") && !path.is_empty() {
-        return Err(format!(
-            "bad path {path:?}: no empty, '.' or '..' segments"
-        ));
+    if path
+        .split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        && !path.is_empty()
+    {
+        return Err(format!("bad path {path:?}: no empty, '.' or '..' segments"));
     }
     if path.contains(['?', '#']) {
         return Err(format!("bad path {path:?}: no '?' or '#'"));
@@ -352,7 +354,9 @@ pub fn nfs_mount_command(target: &BackupTarget, mount_dir: &Path) -> Option<Vec<
             "-t".into(),
             "nfs4".into(),
             "-o".into(),
-            options.clone().unwrap_or_else(|| DEFAULT_NFS_OPTIONS.into()),
+            options
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NFS_OPTIONS.into()),
             format!("{host}:{path}"),
             mount_dir.display().to_string(),
         ]),
@@ -373,21 +377,26 @@ pub fn is_mount_point(mountinfo: &str, dir: &Path) -> bool {
 }
 
 fn unescape_mountinfo(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
     let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() + 0 && i + 4 <= bytes.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v as char);
+        let octal = (bytes[i] == b'\\')
+            .then(|| s.get(i + 1..i + 4))
+            .flatten()
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
+        match octal {
+            Some(v) => {
+                out.push(v);
                 i += 4;
-                continue;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
             }
         }
-        out.push(bytes[i] as char);
-        i += 1;
     }
-    out
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Runs `argv` with a deadline; returns its stderr on failure.
@@ -426,9 +435,14 @@ fn run_with_timeout(argv: &[String], timeout: Duration) -> Result<(), String> {
 }
 
 fn nfs_client_present() -> bool {
-    ["/sbin/mount.nfs4", "/usr/sbin/mount.nfs4", "/sbin/mount.nfs", "/usr/sbin/mount.nfs"]
-        .iter()
-        .any(|p| Path::new(p).exists())
+    [
+        "/sbin/mount.nfs4",
+        "/usr/sbin/mount.nfs4",
+        "/sbin/mount.nfs",
+        "/usr/sbin/mount.nfs",
+    ]
+    .iter()
+    .any(|p| Path::new(p).exists())
 }
 
 /// Mounts an nfs target on its [`BackupTarget::mount_dir`] unless already
@@ -441,14 +455,13 @@ pub fn mount_nfs(target: &BackupTarget, mount_root: &Path) -> Result<PathBuf, Ta
             problem: "not an nfs target".into(),
         });
     };
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| {
-        TargetError::Io {
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| TargetError::Io {
             target: t.clone(),
             context: "read",
             path: "/proc/self/mountinfo".into(),
             source,
-        }
-    })?;
+        })?;
     if is_mount_point(&mountinfo, &dir) {
         return Ok(dir);
     }
@@ -477,14 +490,13 @@ pub fn unmount_target(target: &BackupTarget, mount_root: &Path) -> Result<(), Ta
         return Ok(());
     };
     let t = target.to_string();
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| {
-        TargetError::Io {
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| TargetError::Io {
             target: t.clone(),
             context: "read",
             path: "/proc/self/mountinfo".into(),
             source,
-        }
-    })?;
+        })?;
     if !is_mount_point(&mountinfo, &dir) {
         return Ok(());
     }
@@ -538,9 +550,16 @@ pub fn virtual_hosted_endpoint(endpoint: &str, bucket: &str) -> Result<String, S
 
 fn host_of(authority: &str) -> &str {
     if authority.starts_with('[') {
-        return authority.split(']').next().map(|h| &authority[..h.len() + 1]).unwrap_or(authority);
+        return authority
+            .split(']')
+            .next()
+            .map(|h| &authority[..h.len() + 1])
+            .unwrap_or(authority);
     }
-    authority.rsplit_once(':').map(|(h, _)| h).unwrap_or(authority)
+    authority
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(authority)
 }
 
 /// Resolves `*.localhost` to loopback (RFC 6761 §6.3), which glibc does not,
@@ -567,11 +586,7 @@ impl DnsResolver for LocalhostResolver {
 
 /// The full `ClientOptions` for an S3 target, built in one place because
 /// `AmazonS3Builder::with_client_options` replaces any set earlier.
-fn client_options(
-    endpoint: &str,
-    creds: &Credentials,
-    use_: Use,
-) -> Result<ClientOptions, String> {
+fn client_options(endpoint: &str, creds: &Credentials, use_: Use) -> Result<ClientOptions, String> {
     let https = endpoint.starts_with("https://");
     let mut opts = ClientOptions::new().with_allow_http(!https);
     if let Some(pem) = &creds.ca_pem {
@@ -677,7 +692,7 @@ fn build_s3(
     }
     let store = b.build().map_err(|source| TargetError::Store {
         target: t.clone(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(Arc::new(store))
 }
@@ -690,8 +705,10 @@ fn local_store(target: &BackupTarget, dir: &Path) -> Result<Arc<dyn ObjectStore>
         path: dir.to_path_buf(),
         source,
     })?;
-    let fs = LocalFileSystem::new_with_prefix(dir)
-        .map_err(|source| TargetError::Store { target: t, source })?;
+    let fs = LocalFileSystem::new_with_prefix(dir).map_err(|source| TargetError::Store {
+        target: t,
+        source: Box::new(source),
+    })?;
     Ok(Arc::new(fs))
 }
 
@@ -753,26 +770,49 @@ pub async fn check_target(
 ) -> Result<(), TargetError> {
     let (store, prefix) = open(target, credentials, mount_root, Use::Probe).await?;
     let prefix = (!prefix.as_ref().is_empty()).then_some(prefix);
-    match store.list_with_delimiter(prefix.as_ref()).await {
-        Ok(_) => Ok(()),
-        Err(e) => Err(classify(target, credentials, e)),
+    let err = match store.list_with_delimiter(prefix.as_ref()).await {
+        Ok(_) => return Ok(()),
+        Err(e) => classify(target, credentials, e),
+    };
+    // object_store hands list failures back as `Generic` with the HTTP status
+    // in a private type. A HEAD of the bucket itself (S3 HeadBucket) reports
+    // it as a typed variant: 404 → no bucket, 403 → credentials.
+    if let (TargetError::Store { .. }, BackupTarget::S3 { .. }) = (&err, target) {
+        if let Err(head_err) = store.head(&ObjectPath::default()).await {
+            let diagnosed = classify(target, credentials, head_err);
+            if matches!(
+                diagnosed,
+                TargetError::AccessDenied { .. } | TargetError::BucketNotFound { .. }
+            ) {
+                return Err(diagnosed);
+            }
+        }
     }
+    Err(err)
 }
 
 /// Maps an object_store error from a request against `target` to the
 /// operator-facing error. Public so the backup code can use it on any failed call.
-pub fn classify(target: &BackupTarget, creds: &Credentials, err: object_store::Error) -> TargetError {
+pub fn classify(
+    target: &BackupTarget,
+    creds: &Credentials,
+    err: object_store::Error,
+) -> TargetError {
     let t = target.to_string();
     let BackupTarget::S3 { bucket, region, .. } = target else {
-        return TargetError::Store { target: t, source: err };
+        return TargetError::Store {
+            target: t,
+            source: Box::new(err),
+        };
     };
     let endpoint = endpoint_for(bucket, region, creds);
     match &err {
-        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => {
             return TargetError::AccessDenied {
                 target: t,
                 credentials: creds.source.clone(),
-                source: err,
+                source: Box::new(err),
             }
         }
         object_store::Error::NotFound { .. } => {
@@ -789,17 +829,20 @@ pub fn classify(target: &BackupTarget, creds: &Credentials, err: object_store::E
             target: t,
             endpoint,
             reason,
-            source: err,
+            source: Box::new(err),
         };
     }
     if is_connect_failure(&err) {
         return TargetError::Unreachable {
             target: t,
             endpoint,
-            source: err,
+            source: Box::new(err),
         };
     }
-    TargetError::Store { target: t, source: err }
+    TargetError::Store {
+        target: t,
+        source: Box::new(err),
+    }
 }
 
 fn chain<'a>(
@@ -808,17 +851,19 @@ fn chain<'a>(
     std::iter::successors(Some(err), |e| e.source())
 }
 
-/// A rustls error anywhere in the chain (tokio-rustls wraps it in an io::Error).
+/// A rustls error anywhere in the chain. tokio-rustls wraps it in an
+/// `io::Error`, whose `source()` skips the wrapped error, so each io::Error
+/// is unwrapped by hand.
 fn tls_failure(err: &object_store::Error) -> Option<String> {
-    chain(err).find_map(|e| {
-        if let Some(r) = e.downcast_ref::<rustls::Error>() {
-            return Some(r.to_string());
+    fn in_io(mut e: &(dyn std::error::Error + 'static)) -> Option<String> {
+        loop {
+            if let Some(r) = e.downcast_ref::<rustls::Error>() {
+                return Some(r.to_string());
+            }
+            e = e.downcast_ref::<std::io::Error>()?.get_ref()?;
         }
-        e.downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            .map(|r| r.to_string())
-    })
+    }
+    chain(err).find_map(in_io)
 }
 
 fn is_connect_failure(err: &object_store::Error) -> bool {
@@ -859,7 +904,10 @@ mod tests {
             ("s3://bucket/path/", "missing region"),
             ("s3://bucket", "missing region"),
             ("s3://bucket@us-east-1", "missing trailing '/'"),
-            ("s3://bucket@us-east-1/path", "write s3://bucket@us-east-1/path/"),
+            (
+                "s3://bucket@us-east-1/path",
+                "write s3://bucket@us-east-1/path/",
+            ),
             ("s3://@us-east-1/", "empty bucket"),
             ("s3://a@us-east-1/", "invalid bucket"),
             ("s3://bad/bucket@r/", "missing region"),
@@ -894,8 +942,13 @@ mod tests {
                 options: Some("nfsvers=4.1,soft".into())
             }
         );
-        assert_eq!(t.to_string(), "nfs://10.0.0.5:/exports/backups?nfsOptions=nfsvers=4.1,soft");
-        let dir = t.mount_dir(Path::new("/var/lib/cairn/backup-mounts")).expect("nfs");
+        assert_eq!(
+            t.to_string(),
+            "nfs://10.0.0.5:/exports/backups?nfsOptions=nfsvers=4.1,soft"
+        );
+        let dir = t
+            .mount_dir(Path::new("/var/lib/cairn/backup-mounts"))
+            .expect("nfs");
         assert!(dir.starts_with("/var/lib/cairn/backup-mounts"));
         assert_eq!(dir.file_name().map(|n| n.len()), Some(16));
         let cmd = nfs_mount_command(&t, &dir).expect("nfs");
@@ -916,7 +969,12 @@ mod tests {
         assert_eq!(cmd[4], DEFAULT_NFS_OPTIONS);
         assert_eq!(cmd[5], "nas.local:/");
         let f = BackupTarget::parse("file:///srv/backups").expect("valid");
-        assert_eq!(f, BackupTarget::File { path: "/srv/backups".into() });
+        assert_eq!(
+            f,
+            BackupTarget::File {
+                path: "/srv/backups".into()
+            }
+        );
         assert_eq!(f.to_string(), "file:///srv/backups");
         assert_eq!(f.mount_dir(Path::new("/m")), None);
     }
@@ -954,11 +1012,20 @@ mod tests {
         .expect("valid");
         use object_store::ClientConfigKey as K;
         let o = client_options("http://minio:9000", &creds, Use::Data).expect("opts");
-        assert_eq!(o.get_config_value(&K::ProxyUrl).as_deref(), Some("http://plain:1"));
-        assert_eq!(o.get_config_value(&K::ProxyExcludes).as_deref(), Some(".svc"));
+        assert_eq!(
+            o.get_config_value(&K::ProxyUrl).as_deref(),
+            Some("http://plain:1")
+        );
+        assert_eq!(
+            o.get_config_value(&K::ProxyExcludes).as_deref(),
+            Some(".svc")
+        );
         assert_eq!(o.get_config_value(&K::AllowHttp).as_deref(), Some("true"));
         let o = client_options("https://minio:9000", &creds, Use::Data).expect("opts");
-        assert_eq!(o.get_config_value(&K::ProxyUrl).as_deref(), Some("http://tls:2"));
+        assert_eq!(
+            o.get_config_value(&K::ProxyUrl).as_deref(),
+            Some("http://tls:2")
+        );
         assert_eq!(o.get_config_value(&K::AllowHttp).as_deref(), Some("false"));
     }
 }
