@@ -70,7 +70,7 @@ install-moto)
         echo "moto: $moto (cached)"
         exit 0
     fi
-    python3 -m venv "$moto"
+    python3 -m venv "$moto" || { echo "python3 venv failed: apt-get install python3-venv" >&2; exit 1; }
     "$moto/bin/pip" install --quiet 'moto[server]'
     ;;
 tls-certs)

@@ -226,6 +226,7 @@ async fn s3_wrong_secret_is_access_denied() {
         .expect_err("denied");
     assert!(matches!(err, TargetError::AccessDenied { .. }), "{err:?}");
     let msg = err.to_string();
+    eprintln!("{err}");
     let want = format!(
         "access denied: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in {}",
         file.display()
@@ -245,6 +246,7 @@ async fn s3_missing_bucket_and_unreachable_endpoint() {
         .await
         .expect_err("missing");
     assert!(matches!(err, TargetError::BucketNotFound { .. }), "{err:?}");
+    eprintln!("{err}");
     assert!(
         err.to_string()
             .contains(&format!("bucket nosuchbucket not found at {endpoint}")),
@@ -258,6 +260,7 @@ async fn s3_missing_bucket_and_unreachable_endpoint() {
         .await
         .expect_err("unreachable");
     assert!(matches!(err, TargetError::Unreachable { .. }), "{err:?}");
+    eprintln!("{err}");
     assert!(
         err.to_string()
             .contains(&format!("cannot reach endpoint {dead}")),
@@ -409,6 +412,7 @@ async fn s3_tls_custom_ca_with_moto() {
         .await
         .expect_err("untrusted");
     assert!(matches!(err, TargetError::Tls { .. }), "{err:?}");
+    eprintln!("{err}");
     assert!(err.to_string().contains("set AWS_CERT to the CA"), "{err}");
 
     // With the CA inline as a multi-line quoted PEM (a chain: CA + server cert).
