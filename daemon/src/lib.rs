@@ -15,6 +15,7 @@
 //! See `docs/ARCHITECTURE.md` for the write path in detail.
 
 pub mod api;
+pub mod backupstore;
 pub mod control;
 pub mod disks;
 pub mod engine;

@@ -1,0 +1,2 @@
+pub mod credentials;
+pub mod target;
