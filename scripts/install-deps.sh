@@ -6,7 +6,7 @@ set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for pkg in libclang-dev clang jq fio e2fsprogs xfsprogs iproute2; do
+for pkg in libclang-dev clang jq fio e2fsprogs xfsprogs iproute2 curl openssl python3-venv bc; do
     have "$pkg" || need+=("$pkg")
 done
 if [[ ${#need[@]} -gt 0 ]]; then

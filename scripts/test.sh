@@ -13,6 +13,9 @@ cd "$repo"
 t0=$(date +%s)
 
 bash scripts/install-deps.sh
+echo "== S3 test servers (s3s-fs, moto)"
+bash scripts/s3-server.sh install
+bash scripts/s3-server.sh install-moto
 
 echo "== build (release, all targets)"
 cargo build --release --workspace --all-targets --locked 2>&1 | tail -n 3

@@ -60,8 +60,7 @@ fn check_backup_target(v: &str) -> Result<(), String> {
     if v.is_empty() {
         return Ok(());
     }
-    // MERGE: replace with crate::backupstore::target::BackupTarget::parse.
-    if ["s3://", "nfs://", "file://"].iter().any(|p| v.starts_with(p)) { Ok(()) } else { Err("unknown scheme".into()) }
+    crate::backupstore::target::BackupTarget::parse(v).map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn check_credential_file(v: &str) -> Result<(), String> {
