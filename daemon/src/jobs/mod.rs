@@ -14,3 +14,9 @@
 //! decision is testable with a [`schedule::ManualClock`].
 
 pub mod cron;
+pub mod schedule;
+pub mod spec;
+
+pub use cron::{CronError, CronSchedule};
+pub use schedule::{Clock, DueJob, ManualClock, OwnedItem, Scheduler, SystemClock, JOB_LABEL};
+pub use spec::{parse_jobs, JobSpecError, JobTask, RecurringJob};
