@@ -232,3 +232,10 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn end_of_calendar_is_none_not_a_panic() {
+    for line in ["* * * * *", "0 0 29 2 *", "0 0 1 * 1", "59 23 31 12 *"] {
+        assert_eq!(sched(line).next_after(DateTime::<Utc>::MAX_UTC), None, "{line}");
+    }
+}
