@@ -21,6 +21,7 @@ pub mod disks;
 pub mod engine;
 pub mod frontend;
 pub mod fsutil;
+pub mod jobs;
 pub mod metrics;
 pub mod name;
 pub mod replica;
