@@ -13,6 +13,7 @@ use tonic::{Code, Request, Response, Status};
 use super::pb;
 use super::pb::cairn_server::{Cairn, CairnServer};
 use super::ApiError;
+use crate::control::backups::BackupInfo;
 use crate::control::snapshots::SnapshotInfo;
 use crate::control::{ControlError, NodeInfo, ReplicaInfo, VolumeInfo, VolumeManager};
 use crate::engine::{EngineError, ReplicaState};
@@ -32,8 +33,15 @@ pub fn status(e: ControlError) -> Status {
         | E::TooManyReplicas { .. }
         | E::BadLabel { .. }
         | E::HandleNeedsBackup { .. }
+        | E::Jobs(_)
+        | E::Cron(_)
+        | E::BackupHandle(_)
+        | E::Credentials(_)
         | E::RestoreTooSmall { .. } => Code::InvalidArgument,
         E::NoBackupYet { .. } => Code::NotFound,
+        E::BackupTarget(_) => Code::FailedPrecondition,
+        E::BackupStore(e) if e.is_not_found() => Code::NotFound,
+        E::BackupStore(_) => Code::FailedPrecondition,
         E::UnknownSnapshot { .. } => Code::NotFound,
         E::Standby { .. }
         | E::Restoring { .. }
@@ -128,11 +136,13 @@ impl Cairn for CairnService {
         let r = req.into_inner();
         // proto3 has no "unset": 0 replicas means the node's default.
         let replicas = (r.replicas != 0).then_some(r.replicas);
-        let v = self
-            .manager
-            .create(&r.name, r.size, replicas)
-            .await
-            .map_err(status)?;
+        let v = if r.from_backup.is_empty() {
+            self.manager.create(&r.name, r.size, replicas, &r.recurring_jobs).await
+        } else {
+            let size = (r.size != 0).then_some(r.size);
+            self.manager.create_from_backup(&r.name, size, replicas, &r.from_backup, r.standby, &r.recurring_jobs).await
+        }
+        .map_err(status)?;
         Ok(Response::new(volume(v)))
     }
 
@@ -290,28 +300,39 @@ impl Cairn for CairnService {
         Ok(Response::new(pb::PurgeSnapshotsResponse { merged }))
     }
 
-    async fn create_backup(&self, _req: Request<pb::CreateBackupRequest>) -> Result<Response<pb::Backup>, Status> {
-        Err(Status::unimplemented("backups: not wired yet"))
+    async fn create_backup(&self, req: Request<pb::CreateBackupRequest>) -> Result<Response<pb::Backup>, Status> {
+        let r = req.into_inner();
+        let snap = (!r.snapshot.is_empty()).then_some(r.snapshot.as_str());
+        let b = self.manager.backup_create(&r.volume, snap, r.labels.into_iter().collect()).await.map_err(status)?;
+        Ok(Response::new(backup(b)))
     }
 
-    async fn list_backups(&self, _req: Request<pb::ListBackupsRequest>) -> Result<Response<pb::ListBackupsResponse>, Status> {
-        Err(Status::unimplemented("backups: not wired yet"))
+    async fn list_backups(&self, req: Request<pb::ListBackupsRequest>) -> Result<Response<pb::ListBackupsResponse>, Status> {
+        let r = req.into_inner();
+        let v = (!r.volume.is_empty()).then_some(r.volume.as_str());
+        let list = self.manager.backup_list(v).await.map_err(status)?;
+        Ok(Response::new(pb::ListBackupsResponse { backups: list.into_iter().map(backup).collect() }))
     }
 
-    async fn get_backup(&self, _req: Request<pb::BackupRef>) -> Result<Response<pb::Backup>, Status> {
-        Err(Status::unimplemented("backups: not wired yet"))
+    async fn get_backup(&self, req: Request<pb::BackupRef>) -> Result<Response<pb::Backup>, Status> {
+        let b = self.manager.backup_get(&req.into_inner().handle).await.map_err(status)?;
+        Ok(Response::new(backup(b)))
     }
 
-    async fn delete_backup(&self, _req: Request<pb::BackupRef>) -> Result<Response<pb::DeleteBackupResponse>, Status> {
-        Err(Status::unimplemented("backups: not wired yet"))
+    async fn delete_backup(&self, req: Request<pb::BackupRef>) -> Result<Response<pb::DeleteBackupResponse>, Status> {
+        let (removed_blocks, kept_blocks) = self.manager.backup_delete(&req.into_inner().handle).await.map_err(status)?;
+        Ok(Response::new(pb::DeleteBackupResponse { removed_blocks, kept_blocks }))
     }
 
-    async fn activate_volume(&self, _req: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
-        Err(Status::unimplemented("backups: not wired yet"))
+    async fn activate_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
+        let v = self.manager.activate(&req.into_inner().name).await.map_err(status)?;
+        Ok(Response::new(volume(v)))
     }
 
-    async fn set_recurring_jobs(&self, _req: Request<pb::SetRecurringJobsRequest>) -> Result<Response<pb::Volume>, Status> {
-        Err(Status::unimplemented("backups: not wired yet"))
+    async fn set_recurring_jobs(&self, req: Request<pb::SetRecurringJobsRequest>) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let v = self.manager.set_recurring_jobs(&r.volume, &r.jobs).await.map_err(status)?;
+        Ok(Response::new(volume(v)))
     }
 }
 
@@ -375,6 +396,28 @@ fn volume(v: VolumeInfo) -> pb::Volume {
             bytes_per_second: r.rate,
         }),
         last_backup: v.last_backup,
+    }
+}
+
+fn backup(b: BackupInfo) -> pb::Backup {
+    pb::Backup {
+        handle: b.handle(),
+        name: b.name,
+        volume: b.volume,
+        snapshot: b.snapshot,
+        snapshot_created: b.snapshot_created,
+        created: b.created,
+        size: b.size,
+        labels: b.labels.into_iter().collect(),
+        state: b.state.to_string(),
+        progress: b.progress.map(|p| pb::Progress { percent: p.percent, done_bytes: p.done, total_bytes: p.total, bytes_per_second: p.rate }),
+        message: b.message,
+        incremental: b.incremental,
+        compression: b.compression,
+        uploaded_blocks: b.uploaded_blocks,
+        existing_blocks: b.existing_blocks,
+        total_blocks: b.total_blocks,
+        uploaded_bytes: b.uploaded_bytes,
     }
 }
 

@@ -50,6 +50,29 @@ enum Command {
     /// Point-in-time snapshots of a volume.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// Backups in the backup target (Longhorn's backupstore format).
+    #[command(subcommand)]
+    Backup(BackupCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum BackupCmd {
+    /// Back up a snapshot (a new one when --snapshot is not given); returns
+    /// when the backup is complete.
+    Create {
+        volume: String,
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// A label, key=value; repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Backups of one volume, or of every volume in the target.
+    List { volume: Option<String> },
+    /// One backup: bak://VOLUME/BACKUP (bs:// accepted).
+    Get { handle: String },
+    /// Delete a backup and the blocks no other backup uses.
+    Delete { handle: String },
 }
 
 /// `key=value`, for `--label`.
@@ -372,6 +395,7 @@ async fn run(cli: Cli) -> Result<String, String> {
             })
         }
         Command::Snapshot(cmd) => snapshot_cmd(&mut client, cmd, json).await,
+        Command::Backup(cmd) => backup_cmd(&mut client, cmd, json).await,
         Command::Node(NodeCmd::Get) => {
             let n = client
                 .get_node(pb::GetNodeRequest {})
@@ -448,6 +472,75 @@ async fn snapshot_cmd(client: &mut Client, cmd: SnapshotCmd, json: bool) -> Resu
     }
 }
 
+async fn backup_cmd(client: &mut Client, cmd: BackupCmd, json: bool) -> Result<String, String> {
+    let msg = |s: tonic::Status| s.message().to_string();
+    match cmd {
+        BackupCmd::Create { volume, snapshot, labels } => {
+            let req = pb::CreateBackupRequest { volume, snapshot: snapshot.unwrap_or_default(), labels: labels.into_iter().collect() };
+            let b = client.create_backup(req).await.map_err(msg)?.into_inner();
+            Ok(if json {
+                to_json(&backup_json(&b))
+            } else {
+                format!(
+                    "backup {} complete: {} of {} blocks uploaded ({}), {} already in the target\n",
+                    b.handle,
+                    b.uploaded_blocks,
+                    b.total_blocks,
+                    HumanSize(b.uploaded_bytes),
+                    b.existing_blocks
+                )
+            })
+        }
+        BackupCmd::List { volume } => {
+            let list = client.list_backups(pb::ListBackupsRequest { volume: volume.unwrap_or_default() }).await.map_err(msg)?.into_inner().backups;
+            Ok(if json { to_json(&serde_json::Value::Array(list.iter().map(backup_json).collect())) } else { backups_table(&list) })
+        }
+        BackupCmd::Get { handle } => {
+            let b = client.get_backup(pb::BackupRef { handle }).await.map_err(msg)?.into_inner();
+            Ok(if json { to_json(&backup_json(&b)) } else { backups_table(std::slice::from_ref(&b)) })
+        }
+        BackupCmd::Delete { handle } => {
+            let r = client.delete_backup(pb::BackupRef { handle: handle.clone() }).await.map_err(msg)?.into_inner();
+            Ok(if json {
+                to_json(&json!({ "deleted": handle, "removedBlocks": r.removed_blocks, "keptBlocks": r.kept_blocks }))
+            } else {
+                format!("backup {handle} deleted: {} block(s) removed, {} kept\n", r.removed_blocks, r.kept_blocks)
+            })
+        }
+    }
+}
+
+fn backups_table(list: &[pb::Backup]) -> String {
+    let mut rows = vec![row(&["HANDLE", "SNAPSHOT", "CREATED", "SIZE", "STATE", "PROGRESS", "LABELS"])];
+    for b in list {
+        let labels: Vec<String> = b.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        rows.push(vec![
+            b.handle.clone(),
+            b.snapshot.clone(),
+            if b.created.is_empty() { "-".into() } else { b.created.clone() },
+            HumanSize(b.size).to_string(),
+            b.state.clone(),
+            match &b.progress {
+                Some(p) => format!("{}% {}/s", p.percent, HumanSize(p.bytes_per_second)),
+                None => "-".into(),
+            },
+            if labels.is_empty() { "-".into() } else { labels.join(",") },
+        ]);
+    }
+    table(&rows)
+}
+
+fn backup_json(b: &pb::Backup) -> serde_json::Value {
+    json!({
+        "name": b.name, "volume": b.volume, "handle": b.handle, "snapshot": b.snapshot,
+        "snapshotCreated": b.snapshot_created, "created": b.created, "size": b.size, "labels": b.labels,
+        "state": b.state, "message": b.message, "incremental": b.incremental, "compression": b.compression,
+        "uploadedBlocks": b.uploaded_blocks, "existingBlocks": b.existing_blocks, "totalBlocks": b.total_blocks,
+        "uploadedBytes": b.uploaded_bytes,
+        "progress": b.progress.as_ref().map(|p| json!({"percent": p.percent, "doneBytes": p.done_bytes, "totalBytes": p.total_bytes, "bytesPerSecond": p.bytes_per_second})),
+    })
+}
+
 fn snapshot_json(s: &pb::Snapshot) -> serde_json::Value {
     json!({
         "name": s.name, "parent": s.parent, "created": s.created, "size": s.size,
@@ -494,6 +587,14 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "queues": v.queues,
         "queue_depth": v.queue_depth,
         "message": v.message,
+        "standby": v.standby,
+        "from_backup": v.from_backup,
+        "last_restored": v.last_restored,
+        "last_backup": v.last_backup,
+        "recurring_jobs": v.recurring_jobs,
+        "restore": v.restore.as_ref().map(|p| json!({
+            "percent": p.percent, "done_bytes": p.done_bytes, "total_bytes": p.total_bytes, "bytes_per_second": p.bytes_per_second,
+        })),
     })
 }
 
@@ -541,6 +642,20 @@ fn volume_table(v: &pb::Volume) -> String {
     let mut out = list_table(std::slice::from_ref(v));
     if !v.message.is_empty() {
         let _ = writeln!(out, "message: {}", v.message);
+    }
+    if v.standby {
+        let _ = writeln!(out, "standby: follows {} (last restored: {})", v.from_backup, or_dash(&v.last_restored));
+    } else if !v.from_backup.is_empty() {
+        let _ = writeln!(out, "restored from: {}", v.from_backup);
+    }
+    if let Some(p) = &v.restore {
+        let _ = writeln!(out, "restoring: {}% {}/{} {}/s", p.percent, approx_size(p.done_bytes), approx_size(p.total_bytes), approx_size(p.bytes_per_second));
+    }
+    if !v.last_backup.is_empty() {
+        let _ = writeln!(out, "last backup: bak://{}/{}", v.name, v.last_backup);
+    }
+    if !v.recurring_jobs.is_empty() {
+        let _ = writeln!(out, "recurring jobs: {}", v.recurring_jobs);
     }
     out.push('\n');
     let mut rows = vec![row(&["REPLICA", "NODE", "DISK", "STATE", "REBUILD", "MESSAGE"])];

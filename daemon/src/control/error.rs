@@ -107,6 +107,18 @@ pub enum ControlError {
     RestoreTooSmall { size: u64, backup: u64 },
     #[error("volume {name:?} is not a DR standby volume: nothing to activate")]
     NotStandby { name: String },
+    #[error(transparent)]
+    Jobs(#[from] crate::jobs::JobSpecError),
+    #[error(transparent)]
+    Cron(#[from] crate::jobs::CronError),
+    #[error(transparent)]
+    BackupTarget(#[from] crate::backupstore::target::TargetError),
+    #[error(transparent)]
+    Credentials(#[from] crate::backupstore::credentials::CredentialsError),
+    #[error(transparent)]
+    BackupStore(#[from] crate::backupstore::store::BackupStoreError),
+    #[error(transparent)]
+    BackupHandle(#[from] crate::backupstore::format::HandleError),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -157,11 +157,13 @@ pub(super) struct Inner {
     /// Rebuilds running now, by volume.
     pub(super) rebuilds: std::sync::Mutex<HashMap<String, Vec<RunningRebuild>>>,
     pub(super) repair_done: mpsc::UnboundedSender<RepairDone>,
-    /// Snapshots a running backup reads, by volume (they must not be
-    /// removed meanwhile).
-    pub(super) snapshots_in_use: std::sync::Mutex<HashMap<String, Vec<String>>>,
+    /// The clock recurring jobs run on, and their schedule.
+    pub(super) clock: Arc<dyn crate::jobs::Clock>,
+    pub(super) scheduler: std::sync::Mutex<crate::jobs::Scheduler>,
+    /// Backups running on this node.
+    pub(super) backups: std::sync::Mutex<Vec<super::backups::RunningBackup>>,
     /// Restores running now (into new or DR volumes), by volume.
-    pub(super) restores: std::sync::Mutex<HashMap<String, Arc<RebuildProgress>>>,
+    pub(super) restores: std::sync::Mutex<HashMap<String, Arc<crate::backupstore::Progress>>>,
 }
 
 pub(super) struct RunningRebuild {
@@ -269,9 +271,29 @@ impl VolumeManager {
             cluster,
             rebuilds: std::sync::Mutex::new(HashMap::new()),
             repair_done: repair_tx,
-            snapshots_in_use: std::sync::Mutex::new(HashMap::new()),
             restores: std::sync::Mutex::new(HashMap::new()),
+            clock: config.clock.clone().map(|c| c.0).unwrap_or_else(|| Arc::new(crate::jobs::SystemClock)),
+            scheduler: std::sync::Mutex::new(crate::jobs::Scheduler::new()),
+            backups: std::sync::Mutex::new(Vec::new()),
         });
+        {
+            // Recurring jobs from the records (validated when they were set).
+            let now = inner.clock.now();
+            let mut sched = inner.scheduler.lock().unwrap_or_else(|p| p.into_inner());
+            for v in inner.state.try_lock().map(|st| st.volumes.values().map(|v| (v.record.name.clone(), v.record.recurring_jobs.clone())).collect::<Vec<_>>()).unwrap_or_default() {
+                if v.1.is_empty() {
+                    continue;
+                }
+                match crate::jobs::parse_jobs(&v.1) {
+                    Ok(jobs) => {
+                        if let Err(e) = sched.set_jobs(&v.0, &jobs, now) {
+                            tracing::error!(volume = %v.0, error = %e, "recurring jobs not scheduled");
+                        }
+                    }
+                    Err(e) => tracing::error!(volume = %v.0, error = %e, "recurring jobs in the record are invalid"),
+                }
+            }
+        }
         // The first poll, before restore, so remote replicas' nodes are known.
         if inner.cluster.enabled() {
             let c = inner.cluster.clone();
@@ -287,11 +309,19 @@ impl VolumeManager {
             tokio::spawn(check_loop(Arc::downgrade(&inner))),
             tokio::spawn(repair::repair_loop(Arc::downgrade(&inner))),
             tokio::spawn(repair::done_loop(Arc::downgrade(&inner), repair_rx)),
+            tokio::spawn(super::backups::dr_loop(Arc::downgrade(&inner))),
+            tokio::spawn(super::recurring::jobs_loop(Arc::downgrade(&inner))),
         ];
         if inner.cluster.enabled() {
             tasks.push(tokio::spawn(repair::poll_loop(inner.cluster.clone())));
         }
         Ok(VolumeManager { inner, tasks, _server: server })
+    }
+
+    /// A handle on the same node state without its own tasks (for the
+    /// background loops that call manager operations).
+    pub(super) fn handle(inner: Arc<Inner>) -> VolumeManager {
+        VolumeManager { inner, tasks: Vec::new(), _server: None }
     }
 
     /// The replica server's address (cluster mode).
@@ -326,8 +356,10 @@ impl VolumeManager {
         name: &str,
         size: u64,
         replicas: Option<u32>,
+        recurring_jobs: &str,
     ) -> Result<VolumeInfo, ControlError> {
         crate::name::validate_volume_name(name)?;
+        let jobs = if recurring_jobs.trim().is_empty() { Vec::new() } else { crate::jobs::parse_jobs(recurring_jobs)? };
         if size == 0 {
             return Err(ControlError::ZeroSize);
         }
@@ -404,7 +436,7 @@ impl VolumeManager {
             standby: false,
             from_backup: String::new(),
             last_restored: String::new(),
-            recurring_jobs: String::new(),
+            recurring_jobs: if jobs.is_empty() { String::new() } else { serde_json::to_string(&jobs).map_err(|e| ControlError::Internal(e.to_string()))? },
             last_backup: String::new(),
             last_backup_snapshot: String::new(),
         };
@@ -417,6 +449,12 @@ impl VolumeManager {
             })
             .await;
             return Err(e);
+        }
+        if !jobs.is_empty() {
+            let now = inner.clock.now();
+            if let Err(e) = inner.scheduler.lock().unwrap_or_else(|p| p.into_inner()).set_jobs(name, &jobs, now) {
+                tracing::error!(volume = name, error = %e, "recurring jobs not scheduled");
+            }
         }
         tracing::info!(volume = name, size = %crate::size::HumanSize(size), replicas = count, "volume created");
         let v = Volume {
@@ -508,6 +546,7 @@ impl VolumeManager {
         })
         .await??;
         inner.store.remove(name)?;
+        inner.scheduler.lock().unwrap_or_else(|p| p.into_inner()).remove_volume(name);
         st.volumes.remove(name);
         inner.publish(&st);
         tracing::info!(volume = name, "volume deleted");
@@ -1438,13 +1477,7 @@ impl Inner {
     pub(super) fn restore_info(&self, volume: &str) -> Option<RebuildInfo> {
         let map = self.restores.lock().unwrap_or_else(|p| p.into_inner());
         let p = map.get(volume)?;
-        Some(RebuildInfo {
-            percent: p.percent(),
-            done: p.done.load(Ordering::Relaxed),
-            total: p.total.load(Ordering::Relaxed),
-            rate: p.rate(),
-            incremental: p.incremental.load(Ordering::Relaxed),
-        })
+        Some(RebuildInfo { percent: p.percent(), done: p.done(), total: p.total(), rate: p.rate(), incremental: false })
     }
 
     pub(super) fn has_rebuilds(&self, volume: &str) -> bool {
@@ -1452,15 +1485,11 @@ impl Inner {
     }
 
     pub(super) fn snapshot_in_use(&self, volume: &str, snapshot: &str) -> bool {
-        self.snapshots_in_use
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(volume)
-            .is_some_and(|v| v.iter().any(|s| s == snapshot))
+        self.backups.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|b| b.volume == volume && b.snapshot == snapshot)
     }
 
     pub(super) fn backup_running(&self, volume: &str) -> bool {
-        self.snapshots_in_use.lock().unwrap_or_else(|p| p.into_inner()).get(volume).is_some_and(|v| !v.is_empty())
+        self.backups.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|b| b.volume == volume)
     }
 
     pub(super) fn cancel_rebuilds(&self, volume: &str) {
@@ -1536,7 +1565,7 @@ mod tests {
     async fn bad_input_changes_nothing() {
         let tmp = tempfile::tempdir().unwrap();
         let m = manager(tmp.path(), 2).await;
-        m.create("good", 1 << 20, Some(2)).await.unwrap();
+        m.create("good", 1 << 20, Some(2), "").await.unwrap();
         let before = snapshot(tmp.path());
         let cases: Vec<(&str, u64, Option<u32>, &str)> = vec![
             ("Bad_Name", 1 << 20, None, "DNS-1123"),
@@ -1564,7 +1593,7 @@ mod tests {
         ];
         for (name, size, replicas, want) in cases {
             let e = m
-                .create(name, size, replicas)
+                .create(name, size, replicas, "")
                 .await
                 .unwrap_err()
                 .to_string();
@@ -1598,7 +1627,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let one = manager(&tmp.path().join("one"), 0).await;
         assert_eq!(one.default_replicas(), 1);
-        let v = one.create("a", 1 << 20, None).await.unwrap();
+        let v = one.create("a", 1 << 20, None, "").await.unwrap();
         assert_eq!(v.replicas.len(), 1);
         assert!(v.replicas[0]
             .dir
@@ -1606,8 +1635,8 @@ mod tests {
 
         let m = manager(&tmp.path().join("three"), 3).await;
         assert_eq!(m.default_replicas(), 2);
-        let a = m.create("a", 1 << 20, None).await.unwrap();
-        let b = m.create("b", 1 << 20, Some(1)).await.unwrap();
+        let a = m.create("a", 1 << 20, None, "").await.unwrap();
+        let b = m.create("b", 1 << 20, Some(1), "").await.unwrap();
         // `b` goes to the one disk `a` left empty.
         assert!(
             a.replicas.iter().all(|r| r.disk != b.replicas[0].disk),
@@ -1628,7 +1657,7 @@ mod tests {
     async fn fail_detached_replica_persists_and_keeps_last() {
         let tmp = tempfile::tempdir().unwrap();
         let m = manager(tmp.path(), 2).await;
-        let v = m.create("v", 1 << 20, Some(2)).await.unwrap();
+        let v = m.create("v", 1 << 20, Some(2), "").await.unwrap();
         let (r0, r1) = (v.replicas[0].name.clone(), v.replicas[1].name.clone());
         let v = m.fail_replica("v", &r1).await.unwrap();
         assert_eq!(v.replicas[1].state, ReplicaState::Failed);
@@ -1649,7 +1678,7 @@ mod tests {
     async fn corrupt_record_is_skipped_at_open() {
         let tmp = tempfile::tempdir().unwrap();
         let m = manager(tmp.path(), 1).await;
-        m.create("ok", 1 << 20, None).await.unwrap();
+        m.create("ok", 1 << 20, None, "").await.unwrap();
         drop(m);
         std::fs::write(tmp.path().join("data/volumes/broken.json"), b"not json").unwrap();
         let m = manager(tmp.path(), 1).await;

@@ -34,6 +34,8 @@ pub mod placement;
 mod repair;
 pub mod settings;
 pub mod snapshots;
+pub mod backups;
+pub mod recurring;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -66,6 +68,19 @@ pub struct NodeConfig {
     pub cluster_secret: Option<PathBuf>,
     /// Peers' replica addresses (`--peer`).
     pub peers: Vec<String>,
+    /// The clock recurring jobs run on; `None` = the system clock. Tests
+    /// pass a `jobs::ManualClock`.
+    pub clock: Option<ClockHandle>,
+}
+
+/// A shared clock (a newtype so `NodeConfig` stays `Debug`).
+#[derive(Clone)]
+pub struct ClockHandle(pub std::sync::Arc<dyn crate::jobs::Clock>);
+
+impl std::fmt::Debug for ClockHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClockHandle({})", self.0.now())
+    }
 }
 
 impl NodeConfig {
@@ -80,6 +95,7 @@ impl NodeConfig {
             advertise: None,
             cluster_secret: None,
             peers: Vec::new(),
+            clock: None,
         }
     }
 

@@ -1,0 +1,531 @@
+//! Backups, restores and DR standby volumes of the control plane: opens the
+//! backup target from the settings, backs a snapshot up from a healthy
+//! replica on this node (incrementally against the volume's last backup,
+//! from the layer chain's extent maps), restores a backup into a new
+//! volume's replicas (every block's hash checked; a failed restore leaves
+//! no volume behind), and keeps standby volumes following their backup
+//! volume. The store format and its rules live in [`crate::backupstore`].
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::manager::{unix_now, Inner, VolumeManager};
+use super::settings;
+use super::snapshots::{generated_name, validate_labels};
+use super::store::RecordState;
+use super::{ControlError, RebuildInfo, VolumeInfo};
+use crate::backupstore::format::{BackupCfg, BackupHandle, Compression};
+use crate::backupstore::store::{new_backup_name, BackupPlan, BackupRequest, BackupStore, BlockSink, BlockSource};
+use crate::backupstore::credentials::Credentials;
+use crate::backupstore::target::{check_target, open_target, BackupTarget};
+use crate::backupstore::Progress;
+use crate::engine::rebuild::{store_for, BlockStore};
+use crate::replica::{Replica, SnapshotView};
+
+/// Label Cairn puts on the snapshot it takes for a backup.
+pub const BACKUP_SNAPSHOT_LABEL: &str = "cairn.io/backup";
+
+/// A backup as `cairnctl backup list/get` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupInfo {
+    pub name: String,
+    pub volume: String,
+    pub snapshot: String,
+    pub snapshot_created: String,
+    /// Empty while in progress.
+    pub created: String,
+    pub size: u64,
+    pub labels: BTreeMap<String, String>,
+    pub state: &'static str,
+    pub progress: Option<RebuildInfo>,
+    pub message: String,
+    pub incremental: bool,
+    pub compression: String,
+    pub uploaded_blocks: u64,
+    pub existing_blocks: u64,
+    pub total_blocks: u64,
+    pub uploaded_bytes: u64,
+}
+
+impl BackupInfo {
+    pub fn handle(&self) -> String {
+        format!("bak://{}/{}", self.volume, self.name)
+    }
+}
+
+/// A backup running on this node.
+pub(super) struct RunningBackup {
+    pub volume: String,
+    pub name: String,
+    pub snapshot: String,
+    pub progress: Arc<Progress>,
+}
+
+fn progress_info(p: &Progress) -> RebuildInfo {
+    RebuildInfo { percent: p.percent(), done: p.done(), total: p.total(), rate: p.rate(), incremental: false }
+}
+
+/// A snapshot view read by the backup.
+struct ViewSource(SnapshotView);
+
+impl BlockSource for ViewSource {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read_at(offset, buf)
+    }
+}
+
+/// Every replica of a volume being restored into, written alike.
+struct ReplicaSink {
+    stores: Vec<Mutex<Box<dyn BlockStore>>>,
+}
+
+impl BlockSink for ReplicaSink {
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        for s in &self.stores {
+            s.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data)?;
+        }
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        for s in &self.stores {
+            s.lock().unwrap_or_else(|p| p.into_inner()).write_zeroes(offset, len)?;
+        }
+        Ok(())
+    }
+}
+
+impl ReplicaSink {
+    fn flush(&self) -> io::Result<()> {
+        for s in &self.stores {
+            s.lock().unwrap_or_else(|p| p.into_inner()).flush()?;
+        }
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// The backup target as the settings name it (empty: the local default
+    /// `file://<data-dir>/backups`).
+    pub(super) async fn backup_store(&self) -> Result<BackupStore, ControlError> {
+        let mut url = self.settings.get(settings::BACKUP_TARGET)?;
+        if url.is_empty() {
+            url = format!("file://{}/backups", self.data_dir.display());
+        }
+        let target = BackupTarget::parse(&url)?;
+        let cred = self.settings.get(settings::BACKUP_CREDENTIAL)?;
+        let creds = if cred.is_empty() { Credentials::from_env()? } else { Credentials::from_file(std::path::Path::new(&cred))? };
+        let mounts = self.data_dir.join("backup-mounts");
+        // A cheap probe first: wrong keys, a missing bucket, an unreachable
+        // endpoint or a TLS failure become one clear error here.
+        check_target(&target, &creds, &mounts).await?;
+        let (store, prefix) = open_target(&target, &creds, &mounts).await?;
+        Ok(BackupStore::new(store, prefix))
+    }
+
+    fn running_backups(&self) -> std::sync::MutexGuard<'_, Vec<RunningBackup>> {
+        self.backups.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A healthy replica of `volume` on this node, opened (shared with the
+    /// engine when attached).
+    async fn local_replica(&self, volume: &str) -> Result<Arc<Replica>, ControlError> {
+        let st = self.state.lock().await;
+        let v = st.volume(volume)?;
+        let info = v.info(self);
+        let name = info
+            .replicas
+            .iter()
+            .find(|r| r.addr.is_empty() && r.state == crate::engine::ReplicaState::Healthy)
+            .map(|r| r.name.clone())
+            .ok_or_else(|| ControlError::NoLocalReplica { volume: volume.to_string() })?;
+        drop(st);
+        Ok(self.disks.open(volume, &name)?)
+    }
+}
+
+impl VolumeManager {
+    /// Backs up snapshot `snapshot` of `volume` (a new snapshot when
+    /// `None`). Returns when the backup is complete.
+    pub async fn backup_create(
+        &self,
+        volume: &str,
+        snapshot: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<BackupInfo, ControlError> {
+        validate_labels("backup", &labels)?;
+        let inner = &self.inner;
+        let store = inner.backup_store().await?;
+        let (size, last_backup, last_snap) = {
+            let st = inner.state.lock().await;
+            let v = st.volume(volume)?;
+            if v.record.standby {
+                return Err(ControlError::Standby { name: volume.to_string(), what: "be backed up" });
+            }
+            (v.record.size, v.record.last_backup.clone(), v.record.last_backup_snapshot.clone())
+        };
+        let snap = match snapshot {
+            Some(s) => {
+                if !self.snapshot_list(volume).await?.iter().any(|x| !x.is_head && x.name == s) {
+                    return Err(ControlError::UnknownSnapshot { volume: volume.to_string(), snapshot: s.to_string() });
+                }
+                s.to_string()
+            }
+            None => {
+                let mut l = labels.clone();
+                l.insert(BACKUP_SNAPSHOT_LABEL.into(), "true".into());
+                self.snapshot_create_as(volume, Some(&generated_name("backup")), l, true).await?.name
+            }
+        };
+        let snap_info = self
+            .snapshot_list(volume)
+            .await?
+            .into_iter()
+            .find(|s| s.name == snap)
+            .ok_or_else(|| ControlError::UnknownSnapshot { volume: volume.to_string(), snapshot: snap.clone() })?;
+        let replica = inner.local_replica(volume).await?;
+
+        // Incremental against the last backup when it is still in the store
+        // and its snapshot still in the chain; otherwise full (dedup still
+        // skips blocks the store has).
+        let base = if last_backup.is_empty() {
+            None
+        } else {
+            match store.get_backup(volume, &last_backup).await {
+                Ok(cfg) if !cfg.created_time.is_empty() => Some(last_backup.clone()),
+                _ => None,
+            }
+        };
+        let (r2, s2, ls) = (replica.clone(), snap.clone(), last_snap.clone());
+        let has_base = base.is_some();
+        let (view, changed) = tokio::task::spawn_blocking(move || -> Result<_, ControlError> {
+            let view = r2.snapshot_view(&s2)?;
+            let changed = if has_base && !ls.is_empty() { r2.changed_between(&ls, &s2)? } else { None };
+            Ok((view, changed))
+        })
+        .await??;
+        let plan = match (base, changed) {
+            (Some(base_backup), Some(changed)) => BackupPlan::Incremental { base_backup, changed },
+            _ => BackupPlan::Full { ranges: view.data_ranges() },
+        };
+        let name = new_backup_name();
+        let compression: Compression = inner.settings.get(settings::BACKUP_COMPRESSION)?.parse().map_err(ControlError::Internal)?;
+        let block_size = if inner.settings.get(settings::BACKUP_BLOCK_SIZE)? == "16MiB" { 16 << 20 } else { 2 << 20 };
+        let req = BackupRequest {
+            volume: volume.to_string(),
+            volume_size: size,
+            backup_name: name.clone(),
+            snapshot_name: snap.clone(),
+            snapshot_created: snap_info.created.clone(),
+            labels,
+            compression,
+            block_size,
+            plan,
+            concurrency: inner.settings.u64(settings::BACKUP_CONCURRENCY).max(1) as usize,
+        };
+        let progress = Arc::new(Progress::new());
+        inner.running_backups().push(RunningBackup { volume: volume.into(), name: name.clone(), snapshot: snap.clone(), progress: progress.clone() });
+        tracing::info!(volume, backup = %name, snapshot = %snap, "backup started");
+        let result = store.create_backup(req, Arc::new(ViewSource(view)), progress.clone()).await;
+        inner.running_backups().retain(|b| !(b.volume == volume && b.name == name));
+        let report = result?;
+        tracing::info!(volume, backup = %name, uploaded = report.uploaded_blocks, existing = report.existing_blocks,
+            total = report.total_blocks, "backup complete");
+        {
+            let mut st = inner.state.lock().await;
+            if let Ok(v) = st.volume_mut(volume) {
+                v.record.last_backup = name.clone();
+                v.record.last_backup_snapshot = snap.clone();
+                inner.store.save(&v.record)?;
+            }
+        }
+        let cfg = store.get_backup(volume, &name).await?;
+        let mut info = backup_info(&cfg);
+        info.uploaded_blocks = report.uploaded_blocks;
+        info.existing_blocks = report.existing_blocks;
+        info.total_blocks = report.total_blocks;
+        info.uploaded_bytes = report.uploaded_bytes;
+        Ok(info)
+    }
+
+    /// Backups in the target (of one volume, or all), with those running
+    /// here marked in progress.
+    pub async fn backup_list(&self, volume: Option<&str>) -> Result<Vec<BackupInfo>, ControlError> {
+        let store = self.inner.backup_store().await?;
+        let volumes: Vec<String> = match volume {
+            Some(v) => vec![v.to_string()],
+            None => store.list_volumes().await?.into_iter().map(|v| v.name).collect(),
+        };
+        let mut out = Vec::new();
+        for v in volumes {
+            for cfg in store.list_backups(&v).await? {
+                out.push(self.with_progress(backup_info(&cfg)));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn backup_get(&self, handle: &str) -> Result<BackupInfo, ControlError> {
+        let h = BackupHandle::parse(handle)?;
+        let backup = h.backup.clone().ok_or_else(|| ControlError::HandleNeedsBackup { handle: handle.to_string() })?;
+        let store = self.inner.backup_store().await?;
+        Ok(self.with_progress(backup_info(&store.get_backup(&h.volume, &backup).await?)))
+    }
+
+    /// Deletes a backup and the blocks no other backup of its volume uses.
+    pub async fn backup_delete(&self, handle: &str) -> Result<(u64, u64), ControlError> {
+        let h = BackupHandle::parse(handle)?;
+        let backup = h.backup.clone().ok_or_else(|| ControlError::HandleNeedsBackup { handle: handle.to_string() })?;
+        let store = self.inner.backup_store().await?;
+        let report = store.delete_backup(&h.volume, &backup).await?;
+        tracing::info!(volume = %h.volume, backup = %backup, removed = report.removed_blocks, "backup deleted");
+        Ok((report.removed_blocks, report.kept_blocks))
+    }
+
+    fn with_progress(&self, mut info: BackupInfo) -> BackupInfo {
+        if let Some(b) = self.inner.running_backups().iter().find(|b| b.volume == info.volume && b.name == info.name) {
+            info.state = "in-progress";
+            info.progress = Some(progress_info(&b.progress));
+        }
+        info
+    }
+
+    /// Creates volume `name` holding backup `handle` (`bak://V/B`), or with
+    /// `standby` a DR volume following backup volume `bak://V`.
+    pub async fn create_from_backup(
+        &self,
+        name: &str,
+        size: Option<u64>,
+        replicas: Option<u32>,
+        handle: &str,
+        standby: bool,
+        recurring_jobs: &str,
+    ) -> Result<VolumeInfo, ControlError> {
+        crate::name::validate_volume_name(name)?;
+        let h = BackupHandle::parse(handle)?;
+        let store = self.inner.backup_store().await?;
+        let cfg = match &h.backup {
+            Some(b) => store.get_backup(&h.volume, b).await?,
+            None if standby => latest_backup(&store, &h.volume)
+                .await?
+                .ok_or_else(|| ControlError::NoBackupYet { volume: h.volume.clone() })?,
+            None => return Err(ControlError::HandleNeedsBackup { handle: handle.to_string() }),
+        };
+        if cfg.created_time.is_empty() {
+            return Err(ControlError::BackupInProgress { handle: handle.to_string() });
+        }
+        let backup_size = store.get_volume(&h.volume).await?.size;
+        let size = size.unwrap_or(backup_size);
+        if size < backup_size {
+            return Err(ControlError::RestoreTooSmall { size, backup: backup_size });
+        }
+        self.create(name, size, replicas, recurring_jobs).await?;
+        {
+            let mut st = self.inner.state.lock().await;
+            let v = st.volume_mut(name)?;
+            v.record.standby = standby;
+            v.record.from_backup = if standby { format!("bak://{}", h.volume) } else { format!("bak://{}/{}", h.volume, cfg.name) };
+            self.inner.store.save(&v.record)?;
+        }
+        match self.inner.restore_into(name, &store, &h.volume, &cfg, None).await {
+            Ok(()) => self.get(name).await,
+            Err(e) => {
+                tracing::warn!(volume = name, error = %e, "restore failed; removing the new volume");
+                // Block writers still finishing may hold the replicas open
+                // for a moment after the first error.
+                let mut last = None;
+                for _ in 0..50 {
+                    match self.delete(name, true).await {
+                        Ok(()) => {
+                            last = None;
+                            break;
+                        }
+                        Err(d) => last = Some(d),
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                if let Some(d) = last {
+                    tracing::error!(volume = name, error = %d, "cannot remove the half-restored volume");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Turns a standby volume into a normal one, after restoring the latest
+    /// backup of the volume it follows.
+    pub async fn activate(&self, name: &str) -> Result<VolumeInfo, ControlError> {
+        let standby = { self.inner.state.lock().await.volume(name)?.record.standby };
+        if !standby {
+            return Err(ControlError::NotStandby { name: name.to_string() });
+        }
+        self.inner.dr_sync(name).await?;
+        let mut st = self.inner.state.lock().await;
+        let v = st.volume_mut(name)?;
+        v.record.standby = false;
+        self.inner.store.save(&v.record)?;
+        tracing::info!(volume = name, last = %v.record.last_restored, "DR volume activated");
+        let info = v.info(&self.inner);
+        self.inner.publish(&st);
+        Ok(info)
+    }
+}
+
+/// The backup volume's last backup: the one `volume.cfg` names (what
+/// Longhorn's DR volumes follow), else the newest completed one.
+async fn latest_backup(store: &BackupStore, volume: &str) -> Result<Option<BackupCfg>, ControlError> {
+    let vol = store.get_volume(volume).await?;
+    if !vol.last_backup_name.is_empty() {
+        if let Ok(b) = store.get_backup(volume, &vol.last_backup_name).await {
+            if !b.in_progress() {
+                return Ok(Some(b));
+            }
+        }
+    }
+    let mut list: Vec<BackupCfg> = store.list_backups(volume).await?.into_iter().filter(|b| !b.created_time.is_empty()).collect();
+    list.sort_by(|a, b| a.created_time.cmp(&b.created_time));
+    Ok(list.pop())
+}
+
+fn backup_info(cfg: &BackupCfg) -> BackupInfo {
+    BackupInfo {
+        name: cfg.name.clone(),
+        volume: cfg.volume_name.clone(),
+        snapshot: cfg.snapshot_name.clone(),
+        snapshot_created: cfg.snapshot_created_at.clone(),
+        created: cfg.created_time.clone(),
+        size: cfg.size,
+        labels: cfg.labels.clone(),
+        state: if cfg.created_time.is_empty() { "in-progress" } else { "completed" },
+        progress: None,
+        message: String::new(),
+        incremental: cfg.is_incremental,
+        compression: cfg.compression_method.clone(),
+        uploaded_blocks: 0,
+        existing_blocks: 0,
+        total_blocks: cfg.blocks.len() as u64,
+        uploaded_bytes: 0,
+    }
+}
+
+impl Inner {
+    /// Restores backup `cfg` of backup volume `source` into volume `name`'s
+    /// replicas; with `base` (the backup restored there last), only what
+    /// changed since.
+    pub(super) async fn restore_into(
+        self: &Arc<Self>,
+        name: &str,
+        store: &BackupStore,
+        source: &str,
+        cfg: &BackupCfg,
+        base: Option<&BackupCfg>,
+    ) -> Result<(), ControlError> {
+        let targets: Vec<(String, String)> = {
+            let st = self.state.lock().await;
+            let v = st.volume(name)?;
+            if v.live.is_some() {
+                return Err(ControlError::MustDetach { name: name.to_string(), what: "restore into it" });
+            }
+            v.record.replicas.iter().filter(|r| r.state == RecordState::Healthy).map(|r| (r.name.clone(), r.addr.clone())).collect()
+        };
+        let me = self.clone();
+        let vname = name.to_string();
+        let sink = tokio::task::spawn_blocking(move || -> Result<ReplicaSink, ControlError> {
+            let mut stores = Vec::new();
+            for (r, addr) in targets {
+                let io = me.open_replica(&vname, &r, &addr).map_err(|e| ControlError::Internal(format!("replica {r}: {e}")))?;
+                stores.push(Mutex::new(store_for(&io).map_err(|e| ControlError::Internal(format!("replica {r}: {e}")))?));
+            }
+            Ok(ReplicaSink { stores })
+        })
+        .await??;
+        let sink = Arc::new(sink);
+        let progress = Arc::new(Progress::new());
+        self.restores.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), progress.clone());
+        let concurrency = self.settings.u64(settings::RESTORE_CONCURRENCY).max(1) as usize;
+        let result = store.restore(source, &cfg.name, sink.clone(), base, progress, concurrency).await;
+        self.restores.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        let report = result?;
+        let s2 = sink.clone();
+        tokio::task::spawn_blocking(move || s2.flush()).await?.map_err(|e| ControlError::Internal(format!("flushing restored replicas: {e}")))?;
+        tracing::info!(volume = name, backup = %cfg.name, blocks = report.restored_blocks, "restore complete");
+        let mut st = self.state.lock().await;
+        let v = st.volume_mut(name)?;
+        v.record.last_restored = cfg.name.clone();
+        self.store.save(&v.record)?;
+        self.publish(&st);
+        Ok(())
+    }
+
+    /// Brings standby volume `name` to the latest backup of the volume it
+    /// follows (incrementally from the one restored last).
+    pub(super) async fn dr_sync(self: &Arc<Self>, name: &str) -> Result<(), ControlError> {
+        let (from, last) = {
+            let st = self.state.lock().await;
+            let v = st.volume(name)?;
+            (v.record.from_backup.clone(), v.record.last_restored.clone())
+        };
+        let h = BackupHandle::parse(&from)?;
+        let store = self.backup_store().await?;
+        let Some(latest) = latest_backup(&store, &h.volume).await? else { return Ok(()) };
+        if latest.name == last {
+            return Ok(());
+        }
+        let base = if last.is_empty() { None } else { store.get_backup(&h.volume, &last).await.ok() };
+        if base.is_none() && !last.is_empty() {
+            // The base is gone from the store: start from zeros.
+            let size = { self.state.lock().await.volume(name)?.record.size };
+            self.zero_volume(name, size).await?;
+        }
+        tracing::info!(volume = name, backup = %latest.name, incremental = base.is_some(), "DR volume restoring a new backup");
+        self.restore_into(name, &store, &h.volume, &latest, base.as_ref()).await
+    }
+
+    async fn zero_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<(), ControlError> {
+        let targets: Vec<(String, String)> = {
+            let st = self.state.lock().await;
+            st.volume(name)?.record.replicas.iter().map(|r| (r.name.clone(), r.addr.clone())).collect()
+        };
+        let me = self.clone();
+        let vname = name.to_string();
+        tokio::task::spawn_blocking(move || -> Result<(), ControlError> {
+            for (r, addr) in targets {
+                let io = me.open_replica(&vname, &r, &addr).map_err(|e| ControlError::Internal(format!("replica {r}: {e}")))?;
+                let mut s = store_for(&io).map_err(|e| ControlError::Internal(e.to_string()))?;
+                s.write_zeroes(0, size).map_err(|e| ControlError::Internal(e.to_string()))?;
+                s.flush().map_err(|e| ControlError::Internal(e.to_string()))?;
+            }
+            Ok(())
+        })
+        .await?
+    }
+}
+
+/// Polls the backup target for every standby volume every
+/// `backupstore-poll-interval` seconds.
+pub(super) async fn dr_loop(inner: std::sync::Weak<Inner>) {
+    let mut last_poll = 0u64;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let every = inner.settings.u64(settings::BACKUPSTORE_POLL_INTERVAL);
+        let now = unix_now();
+        if every == 0 || now < last_poll + every {
+            continue;
+        }
+        last_poll = now;
+        let standby: Vec<String> = {
+            let st = inner.state.lock().await;
+            st.volumes.values().filter(|v| v.record.standby).map(|v| v.record.name.clone()).collect()
+        };
+        for name in standby {
+            if let Err(e) = inner.dr_sync(&name).await {
+                tracing::warn!(volume = %name, error = %e, "DR volume could not follow its backup volume");
+            }
+        }
+    }
+}
