@@ -12,7 +12,7 @@
 #       and prints its pid. Log: DIR.log
 #   scripts/s3-server.sh stop PID
 #   scripts/s3-server.sh install-moto
-#       Python venv with moto[server] in target/tools/moto (TLS S3 for the
+#       Python venv with moto[server] and lz4 in target/tools/moto (TLS S3 for the
 #       custom-CA test; skipped when present).
 #   scripts/s3-server.sh tls-certs DIR
 #       openssl CA (DIR/ca.pem) and a server cert for 127.0.0.1/localhost
@@ -66,12 +66,14 @@ stop)
     kill "$2" 2>/dev/null || true
     ;;
 install-moto)
-    if [[ -x $moto/bin/moto_server ]]; then
+    # The venv also carries python's lz4 for the backupstore compatibility
+    # script (daemon/tests/fixtures/longhorn_backupstore.py).
+    if [[ -x $moto/bin/moto_server ]] && "$moto/bin/python" -c 'import lz4.frame' 2>/dev/null; then
         echo "moto: $moto (cached)"
         exit 0
     fi
     python3 -m venv "$moto" || { echo "python3 venv failed: apt-get install python3-venv" >&2; exit 1; }
-    "$moto/bin/pip" install --quiet 'moto[server]'
+    "$moto/bin/pip" install --quiet 'moto[server]' lz4
     ;;
 tls-certs)
     [[ $# -eq 2 ]] || { echo "usage: $0 tls-certs DIR" >&2; exit 2; }

@@ -246,18 +246,43 @@ pub struct VolumeCfg {
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
-/// Cairn's extension key in `volume.cfg` for a non-default block size
-/// (Longhorn reads 2 MiB blocks only, so it is written only for 16 MiB).
-pub const BLOCK_SIZE_KEY: &str = "BackupBlockSize";
+/// Where Longhorn records a backup's block size: `Parameters` of the
+/// backup config, a Kubernetes quantity (`2Mi`, `16Mi`, or bytes).
+pub const BLOCK_SIZE_PARAMETER: &str = "backup-block-size";
 
-impl VolumeCfg {
-    /// The block size of this backup volume.
-    pub fn block_size(&self) -> u64 {
-        match self.extra.get(BLOCK_SIZE_KEY) {
-            Some(serde_json::Value::String(s)) => s.parse().unwrap_or(DEFAULT_BLOCK_SIZE),
-            Some(serde_json::Value::Number(n)) => n.as_u64().unwrap_or(DEFAULT_BLOCK_SIZE),
-            _ => DEFAULT_BLOCK_SIZE,
-        }
+/// `2Mi` / `16Mi` / `2097152` → bytes; absent, empty or 0 → 2 MiB.
+pub fn parse_block_size(v: Option<&str>) -> Result<u64, String> {
+    let v = v.unwrap_or("").trim();
+    if v.is_empty() {
+        return Ok(DEFAULT_BLOCK_SIZE);
+    }
+    let (num, mul) = match v {
+        _ if v.ends_with("Ki") => (&v[..v.len() - 2], 1u64 << 10),
+        _ if v.ends_with("Mi") => (&v[..v.len() - 2], 1 << 20),
+        _ if v.ends_with("Gi") => (&v[..v.len() - 2], 1 << 30),
+        _ => (v, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("block size {v:?} is not a quantity like 2Mi"))?;
+    match n.checked_mul(mul) {
+        Some(0) => Ok(DEFAULT_BLOCK_SIZE),
+        Some(b) if b % 4096 == 0 && b <= 64 << 20 => Ok(b),
+        _ => Err(format!("block size {v:?} must be a multiple of 4096 bytes up to 64Mi")),
+    }
+}
+
+/// `2Mi` for 2 MiB: how Cairn writes the parameter.
+pub fn block_size_quantity(b: u64) -> String {
+    if b % (1 << 20) == 0 {
+        format!("{}Mi", b >> 20)
+    } else {
+        b.to_string()
+    }
+}
+
+impl BackupCfg {
+    /// The backup's block size (see [`BLOCK_SIZE_PARAMETER`]).
+    pub fn block_size(&self) -> Result<u64, String> {
+        parse_block_size(self.parameters.get(BLOCK_SIZE_PARAMETER).map(String::as_str))
     }
 }
 
@@ -456,6 +481,17 @@ mod tests {
         }
         assert_eq!(Compression::from_config(""), Some(Compression::Gzip));
         assert!("zstd".parse::<Compression>().is_err());
+    }
+
+    #[test]
+    fn block_size_parameter() {
+        assert_eq!(parse_block_size(None), Ok(DEFAULT_BLOCK_SIZE));
+        assert_eq!(parse_block_size(Some("16Mi")), Ok(16 << 20));
+        assert_eq!(parse_block_size(Some("2097152")), Ok(2 << 20));
+        assert_eq!(parse_block_size(Some("0")), Ok(DEFAULT_BLOCK_SIZE));
+        assert!(parse_block_size(Some("3000")).is_err());
+        assert!(parse_block_size(Some("lots")).is_err());
+        assert_eq!(block_size_quantity(2 << 20), "2Mi");
     }
 
     #[test]

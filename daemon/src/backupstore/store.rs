@@ -352,7 +352,7 @@ impl BackupStore {
         let mut vol = match self.get_volume(&req.volume).await {
             Ok(v) => v,
             Err(BackupStoreError::VolumeNotFound { .. }) => {
-                let mut v = VolumeCfg {
+                let v = VolumeCfg {
                     name: req.volume.clone(),
                     size: req.volume_size,
                     created_time: format::now(),
@@ -360,30 +360,29 @@ impl BackupStore {
                     data_engine: "v1".into(),
                     ..VolumeCfg::default()
                 };
-                if req.block_size != format::DEFAULT_BLOCK_SIZE {
-                    v.extra.insert(format::BLOCK_SIZE_KEY.into(), serde_json::Value::String(req.block_size.to_string()));
-                }
                 self.put_json(&paths.volume_cfg(), &v).await?;
                 v
             }
             Err(e) => return Err(e),
         };
+        // The volume keeps its compression (its blocks are shared between
+        // its backups); an incremental backup keeps its base's block size.
         let compression = Compression::from_config(&vol.compression_method).unwrap_or(req.compression);
-        let block = vol.block_size();
         let invalid = |reason: String| BackupStoreError::Invalid { volume: req.volume.clone(), backup: req.backup_name.clone(), reason };
-        if block == 0 || block % 4096 != 0 {
-            return Err(invalid(format!("backup volume block size {block} is not a multiple of 4096")));
-        }
-        let (mut map, ranges, incremental): (BTreeMap<u64, String>, &Vec<(u64, u64)>, bool) = match &req.plan {
-            BackupPlan::Full { ranges } => (BTreeMap::new(), ranges, false),
+        let (mut map, ranges, incremental, block): (BTreeMap<u64, String>, &Vec<(u64, u64)>, bool, u64) = match &req.plan {
+            BackupPlan::Full { ranges } => (BTreeMap::new(), ranges, false, req.block_size),
             BackupPlan::Incremental { base_backup, changed } => {
                 let base = self.get_backup(&req.volume, base_backup).await?;
                 if base.in_progress() {
                     return Err(invalid(format!("base backup {base_backup} is not complete")));
                 }
-                (base.blocks.into_iter().map(|b| (b.offset, b.block_checksum)).collect(), changed, true)
+                let block = base.block_size().map_err(invalid)?;
+                (base.blocks.into_iter().map(|b| (b.offset, b.block_checksum)).collect(), changed, true, block)
             }
         };
+        if block == 0 || block % 4096 != 0 {
+            return Err(invalid(format!("block size {block} is not a multiple of 4096")));
+        }
         // Blocks the ranges touch, in order, once each.
         let size = req.volume_size;
         let mut offsets: Vec<u64> = Vec::new();
@@ -490,7 +489,7 @@ impl BackupStore {
             created_time: format::now(),
             size: map.len() as u64 * block,
             labels: req.labels.clone(),
-            parameters: BTreeMap::new(),
+            parameters: BTreeMap::from([(format::BLOCK_SIZE_PARAMETER.to_string(), format::block_size_quantity(block))]),
             is_incremental: incremental,
             compression_method: compression.as_str().into(),
             newly_uploaded_data_size: report.uploaded_bytes,
@@ -544,7 +543,7 @@ impl BackupStore {
         if cfg.in_progress() {
             return Err(BackupStoreError::InProgress { volume: volume.into(), backup: backup.into() });
         }
-        let block = vol.block_size();
+        let block = cfg.block_size().map_err(|reason| BackupStoreError::Invalid { volume: volume.into(), backup: backup.into(), reason })?;
         let compression = Compression::from_config(&cfg.compression_method).unwrap_or_default();
         // (offset, checksum to fetch, or None to zero)
         let mut work: Vec<(u64, Option<String>)> = Vec::new();
@@ -678,9 +677,11 @@ impl BackupStore {
 /// Decompresses a block (trying the other methods if the declared one
 /// fails, as Longhorn does for old backups) and checks its checksum.
 fn decompress_verified(raw: &[u8], declared: Compression, block: u64, want: &str) -> std::result::Result<Vec<u8>, String> {
-    let mut last = String::new();
+    // The declared method first; the others as Longhorn falls back for
+    // blocks of older backups. The error reports the declared attempt.
+    let mut first: Option<String> = None;
     for c in [declared, Compression::Lz4, Compression::Gzip, Compression::None] {
-        match c.decompress(raw, block) {
+        let outcome = match c.decompress(raw, block) {
             Ok(mut data) => {
                 if (data.len() as u64) < block {
                     data.resize(block as usize, 0);
@@ -689,14 +690,11 @@ fn decompress_verified(raw: &[u8], declared: Compression, block: u64, want: &str
                 if got == want {
                     return Ok(data);
                 }
-                last = format!("its data hashes to {got} ({} decoding)", c.as_str());
+                format!("decoded as {} it hashes to {got}", c.as_str())
             }
-            Err(e) => {
-                if last.is_empty() {
-                    last = format!("cannot decode as {}: {e}", c.as_str());
-                }
-            }
-        }
+            Err(e) => format!("cannot decode it as {}: {e}", c.as_str()),
+        };
+        first.get_or_insert(outcome);
     }
-    Err(last)
+    Err(first.unwrap_or_default())
 }
