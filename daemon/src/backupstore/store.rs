@@ -119,6 +119,8 @@ pub struct RestoreReport {
 pub struct DeleteReport {
     pub removed_blocks: u64,
     pub kept_blocks: u64,
+    /// Block collection was skipped (a backup of the volume is in progress).
+    pub gc_skipped: bool,
 }
 
 /// Lock types as Longhorn numbers them: backups and restores share one
@@ -343,6 +345,16 @@ impl BackupStore {
     pub async fn create_backup(&self, req: BackupRequest, source: Arc<dyn BlockSource>, progress: Arc<Progress>) -> Result<BackupReport> {
         let lock = self.lock(&req.volume, BACKUP_LOCK).await?;
         let r = self.create_backup_locked(&req, source, &progress).await;
+        if r.is_err() {
+            // A failed backup leaves no config behind (its uploaded blocks
+            // are collected by the next deletion).
+            let p = self.path(&VolumePaths::new(&req.volume).backup_cfg(&req.backup_name));
+            if let Ok(Some(b)) = self.get_bytes(&VolumePaths::new(&req.volume).backup_cfg(&req.backup_name)).await {
+                if format::parse_backup_cfg("", &b).is_ok_and(|c| c.in_progress()) {
+                    let _ = self.store.delete(&p).await;
+                }
+            }
+        }
         lock.release().await;
         r
     }
@@ -643,7 +655,28 @@ impl BackupStore {
         self.get_backup(volume, backup).await?;
         let p = self.path(&paths.backup_cfg(backup));
         self.store.delete(&p).await.map_err(Self::err("deleting", &p))?;
-        let remaining = self.list_backups(volume).await?;
+        let mut remaining = Vec::new();
+        let mut unreadable = false;
+        for f in self.list_dir(&paths.backups_dir()).await?.1 {
+            if let Some(name) = format::backup_name_of(&f) {
+                match self.get_backup(volume, name).await {
+                    Ok(cfg) => remaining.push(cfg),
+                    Err(BackupStoreError::BackupNotFound { .. }) => {}
+                    Err(e) => {
+                        tracing::warn!(volume, backup = name, error = %e, "unreadable backup config: block collection skipped");
+                        unreadable = true;
+                    }
+                }
+            }
+        }
+        let mut report = DeleteReport::default();
+        if unreadable || remaining.iter().any(BackupCfg::in_progress) {
+            // As Longhorn: a backup whose map is not written yet may use any
+            // block; collect next time.
+            tracing::info!(volume, "a backup of this volume is in progress or was interrupted: block collection skipped");
+            report.gc_skipped = true;
+            return Ok(report);
+        }
         let referenced: HashSet<&str> = remaining.iter().flat_map(|b| b.blocks.iter().map(|m| m.block_checksum.as_str())).collect();
         let prefix = self.path(&paths.blocks_dir());
         let all: Vec<object_store::ObjectMeta> = match self.store.list(Some(&prefix)).try_collect().await {
@@ -651,7 +684,6 @@ impl BackupStore {
             Err(object_store::Error::NotFound { .. }) => Vec::new(),
             Err(e) => return Err(Self::err("listing", &prefix)(e)),
         };
-        let mut report = DeleteReport::default();
         for o in all {
             let Some(sum) = o.location.filename().and_then(|f| f.strip_suffix(".blk")) else { continue };
             if referenced.contains(sum) {
