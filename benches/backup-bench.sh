@@ -50,7 +50,7 @@ measure() { # NAME COMMAND...
 
 # file://
 mkdir -p "$W/plain"
-measure cp-out cp "$head" "$W/plain/copy.img"
+measure cp-out cp "$W/data.bin" "$W/plain/copy.img"
 measure backup-file ctl backup create src
 b=$(ctl -o json backup list src | jq -r '.[0].name')
 measure restore-file ctl volume create rf --from-backup "bak://src/$b"
@@ -64,8 +64,8 @@ AWS_ENDPOINTS=http://127.0.0.1:9911
 EOC
 ctl setting set backup-target-credential-secret "$W/creds" >/dev/null
 ctl setting set backup-target "s3://bench@us-east-1/cairn/" >/dev/null
-curl_s3() { curl -sf --aws-sigv4 "aws:amz:us-east-1:s3" --user bench:benchsecret "$@"; }
-measure curl-put curl_s3 -T "$head" http://127.0.0.1:9911/bench/plain.img
+curl_s3() { curl -sSf --aws-sigv4 "aws:amz:us-east-1:s3" --user bench:benchsecret -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "$@"; }
+measure curl-put curl_s3 -T "$W/data.bin" http://127.0.0.1:9911/bench/plain.img
 measure curl-get curl_s3 -o "$W/plain/get.img" http://127.0.0.1:9911/bench/plain.img
 measure backup-s3 ctl backup create src
 b=$(ctl -o json backup list src | jq -r '.[0].name')

@@ -34,7 +34,17 @@ show mkfs.ext4 -q "$dev"
 show mount "$dev" "$dir/mnt"
 echo "hello from cairn" >"$dir/mnt/hello.txt"
 show df -h "$dir/mnt"
+sync
+# Data protection on the embedded defaults: a snapshot, then a backup to the
+# local target (file://<data-dir>/backups), restored into a new volume.
+ctl snapshot create demo --name first >/dev/null
+ctl snapshot list demo
+ctl backup create demo
+ctl backup list demo
+backup=$("$BIN/cairnctl" --socket "$sock" -o json backup list demo | jq -r '.[0].handle')
+ctl volume create restored --from-backup "$backup" --replicas 1 >/dev/null
 ctl volume get demo
+ctl volume get restored
 if [[ "${KEEP:-0}" == 1 ]]; then
     echo "cairnd keeps running (pid $pid); socket $sock; unmount and kill it when done."
     trap - EXIT

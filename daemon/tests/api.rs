@@ -63,11 +63,7 @@ impl Daemon {
 }
 
 fn create(name: &str, size: u64, replicas: u32) -> CreateVolumeRequest {
-    CreateVolumeRequest {
-        name: name.into(),
-        size,
-        replicas,
-    }
+    CreateVolumeRequest { name: name.into(), size, replicas, ..Default::default() }
 }
 
 fn vref(name: &str) -> VolumeRef {

@@ -158,3 +158,40 @@ async fn longhorns_reader_restores_what_cairn_writes() {
         }
     }
 }
+
+/// Longhorn's lock rules: a backup (or restore) lock held by another
+/// process keeps a deletion out, a deletion lock keeps backups and restores
+/// out, and backups and restores run beside each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_files_exclude_deletion_from_backup_and_restore() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    copy_dir(&fixtures().join("longhorn-backupstore"), tmp.path());
+    let store = store_at(tmp.path()).with_lock_wait(std::time::Duration::from_secs(2));
+    let volume_dir = {
+        let h: String = sha2::Sha512::digest(b"lhvol").iter().map(|x| format!("{x:02x}")).collect();
+        tmp.path().join(format!("backupstore/volumes/{}/{}/lhvol", &h[0..2], &h[2..4]))
+    };
+    let locks = volume_dir.join("locks");
+    std::fs::create_dir_all(&locks).expect("locks dir");
+    let other = |ty: u8| {
+        std::fs::write(locks.join("lock-other.lck"), format!(r#"{{"Name":"lock-other","Type":{ty},"Acquired":true}}"#)).expect("lock")
+    };
+    // Another node holds a backup lock: deletion is refused, nothing deleted.
+    other(1);
+    let e = store.delete_backup("lhvol", "backup-1").await.expect_err("deletion beside a backup").to_string();
+    assert!(e.contains("deletion lock") && e.contains("backup or restore"), "{e}");
+    assert!(store.get_backup("lhvol", "backup-1").await.is_ok(), "the refused deletion changed nothing");
+    // ... but a restore runs beside it.
+    let size = store.get_volume("lhvol").await.expect("vol").size as usize;
+    let sink = Arc::new(Mem(Mutex::new(vec![0u8; size])));
+    store.restore("lhvol", "backup-1", sink, None, Arc::new(Progress::new()), 2).await.expect("restore beside a backup lock");
+    // Another node deletes: restores (and backups) are refused.
+    other(2);
+    let sink = Arc::new(Mem(Mutex::new(vec![0u8; size])));
+    let e = store.restore("lhvol", "backup-1", sink, None, Arc::new(Progress::new()), 2).await.expect_err("restore beside a deletion").to_string();
+    assert!(e.contains("backup/restore lock") && e.contains("deletion"), "{e}");
+    // Released: the deletion goes through, and our lock files are gone.
+    std::fs::remove_file(locks.join("lock-other.lck")).expect("unlock");
+    store.delete_backup("lhvol", "backup-1").await.expect("delete");
+    assert_eq!(std::fs::read_dir(&locks).expect("locks").count(), 0, "lock files left behind");
+}

@@ -424,7 +424,7 @@ fn snapshots_reach_remote_replicas_and_a_full_rebuild_copies_the_chain() {
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
     let snap = |name: &str| ChainChange::Snapshot { name: name.into(), created: String::new(), user_created: true, labels: Default::default() };
-    let mut change = |ring: &mut TestRing, engine: &mut QueueEngine, c: ChainChange| {
+    let change = |ring: &mut TestRing, engine: &mut QueueEngine, c: ChainChange| {
         let v2 = v.clone();
         with_queue_pumped(ring, engine, move || v2.change_chain(&c, Duration::from_secs(5)))
     };

@@ -151,7 +151,7 @@ proptest! {
 #[test]
 fn three_layer_chain_and_holes() {
     let d = tempfile::tempdir().expect("tempdir");
-    let mut r = Replica::create(d.path(), &spec(64 * BS)).expect("create");
+    let r = Replica::create(d.path(), &spec(64 * BS)).expect("create");
     write(&r, 0, &vec![1u8; (8 * BS) as usize]);
     r.snapshot("one", true, BTreeMap::from([("k".into(), "v".into())]))
         .expect("snap");
@@ -187,7 +187,7 @@ fn three_layer_chain_and_holes() {
 fn fresh(size: u64) -> (tempfile::TempDir, std::path::PathBuf) {
     let d = tempfile::tempdir().expect("tempdir");
     let dir = d.path().join("r");
-    let mut r = Replica::create(&dir, &spec(size)).expect("create");
+    let r = Replica::create(&dir, &spec(size)).expect("create");
     r.snapshot("a", true, BTreeMap::new()).expect("snap a");
     r.snapshot("b", true, BTreeMap::new()).expect("snap b");
     (d, dir)

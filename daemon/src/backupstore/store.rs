@@ -164,6 +164,8 @@ impl HeldLock {
 pub struct BackupStore {
     store: Arc<dyn ObjectStore>,
     prefix: String,
+    /// How long a lock may be waited for (Longhorn: 30 s).
+    lock_wait: Duration,
 }
 
 fn random_hex(n: usize) -> String {
@@ -181,7 +183,13 @@ pub fn new_backup_name() -> String {
 
 impl BackupStore {
     pub fn new(store: Arc<dyn ObjectStore>, prefix: ObjPath) -> BackupStore {
-        BackupStore { store, prefix: prefix.as_ref().trim_end_matches('/').to_string() }
+        BackupStore { store, prefix: prefix.as_ref().trim_end_matches('/').to_string(), lock_wait: LOCK_MAX_WAIT }
+    }
+
+    /// A shorter lock wait (tests).
+    pub fn with_lock_wait(mut self, wait: Duration) -> BackupStore {
+        self.lock_wait = wait;
+        self
     }
 
     fn path(&self, rel: &str) -> ObjPath {
@@ -319,10 +327,10 @@ impl BackupStore {
             if !blocked && (others.is_empty() || settled) {
                 break;
             }
-            if started.elapsed() > LOCK_MAX_WAIT {
+            if started.elapsed() > self.lock_wait {
                 let _ = self.store.delete(&path).await;
                 let (kind, other) = if ty == DELETION_LOCK { ("deletion", "backup or restore") } else { ("backup/restore", "deletion") };
-                return Err(BackupStoreError::Locked { volume: volume.to_string(), kind, other, secs: LOCK_MAX_WAIT.as_secs() });
+                return Err(BackupStoreError::Locked { volume: volume.to_string(), kind, other, secs: self.lock_wait.as_secs() });
             }
             tokio::time::sleep(if settled { LOCK_RETRY } else { LOCK_CHECK_WAIT }).await;
             settled = true;
