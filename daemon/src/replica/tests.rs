@@ -152,7 +152,7 @@ fn map_built_at_open_equals_marked_map() {
     let r = Replica::open(d.path()).unwrap();
     assert_eq!(r.head_block_ranges(), marked);
     // After a snapshot the same blocks form the lower map.
-    let mut r = r;
+    let r = r;
     r.snapshot("s1", true, BTreeMap::new()).unwrap();
     let lower: Vec<(u64, u64)> = r.lower_extents().iter().map(|x| (x.start, x.end)).collect();
     assert_eq!(lower, marked);
@@ -162,7 +162,7 @@ fn map_built_at_open_equals_marked_map() {
 #[test]
 fn segments_coalesce_and_pick_newest() {
     let d = tempfile::tempdir().unwrap();
-    let mut r = Replica::create(d.path(), &spec(MIB)).unwrap();
+    let r = Replica::create(d.path(), &spec(MIB)).unwrap();
     let bs = BLOCK_SIZE as usize;
     write(&r, 0, &vec![1u8; 4 * bs]); // base: blocks 0..4
     r.snapshot("a", true, BTreeMap::new()).unwrap();
@@ -234,7 +234,7 @@ fn segments_coalesce_and_pick_newest() {
 #[test]
 fn snapshot_rejects_bad_and_duplicate_names() {
     let d = tempfile::tempdir().unwrap();
-    let mut r = Replica::create(d.path(), &spec(MIB)).unwrap();
+    let r = Replica::create(d.path(), &spec(MIB)).unwrap();
     assert!(matches!(
         r.snapshot("Bad", true, BTreeMap::new()),
         Err(ReplicaError::InvalidName(_))
@@ -278,7 +278,7 @@ fn crash_before_snapshot_commit_keeps_old_chain() {
     };
     write_layer_meta(dir, &head_meta).unwrap();
 
-    let mut r = Replica::open(dir).unwrap();
+    let r = Replica::open(dir).unwrap();
     assert_eq!(r.chain().len(), 1);
     assert_eq!(&read(&r, 0, 4)[..], b"data");
     for leftover in [
@@ -298,7 +298,7 @@ fn crash_before_snapshot_commit_keeps_old_chain() {
 fn crash_after_snapshot_commit_uses_new_chain() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    let mut r = Replica::create(dir, &spec(MIB)).unwrap();
+    let r = Replica::create(dir, &spec(MIB)).unwrap();
     write(&r, 0, b"data");
     // Keep the old head's names alive, as if step 6 had not run.
     std::fs::hard_link(dir.join("volume-head-000.img"), dir.join("keep.img")).unwrap();
