@@ -14,7 +14,6 @@ use std::time::Duration;
 use super::manager::{unix_now, Inner, VolumeManager};
 use super::settings;
 use super::snapshots::{generated_name, validate_labels};
-use super::store::RecordState;
 use super::{ControlError, RebuildInfo, VolumeInfo};
 use crate::backupstore::format::{BackupCfg, BackupHandle, Compression};
 use crate::backupstore::store::{new_backup_name, BackupPlan, BackupRequest, BackupStore, BlockSink, BlockSource};
@@ -430,7 +429,7 @@ impl Inner {
             if v.live.is_some() {
                 return Err(ControlError::MustDetach { name: name.to_string(), what: "restore into it" });
             }
-            v.record.replicas.iter().filter(|r| r.state == RecordState::Healthy).map(|r| (r.name.clone(), r.addr.clone())).collect()
+            v.record.healthy_targets()
         };
         let me = self.clone();
         let vname = name.to_string();

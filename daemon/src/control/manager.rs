@@ -1037,6 +1037,11 @@ impl VolumeRecord {
         }
     }
 
+    /// `(name, addr)` of the replicas the record calls healthy.
+    pub(super) fn healthy_targets(&self) -> Vec<(String, String)> {
+        self.replicas.iter().filter(|r| r.state == RecordState::Healthy).map(|r| (r.name.clone(), r.addr.clone())).collect()
+    }
+
     /// Copies the engine's failures and revision into the record.
     pub(super) fn sync_from(&mut self, io: &VolumeIo) {
         for s in io.replicas() {

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::manager::{unix_now, Inner, VolumeManager};
-use super::store::RecordState;
 use super::ControlError;
 use crate::engine::ReplicaIo;
 use crate::replica::{ChainChange, ChainOutcome, LayerInfo};
@@ -115,13 +114,7 @@ impl Inner {
         if self.has_rebuilds(volume) {
             return Err(crate::engine::EngineError::Rebuilding { volume: volume.to_string() }.into());
         }
-        let targets: Vec<(String, String)> = v
-            .record
-            .replicas
-            .iter()
-            .filter(|r| r.state == RecordState::Healthy)
-            .map(|r| (r.name.clone(), r.addr.clone()))
-            .collect();
+        let targets: Vec<(String, String)> = v.record.healthy_targets();
         let me = self.clone();
         let vname = volume.to_string();
         let results = tokio::task::spawn_blocking(move || {
@@ -171,13 +164,7 @@ impl Inner {
             })
             .await?;
         }
-        let mut targets: Vec<(String, String)> = v
-            .record
-            .replicas
-            .iter()
-            .filter(|r| r.state == RecordState::Healthy)
-            .map(|r| (r.name.clone(), r.addr.clone()))
-            .collect();
+        let mut targets: Vec<(String, String)> = v.record.healthy_targets();
         targets.sort_by_key(|(_, addr)| !addr.is_empty());
         drop(st);
         let me = self.clone();

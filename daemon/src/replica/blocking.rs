@@ -137,15 +137,7 @@ impl Replica {
         let c = self.chain_now();
         let mut blocks: Vec<(u64, u64)> = c.head_bits.ranges();
         blocks.extend(c.lower.extents().iter().map(|e| (e.start, e.end)));
-        blocks.sort_unstable();
-        let mut out: Vec<(u64, u64)> = Vec::with_capacity(blocks.len());
-        for (s, e) in blocks {
-            match out.last_mut() {
-                Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                _ => out.push((s, e)),
-            }
-        }
-        out.into_iter().map(|(s, e)| (s * BLOCK_SIZE, (e - s) * BLOCK_SIZE)).collect()
+        super::view::merge_bytes(blocks)
     }
 }
 

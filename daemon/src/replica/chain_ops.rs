@@ -216,17 +216,7 @@ impl Replica {
         let c = self.chain_now();
         let d = disp(&self.dir);
         let old_head = c.head().file.clone();
-        let gen = match meta::parse_layer_file_name(&old_head) {
-            Some(LayerName::Head(n)) => n,
-            _ => {
-                return Err(ReplicaError::InvalidMeta {
-                    dir: d,
-                    file: meta::VOLUME_META.into(),
-                    reason: format!("head {old_head:?} is not a head file name"),
-                })
-            }
-        };
-        let new_head = meta::head_file_name(gen.saturating_add(1));
+        let new_head = super::next_head_name(&d, &old_head)?;
         let new_path = self.dir.join(&new_head);
         super::create_sparse(&new_path, self.size).map_err(|source| ReplicaError::Io { path: disp(&new_path), source })?;
         write_layer_meta(

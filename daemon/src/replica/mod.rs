@@ -504,17 +504,7 @@ impl Replica {
         }
         let old_head = c.head().file.clone();
         let old_path = self.dir.join(&old_head);
-        let gen = match meta::parse_layer_file_name(&old_head) {
-            Some(LayerName::Head(n)) => n,
-            _ => {
-                return Err(ReplicaError::InvalidMeta {
-                    dir: d,
-                    file: meta::VOLUME_META.into(),
-                    reason: format!("head {old_head:?} is not a head file name"),
-                })
-            }
-        };
-        let new_head = meta::head_file_name(gen.saturating_add(1));
+        let new_head = next_head_name(&d, &old_head)?;
         let new_path = self.dir.join(&new_head);
         let io_err = |path: &Path| {
             let path = disp(path);
@@ -668,6 +658,18 @@ fn load_chain(dir: &Path, vm: &VolumeMeta) -> Result<Chain, ReplicaError> {
     let head_ranges = per_layer.pop().unwrap_or_default();
     let fds = layers.iter().map(|l| l.fd.as_raw_fd()).collect();
     Ok(Chain { layers, fds, lower: LowerMap::build(&per_layer), head_bits: HeadBitmap::from_ranges(nblocks, &head_ranges) })
+}
+
+/// The file name of the head after `old_head` (generation + 1).
+fn next_head_name(dir: &str, old_head: &str) -> Result<String, ReplicaError> {
+    match meta::parse_layer_file_name(old_head) {
+        Some(LayerName::Head(n)) => Ok(meta::head_file_name(n.saturating_add(1))),
+        _ => Err(ReplicaError::InvalidMeta {
+            dir: dir.to_string(),
+            file: meta::VOLUME_META.into(),
+            reason: format!("head {old_head:?} is not a head file name"),
+        }),
+    }
 }
 
 /// `Replica::resolve_read` over one chain (see there).
