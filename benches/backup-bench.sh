@@ -28,7 +28,8 @@ rate() { bc -l <<<"$GIB * 1024 / ($2 - $1)"; } # MiB/s from two timestamps
 CAIRND=$!
 "$S3S" --host 127.0.0.1 --port 9911 --access-key bench --secret-key benchsecret "$W/s3" >"$W/s3.log" 2>&1 &
 S3PID=$!
-trap 'kill $CAIRND $S3PID 2>/dev/null || true' EXIT
+# The run holds ~10x the volume size on disk: removed at the end (KEEP=1 keeps it).
+trap 'kill $CAIRND $S3PID 2>/dev/null || true; wait 2>/dev/null; [[ "${KEEP:-0}" == 1 ]] || rm -rf "$W"' EXIT
 for _ in $(seq 1 100); do ctl volume list >/dev/null 2>&1 && break; sleep 0.1; done
 
 ctl volume create src --size "${GIB}GiB" --replicas 1 >/dev/null

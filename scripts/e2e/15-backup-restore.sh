@@ -65,7 +65,7 @@ after=$(nblk)
 say "file: deleting the third backup removed $((before - after)) block(s) ($before -> $after)"
 [[ $((before - after)) -eq 1 ]] || die "delete removed $((before - after)) blocks, expected its 1 unique block"
 # Corrupt one block: the restore fails naming it and leaves no volume.
-blk=$(find "$store" -name '*.blk' | sort | head -n1)
+blk=$(find "$store" -name '*.blk' | sort | sed -n 1p)
 printf 'garbage' | dd of="$blk" bs=1 seek=100 conv=notrunc status=none
 b1=$(ctl -o json backup list src-file | jq -r 'sort_by(.created) | .[0].name')
 if out=$(ctl volume create bad --from-backup "bak://src-file/$b1" 2>&1); then die "restore from a corrupt block succeeded"; fi
