@@ -23,7 +23,14 @@ kill_node 2
 kill_node 3
 wait_for 60 "volume faulted" '[[ "$(vfield 4 s .state)" == faulted ]]'
 say "all three replica daemons killed: volume faulted"
-for i in 1 2 3; do start_node "$i"; done
+# n1 (stale) comes back alone first: salvage must wait for a replica that
+# holds the newest writes rather than revive n1's (repair ticks every 2 s).
+start_node 1
+sleep 6
+[[ "$(vfield 4 s .state)" == faulted ]] || die "salvaged from n1's stale replica alone"
+grep -q "auto-salvage waits" "$WORK/n4/log" || die "no sign that salvage waited for the newest replica"
+say "with only the stale n1 back, auto-salvage waits"
+for i in 2 3; do start_node "$i"; done
 wait_for 120 "auto-salvage" 'grep -q "auto-salvage" "$WORK/n4/log" && [[ "$(vfield 4 s .state)" != faulted ]]'
 kept=$(sed -n 's/.*auto-salvage.*replicas=\(.*\)/\1/p' "$WORK/n4/log" | tail -n1)
 say "auto-salvage kept: $kept"

@@ -234,6 +234,16 @@ fn salvage(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: &[Repl
     if found.is_empty() {
         return;
     }
+    // The replicas that were healthy last hold revision R-1 (the commit that
+    // faulted the volume persisted R nowhere). Salvaging only older ones
+    // while a newer one may still come back would drop acknowledged writes:
+    // wait for it, unless every replica is back and none is that new.
+    let newest = io.revision().saturating_sub(1);
+    let best = found.iter().map(|(_, _, r)| r.revision()).max().unwrap_or(0);
+    if best < newest && found.len() < records.len() {
+        tracing::info!(volume, best, newest, "auto-salvage waits for a replica holding the newest writes");
+        return;
+    }
     match io.salvage(found) {
         Ok(kept) if !kept.is_empty() => {
             let _ = inner.repair_done.send(RepairDone {
