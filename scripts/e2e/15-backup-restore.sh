@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Case 15: backups on real ublk devices, to the local file:// target and to
-# a real S3 server (s3s-fs on 127.0.0.1, SigV4): full backup, an unchanged
+# Case 15: backups on real ublk devices, to the local file:// target, to a
+# real S3 server (s3s-fs on 127.0.0.1, SigV4) and to an NFSv4 export
+# (nfs-ganesha in user space, mounted by cairnd): full backup, an unchanged
 # second backup uploads 0 blocks, a 1% change uploads ~1%, restore into a
 # new volume gives the same device sha256, a corrupted block fails the
 # restore naming it and leaves no volume, deleting a backup removes only
@@ -92,5 +93,39 @@ say "wrong S3 secret: $out"
 sed -i 's/^AWS_SECRET_ACCESS_KEY=.*/AWS_SECRET_ACCESS_KEY=sk/' "$WORK/creds"
 run_target s3
 [[ -n "$(find "$WORK/s3/cairn/e2e/backupstore/volumes" -name volume.cfg)" ]] || die "nothing in the S3 bucket"
+
+# --- NFSv4 (nfs-ganesha serving a directory of this guest; cairnd mounts it) ---
+command -v ganesha.nfsd >/dev/null || die "ganesha.nfsd not found: scripts/vm/run.sh installs nfs-ganesha on the host"
+NFS="$WORK/nfs"
+mkdir -p "$NFS/export" "$NFS/recovery"
+# No Bind_addr: ganesha resolves it with AI_ADDRCONFIG, which fails when only lo is up.
+cat >"$NFS/ganesha.conf" <<EOC
+NFS_CORE_PARAM { Protocols = 4; NFS_Port = 2049; Enable_NLM = false; Enable_RQUOTA = false; }
+NFSV4 { Graceless = true; RecoveryBackend = fs; RecoveryRoot = $NFS/recovery; }
+NFS_KRB5 { Active_krb5 = false; }
+EXPORT {
+    Export_Id = 1; Path = $NFS/export; Pseudo = /export; Access_Type = RW;
+    Squash = No_Root_Squash; Protocols = 4; Transports = TCP; SecType = sys;
+    FSAL { Name = VFS; }
+}
+LOG { Default_Log_Level = WARN; }
+EOC
+ganesha.nfsd -f "$NFS/ganesha.conf" -L "$NFS/ganesha.log" -p "$NFS/ganesha.pid"
+trap 'kill $S3PID 2>/dev/null || true; [[ -s $NFS/ganesha.pid ]] && kill "$(cat "$NFS/ganesha.pid")" 2>/dev/null; cleanup' EXIT
+wait_for 10 "nfs-ganesha on port 2049" '(exec 3<>/dev/tcp/127.0.0.1/2049) 2>/dev/null'
+nfs_mounts() { awk '$1 == "127.0.0.1:/export" && $3 == "nfs4" {print $2}' /proc/mounts; }
+ctl setting set backup-target "nfs://127.0.0.1:/nope" >/dev/null
+if out=$(ctl backup list 2>&1); then die "a missing nfs export was accepted"; fi
+grep -q "mount" <<<"$out" || die "missing export error unclear: $out"
+say "missing nfs export: $out"
+ctl setting set backup-target "nfs://127.0.0.1:/export" >/dev/null
+run_target nfs
+mnt=$(nfs_mounts)
+[[ -n "$mnt" ]] || die "no nfs4 mount of 127.0.0.1:/export in /proc/mounts"
+[[ -n "$(find "$NFS/export/backupstore/volumes" -name volume.cfg)" ]] || die "nothing in the nfs export"
+say "nfs: backupstore written to the export through the nfs4 mount at $mnt"
+ctl setting set backup-target "" >/dev/null
+[[ -z "$(nfs_mounts)" ]] || die "the nfs target stays mounted after backup-target changed"
+say "nfs: unmounted when backup-target changed"
 stop_cairnd
 say PASS

@@ -44,6 +44,7 @@ guest_module_groups=(
     "libcrc32c xfs"
     "loop ublk_drv"
     "llc stp bridge veth"
+    "sunrpc grace lockd dns_resolver nfs nfsv4"
 )
 
 log() { printf 'vm: %s\n' "$*" >&2; }
@@ -53,10 +54,13 @@ die() {
 }
 
 # --- host packages -----------------------------------------------------------
-# Installs what is missing, quietly; apt-get update only when needed.
+# Installs what is missing, quietly; apt-get update only when needed. The
+# guest runs these host binaries: fio, mkfs, jq, and nfs-ganesha + mount.nfs4
+# for the nfs:// backup target case (the host kernel has no NFS client).
 ensure_packages() {
     local need=() p
-    for p in qemu-system-x86 busybox-static cpio xz-utils kmod fio e2fsprogs xfsprogs util-linux jq iproute2; do
+    for p in qemu-system-x86 busybox-static cpio xz-utils kmod fio e2fsprogs xfsprogs util-linux jq iproute2 \
+        nfs-common nfs-ganesha nfs-ganesha-vfs; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
     done
     [[ ${#need[@]} -eq 0 ]] && return 0

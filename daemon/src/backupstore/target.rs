@@ -46,9 +46,16 @@ use sha2::{Digest, Sha256};
 
 use super::credentials::{CredentialSource, Credentials, CredentialsError};
 
-/// NFS mount options when the URL has no `?nfsOptions=` (Longhorn's defaults
-/// less `nfsvers`, which `-t nfs4` negotiates).
+/// NFS mount options when the URL has no `?nfsOptions=` (Longhorn's), tried
+/// with each of [`DEFAULT_NFS_VERSIONS`] in turn.
 pub const DEFAULT_NFS_OPTIONS: &str = "actimeo=1,soft,timeo=300,retry=2";
+
+/// NFSv4 minor versions tried, in order, when the URL sets no options. Not
+/// 4.2: measured in the guest, a Linux 6.12 client on NFSv4.2 (READ_PLUS)
+/// against Debian 12's nfs-ganesha 4.3 reads freshly written files back as
+/// zeros; 4.1 and 4.0 read them correctly. `?nfsOptions=nfsvers=4.2,...`
+/// still selects 4.2.
+pub const DEFAULT_NFS_VERSIONS: [&str; 2] = ["4.1", "4.0"];
 
 /// How long a `mount`/`umount` may take before it is abandoned.
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -341,27 +348,34 @@ fn parse_file(rest: &str) -> Result<BackupTarget, String> {
     })
 }
 
-/// The command that mounts an nfs target: `mount -t nfs4 -o OPTS HOST:/PATH DIR`.
-/// Pure so that the guest-less build can test it.
-pub fn nfs_mount_command(target: &BackupTarget, mount_dir: &Path) -> Option<Vec<String>> {
-    match target {
-        BackupTarget::Nfs {
-            host,
-            path,
-            options,
-        } => Some(vec![
-            "mount".into(),
-            "-t".into(),
-            "nfs4".into(),
-            "-o".into(),
-            options
-                .clone()
-                .unwrap_or_else(|| DEFAULT_NFS_OPTIONS.into()),
-            format!("{host}:{path}"),
-            mount_dir.display().to_string(),
-        ]),
-        _ => None,
-    }
+/// The commands that may mount an nfs target, in the order to try them:
+/// `mount -t nfs4 -o OPTS HOST:/PATH DIR`, once with the URL's options, or
+/// once per default version. Pure so that the guest-less build can test it.
+pub fn nfs_mount_commands(target: &BackupTarget, mount_dir: &Path) -> Vec<Vec<String>> {
+    let BackupTarget::Nfs { host, path, options } = target else {
+        return Vec::new();
+    };
+    let option_sets: Vec<String> = match options {
+        Some(o) => vec![o.clone()],
+        None => DEFAULT_NFS_VERSIONS
+            .iter()
+            .map(|v| format!("nfsvers={v},{DEFAULT_NFS_OPTIONS}"))
+            .collect(),
+    };
+    option_sets
+        .into_iter()
+        .map(|o| {
+            vec![
+                "mount".into(),
+                "-t".into(),
+                "nfs4".into(),
+                "-o".into(),
+                o,
+                format!("{host}:{path}"),
+                mount_dir.display().to_string(),
+            ]
+        })
+        .collect()
 }
 
 /// True when `/proc/self/mountinfo` text shows a mount on `dir`.
@@ -474,13 +488,27 @@ pub fn mount_nfs(target: &BackupTarget, mount_root: &Path) -> Result<PathBuf, Ta
         path: dir.clone(),
         source,
     })?;
-    let argv = nfs_mount_command(target, &dir).unwrap_or_default();
-    run_with_timeout(&argv, MOUNT_TIMEOUT).map_err(|detail| TargetError::Mount {
-        target: t,
-        command: argv.join(" "),
-        detail,
-    })?;
-    Ok(dir)
+    let commands = nfs_mount_commands(target, &dir);
+    let mut failure = None;
+    for argv in &commands {
+        match run_with_timeout(argv, MOUNT_TIMEOUT) {
+            Ok(()) => {
+                tracing::info!(target = %t, dir = %dir.display(), options = %argv[4], "mounted the nfs backup target");
+                return Ok(dir);
+            }
+            // Only a server without this minor version is worth the next one;
+            // a missing export or an unreachable server fails the same way.
+            Err(detail) => {
+                let unsupported = detail.contains("not supported");
+                failure = Some((argv.join(" "), detail));
+                if !unsupported {
+                    break;
+                }
+            }
+        }
+    }
+    let (command, detail) = failure.unwrap_or_default();
+    Err(TargetError::Mount { target: t, command, detail })
 }
 
 /// Unmounts an nfs target's directory if mounted (for a changed setting);
@@ -505,11 +533,12 @@ pub fn unmount_target(target: &BackupTarget, mount_root: &Path) -> Result<(), Ta
     if let Err(first) = run_with_timeout(&argv, MOUNT_TIMEOUT) {
         let lazy = vec!["umount".to_string(), "-l".into(), d];
         run_with_timeout(&lazy, MOUNT_TIMEOUT).map_err(|detail| TargetError::Mount {
-            target: t,
+            target: t.clone(),
             command: lazy.join(" "),
             detail: format!("{detail} (plain umount: {first})"),
         })?;
     }
+    tracing::info!(target = %t, dir = %dir.display(), "unmounted the nfs backup target");
     Ok(())
 }
 
@@ -709,7 +738,10 @@ fn local_store(target: &BackupTarget, dir: &Path) -> Result<Arc<dyn ObjectStore>
         target: t,
         source: Box::new(source),
     })?;
-    Ok(Arc::new(fs))
+    // A finished backup must survive a crash of the target host, as an S3
+    // PUT does: each block and config is fsynced, and its directory, before
+    // the write counts as done.
+    Ok(Arc::new(fs.with_fsync(true)))
 }
 
 async fn open(
@@ -951,10 +983,10 @@ mod tests {
             .expect("nfs");
         assert!(dir.starts_with("/var/lib/cairn/backup-mounts"));
         assert_eq!(dir.file_name().map(|n| n.len()), Some(16));
-        let cmd = nfs_mount_command(&t, &dir).expect("nfs");
+        let cmds = nfs_mount_commands(&t, &dir);
         assert_eq!(
-            cmd,
-            vec![
+            cmds,
+            vec![vec![
                 "mount".to_string(),
                 "-t".into(),
                 "nfs4".into(),
@@ -962,12 +994,16 @@ mod tests {
                 "nfsvers=4.1,soft".into(),
                 "10.0.0.5:/exports/backups".into(),
                 dir.display().to_string()
-            ]
+            ]]
         );
+        // Without options: 4.1, then 4.0 (never an unasked-for 4.2).
         let t = BackupTarget::parse("nfs://nas.local:/").expect("export root");
-        let cmd = nfs_mount_command(&t, Path::new("/m")).expect("nfs");
-        assert_eq!(cmd[4], DEFAULT_NFS_OPTIONS);
-        assert_eq!(cmd[5], "nas.local:/");
+        let cmds = nfs_mount_commands(&t, Path::new("/m"));
+        assert_eq!(cmds.len(), 2);
+        assert_eq!(cmds[0][4], format!("nfsvers=4.1,{DEFAULT_NFS_OPTIONS}"));
+        assert_eq!(cmds[1][4], format!("nfsvers=4.0,{DEFAULT_NFS_OPTIONS}"));
+        assert_eq!(cmds[0][5], "nas.local:/");
+        assert!(nfs_mount_commands(&BackupTarget::parse("file:///x").expect("file"), Path::new("/m")).is_empty());
         let f = BackupTarget::parse("file:///srv/backups").expect("valid");
         assert_eq!(
             f,

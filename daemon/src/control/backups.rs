@@ -18,7 +18,7 @@ use super::{ControlError, RebuildInfo, VolumeInfo};
 use crate::backupstore::format::{BackupCfg, BackupHandle, Compression};
 use crate::backupstore::store::{new_backup_name, BackupPlan, BackupRequest, BackupStore, BlockSink, BlockSource};
 use crate::backupstore::credentials::Credentials;
-use crate::backupstore::target::{check_target, open_target, BackupTarget};
+use crate::backupstore::target::{check_target, open_target, unmount_target, BackupTarget};
 use crate::backupstore::Progress;
 use crate::engine::rebuild::{store_for, BlockStore};
 use crate::replica::{Replica, SnapshotView};
@@ -124,6 +124,18 @@ impl Inner {
         check_target(&target, &creds, &mounts).await?;
         let (store, prefix) = open_target(&target, &creds, &mounts).await?;
         Ok(BackupStore::new(store, prefix))
+    }
+
+    /// Unmounts backup target `url` if it is an nfs export this daemon
+    /// mounted (after the setting changed, or at shutdown). Failures are
+    /// logged: the new target does not depend on the old mount.
+    pub(super) fn release_backup_target(&self, url: &str) {
+        let Ok(target) = BackupTarget::parse(url) else { return };
+        let mounts = self.data_dir.join("backup-mounts");
+        match unmount_target(&target, &mounts) {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(target = %target, error = %e, "cannot unmount the old backup target"),
+        }
     }
 
     fn running_backups(&self) -> std::sync::MutexGuard<'_, Vec<RunningBackup>> {

@@ -666,7 +666,13 @@ impl VolumeManager {
     }
 
     pub fn set_setting(&self, name: &str, value: &str) -> Result<String, ControlError> {
-        Ok(self.inner.settings.set(name, value)?)
+        let before = self.inner.settings.get(name)?;
+        let now = self.inner.settings.set(name, value)?;
+        if name == settings::BACKUP_TARGET && before != now {
+            // An nfs export the daemon mounted is not left behind.
+            self.inner.release_backup_target(&before);
+        }
+        Ok(now)
     }
 
     /// Rebuilds the record of volume `name` from its replicas on this node
@@ -754,6 +760,9 @@ impl VolumeManager {
             }
         }
         self.inner.publish(&st);
+        if let Ok(target) = self.inner.settings.get(settings::BACKUP_TARGET) {
+            self.inner.release_backup_target(&target);
+        }
     }
 
     /// Per-volume metrics; synchronous, for the Prometheus scrape.
