@@ -15,14 +15,18 @@ use cairn::frontend::{FrontendOptions, UblkDevice};
 use cairn::replica::{Replica, ReplicaSpec};
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let mut recover = None;
     if args.first().map(String::as_str) == Some("--recover") {
         recover = Some(args.get(1).context("--recover DEV_ID")?.parse::<u32>()?);
         args.drain(..2);
     }
-    let (size, dirs) = args.split_first().context("usage: serve_volume SIZE_BYTES DIR...")?;
+    let (size, dirs) = args
+        .split_first()
+        .context("usage: serve_volume SIZE_BYTES DIR...")?;
     let size: u64 = size.parse().context("SIZE_BYTES")?;
     let mut handles = Vec::new();
     for (i, dir) in dirs.iter().enumerate() {
@@ -31,13 +35,35 @@ fn main() -> anyhow::Result<()> {
         let replica = if dir.join("volume.meta").exists() {
             Replica::open(dir)?
         } else {
-            Replica::create(dir, &ReplicaSpec { volume: "dbg".into(), replica: name.clone(), size })?
+            Replica::create(
+                dir,
+                &ReplicaSpec {
+                    volume: "dbg".into(),
+                    replica: name.clone(),
+                    size,
+                },
+            )?
         };
-        handles.push(ReplicaHandle { name, io: Some(ReplicaIo::Local(replica.into())) });
+        handles.push(ReplicaHandle {
+            name,
+            io: Some(ReplicaIo::Local(replica.into())),
+        });
     }
-    let opts = FrontendOptions { queues: 2, queue_depth: 64 };
-    let layout = QueueLayout { queues: opts.queues, depth: opts.queue_depth };
-    let volume = VolumeIo::new("dbg", size, handles, Box::new(|e| eprintln!("event: {e:?}")), layout)?;
+    let opts = FrontendOptions {
+        queues: 2,
+        queue_depth: 64,
+    };
+    let layout = QueueLayout {
+        queues: opts.queues,
+        depth: opts.queue_depth,
+    };
+    let volume = VolumeIo::new(
+        "dbg",
+        size,
+        handles,
+        Box::new(|e| eprintln!("event: {e:?}")),
+        layout,
+    )?;
     volume.begin_epoch()?;
     let dev = UblkDevice::start(volume.clone(), &opts, recover)?;
     println!("{}", dev.path().display());

@@ -20,7 +20,12 @@ pub enum DiskError {
     #[error("no replica named {replica} on node {node}")]
     UnknownReplica { node: String, replica: String },
     #[error("replica {replica} on node {node} belongs to volume {found}, not {volume}")]
-    WrongVolume { node: String, replica: String, volume: String, found: String },
+    WrongVolume {
+        node: String,
+        replica: String,
+        volume: String,
+        found: String,
+    },
     #[error("replica {replica} already exists on node {node}")]
     Exists { node: String, replica: String },
     #[error("replica {replica} on node {node} is in use: detach its volume first")]
@@ -68,7 +73,11 @@ pub struct NodeDisks {
 
 impl NodeDisks {
     pub fn new(node: &str, disks: Vec<PathBuf>) -> NodeDisks {
-        NodeDisks { node: node.to_string(), disks, open: Mutex::new(HashMap::new()) }
+        NodeDisks {
+            node: node.to_string(),
+            disks,
+            open: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn node(&self) -> &str {
@@ -88,7 +97,9 @@ impl NodeDisks {
         let mut out = Vec::new();
         for disk in &self.disks {
             let root = disk.join("replicas");
-            let Ok(entries) = std::fs::read_dir(&root) else { continue };
+            let Ok(entries) = std::fs::read_dir(&root) else {
+                continue;
+            };
             for e in entries.flatten() {
                 let dir = e.path();
                 if !dir.is_dir() {
@@ -98,7 +109,12 @@ impl NodeDisks {
                 let meta = std::fs::read(dir.join(VOLUME_META))
                     .map_err(|e| e.to_string())
                     .and_then(|b| meta::parse_volume_meta(&b).map_err(|e| e.to_string()));
-                out.push(FoundReplica { disk: disk.clone(), dir, name, meta });
+                out.push(FoundReplica {
+                    disk: disk.clone(),
+                    dir,
+                    name,
+                    meta,
+                });
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -134,12 +150,19 @@ impl NodeDisks {
                     path: d.display().to_string(),
                     size,
                     available,
-                    allocated: mine.iter().filter_map(|f| f.meta.as_ref().ok()).map(|m| m.size).sum(),
+                    allocated: mine
+                        .iter()
+                        .filter_map(|f| f.meta.as_ref().ok())
+                        .map(|m| m.size)
+                        .sum(),
                     replicas: mine.len() as u32,
                 }
             })
             .collect();
-        NodeReport { node: self.node.clone(), disks }
+        NodeReport {
+            node: self.node.clone(),
+            disks,
+        }
     }
 
     /// Every replica, as adoption needs them.
@@ -172,14 +195,22 @@ impl NodeDisks {
         }
         let found = self
             .find(replica)
-            .ok_or_else(|| DiskError::UnknownReplica { node: self.node.clone(), replica: replica.to_string() })?;
+            .ok_or_else(|| DiskError::UnknownReplica {
+                node: self.node.clone(),
+                replica: replica.to_string(),
+            })?;
         let r = Arc::new(Replica::open(&found.dir)?);
         open.insert(replica.to_string(), Arc::downgrade(&r));
         open.retain(|_, w| w.strong_count() > 0);
         self.check_volume(r, volume, replica)
     }
 
-    fn check_volume(&self, r: Arc<Replica>, volume: &str, replica: &str) -> Result<Arc<Replica>, DiskError> {
+    fn check_volume(
+        &self,
+        r: Arc<Replica>,
+        volume: &str,
+        replica: &str,
+    ) -> Result<Arc<Replica>, DiskError> {
         if r.volume_name() != volume {
             return Err(DiskError::WrongVolume {
                 node: self.node.clone(),
@@ -209,9 +240,13 @@ impl NodeDisks {
         replaces: Option<&str>,
         fits: impl Fn(&DiskReport) -> bool,
     ) -> Result<(PathBuf, PathBuf), DiskError> {
-        crate::name::validate_label("replica", replica, 63).map_err(|_| DiskError::BadName(replica.to_string()))?;
+        crate::name::validate_label("replica", replica, 63)
+            .map_err(|_| DiskError::BadName(replica.to_string()))?;
         if self.find(replica).is_some() {
-            return Err(DiskError::Exists { node: self.node.clone(), replica: replica.to_string() });
+            return Err(DiskError::Exists {
+                node: self.node.clone(),
+                replica: replica.to_string(),
+            });
         }
         let report = self.report();
         let holding: Vec<PathBuf> = self
@@ -219,7 +254,10 @@ impl NodeDisks {
             .into_iter()
             // The replica being replaced does not count: its successor may
             // take its disk.
-            .filter(|f| f.meta.as_ref().is_ok_and(|m| m.volume == volume) && Some(f.name.as_str()) != replaces)
+            .filter(|f| {
+                f.meta.as_ref().is_ok_and(|m| m.volume == volume)
+                    && Some(f.name.as_str()) != replaces
+            })
             .map(|f| f.disk)
             .collect();
         let disk = report
@@ -227,10 +265,17 @@ impl NodeDisks {
             .iter()
             .filter(|d| fits(d) && !holding.iter().any(|h| h.as_os_str() == d.path.as_str()))
             .min_by_key(|d| d.allocated)
-            .ok_or_else(|| DiskError::NoSpace { node: self.node.clone(), size })?;
+            .ok_or_else(|| DiskError::NoSpace {
+                node: self.node.clone(),
+                size,
+            })?;
         let disk = PathBuf::from(&disk.path);
         let dir = disk.join("replicas").join(replica);
-        let spec = ReplicaSpec { volume: volume.to_string(), replica: replica.to_string(), size };
+        let spec = ReplicaSpec {
+            volume: volume.to_string(),
+            replica: replica.to_string(),
+            size,
+        };
         if let Err(e) = Replica::create(&dir, &spec) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e.into());
@@ -243,10 +288,15 @@ impl NodeDisks {
     pub fn delete(&self, replica: &str) -> Result<(), DiskError> {
         let mut open = self.lock();
         if open.get(replica).is_some_and(|w| w.strong_count() > 0) {
-            return Err(DiskError::InUse { node: self.node.clone(), replica: replica.to_string() });
+            return Err(DiskError::InUse {
+                node: self.node.clone(),
+                replica: replica.to_string(),
+            });
         }
         open.remove(replica);
-        let Some(found) = self.find(replica) else { return Ok(()) };
+        let Some(found) = self.find(replica) else {
+            return Ok(());
+        };
         remove_dir(&found.dir)?;
         tracing::info!(replica, dir = %found.dir.display(), "replica deleted");
         Ok(())
@@ -257,7 +307,10 @@ fn remove_dir(dir: &Path) -> Result<(), DiskError> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(DiskError::Io { path: dir.to_path_buf(), source }),
+        Err(source) => Err(DiskError::Io {
+            path: dir.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -265,7 +318,8 @@ fn remove_dir(dir: &Path) -> Result<(), DiskError> {
 /// the promised bytes stay within `over_provisioning`% of the disk's size,
 /// and the free space is above `min_available`% of it.
 pub fn disk_fits(d: &DiskReport, size: u64, over_provisioning: u32, min_available: u32) -> bool {
-    let size_ok = (d.allocated as u128 + size as u128) * 100 <= d.size as u128 * over_provisioning as u128;
+    let size_ok =
+        (d.allocated as u128 + size as u128) * 100 <= d.size as u128 * over_provisioning as u128;
     let free_ok = d.available as u128 * 100 > d.size as u128 * min_available as u128;
     d.size > 0 && size_ok && free_ok
 }
@@ -296,13 +350,28 @@ mod tests {
 
     #[test]
     fn scheduling_rule() {
-        let d = |size, available, allocated| DiskReport { path: "/d".into(), size, available, allocated, replicas: 0 };
+        let d = |size, available, allocated| DiskReport {
+            path: "/d".into(),
+            size,
+            available,
+            allocated,
+            replicas: 0,
+        };
         // 100 GiB disk, 50 free, 60 promised; 100 % over-provisioning.
         let g = 1u64 << 30;
         assert!(disk_fits(&d(100 * g, 50 * g, 60 * g), 40 * g, 100, 25));
-        assert!(!disk_fits(&d(100 * g, 50 * g, 60 * g), 41 * g, 100, 25), "over the promise limit");
-        assert!(disk_fits(&d(100 * g, 50 * g, 60 * g), 100 * g, 200, 25), "200 % allows more");
-        assert!(!disk_fits(&d(100 * g, 25 * g, 0), g, 100, 25), "free space at the minimum");
+        assert!(
+            !disk_fits(&d(100 * g, 50 * g, 60 * g), 41 * g, 100, 25),
+            "over the promise limit"
+        );
+        assert!(
+            disk_fits(&d(100 * g, 50 * g, 60 * g), 100 * g, 200, 25),
+            "200 % allows more"
+        );
+        assert!(
+            !disk_fits(&d(100 * g, 25 * g, 0), g, 100, 25),
+            "free space at the minimum"
+        );
         assert!(!disk_fits(&d(0, 0, 0), 1, 100, 0), "unknown size");
     }
 
@@ -320,29 +389,55 @@ mod tests {
         // The second goes to the other disk: never two replicas of a volume on one disk.
         let (disk2, _) = disks.create("v", "v-r-2", 1 << 20, None, |_| true).unwrap();
         assert_ne!(disk, disk2);
-        assert!(matches!(disks.create("v", "v-r-9", 4096, None, |_| true), Err(DiskError::NoSpace { .. })));
+        assert!(matches!(
+            disks.create("v", "v-r-9", 4096, None, |_| true),
+            Err(DiskError::NoSpace { .. })
+        ));
         // A replacement may take the disk of the replica it replaces.
-        let (d9, _) = disks.create("v", "v-r-9", 4096, Some("v-r-2"), |_| true).unwrap();
+        let (d9, _) = disks
+            .create("v", "v-r-9", 4096, Some("v-r-2"), |_| true)
+            .unwrap();
         assert_eq!(d9, disk2);
         disks.delete("v-r-9").unwrap();
         // Another volume may share them.
         disks.create("w", "w-r-1", 4096, None, |_| true).unwrap();
         disks.delete("w-r-1").unwrap();
-        assert!(matches!(disks.create("v", "v-r-1", 4096, None, |_| true), Err(DiskError::Exists { .. })));
-        assert!(matches!(disks.create("v", "v-r-3", 4096, None, |_| false), Err(DiskError::NoSpace { .. })));
+        assert!(matches!(
+            disks.create("v", "v-r-1", 4096, None, |_| true),
+            Err(DiskError::Exists { .. })
+        ));
+        assert!(matches!(
+            disks.create("v", "v-r-3", 4096, None, |_| false),
+            Err(DiskError::NoSpace { .. })
+        ));
         let a = disks.open("v", "v-r-1").unwrap();
         let b = disks.open("v", "v-r-1").unwrap();
         assert!(Arc::ptr_eq(&a, &b), "one open object per replica");
-        assert!(matches!(disks.open("w", "v-r-1"), Err(DiskError::WrongVolume { .. })));
-        assert!(matches!(disks.open("v", "nope"), Err(DiskError::UnknownReplica { .. })));
-        assert!(matches!(disks.open("v", "../x"), Err(DiskError::UnknownReplica { .. })));
+        assert!(matches!(
+            disks.open("w", "v-r-1"),
+            Err(DiskError::WrongVolume { .. })
+        ));
+        assert!(matches!(
+            disks.open("v", "nope"),
+            Err(DiskError::UnknownReplica { .. })
+        ));
+        assert!(matches!(
+            disks.open("v", "../x"),
+            Err(DiskError::UnknownReplica { .. })
+        ));
         let list = disks.list();
         assert_eq!(list.len(), 2);
         assert_eq!(list[0].volume, "v");
         assert_eq!(list[0].size, 1 << 20);
         let report = disks.report();
-        assert_eq!(report.disks.iter().map(|d| d.allocated).sum::<u64>(), 2 << 20);
-        assert!(matches!(disks.delete("v-r-1"), Err(DiskError::InUse { .. })));
+        assert_eq!(
+            report.disks.iter().map(|d| d.allocated).sum::<u64>(),
+            2 << 20
+        );
+        assert!(matches!(
+            disks.delete("v-r-1"),
+            Err(DiskError::InUse { .. })
+        ));
         drop((a, b));
         disks.delete("v-r-1").unwrap();
         assert_eq!(disks.list().len(), 1);

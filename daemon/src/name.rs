@@ -7,7 +7,11 @@ pub enum NameError {
     #[error("{kind} name is empty: give a name of 1-{max} characters")]
     Empty { kind: &'static str, max: usize },
     #[error("{kind} name {name:?} is longer than {max} characters: use a shorter name")]
-    TooLong { kind: &'static str, name: String, max: usize },
+    TooLong {
+        kind: &'static str,
+        name: String,
+        max: usize,
+    },
     #[error(
         "{kind} name {name:?} is not a DNS-1123 label: use lower-case letters, digits and '-', starting and ending with a letter or digit"
     )]
@@ -24,13 +28,22 @@ pub fn validate_label(kind: &'static str, name: &str, max: usize) -> Result<(), 
         return Err(NameError::Empty { kind, max });
     }
     if name.len() > max {
-        return Err(NameError::TooLong { kind, name: name.to_string(), max });
+        return Err(NameError::TooLong {
+            kind,
+            name: name.to_string(),
+            max,
+        });
     }
     let b = name.as_bytes();
-    let ok_inner = b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
+    let ok_inner = b
+        .iter()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
     let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
     if !ok_inner || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
-        return Err(NameError::Invalid { kind, name: name.to_string() });
+        return Err(NameError::Invalid {
+            kind,
+            name: name.to_string(),
+        });
     }
     Ok(())
 }
@@ -53,7 +66,16 @@ mod tests {
 
     #[test]
     fn rejects_non_labels() {
-        for n in ["", "-a", "a-", "A", "a_b", "a.b", "ä", &"x".repeat(MAX_VOLUME_NAME + 1)] {
+        for n in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a.b",
+            "ä",
+            &"x".repeat(MAX_VOLUME_NAME + 1),
+        ] {
             assert!(validate_volume_name(n).is_err(), "{n}");
         }
     }

@@ -6,7 +6,9 @@ use std::fmt;
 /// Why a size string was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SizeError {
-    #[error("size {0:?} is not a number with an optional unit: use e.g. 1GiB, 512MiB or 1073741824")]
+    #[error(
+        "size {0:?} is not a number with an optional unit: use e.g. 1GiB, 512MiB or 1073741824"
+    )]
     Malformed(String),
     #[error("size {0:?} has unknown unit {1:?}: use B, KiB, MiB, GiB, TiB (or K, M, G, T)")]
     UnknownUnit(String, String),
@@ -18,14 +20,14 @@ pub enum SizeError {
 /// decimal `KB`/`MB`/`GB`/`TB` too). Whitespace between number and unit is allowed.
 pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
         return Err(SizeError::Malformed(s.to_string()));
     }
-    let n: u64 = num.parse().map_err(|_| SizeError::Overflow(s.to_string()))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| SizeError::Overflow(s.to_string()))?;
     let mult: u64 = match unit.trim() {
         "" | "B" | "b" => 1,
         "K" | "k" | "Ki" | "KiB" => 1 << 10,
@@ -38,7 +40,8 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
         "TB" => 1_000_000_000_000,
         other => return Err(SizeError::UnknownUnit(s.to_string(), other.to_string())),
     };
-    n.checked_mul(mult).ok_or_else(|| SizeError::Overflow(s.to_string()))
+    n.checked_mul(mult)
+        .ok_or_else(|| SizeError::Overflow(s.to_string()))
 }
 
 /// Formats bytes with the largest binary unit that divides them exactly
@@ -47,7 +50,12 @@ pub struct HumanSize(pub u64);
 
 impl fmt::Display for HumanSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
         let n = self.0;
         if let Some((name, unit)) = UNITS.iter().find(|(_, u)| n >= *u && n % u == 0) {
             return write!(f, "{}{}", n / unit, name);
@@ -78,7 +86,10 @@ mod tests {
         assert!(matches!(parse_size("GiB"), Err(SizeError::Malformed(_))));
         assert!(matches!(parse_size("-1"), Err(SizeError::Malformed(_))));
         assert!(matches!(parse_size("1XB"), Err(SizeError::UnknownUnit(..))));
-        assert!(matches!(parse_size("99999999999TiB"), Err(SizeError::Overflow(_))));
+        assert!(matches!(
+            parse_size("99999999999TiB"),
+            Err(SizeError::Overflow(_))
+        ));
     }
 
     #[test]

@@ -63,7 +63,12 @@ impl Daemon {
 }
 
 fn create(name: &str, size: u64, replicas: u32) -> CreateVolumeRequest {
-    CreateVolumeRequest { name: name.into(), size, replicas, ..Default::default() }
+    CreateVolumeRequest {
+        name: name.into(),
+        size,
+        replicas,
+        ..Default::default()
+    }
 }
 
 fn vref(name: &str) -> VolumeRef {

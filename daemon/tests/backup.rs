@@ -35,10 +35,19 @@ async fn fixture() -> Fixture {
         std::fs::create_dir_all(&d).expect("disk");
         config.disks.push(d);
     }
-    let clock = Arc::new(ManualClock::new("2026-01-05T00:00:30Z".parse().expect("time")));
-    config.clock = Some(cairn::control::ClockHandle(clock.clone() as Arc<dyn cairn::jobs::Clock>));
+    let clock = Arc::new(ManualClock::new(
+        "2026-01-05T00:00:30Z".parse().expect("time"),
+    ));
+    config.clock = Some(cairn::control::ClockHandle(
+        clock.clone() as Arc<dyn cairn::jobs::Clock>
+    ));
     let m = VolumeManager::open(config).await.expect("manager");
-    Fixture { _tmp: tmp, root, m, clock }
+    Fixture {
+        _tmp: tmp,
+        root,
+        m,
+        clock,
+    }
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -56,9 +65,14 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 /// Writes `data` at `off` into every replica's head file of a detached volume.
 async fn write(m: &VolumeManager, volume: &str, off: u64, data: &[u8]) {
     for r in m.get(volume).await.expect("get").replicas {
-        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(r.dir.join("volume.meta")).expect("meta")).expect("json");
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(r.dir.join("volume.meta")).expect("meta"))
+                .expect("json");
         let head = r.dir.join(meta["head"].as_str().expect("head"));
-        let f = std::fs::OpenOptions::new().write(true).open(&head).expect("open head");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&head)
+            .expect("open head");
         f.write_all_at(data, off).expect("write");
         f.sync_all().expect("sync");
     }
@@ -104,34 +118,87 @@ async fn scenario(f: &Fixture, store_root: &Path, tag: &str) {
     let v = format!("vol-{tag}");
     m.create(&v, 64 * MIB, Some(2), "").await.expect("create");
     write(m, &v, 0, &pattern(1, 40 * MIB as usize)).await;
-    let full = m.backup_create(&v, None, BTreeMap::from([("tier".into(), "gold".into())])).await.expect("backup 1");
-    println!("{tag}: full backup uploaded {} of {} blocks", full.uploaded_blocks, full.total_blocks);
-    assert_eq!((full.uploaded_blocks, full.total_blocks), (20, 20), "40 MiB = 20 blocks of 2 MiB");
-    let same = m.backup_create(&v, None, BTreeMap::new()).await.expect("backup 2");
-    println!("{tag}: unchanged volume: uploaded {} blocks", same.uploaded_blocks);
+    let full = m
+        .backup_create(&v, None, BTreeMap::from([("tier".into(), "gold".into())]))
+        .await
+        .expect("backup 1");
+    println!(
+        "{tag}: full backup uploaded {} of {} blocks",
+        full.uploaded_blocks, full.total_blocks
+    );
+    assert_eq!(
+        (full.uploaded_blocks, full.total_blocks),
+        (20, 20),
+        "40 MiB = 20 blocks of 2 MiB"
+    );
+    let same = m
+        .backup_create(&v, None, BTreeMap::new())
+        .await
+        .expect("backup 2");
+    println!(
+        "{tag}: unchanged volume: uploaded {} blocks",
+        same.uploaded_blocks
+    );
     assert_eq!(same.uploaded_blocks, 0);
     assert!(same.incremental);
     // 1% of 64 MiB, inside one 2 MiB block that held zeros.
     write(m, &v, 48 * MIB, &pattern(2, 655_360)).await;
-    let small = m.backup_create(&v, None, BTreeMap::new()).await.expect("backup 3");
-    println!("{tag}: 1% changed: uploaded {} of {} blocks ({} bytes)", small.uploaded_blocks, small.total_blocks, small.uploaded_bytes);
+    let small = m
+        .backup_create(&v, None, BTreeMap::new())
+        .await
+        .expect("backup 3");
+    println!(
+        "{tag}: 1% changed: uploaded {} of {} blocks ({} bytes)",
+        small.uploaded_blocks, small.total_blocks, small.uploaded_bytes
+    );
     assert_eq!(small.uploaded_blocks, 1);
     assert_eq!(small.total_blocks, 21);
     let want3 = content(m, &v).await;
 
     // Restore the first and the last backup.
-    m.create_from_backup(&format!("{v}-r1"), None, Some(2), &format!("bak://{v}/{}", full.name), false, "").await.expect("restore 1");
+    m.create_from_backup(
+        &format!("{v}-r1"),
+        None,
+        Some(2),
+        &format!("bak://{v}/{}", full.name),
+        false,
+        "",
+    )
+    .await
+    .expect("restore 1");
     let mut want1 = pattern(1, 40 * MIB as usize);
     want1.resize(64 * MIB as usize, 0);
-    assert!(content(m, &format!("{v}-r1")).await == want1, "restore of backup 1 differs");
-    m.create_from_backup(&format!("{v}-r3"), None, Some(1), &format!("bs://{v}/{}", small.name), false, "").await.expect("restore 3");
-    assert!(content(m, &format!("{v}-r3")).await == want3, "restore of backup 3 differs");
+    assert!(
+        content(m, &format!("{v}-r1")).await == want1,
+        "restore of backup 1 differs"
+    );
+    m.create_from_backup(
+        &format!("{v}-r3"),
+        None,
+        Some(1),
+        &format!("bs://{v}/{}", small.name),
+        false,
+        "",
+    )
+    .await
+    .expect("restore 3");
+    assert!(
+        content(m, &format!("{v}-r3")).await == want3,
+        "restore of backup 3 differs"
+    );
 
     // Delete backup 3: exactly its one unique block goes.
     let before = blocks_in(store_root);
-    let (removed, _kept) = m.backup_delete(&format!("bak://{v}/{}", small.name)).await.expect("delete");
+    let (removed, _kept) = m
+        .backup_delete(&format!("bak://{v}/{}", small.name))
+        .await
+        .expect("delete");
     let after = blocks_in(store_root);
-    println!("{tag}: delete removed {removed} block(s): {} -> {}", before.len(), after.len());
+    println!(
+        "{tag}: delete removed {removed} block(s): {} -> {}",
+        before.len(),
+        after.len()
+    );
     assert_eq!(removed, 1);
     assert_eq!(before.len() - after.len(), 1);
     assert_eq!(m.backup_list(Some(&v)).await.expect("list").len(), 2);
@@ -144,13 +211,23 @@ async fn scenario(f: &Fixture, store_root: &Path, tag: &str) {
         bad[i] ^= 0xff;
         std::fs::write(blk, &bad).expect("corrupt");
         let e = m
-            .create_from_backup(&format!("{v}-bad"), None, Some(1), &format!("bak://{v}/{}", full.name), false, "")
+            .create_from_backup(
+                &format!("{v}-bad"),
+                None,
+                Some(1),
+                &format!("bak://{v}/{}", full.name),
+                false,
+                "",
+            )
             .await
             .expect_err("restore of a corrupt block must fail")
             .to_string();
         let stem = blk.file_stem().and_then(|s| s.to_str()).expect("stem");
         assert!(e.contains(stem), "error names the block: {e}");
-        assert!(m.get(&format!("{v}-bad")).await.is_err(), "no half-made volume");
+        assert!(
+            m.get(&format!("{v}-bad")).await.is_err(),
+            "no half-made volume"
+        );
         std::fs::write(blk, &data).expect("repair");
     }
 }
@@ -176,10 +253,16 @@ impl Drop for S3 {
 }
 
 fn s3s_fs() -> S3 {
-    let bin = std::env::var("CAIRN_S3S_FS").map(PathBuf::from).unwrap_or_else(|_| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/bin/s3s-fs")
-    });
-    assert!(bin.exists(), "s3s-fs not found at {}: run scripts/s3-server.sh install", bin.display());
+    let bin = std::env::var("CAIRN_S3S_FS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/bin/s3s-fs")
+        });
+    assert!(
+        bin.exists(),
+        "s3s-fs not found at {}: run scripts/s3-server.sh install",
+        bin.display()
+    );
     let dir = tempfile::tempdir().expect("tmp");
     std::fs::create_dir_all(dir.path().join("bucket")).expect("bucket");
     let port = {
@@ -187,7 +270,16 @@ fn s3s_fs() -> S3 {
         l.local_addr().expect("addr").port()
     };
     let child = Command::new(&bin)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", "ak", "--secret-key", "sk"])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--access-key",
+            "ak",
+            "--secret-key",
+            "sk",
+        ])
         .arg(dir.path())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -207,38 +299,95 @@ async fn backups_to_a_real_s3_server_and_bad_credentials() {
     let s3 = s3s_fs();
     let f = fixture().await;
     let creds = f.root.join("creds");
-    std::fs::write(&creds, format!("AWS_ACCESS_KEY_ID=ak\nAWS_SECRET_ACCESS_KEY=nope\nAWS_ENDPOINTS=http://127.0.0.1:{}\n", s3.port)).expect("creds");
-    f.m.set_setting("backup-target-credential-secret", creds.to_str().expect("utf8")).expect("cred setting");
-    f.m.set_setting("backup-target", "s3://bucket@us-east-1/cairn/").expect("target");
-    let e = f.m.backup_list(None).await.expect_err("wrong secret").to_string();
-    assert!(e.to_lowercase().contains("access denied") || e.contains("AWS_SECRET_ACCESS_KEY"), "{e}");
+    std::fs::write(
+        &creds,
+        format!(
+            "AWS_ACCESS_KEY_ID=ak\nAWS_SECRET_ACCESS_KEY=nope\nAWS_ENDPOINTS=http://127.0.0.1:{}\n",
+            s3.port
+        ),
+    )
+    .expect("creds");
+    f.m.set_setting(
+        "backup-target-credential-secret",
+        creds.to_str().expect("utf8"),
+    )
+    .expect("cred setting");
+    f.m.set_setting("backup-target", "s3://bucket@us-east-1/cairn/")
+        .expect("target");
+    let e =
+        f.m.backup_list(None)
+            .await
+            .expect_err("wrong secret")
+            .to_string();
+    assert!(
+        e.to_lowercase().contains("access denied") || e.contains("AWS_SECRET_ACCESS_KEY"),
+        "{e}"
+    );
     assert!(!e.contains("nope"), "the secret leaked into an error: {e}");
-    std::fs::write(&creds, format!("AWS_ACCESS_KEY_ID=ak\nAWS_SECRET_ACCESS_KEY=sk\nAWS_ENDPOINTS=http://127.0.0.1:{}\n", s3.port)).expect("creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "AWS_ACCESS_KEY_ID=ak\nAWS_SECRET_ACCESS_KEY=sk\nAWS_ENDPOINTS=http://127.0.0.1:{}\n",
+            s3.port
+        ),
+    )
+    .expect("creds");
     scenario(&f, &s3.dir.path().join("bucket"), "s3").await;
     // Bad URLs are refused and change nothing.
-    for bad in ["s3://bucket/cairn/", "s3://bucket@us-east-1/cairn", "ftp://x/", "file://relative"] {
-        let e = f.m.set_setting("backup-target", bad).expect_err(bad).to_string();
+    for bad in [
+        "s3://bucket/cairn/",
+        "s3://bucket@us-east-1/cairn",
+        "ftp://x/",
+        "file://relative",
+    ] {
+        let e =
+            f.m.set_setting("backup-target", bad)
+                .expect_err(bad)
+                .to_string();
         println!("{bad}: {e}");
     }
-    assert_eq!(f.m.setting("backup-target").expect("get"), "s3://bucket@us-east-1/cairn/");
+    assert_eq!(
+        f.m.setting("backup-target").expect("get"),
+        "s3://bucket@us-east-1/cairn/"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dr_volume_follows_backups_incrementally_and_activates() {
     let f = fixture().await;
     let m = &f.m;
-    m.create("src", 32 * MIB, Some(1), "").await.expect("create");
+    m.create("src", 32 * MIB, Some(1), "")
+        .await
+        .expect("create");
     write(m, "src", 0, &pattern(7, 8 * MIB as usize)).await;
-    let b1 = m.backup_create("src", None, BTreeMap::new()).await.expect("b1");
-    m.create_from_backup("dr", None, Some(2), "bak://src", true, "").await.expect("standby");
+    let b1 = m
+        .backup_create("src", None, BTreeMap::new())
+        .await
+        .expect("b1");
+    m.create_from_backup("dr", None, Some(2), "bak://src", true, "")
+        .await
+        .expect("standby");
     let info = m.get("dr").await.expect("get");
     assert!(info.standby);
     assert_eq!(info.last_restored, b1.name);
-    assert!(m.attach("dr").await.is_err(), "standby volumes cannot attach");
-    m.set_setting("backupstore-poll-interval", "1").expect("poll");
+    assert!(
+        m.attach("dr").await.is_err(),
+        "standby volumes cannot attach"
+    );
+    m.set_setting("backupstore-poll-interval", "1")
+        .expect("poll");
     for i in 0..3u64 {
-        write(m, "src", (10 + i * 4) * MIB, &pattern(100 + i, MIB as usize)).await;
-        let b = m.backup_create("src", None, BTreeMap::new()).await.expect("backup");
+        write(
+            m,
+            "src",
+            (10 + i * 4) * MIB,
+            &pattern(100 + i, MIB as usize),
+        )
+        .await;
+        let b = m
+            .backup_create("src", None, BTreeMap::new())
+            .await
+            .expect("backup");
         let mut ok = false;
         for _ in 0..100 {
             if m.get("dr").await.expect("get").last_restored == b.name {
@@ -252,7 +401,10 @@ async fn dr_volume_follows_backups_incrementally_and_activates() {
     let want = content(m, "src").await;
     let info = m.activate("dr").await.expect("activate");
     assert!(!info.standby);
-    assert!(content(m, "dr").await == want, "activated DR volume differs");
+    assert!(
+        content(m, "dr").await == want,
+        "activated DR volume differs"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,7 +415,8 @@ async fn recurring_snapshot_and_backup_jobs_with_retain() {
     let jobs = r#"[{"name":"snap","task":"snapshot","cron":"*/5 * * * *","retain":2,"labels":{"k":"v"}},
                    {"name":"bk","task":"backup","cron":"0 * * * *","retain":1}]"#;
     m.set_recurring_jobs("v", jobs).await.expect("jobs");
-    m.set_setting("allow-recurring-job-while-volume-detached", "true").expect("setting");
+    m.set_setting("allow-recurring-job-while-volume-detached", "true")
+        .expect("setting");
     // Nothing due before 00:05.
     assert!(m.run_due_jobs().await.is_empty());
     let mut snapshots_taken = 0;
@@ -279,10 +432,19 @@ async fn recurring_snapshot_and_backup_jobs_with_retain() {
     f.clock.advance(chrono::Duration::minutes(5));
     let runs = m.run_due_jobs().await;
     assert!(runs[0].outcome.starts_with("skipped"), "{runs:?}");
-    let snaps: Vec<_> = m.snapshot_list("v").await.expect("list").into_iter().filter(|s| s.labels.get("RecurringJob").is_some() && !s.removed).collect();
+    let snaps: Vec<_> = m
+        .snapshot_list("v")
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|s| s.labels.get("RecurringJob").is_some() && !s.removed)
+        .collect();
     assert_eq!(snaps.len(), 2, "retain 2 of {snapshots_taken}: {snaps:?}");
     // The hourly backup job at 01:00 and 02:00, with changes: retain 1.
-    for (i, at) in ["2026-01-05T01:00:30Z", "2026-01-05T02:00:30Z"].iter().enumerate() {
+    for (i, at) in ["2026-01-05T01:00:30Z", "2026-01-05T02:00:30Z"]
+        .iter()
+        .enumerate()
+    {
         write(m, "v", 9 * MIB, &pattern(99 + i as u64, 8192)).await;
         f.clock.set(at.parse().expect("t"));
         let runs = m.run_due_jobs().await;
@@ -303,8 +465,17 @@ async fn recurring_snapshot_and_backup_jobs_with_retain() {
         r#"[{"name":"this-name-is-much-too-long-for-a-recurring-job","task":"snapshot","cron":"* * * * *","retain":1}]"#,
         r#"[{"name":"x","task":"nope","cron":"* * * * *","retain":1}]"#,
     ] {
-        let e = m.set_recurring_jobs("v", bad).await.expect_err(bad).to_string();
+        let e = m
+            .set_recurring_jobs("v", bad)
+            .await
+            .expect_err(bad)
+            .to_string();
         println!("rejected: {e}");
     }
-    assert!(m.get("v").await.expect("get").recurring_jobs.contains("\"snap\""));
+    assert!(m
+        .get("v")
+        .await
+        .expect("get")
+        .recurring_jobs
+        .contains("\"snap\""));
 }

@@ -45,7 +45,10 @@ impl BlockSink for Mem {
 }
 
 fn sha(b: &[u8]) -> String {
-    Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }
 
 fn fixtures() -> PathBuf {
@@ -74,26 +77,64 @@ async fn restores_backups_longhorn_wrote() {
     let tmp = tempfile::tempdir().expect("tmp");
     copy_dir(&fixtures().join("longhorn-backupstore"), tmp.path());
     let store = store_at(tmp.path());
-    let expected = std::fs::read_to_string(tmp.path().join("expected-sha256.txt")).expect("expected");
+    let expected =
+        std::fs::read_to_string(tmp.path().join("expected-sha256.txt")).expect("expected");
     let mut by_backup: BTreeMap<(String, String), Vec<u8>> = BTreeMap::new();
     for line in expected.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         let (vol, backup, want, size) = (f[0], f[1], f[2], f[3].parse::<usize>().expect("size"));
-        assert_eq!(store.get_volume(vol).await.expect("volume.cfg").size as usize, size);
+        assert_eq!(
+            store.get_volume(vol).await.expect("volume.cfg").size as usize,
+            size
+        );
         let sink = Arc::new(Mem(Mutex::new(vec![0u8; size])));
-        let r = store.restore(vol, backup, sink.clone(), None, Arc::new(Progress::new()), 4).await.expect("restore");
+        let r = store
+            .restore(
+                vol,
+                backup,
+                sink.clone(),
+                None,
+                Arc::new(Progress::new()),
+                4,
+            )
+            .await
+            .expect("restore");
         let img = sink.0.lock().expect("lock").clone();
         assert_eq!(sha(&img), want, "{vol}/{backup} restored wrong ({r:?})");
-        println!("restored Longhorn's {vol}/{backup}: {} blocks, sha256 {want}", r.restored_blocks);
+        println!(
+            "restored Longhorn's {vol}/{backup}: {} blocks, sha256 {want}",
+            r.restored_blocks
+        );
         by_backup.insert((vol.into(), backup.into()), img);
     }
     // Incremental (DR) restore from backup-1 to backup-2 fetches only what changed.
     let base = store.get_backup("lhvol", "backup-1").await.expect("base");
-    let sink = Arc::new(Mem(Mutex::new(by_backup[&("lhvol".to_string(), "backup-1".to_string())].clone())));
-    let r = store.restore("lhvol", "backup-2", sink.clone(), Some(&base), Arc::new(Progress::new()), 4).await.expect("incremental");
-    assert_eq!(*sink.0.lock().expect("lock"), by_backup[&("lhvol".to_string(), "backup-2".to_string())]);
-    assert!(r.restored_blocks < base.blocks.len() as u64 + 1 && r.zeroed_blocks == 1, "{r:?}");
-    println!("incremental restore backup-1 -> backup-2: {} fetched, {} zeroed", r.restored_blocks, r.zeroed_blocks);
+    let sink = Arc::new(Mem(Mutex::new(
+        by_backup[&("lhvol".to_string(), "backup-1".to_string())].clone(),
+    )));
+    let r = store
+        .restore(
+            "lhvol",
+            "backup-2",
+            sink.clone(),
+            Some(&base),
+            Arc::new(Progress::new()),
+            4,
+        )
+        .await
+        .expect("incremental");
+    assert_eq!(
+        *sink.0.lock().expect("lock"),
+        by_backup[&("lhvol".to_string(), "backup-2".to_string())]
+    );
+    assert!(
+        r.restored_blocks < base.blocks.len() as u64 + 1 && r.zeroed_blocks == 1,
+        "{r:?}"
+    );
+    println!(
+        "incremental restore backup-1 -> backup-2: {} fetched, {} zeroed",
+        r.restored_blocks, r.zeroed_blocks
+    );
 }
 
 fn python() -> PathBuf {
@@ -111,13 +152,26 @@ fn python() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn longhorns_reader_restores_what_cairn_writes() {
     let py = python();
-    let ok = std::process::Command::new(&py).args(["-c", "import lz4.frame"]).status().map(|s| s.success()).unwrap_or(false);
-    assert!(ok, "{} cannot import lz4: run scripts/s3-server.sh install-moto (or set CAIRN_PYTHON)", py.display());
+    let ok = std::process::Command::new(&py)
+        .args(["-c", "import lz4.frame"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{} cannot import lz4: run scripts/s3-server.sh install-moto (or set CAIRN_PYTHON)",
+        py.display()
+    );
     let tmp = tempfile::tempdir().expect("tmp");
     let store = store_at(tmp.path());
-    for (i, c) in [Compression::Lz4, Compression::Gzip, Compression::None].into_iter().enumerate() {
+    for (i, c) in [Compression::Lz4, Compression::Gzip, Compression::None]
+        .into_iter()
+        .enumerate()
+    {
         let vol = format!("cairn-{}", c.as_str());
-        let mut data: Vec<u8> = (0..8 * MIB as usize).map(|j| ((j * 31 + i) % 253) as u8).collect();
+        let mut data: Vec<u8> = (0..8 * MIB as usize)
+            .map(|j| ((j * 31 + i) % 253) as u8)
+            .collect();
         data[4 * MIB as usize..6 * MIB as usize].fill(0); // a hole
         let src = Arc::new(Mem(Mutex::new(data.clone())));
         let req = |name: &str, plan: BackupPlan| BackupRequest {
@@ -132,7 +186,19 @@ async fn longhorns_reader_restores_what_cairn_writes() {
             plan,
             concurrency: 4,
         };
-        store.create_backup(req("b1", BackupPlan::Full { ranges: vec![(0, 8 * MIB)] }), src.clone(), Arc::new(Progress::new())).await.expect("b1");
+        store
+            .create_backup(
+                req(
+                    "b1",
+                    BackupPlan::Full {
+                        ranges: vec![(0, 8 * MIB)],
+                    },
+                ),
+                src.clone(),
+                Arc::new(Progress::new()),
+            )
+            .await
+            .expect("b1");
         // Change one block and fill the hole: an incremental backup.
         {
             let mut v = src.0.lock().expect("lock");
@@ -141,19 +207,41 @@ async fn longhorns_reader_restores_what_cairn_writes() {
         }
         let changed = vec![(MIB, 4096), (4 * MIB, 8192)];
         let r = store
-            .create_backup(req("b2", BackupPlan::Incremental { base_backup: "b1".into(), changed }), src.clone(), Arc::new(Progress::new()))
+            .create_backup(
+                req(
+                    "b2",
+                    BackupPlan::Incremental {
+                        base_backup: "b1".into(),
+                        changed,
+                    },
+                ),
+                src.clone(),
+                Arc::new(Progress::new()),
+            )
             .await
             .expect("b2");
         assert_eq!(r.uploaded_blocks, 2);
-        for (backup, want) in [("b1", sha(&data)), ("b2", sha(&src.0.lock().expect("lock")))] {
+        for (backup, want) in [
+            ("b1", sha(&data)),
+            ("b2", sha(&src.0.lock().expect("lock"))),
+        ] {
             let out = std::process::Command::new(&py)
                 .arg(fixtures().join("make-longhorn-fixture.py"))
                 .args(["--verify", tmp.path().to_str().expect("utf8"), &vol, backup])
                 .output()
                 .expect("run the verify script");
             let text = String::from_utf8_lossy(&out.stdout).to_string();
-            assert!(out.status.success(), "{vol}/{backup}: {} {}", text, String::from_utf8_lossy(&out.stderr));
-            assert_eq!(text.split_whitespace().next(), Some(want.as_str()), "{vol}/{backup}");
+            assert!(
+                out.status.success(),
+                "{vol}/{backup}: {} {}",
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                text.split_whitespace().next(),
+                Some(want.as_str()),
+                "{vol}/{backup}"
+            );
             println!("Longhorn-layout reader restored Cairn's {vol}/{backup}: sha256 {want}");
         }
     }
@@ -168,30 +256,82 @@ async fn lock_files_exclude_deletion_from_backup_and_restore() {
     copy_dir(&fixtures().join("longhorn-backupstore"), tmp.path());
     let store = store_at(tmp.path()).with_lock_wait(std::time::Duration::from_secs(2));
     let volume_dir = {
-        let h: String = sha2::Sha512::digest(b"lhvol").iter().map(|x| format!("{x:02x}")).collect();
-        tmp.path().join(format!("backupstore/volumes/{}/{}/lhvol", &h[0..2], &h[2..4]))
+        let h: String = sha2::Sha512::digest(b"lhvol")
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect();
+        tmp.path().join(format!(
+            "backupstore/volumes/{}/{}/lhvol",
+            &h[0..2],
+            &h[2..4]
+        ))
     };
     let locks = volume_dir.join("locks");
     std::fs::create_dir_all(&locks).expect("locks dir");
     let other = |ty: u8| {
-        std::fs::write(locks.join("lock-other.lck"), format!(r#"{{"Name":"lock-other","Type":{ty},"Acquired":true}}"#)).expect("lock")
+        std::fs::write(
+            locks.join("lock-other.lck"),
+            format!(r#"{{"Name":"lock-other","Type":{ty},"Acquired":true}}"#),
+        )
+        .expect("lock")
     };
     // Another node holds a backup lock: deletion is refused, nothing deleted.
     other(1);
-    let e = store.delete_backup("lhvol", "backup-1").await.expect_err("deletion beside a backup").to_string();
-    assert!(e.contains("deletion lock") && e.contains("backup or restore"), "{e}");
-    assert!(store.get_backup("lhvol", "backup-1").await.is_ok(), "the refused deletion changed nothing");
+    let e = store
+        .delete_backup("lhvol", "backup-1")
+        .await
+        .expect_err("deletion beside a backup")
+        .to_string();
+    assert!(
+        e.contains("deletion lock") && e.contains("backup or restore"),
+        "{e}"
+    );
+    assert!(
+        store.get_backup("lhvol", "backup-1").await.is_ok(),
+        "the refused deletion changed nothing"
+    );
     // ... but a restore runs beside it.
     let size = store.get_volume("lhvol").await.expect("vol").size as usize;
     let sink = Arc::new(Mem(Mutex::new(vec![0u8; size])));
-    store.restore("lhvol", "backup-1", sink, None, Arc::new(Progress::new()), 2).await.expect("restore beside a backup lock");
+    store
+        .restore(
+            "lhvol",
+            "backup-1",
+            sink,
+            None,
+            Arc::new(Progress::new()),
+            2,
+        )
+        .await
+        .expect("restore beside a backup lock");
     // Another node deletes: restores (and backups) are refused.
     other(2);
     let sink = Arc::new(Mem(Mutex::new(vec![0u8; size])));
-    let e = store.restore("lhvol", "backup-1", sink, None, Arc::new(Progress::new()), 2).await.expect_err("restore beside a deletion").to_string();
-    assert!(e.contains("backup/restore lock") && e.contains("deletion"), "{e}");
+    let e = store
+        .restore(
+            "lhvol",
+            "backup-1",
+            sink,
+            None,
+            Arc::new(Progress::new()),
+            2,
+        )
+        .await
+        .expect_err("restore beside a deletion")
+        .to_string();
+    assert!(
+        e.contains("backup/restore lock") && e.contains("deletion"),
+        "{e}"
+    );
     // Released: the deletion goes through, and our lock files are gone.
     std::fs::remove_file(locks.join("lock-other.lck")).expect("unlock");
-    store.delete_backup("lhvol", "backup-1").await.expect("delete");
-    assert_eq!(std::fs::read_dir(&locks).expect("locks").count(), 0, "lock files left behind");
+    store
+        .delete_backup("lhvol", "backup-1")
+        .await
+        .expect("delete");
+    assert_eq!(
+        std::fs::read_dir(&locks).expect("locks").count(),
+        0,
+        "lock files left behind"
+    );
 }

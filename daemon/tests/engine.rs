@@ -11,20 +11,28 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use cairn::engine::{
-    EngineEvent, IoOp, IoRequest, QueueEngine, QueueLayout, ReplicaHandle, ReplicaIo, ReplicaState, VolumeHealth,
-    VolumeIo,
+    EngineEvent, IoOp, IoRequest, QueueEngine, QueueLayout, ReplicaHandle, ReplicaIo, ReplicaState,
+    VolumeHealth, VolumeIo,
 };
 use cairn::replica::{Replica, ReplicaSpec};
 use proptest::prelude::*;
 
 const MIB: u64 = 1 << 20;
-const LAYOUT: QueueLayout = QueueLayout { queues: 1, depth: 64 };
+const LAYOUT: QueueLayout = QueueLayout {
+    queues: 1,
+    depth: 64,
+};
 
 mod common;
 use common::TestRing;
 
 fn req(op: IoOp, offset: u64, len: usize) -> IoRequest {
-    IoRequest { op, offset, len: len as u32, fua: false }
+    IoRequest {
+        op,
+        offset,
+        len: len as u32,
+        fua: false,
+    }
 }
 
 struct Fixture {
@@ -35,7 +43,11 @@ struct Fixture {
 }
 
 fn make_replica(dir: &Path, i: usize, size: u64) -> Replica {
-    let spec = ReplicaSpec { volume: "vol".into(), replica: format!("vol-r-{i}"), size };
+    let spec = ReplicaSpec {
+        volume: "vol".into(),
+        replica: format!("vol-r-{i}"),
+        size,
+    };
     Replica::create(&dir.join(format!("r{i}")), &spec).expect("create replica")
 }
 
@@ -52,12 +64,26 @@ fn fixture_with(size: u64, n: usize, prepare: impl Fn(usize, &mut Replica)) -> F
     let handles = replicas
         .iter()
         .enumerate()
-        .map(|(i, r)| ReplicaHandle { name: format!("vol-r-{i}"), io: Some(ReplicaIo::Local(r.clone())) })
+        .map(|(i, r)| ReplicaHandle {
+            name: format!("vol-r-{i}"),
+            io: Some(ReplicaIo::Local(r.clone())),
+        })
         .collect();
-    let volume = VolumeIo::new("vol", size, handles, Box::new(move |e| sink.lock().expect("lock").push(e)), LAYOUT)
-        .expect("volume");
+    let volume = VolumeIo::new(
+        "vol",
+        size,
+        handles,
+        Box::new(move |e| sink.lock().expect("lock").push(e)),
+        LAYOUT,
+    )
+    .expect("volume");
     volume.begin_epoch().expect("epoch");
-    Fixture { _dir: dir, volume, replicas, events }
+    Fixture {
+        _dir: dir,
+        volume,
+        replicas,
+        events,
+    }
 }
 
 fn fixture(size: u64, n: usize) -> Fixture {
@@ -65,7 +91,9 @@ fn fixture(size: u64, n: usize) -> Fixture {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn head_bytes(r: &Replica, offset: u64, len: usize) -> Vec<u8> {
@@ -99,21 +127,40 @@ fn write_lands_on_every_replica_and_reads_back() {
     let mut engine = QueueEngine::new(f.volume.clone(), 0, 8);
     let mut ring = TestRing::new();
     let mut data = pattern(7, 64 * 1024);
-    assert_eq!(ring.one(&mut engine, req(IoOp::Write, MIB, data.len()), &mut data), data.len() as i32);
+    assert_eq!(
+        ring.one(&mut engine, req(IoOp::Write, MIB, data.len()), &mut data),
+        data.len() as i32
+    );
     for r in &f.replicas {
         assert_eq!(head_bytes(r, MIB, data.len()), data);
     }
     // Reads alternate between replicas; each must return the data.
     for _ in 0..6 {
         let mut out = vec![0u8; data.len()];
-        assert_eq!(ring.one(&mut engine, req(IoOp::Read, MIB, out.len()), &mut out), out.len() as i32);
+        assert_eq!(
+            ring.one(&mut engine, req(IoOp::Read, MIB, out.len()), &mut out),
+            out.len() as i32
+        );
         assert_eq!(out, data);
     }
     let mut nothing = [];
-    assert_eq!(ring.one(&mut engine, IoRequest { op: IoOp::Flush, ..IoRequest::default() }, &mut nothing), 0);
+    assert_eq!(
+        ring.one(
+            &mut engine,
+            IoRequest {
+                op: IoOp::Flush,
+                ..IoRequest::default()
+            },
+            &mut nothing
+        ),
+        0
+    );
     assert_eq!(f.volume.health(), VolumeHealth::Healthy);
     let stats = f.volume.stats();
-    assert_eq!((stats.writes, stats.reads, stats.flushes, stats.errors), (1, 6, 1, 0));
+    assert_eq!(
+        (stats.writes, stats.reads, stats.flushes, stats.errors),
+        (1, 6, 1, 0)
+    );
     assert_eq!(stats.write_bytes, data.len() as u64);
 }
 
@@ -123,9 +170,26 @@ fn out_of_range_and_unaligned_requests_are_rejected() {
     let mut engine = QueueEngine::new(f.volume.clone(), 0, 4);
     let mut ring = TestRing::new();
     let mut buf = vec![0u8; 8192];
-    assert_eq!(ring.one(&mut engine, req(IoOp::Write, 4 * MIB - 4096, 8192), &mut buf), -libc::EINVAL);
-    assert_eq!(ring.one(&mut engine, req(IoOp::Read, 512, 4096), &mut buf), -libc::EINVAL);
-    assert_eq!(ring.one(&mut engine, req(IoOp::Read, u64::MAX - 4095, 4096), &mut buf), -libc::EINVAL);
+    assert_eq!(
+        ring.one(
+            &mut engine,
+            req(IoOp::Write, 4 * MIB - 4096, 8192),
+            &mut buf
+        ),
+        -libc::EINVAL
+    );
+    assert_eq!(
+        ring.one(&mut engine, req(IoOp::Read, 512, 4096), &mut buf),
+        -libc::EINVAL
+    );
+    assert_eq!(
+        ring.one(
+            &mut engine,
+            req(IoOp::Read, u64::MAX - 4095, 4096),
+            &mut buf
+        ),
+        -libc::EINVAL
+    );
 }
 
 #[test]
@@ -134,28 +198,50 @@ fn failed_write_leg_fails_the_replica_and_the_write_succeeds_degraded() {
     let mut engine = QueueEngine::new(f.volume.clone(), 0, 4);
     let mut ring = TestRing::new();
     let rev_before = f.replicas[0].revision();
-    let full = File::options().write(true).open("/dev/full").expect("/dev/full");
+    let full = File::options()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
     inject(f.replicas[1].head_fd(), &full);
 
     let mut data = pattern(1, 16384);
-    assert_eq!(ring.one(&mut engine, req(IoOp::Write, 0, data.len()), &mut data), data.len() as i32);
+    assert_eq!(
+        ring.one(&mut engine, req(IoOp::Write, 0, data.len()), &mut data),
+        data.len() as i32
+    );
     assert_eq!(f.volume.health(), VolumeHealth::Degraded);
     let states = f.volume.replicas();
     assert_eq!(states[0].state, ReplicaState::Healthy);
     assert_eq!(states[1].state, ReplicaState::Failed);
-    assert!(states[1].message.contains("Write failed"), "{}", states[1].message);
+    assert!(
+        states[1].message.contains("Write failed"),
+        "{}",
+        states[1].message
+    );
     // The survivor's revision moved past the failed replica's, on disk.
     assert!(f.replicas[0].revision() > rev_before);
     let reopened = Replica::open(&f._dir.path().join("r0")).expect("reopen");
     assert!(reopened.revision() > f.replicas[1].revision());
-    assert!(matches!(&f.events.lock().expect("lock")[..], [EngineEvent::ReplicaFailed { replica, .. }] if replica == "vol-r-1"));
+    assert!(
+        matches!(&f.events.lock().expect("lock")[..], [EngineEvent::ReplicaFailed { replica, .. }] if replica == "vol-r-1")
+    );
 
     // Later I/O skips the failed replica entirely.
     let mut more = pattern(2, 4096);
-    assert_eq!(ring.one(&mut engine, req(IoOp::Write, 8192 * 4, more.len()), &mut more), 4096);
+    assert_eq!(
+        ring.one(
+            &mut engine,
+            req(IoOp::Write, 8192 * 4, more.len()),
+            &mut more
+        ),
+        4096
+    );
     let mut out = vec![0u8; 16384];
     for _ in 0..4 {
-        assert_eq!(ring.one(&mut engine, req(IoOp::Read, 0, out.len()), &mut out), 16384);
+        assert_eq!(
+            ring.one(&mut engine, req(IoOp::Read, 0, out.len()), &mut out),
+            16384
+        );
         assert_eq!(out, data);
     }
 }
@@ -166,12 +252,21 @@ fn failed_read_is_retried_on_another_replica() {
     let mut engine = QueueEngine::new(f.volume.clone(), 0, 4);
     let mut ring = TestRing::new();
     let mut data = pattern(3, 8192);
-    assert_eq!(ring.one(&mut engine, req(IoOp::Write, 4096, data.len()), &mut data), 8192);
-    let wronly = File::options().write(true).open("/dev/null").expect("/dev/null");
+    assert_eq!(
+        ring.one(&mut engine, req(IoOp::Write, 4096, data.len()), &mut data),
+        8192
+    );
+    let wronly = File::options()
+        .write(true)
+        .open("/dev/null")
+        .expect("/dev/null");
     inject(f.replicas[0].head_fd(), &wronly);
     for _ in 0..3 {
         let mut out = vec![0u8; 8192];
-        assert_eq!(ring.one(&mut engine, req(IoOp::Read, 4096, out.len()), &mut out), 8192);
+        assert_eq!(
+            ring.one(&mut engine, req(IoOp::Read, 4096, out.len()), &mut out),
+            8192
+        );
         assert_eq!(out, data);
     }
     assert_eq!(f.volume.replicas()[0].state, ReplicaState::Failed);
@@ -184,14 +279,24 @@ fn short_read_from_a_truncated_head_fails_that_replica() {
     let mut engine = QueueEngine::new(f.volume.clone(), 0, 4);
     let mut ring = TestRing::new();
     let mut data = pattern(9, 8192);
-    assert_eq!(ring.one(&mut engine, req(IoOp::Write, 2 * MIB, data.len()), &mut data), 8192);
+    assert_eq!(
+        ring.one(
+            &mut engine,
+            req(IoOp::Write, 2 * MIB, data.len()),
+            &mut data
+        ),
+        8192
+    );
     // Someone truncates replica 0's head under the running volume: reads
     // there come back short (EOF), not with an error.
     // SAFETY: the fd is open and owned by the replica.
     assert_eq!(unsafe { libc::ftruncate(f.replicas[0].head_fd(), 0) }, 0);
     for _ in 0..4 {
         let mut out = vec![0xaau8; 8192];
-        assert_eq!(ring.one(&mut engine, req(IoOp::Read, 2 * MIB, out.len()), &mut out), 8192);
+        assert_eq!(
+            ring.one(&mut engine, req(IoOp::Read, 2 * MIB, out.len()), &mut out),
+            8192
+        );
         assert_eq!(out, data);
     }
     let states = f.volume.replicas();
@@ -204,20 +309,28 @@ fn losing_every_replica_faults_the_volume() {
     let f = fixture(4 * MIB, 2);
     let mut engine = QueueEngine::new(f.volume.clone(), 0, 4);
     let mut ring = TestRing::new();
-    let full = File::options().write(true).open("/dev/full").expect("/dev/full");
+    let full = File::options()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
     for r in &f.replicas {
         inject(r.head_fd(), &full);
     }
     let mut data = pattern(4, 4096);
     assert!(ring.one(&mut engine, req(IoOp::Write, 0, 4096), &mut data) < 0);
     assert_eq!(f.volume.health(), VolumeHealth::Faulted);
-    assert_eq!(ring.one(&mut engine, req(IoOp::Read, 0, 4096), &mut data), -libc::EIO);
+    assert_eq!(
+        ring.one(&mut engine, req(IoOp::Read, 0, 4096), &mut data),
+        -libc::EIO
+    );
 }
 
 #[test]
 fn operator_cannot_fail_the_last_healthy_replica() {
     let f = fixture(4 * MIB, 2);
-    f.volume.fail_replica("vol-r-0", "operator").expect("fail first");
+    f.volume
+        .fail_replica("vol-r-0", "operator")
+        .expect("fail first");
     assert!(f.volume.fail_replica("vol-r-1", "operator").is_err());
     assert!(f.volume.fail_replica("nope", "operator").is_err());
     assert_eq!(f.volume.health(), VolumeHealth::Degraded);
@@ -234,7 +347,10 @@ fn stale_replica_leaves_the_set_at_attach() {
         .replicas
         .iter()
         .enumerate()
-        .map(|(i, r)| ReplicaHandle { name: format!("vol-r-{i}"), io: Some(ReplicaIo::Local(r.clone())) })
+        .map(|(i, r)| ReplicaHandle {
+            name: format!("vol-r-{i}"),
+            io: Some(ReplicaIo::Local(r.clone())),
+        })
         .collect();
     let again = VolumeIo::new("vol", 4 * MIB, handles, Box::new(|_| {}), LAYOUT).expect("volume");
     again.begin_epoch().expect("epoch");
@@ -250,7 +366,12 @@ fn health_check_fails_a_replica_whose_head_was_deleted() {
         .expect("dir")
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("volume-head-") && n.to_string_lossy().ends_with(".img")))
+        .find(|p| {
+            p.file_name().is_some_and(|n| {
+                n.to_string_lossy().starts_with("volume-head-")
+                    && n.to_string_lossy().ends_with(".img")
+            })
+        })
         .expect("head file");
     std::fs::remove_file(head).expect("rm");
     f.volume.check_replicas();
@@ -264,40 +385,73 @@ fn reads_resolve_through_snapshot_layers() {
     // Layer 0 (oldest): block 0..4 = A; layer 1: block 2..6 = B; head: block 5 = C.
     let f = fixture_with(size, 2, |_, r| {
         let head = |r: &Replica| unsafe { File::from_raw_fd_dup(r.head_fd()) };
-        head(r).write_all_at(&vec![b'A'; 4 * 4096], 0).expect("write A");
+        head(r)
+            .write_all_at(&vec![b'A'; 4 * 4096], 0)
+            .expect("write A");
         r.snapshot("s1", true, BTreeMap::new()).expect("snapshot 1");
-        head(r).write_all_at(&vec![b'B'; 4 * 4096], 2 * 4096).expect("write B");
+        head(r)
+            .write_all_at(&vec![b'B'; 4 * 4096], 2 * 4096)
+            .expect("write B");
         r.snapshot("s2", true, BTreeMap::new()).expect("snapshot 2");
     });
     let mut engine = QueueEngine::new(f.volume.clone(), 0, 4);
     let mut ring = TestRing::new();
     let mut c = vec![b'C'; 4096];
-    assert_eq!(ring.one(&mut engine, req(IoOp::Write, 5 * 4096, 4096), &mut c), 4096);
+    assert_eq!(
+        ring.one(&mut engine, req(IoOp::Write, 5 * 4096, 4096), &mut c),
+        4096
+    );
     let mut expect = vec![0u8; 8 * 4096];
     expect[..4 * 4096].fill(b'A');
     expect[2 * 4096..6 * 4096].fill(b'B');
     expect[5 * 4096..6 * 4096].fill(b'C');
     for _ in 0..2 {
         let mut out = vec![0xffu8; 8 * 4096];
-        assert_eq!(ring.one(&mut engine, req(IoOp::Read, 0, out.len()), &mut out), out.len() as i32);
+        assert_eq!(
+            ring.one(&mut engine, req(IoOp::Read, 0, out.len()), &mut out),
+            out.len() as i32
+        );
         assert_eq!(out, expect);
     }
     // Write-zeroes over snapshot data must read zeros, discard must not fail.
     let mut none = [];
-    assert_eq!(ring.one(&mut engine, req(IoOp::WriteZeroes, 0, 2 * 4096), &mut none), 0);
-    assert_eq!(ring.one(&mut engine, req(IoOp::Discard, 6 * 4096, 4096), &mut none), 0);
+    assert_eq!(
+        ring.one(&mut engine, req(IoOp::WriteZeroes, 0, 2 * 4096), &mut none),
+        0
+    );
+    assert_eq!(
+        ring.one(&mut engine, req(IoOp::Discard, 6 * 4096, 4096), &mut none),
+        0
+    );
     expect[..2 * 4096].fill(0);
     let mut out = vec![0xffu8; 8 * 4096];
-    assert_eq!(ring.one(&mut engine, req(IoOp::Read, 0, out.len()), &mut out), out.len() as i32);
+    assert_eq!(
+        ring.one(&mut engine, req(IoOp::Read, 0, out.len()), &mut out),
+        out.len() as i32
+    );
     assert_eq!(out, expect);
 }
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { block: u64, blocks: u64, seed: u8, fua: bool },
-    Read { block: u64, blocks: u64 },
-    Discard { block: u64, blocks: u64 },
-    Zero { block: u64, blocks: u64 },
+    Write {
+        block: u64,
+        blocks: u64,
+        seed: u8,
+        fua: bool,
+    },
+    Read {
+        block: u64,
+        blocks: u64,
+    },
+    Discard {
+        block: u64,
+        blocks: u64,
+    },
+    Zero {
+        block: u64,
+        blocks: u64,
+    },
     Flush,
     /// Several writes to random places in flight at once.
     Burst(Vec<(u64, u8)>),

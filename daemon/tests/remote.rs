@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use cairn::disks::NodeDisks;
 use cairn::engine::{
-    rebuild, IoOp, IoRequest, QueueEngine, QueueLayout, RebuildProgress, RemoteReplica, RemoteTarget, ReplicaHandle,
-    ReplicaIo, ReplicaState, VolumeHealth, VolumeIo,
+    rebuild, IoOp, IoRequest, QueueEngine, QueueLayout, RebuildProgress, RemoteReplica,
+    RemoteTarget, ReplicaHandle, ReplicaIo, ReplicaState, VolumeHealth, VolumeIo,
 };
 use cairn::replica::{Replica, ReplicaSpec};
 use cairn::transport::{ClusterSecret, Op, PeerConn, PeerError, ReplicaServer};
@@ -24,7 +24,10 @@ use common::TestRing;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 16 * MIB;
-const LAYOUT: QueueLayout = QueueLayout { queues: 1, depth: 64 };
+const LAYOUT: QueueLayout = QueueLayout {
+    queues: 1,
+    depth: 64,
+};
 
 fn secret() -> ClusterSecret {
     ClusterSecret::from_bytes(b"0123456789abcdef-test-secret").expect("secret")
@@ -43,9 +46,19 @@ impl Node {
         let disk = root.join(name);
         std::fs::create_dir_all(disk.join("replicas")).expect("disk");
         let disks = Arc::new(NodeDisks::new(name, vec![disk]));
-        let server = ReplicaServer::start("127.0.0.1:0".parse().expect("addr"), secret(), disks.clone()).expect("server");
+        let server = ReplicaServer::start(
+            "127.0.0.1:0".parse().expect("addr"),
+            secret(),
+            disks.clone(),
+        )
+        .expect("server");
         let addr = server.local_addr().to_string();
-        Node { root: root.to_path_buf(), disks, server: Some(server), addr }
+        Node {
+            root: root.to_path_buf(),
+            disks,
+            server: Some(server),
+            addr,
+        }
     }
 
     /// Stops the server and closes its connections (a killed daemon).
@@ -73,7 +86,9 @@ impl Node {
     }
 
     fn create(&self, replica: &str) {
-        self.disks.create("vol", replica, SIZE, None, |_| true).expect("create replica");
+        self.disks
+            .create("vol", replica, SIZE, None, |_| true)
+            .expect("create replica");
     }
 
     fn target(&self, replica: &str, timeout: Duration) -> RemoteTarget {
@@ -88,7 +103,9 @@ impl Node {
     }
 
     fn remote(&self, replica: &str) -> ReplicaIo {
-        ReplicaIo::Remote(Arc::new(RemoteReplica::connect(self.target(replica, Duration::from_secs(2))).expect("connect")))
+        ReplicaIo::Remote(Arc::new(
+            RemoteReplica::connect(self.target(replica, Duration::from_secs(2))).expect("connect"),
+        ))
     }
 
     /// A replica's whole content, read through its layer chain.
@@ -101,16 +118,36 @@ impl Node {
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len).map(|i| ((i as u64).wrapping_mul(2654435761).wrapping_add(seed * 97) >> 3) as u8).collect()
+    (0..len)
+        .map(|i| ((i as u64).wrapping_mul(2654435761).wrapping_add(seed * 97) >> 3) as u8)
+        .collect()
 }
 
 fn write(ring: &mut TestRing, engine: &mut QueueEngine, offset: u64, data: &mut [u8]) -> i32 {
-    ring.one(engine, IoRequest { op: IoOp::Write, offset, len: data.len() as u32, fua: false }, data)
+    ring.one(
+        engine,
+        IoRequest {
+            op: IoOp::Write,
+            offset,
+            len: data.len() as u32,
+            fua: false,
+        },
+        data,
+    )
 }
 
 fn read(ring: &mut TestRing, engine: &mut QueueEngine, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
-    let r = ring.one(engine, IoRequest { op: IoOp::Read, offset, len: len as u32, fua: false }, &mut buf);
+    let r = ring.one(
+        engine,
+        IoRequest {
+            op: IoOp::Read,
+            offset,
+            len: len as u32,
+            fua: false,
+        },
+        &mut buf,
+    );
     assert_eq!(r, len as i32, "read at {offset}");
     buf
 }
@@ -129,13 +166,29 @@ fn pipelined_writes_reach_every_replica_and_reads_come_back() {
     b.create("vol-r-b");
     let local_dir = tmp.path().join("local");
     let local = Arc::new(
-        Replica::create(&local_dir, &ReplicaSpec { volume: "vol".into(), replica: "vol-r-l".into(), size: SIZE })
-            .expect("local"),
+        Replica::create(
+            &local_dir,
+            &ReplicaSpec {
+                volume: "vol".into(),
+                replica: "vol-r-l".into(),
+                size: SIZE,
+            },
+        )
+        .expect("local"),
     );
     let v = volume(vec![
-        ReplicaHandle { name: "vol-r-l".into(), io: Some(ReplicaIo::Local(local.clone())) },
-        ReplicaHandle { name: "vol-r-a".into(), io: Some(a.remote("vol-r-a")) },
-        ReplicaHandle { name: "vol-r-b".into(), io: Some(b.remote("vol-r-b")) },
+        ReplicaHandle {
+            name: "vol-r-l".into(),
+            io: Some(ReplicaIo::Local(local.clone())),
+        },
+        ReplicaHandle {
+            name: "vol-r-a".into(),
+            io: Some(a.remote("vol-r-a")),
+        },
+        ReplicaHandle {
+            name: "vol-r-b".into(),
+            io: Some(b.remote("vol-r-b")),
+        },
     ]);
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
@@ -145,13 +198,33 @@ fn pipelined_writes_reach_every_replica_and_reads_come_back() {
         .iter_mut()
         .enumerate()
         .map(|(i, b)| {
-            (IoRequest { op: IoOp::Write, offset: i as u64 * 320 * 1024, len: b.len() as u32, fua: i % 7 == 0 }, b.as_mut_ptr())
+            (
+                IoRequest {
+                    op: IoOp::Write,
+                    offset: i as u64 * 320 * 1024,
+                    len: b.len() as u32,
+                    fua: i % 7 == 0,
+                },
+                b.as_mut_ptr(),
+            )
         })
         .collect();
     let results = ring.run(&mut engine, &reqs);
     assert!(results.iter().all(|&r| r == 64 * 1024), "{results:?}");
     let mut flush = [0u8; 0];
-    assert_eq!(ring.one(&mut engine, IoRequest { op: IoOp::Flush, offset: 0, len: 0, fua: false }, &mut flush), 0);
+    assert_eq!(
+        ring.one(
+            &mut engine,
+            IoRequest {
+                op: IoOp::Flush,
+                offset: 0,
+                len: 0,
+                fua: false
+            },
+            &mut flush
+        ),
+        0
+    );
     assert_eq!(v.health(), VolumeHealth::Healthy);
     // Every replica holds the same bytes.
     let mut want = vec![0u8; SIZE as usize];
@@ -160,7 +233,11 @@ fn pipelined_writes_reach_every_replica_and_reads_come_back() {
     assert_eq!(b.content("vol-r-b"), want);
     // Reads go to the local replica while it is healthy...
     for i in 0..48u64 {
-        assert_eq!(read(&mut ring, &mut engine, i * 320 * 1024, 64 * 1024), bufs[i as usize], "read {i}");
+        assert_eq!(
+            read(&mut ring, &mut engine, i * 320 * 1024, 64 * 1024),
+            bufs[i as usize],
+            "read {i}"
+        );
     }
     // ...and round-robin over the remote ones without it.
     v.fail_replica("vol-r-l", "test").expect("fail local");
@@ -169,9 +246,22 @@ fn pipelined_writes_reach_every_replica_and_reads_come_back() {
     let batch: Vec<(IoRequest, *mut u8)> = reqs
         .iter_mut()
         .enumerate()
-        .map(|(i, b)| (IoRequest { op: IoOp::Read, offset: i as u64 * 320 * 1024, len: b.len() as u32, fua: false }, b.as_mut_ptr()))
+        .map(|(i, b)| {
+            (
+                IoRequest {
+                    op: IoOp::Read,
+                    offset: i as u64 * 320 * 1024,
+                    len: b.len() as u32,
+                    fua: false,
+                },
+                b.as_mut_ptr(),
+            )
+        })
         .collect();
-    assert!(ring.run(&mut engine, &batch).iter().all(|&r| r == 64 * 1024));
+    assert!(ring
+        .run(&mut engine, &batch)
+        .iter()
+        .all(|&r| r == 64 * 1024));
     assert_eq!(reqs, bufs, "remote reads returned other data");
     let _ = a.root.clone();
 }
@@ -183,8 +273,14 @@ fn killed_replica_fails_fast_and_rebuilds_only_what_it_missed() {
     a.create("vol-r-a");
     b.create("vol-r-b");
     let v = volume(vec![
-        ReplicaHandle { name: "vol-r-a".into(), io: Some(a.remote("vol-r-a")) },
-        ReplicaHandle { name: "vol-r-b".into(), io: Some(b.remote("vol-r-b")) },
+        ReplicaHandle {
+            name: "vol-r-a".into(),
+            io: Some(a.remote("vol-r-a")),
+        },
+        ReplicaHandle {
+            name: "vol-r-b".into(),
+            io: Some(b.remote("vol-r-b")),
+        },
     ]);
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
@@ -198,7 +294,11 @@ fn killed_replica_fails_fast_and_rebuilds_only_what_it_missed() {
     let started = Instant::now();
     let mut d = pattern(100, 64 * 1024);
     assert_eq!(write(&mut ring, &mut engine, 9 * MIB, &mut d), 64 * 1024);
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
     assert_eq!(v.replicas()[1].state, ReplicaState::Failed);
     assert_eq!(v.health(), VolumeHealth::Degraded);
     // Two more writes while B is away: 64 KiB + 128 KiB of dirty blocks.
@@ -206,11 +306,19 @@ fn killed_replica_fails_fast_and_rebuilds_only_what_it_missed() {
     assert_eq!(write(&mut ring, &mut engine, 12 * MIB, &mut d), 128 * 1024);
     b.restart();
     let back = b.remote("vol-r-b");
-    assert!(v.can_resume(1, "vol-r-b", back.revision()), "B came back at the revision it left at");
+    assert!(
+        v.can_resume(1, "vol-r-b", back.revision()),
+        "B came back at the revision it left at"
+    );
     let progress = RebuildProgress::new("vol-r-b");
-    let report = rebuild(&v, 1, "vol-r-b", back, &progress, &AtomicBool::new(false)).expect("rebuild");
+    let report =
+        rebuild(&v, 1, "vol-r-b", back, &progress, &AtomicBool::new(false)).expect("rebuild");
     assert!(report.incremental);
-    assert_eq!(report.copied, 192 * 1024, "copies exactly the blocks written while B was away");
+    assert_eq!(
+        report.copied,
+        192 * 1024,
+        "copies exactly the blocks written while B was away"
+    );
     assert_eq!(v.health(), VolumeHealth::Healthy);
     assert_eq!(a.content("vol-r-a"), b.content("vol-r-b"));
     // And B serves reads again.
@@ -226,8 +334,14 @@ fn rebuild_under_concurrent_writes_converges() {
     a.create("vol-r-a");
     b.create("vol-r-b");
     let v = volume(vec![
-        ReplicaHandle { name: "vol-r-a".into(), io: Some(a.remote("vol-r-a")) },
-        ReplicaHandle { name: "vol-r-b".into(), io: None },
+        ReplicaHandle {
+            name: "vol-r-a".into(),
+            io: Some(a.remote("vol-r-a")),
+        },
+        ReplicaHandle {
+            name: "vol-r-b".into(),
+            io: None,
+        },
     ]);
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
@@ -241,7 +355,14 @@ fn rebuild_under_concurrent_writes_converges() {
     let done2 = done.clone();
     let t = std::thread::spawn(move || {
         let progress = RebuildProgress::new("vol-r-b");
-        let r = rebuild(&v2, 1, "vol-r-b", target, &progress, &AtomicBool::new(false));
+        let r = rebuild(
+            &v2,
+            1,
+            "vol-r-b",
+            target,
+            &progress,
+            &AtomicBool::new(false),
+        );
         done2.store(true, Ordering::SeqCst);
         r
     });
@@ -249,14 +370,21 @@ fn rebuild_under_concurrent_writes_converges() {
     while !done.load(Ordering::SeqCst) || n < 50 {
         let mut d = pattern(1000 + n, 16 * 1024);
         let off = (n * 7919 * 4096) % (SIZE - 16 * 1024);
-        assert_eq!(write(&mut ring, &mut engine, off & !4095, &mut d), 16 * 1024);
+        assert_eq!(
+            write(&mut ring, &mut engine, off & !4095, &mut d),
+            16 * 1024
+        );
         n += 1;
     }
     let report = t.join().expect("thread").expect("rebuild");
     assert!(!report.incremental);
     assert!(report.copied >= 16 * MIB, "copied {}", report.copied);
     assert_eq!(v.health(), VolumeHealth::Healthy);
-    assert_eq!(a.content("vol-r-a"), b.content("vol-r-b"), "replicas differ after rebuild under load");
+    assert_eq!(
+        a.content("vol-r-a"),
+        b.content("vol-r-b"),
+        "replicas differ after rebuild under load"
+    );
 }
 
 #[test]
@@ -275,7 +403,10 @@ fn a_silent_replica_times_out_and_leaves_the_io_set() {
     std::thread::spawn(move || {
         for c in proxy.incoming().flatten() {
             let up = TcpStream::connect(&upstream).expect("upstream");
-            for (mut from, mut to) in [(c.try_clone().expect("c"), up.try_clone().expect("u")), (up, c)] {
+            for (mut from, mut to) in [
+                (c.try_clone().expect("c"), up.try_clone().expect("u")),
+                (up, c),
+            ] {
                 let f = f2.clone();
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 65536];
@@ -298,8 +429,14 @@ fn a_silent_replica_times_out_and_leaves_the_io_set() {
     t.addr = proxy_addr;
     let hung = ReplicaIo::Remote(Arc::new(RemoteReplica::connect(t).expect("connect")));
     let v = volume(vec![
-        ReplicaHandle { name: "vol-r-a".into(), io: Some(a.remote("vol-r-a")) },
-        ReplicaHandle { name: "vol-r-h".into(), io: Some(hung) },
+        ReplicaHandle {
+            name: "vol-r-a".into(),
+            io: Some(a.remote("vol-r-a")),
+        },
+        ReplicaHandle {
+            name: "vol-r-h".into(),
+            io: Some(hung),
+        },
     ]);
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
@@ -308,12 +445,23 @@ fn a_silent_replica_times_out_and_leaves_the_io_set() {
     frozen.store(true, Ordering::SeqCst);
     let started = Instant::now();
     let mut d = pattern(2, 4096);
-    assert_eq!(write(&mut ring, &mut engine, 4096, &mut d), 4096, "the write completes on the live replica");
+    assert_eq!(
+        write(&mut ring, &mut engine, 4096, &mut d),
+        4096,
+        "the write completes on the live replica"
+    );
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(700) && took < Duration::from_secs(3), "bounded by the timeout: {took:?}");
+    assert!(
+        took >= Duration::from_millis(700) && took < Duration::from_secs(3),
+        "bounded by the timeout: {took:?}"
+    );
     let st = v.replicas();
     assert_eq!(st[1].state, ReplicaState::Failed);
-    assert!(st[1].message.contains("timed out") || st[1].message.to_lowercase().contains("time"), "{}", st[1].message);
+    assert!(
+        st[1].message.contains("timed out") || st[1].message.to_lowercase().contains("time"),
+        "{}",
+        st[1].message
+    );
     // No more waiting: the failed replica is out of the I/O set.
     let started = Instant::now();
     let mut d = pattern(3, 4096);
@@ -338,30 +486,54 @@ fn wrong_secret_and_garbage_are_rejected_and_the_server_keeps_serving() {
         b"CRN1\x05\x00".to_vec(),
         {
             let mut f = Vec::new();
-            cairn::transport::encode_frame(&mut f, &cairn::transport::Header { request_id: 1, op: Op::Read { offset: 0, len: 4096 } }, &[])
-                .expect("encode");
+            cairn::transport::encode_frame(
+                &mut f,
+                &cairn::transport::Header {
+                    request_id: 1,
+                    op: Op::Read {
+                        offset: 0,
+                        len: 4096,
+                    },
+                },
+                &[],
+            )
+            .expect("encode");
             f
         },
     ] {
         let mut s = TcpStream::connect(&a.addr).expect("connect");
         let _ = s.write_all(&junk);
-        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
         let mut buf = [0u8; 64];
         // The server closes the connection without serving anything.
         let n = s.read(&mut buf).unwrap_or(0);
-        assert!(n == 0 || !buf[..n].windows(4).any(|w| w == b"CRN1") || n < 64, "server answered garbage");
+        assert!(
+            n == 0 || !buf[..n].windows(4).any(|w| w == b"CRN1") || n < 64,
+            "server answered garbage"
+        );
     }
     let stats = a.server.as_ref().expect("server").stats();
     let deadline = Instant::now() + Duration::from_secs(5);
     while stats.rejected.load(Ordering::Relaxed) < 3 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(stats.rejected.load(Ordering::Relaxed) >= 3, "rejections counted: {}", stats.rejected.load(Ordering::Relaxed));
+    assert!(
+        stats.rejected.load(Ordering::Relaxed) >= 3,
+        "rejections counted: {}",
+        stats.rejected.load(Ordering::Relaxed)
+    );
     // The right secret still works.
-    let mut c = PeerConn::connect(&a.addr, &secret(), "engine", Duration::from_secs(2)).expect("good peer");
+    let mut c =
+        PeerConn::connect(&a.addr, &secret(), "engine", Duration::from_secs(2)).expect("good peer");
     assert_eq!(c.call(Op::Ping).expect("ping"), Op::Pong);
-    match c.call(Op::Read { offset: 0, len: 4096 }) {
-        Err(PeerError::Remote { errno, .. }) => assert_eq!(errno, libc::EBADF, "data op before Open"),
+    match c.call(Op::Read {
+        offset: 0,
+        len: 4096,
+    }) {
+        Err(PeerError::Remote { errno, .. }) => {
+            assert_eq!(errno, libc::EBADF, "data op before Open")
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -373,8 +545,14 @@ fn salvage_recovers_from_the_newest_replicas() {
     a.create("vol-r-a");
     b.create("vol-r-b");
     let v = volume(vec![
-        ReplicaHandle { name: "vol-r-a".into(), io: Some(a.remote("vol-r-a")) },
-        ReplicaHandle { name: "vol-r-b".into(), io: Some(b.remote("vol-r-b")) },
+        ReplicaHandle {
+            name: "vol-r-a".into(),
+            io: Some(a.remote("vol-r-a")),
+        },
+        ReplicaHandle {
+            name: "vol-r-b".into(),
+            io: Some(b.remote("vol-r-b")),
+        },
     ]);
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
@@ -386,12 +564,18 @@ fn salvage_recovers_from_the_newest_replicas() {
     assert_eq!(write(&mut ring, &mut engine, 0, &mut new), 65536);
     b.kill();
     let mut d = pattern(3, 4096);
-    assert!(write(&mut ring, &mut engine, 0, &mut d) < 0, "no replica left: the write fails");
+    assert!(
+        write(&mut ring, &mut engine, 0, &mut d) < 0,
+        "no replica left: the write fails"
+    );
     assert_eq!(v.health(), VolumeHealth::Faulted);
     a.restart();
     b.restart();
     let kept = v
-        .salvage(vec![(0, "vol-r-a".into(), a.remote("vol-r-a")), (1, "vol-r-b".into(), b.remote("vol-r-b"))])
+        .salvage(vec![
+            (0, "vol-r-a".into(), a.remote("vol-r-a")),
+            (1, "vol-r-b".into(), b.remote("vol-r-b")),
+        ])
         .expect("salvage");
     assert_eq!(kept, vec!["vol-r-b".to_string()], "the newest replica wins");
     assert_eq!(read(&mut ring, &mut engine, 0, 65536), new);
@@ -399,7 +583,11 @@ fn salvage_recovers_from_the_newest_replicas() {
 
 /// Runs `f` on another thread while this one keeps the queue engine
 /// answering the pause handshake (as a ublk queue thread does).
-fn with_queue_pumped<T: Send + 'static>(ring: &mut TestRing, engine: &mut QueueEngine, f: impl FnOnce() -> T + Send + 'static) -> T {
+fn with_queue_pumped<T: Send + 'static>(
+    ring: &mut TestRing,
+    engine: &mut QueueEngine,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
     let t = std::thread::spawn(f);
     while !t.is_finished() {
         engine.poll_pause(ring, |_, _| {});
@@ -413,62 +601,137 @@ fn with_queue_pumped<T: Send + 'static>(ring: &mut TestRing, engine: &mut QueueE
 fn snapshots_reach_remote_replicas_and_a_full_rebuild_copies_the_chain() {
     use cairn::replica::ChainChange;
     let tmp = tempfile::tempdir().expect("tmp");
-    let (a, b, c) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"), Node::new(tmp.path(), "c"));
+    let (a, b, c) = (
+        Node::new(tmp.path(), "a"),
+        Node::new(tmp.path(), "b"),
+        Node::new(tmp.path(), "c"),
+    );
     a.create("vol-r-a");
     b.create("vol-r-b");
     c.create("vol-r-c");
     let v = volume(vec![
-        ReplicaHandle { name: "vol-r-a".into(), io: Some(a.remote("vol-r-a")) },
-        ReplicaHandle { name: "vol-r-b".into(), io: Some(b.remote("vol-r-b")) },
+        ReplicaHandle {
+            name: "vol-r-a".into(),
+            io: Some(a.remote("vol-r-a")),
+        },
+        ReplicaHandle {
+            name: "vol-r-b".into(),
+            io: Some(b.remote("vol-r-b")),
+        },
     ]);
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
-    let snap = |name: &str| ChainChange::Snapshot { name: name.into(), created: String::new(), user_created: true, labels: Default::default() };
+    let snap = |name: &str| ChainChange::Snapshot {
+        name: name.into(),
+        created: String::new(),
+        user_created: true,
+        labels: Default::default(),
+    };
     let change = |ring: &mut TestRing, engine: &mut QueueEngine, c: ChainChange| {
         let v2 = v.clone();
-        with_queue_pumped(ring, engine, move || v2.change_chain(&c, Duration::from_secs(5)))
+        with_queue_pumped(ring, engine, move || {
+            v2.change_chain(&c, Duration::from_secs(5))
+        })
     };
     let mut d = pattern(1, 4 * MIB as usize);
     assert_eq!(write(&mut ring, &mut engine, 0, &mut d), 4 * MIB as i32);
     change(&mut ring, &mut engine, snap("s1")).expect("s1");
     let mut d = pattern(2, 4 * MIB as usize);
-    assert_eq!(write(&mut ring, &mut engine, 2 * MIB, &mut d), 4 * MIB as i32);
+    assert_eq!(
+        write(&mut ring, &mut engine, 2 * MIB, &mut d),
+        4 * MIB as i32
+    );
     change(&mut ring, &mut engine, snap("s2")).expect("s2");
     let mut d = pattern(3, 2 * MIB as usize);
-    assert_eq!(write(&mut ring, &mut engine, 6 * MIB, &mut d), 2 * MIB as i32);
+    assert_eq!(
+        write(&mut ring, &mut engine, 6 * MIB, &mut d),
+        2 * MIB as i32
+    );
     change(&mut ring, &mut engine, snap("s3")).expect("s3");
-    let o = change(&mut ring, &mut engine, ChainChange::Remove { name: "s1".into() }).expect("remove s1");
+    let o = change(
+        &mut ring,
+        &mut engine,
+        ChainChange::Remove { name: "s1".into() },
+    )
+    .expect("remove s1");
     assert!(o.coalesced, "s1's child s2 is a snapshot: merged");
-    let o = change(&mut ring, &mut engine, ChainChange::Remove { name: "s3".into() }).expect("mark s3");
+    let o = change(
+        &mut ring,
+        &mut engine,
+        ChainChange::Remove { name: "s3".into() },
+    )
+    .expect("mark s3");
     assert!(!o.coalesced, "s3's child is the head: only marked");
     let mut d = pattern(4, MIB as usize);
     assert_eq!(write(&mut ring, &mut engine, 9 * MIB, &mut d), MIB as i32);
     let chain_of = |n: &Node, r: &str| -> Vec<(String, bool, String)> {
-        n.disks.open("vol", r).expect("open").chain().into_iter().map(|l| (l.file, l.removed, l.created)).collect()
+        n.disks
+            .open("vol", r)
+            .expect("open")
+            .chain()
+            .into_iter()
+            .map(|l| (l.file, l.removed, l.created))
+            .collect()
     };
-    assert_eq!(chain_of(&a, "vol-r-a"), chain_of(&b, "vol-r-b"), "both replicas took every change");
+    assert_eq!(
+        chain_of(&a, "vol-r-a"),
+        chain_of(&b, "vol-r-b"),
+        "both replicas took every change"
+    );
     assert_eq!(a.content("vol-r-a"), b.content("vol-r-b"));
 
     // Replace B by a fresh C: a full rebuild copies s2 and s3, then the head.
     v.fail_replica("vol-r-b", "test").expect("fail b");
     let progress = RebuildProgress::new("vol-r-c");
-    let report = rebuild(&v, 1, "vol-r-c", c.remote("vol-r-c"), &progress, &AtomicBool::new(false)).expect("rebuild");
+    let report = rebuild(
+        &v,
+        1,
+        "vol-r-c",
+        c.remote("vol-r-c"),
+        &progress,
+        &AtomicBool::new(false),
+    )
+    .expect("rebuild");
     assert!(!report.incremental);
-    assert_eq!(report.copied, MIB, "only the head's data goes through the live copy");
+    assert_eq!(
+        report.copied, MIB,
+        "only the head's data goes through the live copy"
+    );
     let (ca, cc) = (chain_of(&a, "vol-r-a"), chain_of(&c, "vol-r-c"));
     let strip = |v: Vec<(String, bool, String)>| -> Vec<(String, bool, String)> {
-        v.into_iter().map(|(f, r, t)| if f.starts_with("volume-head") { (String::new(), r, String::new()) } else { (f, r, t) }).collect()
+        v.into_iter()
+            .map(|(f, r, t)| {
+                if f.starts_with("volume-head") {
+                    (String::new(), r, String::new())
+                } else {
+                    (f, r, t)
+                }
+            })
+            .collect()
     };
-    assert_eq!(strip(ca), strip(cc), "the rebuilt replica has the same snapshots, times and marks");
+    assert_eq!(
+        strip(ca),
+        strip(cc),
+        "the rebuilt replica has the same snapshots, times and marks"
+    );
     assert_eq!(a.content("vol-r-a"), c.content("vol-r-c"));
     for s in ["s2", "s3"] {
         let view = |n: &Node, r: &str| {
-            let view = n.disks.open("vol", r).expect("open").snapshot_view(s).expect("view");
+            let view = n
+                .disks
+                .open("vol", r)
+                .expect("open")
+                .snapshot_view(s)
+                .expect("view");
             let mut buf = vec![0u8; SIZE as usize];
             view.read_at(0, &mut buf).expect("read view");
             buf
         };
-        assert_eq!(view(&a, "vol-r-a"), view(&c, "vol-r-c"), "snapshot {s} differs after rebuild");
+        assert_eq!(
+            view(&a, "vol-r-a"),
+            view(&c, "vol-r-c"),
+            "snapshot {s} differs after rebuild"
+        );
     }
     // Chain changes are refused while a rebuild runs; a fresh epoch works.
     assert_eq!(v.health(), VolumeHealth::Healthy);

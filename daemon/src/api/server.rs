@@ -49,7 +49,8 @@ pub fn status(e: ControlError) -> Status {
         | E::BackupInProgress { .. }
         | E::NotStandby { .. }
         | E::MustDetach { .. }
-        | E::SnapshotBusy { .. } | E::NoHealthyReplicaFor { .. } => Code::FailedPrecondition,
+        | E::SnapshotBusy { .. }
+        | E::NoHealthyReplicaFor { .. } => Code::FailedPrecondition,
         E::Engine(EngineError::Rebuilding { .. }) => Code::FailedPrecondition,
         E::AlreadyExists { .. } | E::SnapshotExists { .. } => Code::AlreadyExists,
         E::NotFound { .. } | E::UnknownReplica { .. } => Code::NotFound,
@@ -62,8 +63,11 @@ pub fn status(e: ControlError) -> Status {
         E::Engine(EngineError::LastHealthyReplica { .. } | EngineError::Faulted { .. }) => {
             Code::FailedPrecondition
         }
-        E::BadDisk { .. } | E::DuplicateDisk { .. } | E::NodeInUse { .. } | E::Secret(_) => Code::FailedPrecondition,
-        E::Setting(crate::control::settings::SettingError::Unknown(_)) | E::NothingToAdopt { .. } => Code::NotFound,
+        E::BadDisk { .. } | E::DuplicateDisk { .. } | E::NodeInUse { .. } | E::Secret(_) => {
+            Code::FailedPrecondition
+        }
+        E::Setting(crate::control::settings::SettingError::Unknown(_))
+        | E::NothingToAdopt { .. } => Code::NotFound,
         E::Setting(crate::control::settings::SettingError::Invalid { .. }) => Code::InvalidArgument,
         E::Cluster(crate::control::cluster::ClusterError::BadAddr { .. }) => Code::InvalidArgument,
         E::Cluster(crate::control::cluster::ClusterError::UnknownNode(_)) => Code::NotFound,
@@ -137,10 +141,21 @@ impl Cairn for CairnService {
         // proto3 has no "unset": 0 replicas means the node's default.
         let replicas = (r.replicas != 0).then_some(r.replicas);
         let v = if r.from_backup.is_empty() {
-            self.manager.create(&r.name, r.size, replicas, &r.recurring_jobs).await
+            self.manager
+                .create(&r.name, r.size, replicas, &r.recurring_jobs)
+                .await
         } else {
             let size = (r.size != 0).then_some(r.size);
-            self.manager.create_from_backup(&r.name, size, replicas, &r.from_backup, r.standby, &r.recurring_jobs).await
+            self.manager
+                .create_from_backup(
+                    &r.name,
+                    size,
+                    replicas,
+                    &r.from_backup,
+                    r.standby,
+                    &r.recurring_jobs,
+                )
+                .await
         }
         .map_err(status)?;
         Ok(Response::new(volume(v)))
@@ -222,29 +237,61 @@ impl Cairn for CairnService {
         Ok(Response::new(node(self.manager.node().await)))
     }
 
-    async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        _req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let rules = self.manager.rules();
-        let nodes = self.manager.nodes().await.into_iter().map(|n| cluster_node(n, rules)).collect();
+        let nodes = self
+            .manager
+            .nodes()
+            .await
+            .into_iter()
+            .map(|n| cluster_node(n, rules))
+            .collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
-    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> Result<Response<pb::ClusterNode>, Status> {
+    async fn add_node(
+        &self,
+        req: Request<pb::AddNodeRequest>,
+    ) -> Result<Response<pb::ClusterNode>, Status> {
         let rules = self.manager.rules();
-        let n = self.manager.node_add(&req.into_inner().addr).await.map_err(status)?;
+        let n = self
+            .manager
+            .node_add(&req.into_inner().addr)
+            .await
+            .map_err(status)?;
         Ok(Response::new(cluster_node(n, rules)))
     }
 
-    async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::RemoveNodeResponse>, Status> {
-        self.manager.node_remove(&req.into_inner().node).await.map_err(status)?;
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        self.manager
+            .node_remove(&req.into_inner().node)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::RemoveNodeResponse {}))
     }
 
-    async fn adopt_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
-        let v = self.manager.adopt(&req.into_inner().name).await.map_err(status)?;
+    async fn adopt_volume(
+        &self,
+        req: Request<pb::VolumeRef>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let v = self
+            .manager
+            .adopt(&req.into_inner().name)
+            .await
+            .map_err(status)?;
         Ok(Response::new(volume(v)))
     }
 
-    async fn list_settings(&self, _req: Request<pb::ListSettingsRequest>) -> Result<Response<pb::ListSettingsResponse>, Status> {
+    async fn list_settings(
+        &self,
+        _req: Request<pb::ListSettingsRequest>,
+    ) -> Result<Response<pb::ListSettingsResponse>, Status> {
         let settings = self
             .manager
             .settings()
@@ -259,85 +306,176 @@ impl Cairn for CairnService {
         Ok(Response::new(pb::ListSettingsResponse { settings }))
     }
 
-    async fn get_setting(&self, req: Request<pb::SettingRef>) -> Result<Response<pb::Setting>, Status> {
+    async fn get_setting(
+        &self,
+        req: Request<pb::SettingRef>,
+    ) -> Result<Response<pb::Setting>, Status> {
         let name = req.into_inner().name;
         let value = self.manager.setting(&name).map_err(status)?;
         Ok(Response::new(setting(&name, value)))
     }
 
-    async fn set_setting(&self, req: Request<pb::SetSettingRequest>) -> Result<Response<pb::Setting>, Status> {
+    async fn set_setting(
+        &self,
+        req: Request<pb::SetSettingRequest>,
+    ) -> Result<Response<pb::Setting>, Status> {
         let r = req.into_inner();
-        let value = self.manager.set_setting(&r.name, &r.value).map_err(status)?;
+        let value = self
+            .manager
+            .set_setting(&r.name, &r.value)
+            .map_err(status)?;
         Ok(Response::new(setting(&r.name, value)))
     }
 
-    async fn create_snapshot(&self, req: Request<pb::CreateSnapshotRequest>) -> Result<Response<pb::Snapshot>, Status> {
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::Snapshot>, Status> {
         let r = req.into_inner();
         let name = (!r.name.is_empty()).then_some(r.name.as_str());
-        let s = self.manager.snapshot_create(&r.volume, name, r.labels.into_iter().collect()).await.map_err(status)?;
+        let s = self
+            .manager
+            .snapshot_create(&r.volume, name, r.labels.into_iter().collect())
+            .await
+            .map_err(status)?;
         Ok(Response::new(snapshot(s)))
     }
 
-    async fn list_snapshots(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
-        let list = self.manager.snapshot_list(&req.into_inner().name).await.map_err(status)?;
-        Ok(Response::new(pb::ListSnapshotsResponse { snapshots: list.into_iter().map(snapshot).collect() }))
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::VolumeRef>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let list = self
+            .manager
+            .snapshot_list(&req.into_inner().name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ListSnapshotsResponse {
+            snapshots: list.into_iter().map(snapshot).collect(),
+        }))
     }
 
-    async fn delete_snapshot(&self, req: Request<pb::SnapshotRef>) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::SnapshotRef>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let coalesced = self.manager.snapshot_delete(&r.volume, &r.name).await.map_err(status)?;
+        let coalesced = self
+            .manager
+            .snapshot_delete(&r.volume, &r.name)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::DeleteSnapshotResponse { coalesced }))
     }
 
-    async fn revert_snapshot(&self, req: Request<pb::SnapshotRef>) -> Result<Response<pb::RevertSnapshotResponse>, Status> {
+    async fn revert_snapshot(
+        &self,
+        req: Request<pb::SnapshotRef>,
+    ) -> Result<Response<pb::RevertSnapshotResponse>, Status> {
         let r = req.into_inner();
-        let dropped = self.manager.snapshot_revert(&r.volume, &r.name).await.map_err(status)?;
+        let dropped = self
+            .manager
+            .snapshot_revert(&r.volume, &r.name)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::RevertSnapshotResponse { dropped }))
     }
 
-    async fn purge_snapshots(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::PurgeSnapshotsResponse>, Status> {
-        let merged = self.manager.snapshot_purge(&req.into_inner().name).await.map_err(status)?;
+    async fn purge_snapshots(
+        &self,
+        req: Request<pb::VolumeRef>,
+    ) -> Result<Response<pb::PurgeSnapshotsResponse>, Status> {
+        let merged = self
+            .manager
+            .snapshot_purge(&req.into_inner().name)
+            .await
+            .map_err(status)?;
         Ok(Response::new(pb::PurgeSnapshotsResponse { merged }))
     }
 
-    async fn create_backup(&self, req: Request<pb::CreateBackupRequest>) -> Result<Response<pb::Backup>, Status> {
+    async fn create_backup(
+        &self,
+        req: Request<pb::CreateBackupRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
         let r = req.into_inner();
         let snap = (!r.snapshot.is_empty()).then_some(r.snapshot.as_str());
-        let b = self.manager.backup_create(&r.volume, snap, r.labels.into_iter().collect()).await.map_err(status)?;
+        let b = self
+            .manager
+            .backup_create(&r.volume, snap, r.labels.into_iter().collect())
+            .await
+            .map_err(status)?;
         Ok(Response::new(backup(b)))
     }
 
-    async fn list_backups(&self, req: Request<pb::ListBackupsRequest>) -> Result<Response<pb::ListBackupsResponse>, Status> {
+    async fn list_backups(
+        &self,
+        req: Request<pb::ListBackupsRequest>,
+    ) -> Result<Response<pb::ListBackupsResponse>, Status> {
         let r = req.into_inner();
         let v = (!r.volume.is_empty()).then_some(r.volume.as_str());
         let list = self.manager.backup_list(v).await.map_err(status)?;
-        Ok(Response::new(pb::ListBackupsResponse { backups: list.into_iter().map(backup).collect() }))
+        Ok(Response::new(pb::ListBackupsResponse {
+            backups: list.into_iter().map(backup).collect(),
+        }))
     }
 
-    async fn get_backup(&self, req: Request<pb::BackupRef>) -> Result<Response<pb::Backup>, Status> {
-        let b = self.manager.backup_get(&req.into_inner().handle).await.map_err(status)?;
+    async fn get_backup(
+        &self,
+        req: Request<pb::BackupRef>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        let b = self
+            .manager
+            .backup_get(&req.into_inner().handle)
+            .await
+            .map_err(status)?;
         Ok(Response::new(backup(b)))
     }
 
-    async fn delete_backup(&self, req: Request<pb::BackupRef>) -> Result<Response<pb::DeleteBackupResponse>, Status> {
-        let (removed_blocks, kept_blocks) = self.manager.backup_delete(&req.into_inner().handle).await.map_err(status)?;
-        Ok(Response::new(pb::DeleteBackupResponse { removed_blocks, kept_blocks }))
+    async fn delete_backup(
+        &self,
+        req: Request<pb::BackupRef>,
+    ) -> Result<Response<pb::DeleteBackupResponse>, Status> {
+        let (removed_blocks, kept_blocks) = self
+            .manager
+            .backup_delete(&req.into_inner().handle)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DeleteBackupResponse {
+            removed_blocks,
+            kept_blocks,
+        }))
     }
 
-    async fn activate_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
-        let v = self.manager.activate(&req.into_inner().name).await.map_err(status)?;
+    async fn activate_volume(
+        &self,
+        req: Request<pb::VolumeRef>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let v = self
+            .manager
+            .activate(&req.into_inner().name)
+            .await
+            .map_err(status)?;
         Ok(Response::new(volume(v)))
     }
 
-    async fn set_recurring_jobs(&self, req: Request<pb::SetRecurringJobsRequest>) -> Result<Response<pb::Volume>, Status> {
+    async fn set_recurring_jobs(
+        &self,
+        req: Request<pb::SetRecurringJobsRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        let v = self.manager.set_recurring_jobs(&r.volume, &r.jobs).await.map_err(status)?;
+        let v = self
+            .manager
+            .set_recurring_jobs(&r.volume, &r.jobs)
+            .await
+            .map_err(status)?;
         Ok(Response::new(volume(v)))
     }
 }
 
 fn setting(name: &str, value: String) -> pb::Setting {
-    let d = crate::control::settings::DEFINITIONS.iter().find(|d| d.name == name);
+    let d = crate::control::settings::DEFINITIONS
+        .iter()
+        .find(|d| d.name == name);
     pb::Setting {
         name: name.to_string(),
         value,
@@ -346,7 +484,10 @@ fn setting(name: &str, value: String) -> pb::Setting {
     }
 }
 
-fn cluster_node(n: crate::control::cluster::NodeView, rules: crate::control::placement::Rules) -> pb::ClusterNode {
+fn cluster_node(
+    n: crate::control::cluster::NodeView,
+    rules: crate::control::placement::Rules,
+) -> pb::ClusterNode {
     let up = n.up;
     pb::ClusterNode {
         name: n.name,
@@ -360,7 +501,8 @@ fn cluster_node(n: crate::control::cluster::NodeView, rules: crate::control::pla
             .unwrap_or_default()
             .into_iter()
             .map(|d| pb::ClusterDisk {
-                schedulable: up && crate::disks::disk_fits(&d, 0, rules.over_provisioning, rules.min_available),
+                schedulable: up
+                    && crate::disks::disk_fits(&d, 0, rules.over_provisioning, rules.min_available),
                 path: d.path,
                 size: d.size,
                 available: d.available,
@@ -410,7 +552,12 @@ fn backup(b: BackupInfo) -> pb::Backup {
         size: b.size,
         labels: b.labels.into_iter().collect(),
         state: b.state.to_string(),
-        progress: b.progress.map(|p| pb::Progress { percent: p.percent, done_bytes: p.done, total_bytes: p.total, bytes_per_second: p.rate }),
+        progress: b.progress.map(|p| pb::Progress {
+            percent: p.percent,
+            done_bytes: p.done,
+            total_bytes: p.total,
+            bytes_per_second: p.rate,
+        }),
         message: b.message,
         incremental: b.incremental,
         compression: b.compression,

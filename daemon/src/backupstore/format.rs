@@ -51,7 +51,9 @@ pub struct VolumePaths {
 impl VolumePaths {
     pub fn new(volume: &str) -> VolumePaths {
         let h = checksum(volume.as_bytes());
-        VolumePaths { dir: format!("{BASE}/volumes/{}/{}/{volume}", &h[0..2], &h[2..4]) }
+        VolumePaths {
+            dir: format!("{BASE}/volumes/{}/{}/{volume}", &h[0..2], &h[2..4]),
+        }
     }
     pub fn volumes_root() -> String {
         format!("{BASE}/volumes")
@@ -72,7 +74,10 @@ impl VolumePaths {
         format!("{}/blocks", self.dir)
     }
     pub fn block(&self, checksum: &str) -> String {
-        let (a, b) = (checksum.get(0..2).unwrap_or("00"), checksum.get(2..4).unwrap_or("00"));
+        let (a, b) = (
+            checksum.get(0..2).unwrap_or("00"),
+            checksum.get(2..4).unwrap_or("00"),
+        );
         format!("{}/blocks/{a}/{b}/{checksum}.blk", self.dir)
     }
     pub fn locks_dir(&self) -> String {
@@ -120,7 +125,10 @@ impl Compression {
         match self {
             Compression::None => Ok(data.to_vec()),
             Compression::Gzip => {
-                let mut e = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 2), flate2::Compression::fast());
+                let mut e = flate2::write::GzEncoder::new(
+                    Vec::with_capacity(data.len() / 2),
+                    flate2::Compression::fast(),
+                );
                 e.write_all(data)?;
                 e.finish()
             }
@@ -137,11 +145,17 @@ impl Compression {
         let mut out = Vec::new();
         let n = match self {
             Compression::None => return Ok(data.to_vec()),
-            Compression::Gzip => flate2::read::GzDecoder::new(data).take(limit + 1).read_to_end(&mut out)?,
-            Compression::Lz4 => lz4_flex::frame::FrameDecoder::new(data).take(limit + 1).read_to_end(&mut out)?,
+            Compression::Gzip => flate2::read::GzDecoder::new(data)
+                .take(limit + 1)
+                .read_to_end(&mut out)?,
+            Compression::Lz4 => lz4_flex::frame::FrameDecoder::new(data)
+                .take(limit + 1)
+                .read_to_end(&mut out)?,
         };
         if n as u64 > limit {
-            return Err(std::io::Error::other(format!("decompresses to more than {limit} bytes")));
+            return Err(std::io::Error::other(format!(
+                "decompresses to more than {limit} bytes"
+            )));
         }
         Ok(out)
     }
@@ -208,7 +222,9 @@ mod go_map {
     pub fn serialize<S: Serializer>(v: &BTreeMap<String, String>, s: S) -> Result<S::Ok, S::Error> {
         v.serialize(s)
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, String>, D::Error> {
         Ok(Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default())
     }
 }
@@ -262,11 +278,15 @@ pub fn parse_block_size(v: Option<&str>) -> Result<u64, String> {
         _ if v.ends_with("Gi") => (&v[..v.len() - 2], 1 << 30),
         _ => (v, 1),
     };
-    let n: u64 = num.parse().map_err(|_| format!("block size {v:?} is not a quantity like 2Mi"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("block size {v:?} is not a quantity like 2Mi"))?;
     match n.checked_mul(mul) {
         Some(0) => Ok(DEFAULT_BLOCK_SIZE),
         Some(b) if b % 4096 == 0 && b <= 64 << 20 => Ok(b),
-        _ => Err(format!("block size {v:?} must be a multiple of 4096 bytes up to 64Mi")),
+        _ => Err(format!(
+            "block size {v:?} must be a multiple of 4096 bytes up to 64Mi"
+        )),
     }
 }
 
@@ -282,7 +302,11 @@ pub fn block_size_quantity(b: u64) -> String {
 impl BackupCfg {
     /// The backup's block size (see [`BLOCK_SIZE_PARAMETER`]).
     pub fn block_size(&self) -> Result<u64, String> {
-        parse_block_size(self.parameters.get(BLOCK_SIZE_PARAMETER).map(String::as_str))
+        parse_block_size(
+            self.parameters
+                .get(BLOCK_SIZE_PARAMETER)
+                .map(String::as_str),
+        )
     }
 }
 
@@ -350,15 +374,27 @@ pub struct FormatError {
 }
 
 pub fn parse_volume_cfg(what: &str, bytes: &[u8]) -> Result<VolumeCfg, FormatError> {
-    serde_json::from_slice(bytes).map_err(|e| FormatError { what: what.into(), reason: format!("not a valid volume.cfg: {e}") })
+    serde_json::from_slice(bytes).map_err(|e| FormatError {
+        what: what.into(),
+        reason: format!("not a valid volume.cfg: {e}"),
+    })
 }
 
 pub fn parse_backup_cfg(what: &str, bytes: &[u8]) -> Result<BackupCfg, FormatError> {
-    let cfg: BackupCfg =
-        serde_json::from_slice(bytes).map_err(|e| FormatError { what: what.into(), reason: format!("not a valid backup config: {e}") })?;
+    let cfg: BackupCfg = serde_json::from_slice(bytes).map_err(|e| FormatError {
+        what: what.into(),
+        reason: format!("not a valid backup config: {e}"),
+    })?;
     for b in &cfg.blocks {
-        if b.block_checksum.len() != 64 || !b.block_checksum.bytes().all(|c| c.is_ascii_hexdigit()) {
-            return Err(FormatError { what: what.into(), reason: format!("block at offset {} has a bad checksum {:?}", b.offset, b.block_checksum) });
+        if b.block_checksum.len() != 64 || !b.block_checksum.bytes().all(|c| c.is_ascii_hexdigit())
+        {
+            return Err(FormatError {
+                what: what.into(),
+                reason: format!(
+                    "block at offset {} has a bad checksum {:?}",
+                    b.offset, b.block_checksum
+                ),
+            });
         }
     }
     Ok(cfg)
@@ -381,7 +417,10 @@ pub struct HandleError {
 
 impl BackupHandle {
     pub fn parse(s: &str) -> Result<BackupHandle, HandleError> {
-        let err = |reason: &str| HandleError { handle: s.to_string(), reason: reason.to_string() };
+        let err = |reason: &str| HandleError {
+            handle: s.to_string(),
+            reason: reason.to_string(),
+        };
         let rest = s
             .strip_prefix("bak://")
             .or_else(|| s.strip_prefix("bs://"))
@@ -392,16 +431,26 @@ impl BackupHandle {
         if parts.next().is_some() {
             return Err(err("too many '/': use bak://VOLUME/BACKUP"));
         }
-        let valid = |n: &str| !n.is_empty() && n.len() <= 253 && n.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c));
+        let valid = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 253
+                && n.bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+        };
         if !valid(volume) {
             return Err(err("the volume name is empty or has characters other than letters, digits, '-', '_', '.'"));
         }
         if let Some(b) = backup {
             if !valid(b) {
-                return Err(err("the backup name has characters other than letters, digits, '-', '_', '.'"));
+                return Err(err(
+                    "the backup name has characters other than letters, digits, '-', '_', '.'",
+                ));
             }
         }
-        Ok(BackupHandle { volume: volume.to_string(), backup: backup.map(str::to_string) })
+        Ok(BackupHandle {
+            volume: volume.to_string(),
+            backup: backup.map(str::to_string),
+        })
     }
 }
 
@@ -430,11 +479,30 @@ mod tests {
         // python3 -c 'import hashlib;print(hashlib.sha512(b"pvc-1").hexdigest()[:64])'
         let h = checksum(b"pvc-1");
         assert_eq!(h.len(), 64);
-        assert_eq!(h, "7eedf508c892db38891f451d3233c21df0a2e921344c75bdd7b7b71471d5903a");
+        assert_eq!(
+            h,
+            "7eedf508c892db38891f451d3233c21df0a2e921344c75bdd7b7b71471d5903a"
+        );
         let p = VolumePaths::new("pvc-1");
-        assert_eq!(p.volume_cfg(), format!("backupstore/volumes/{}/{}/pvc-1/volume.cfg", &h[0..2], &h[2..4]));
+        assert_eq!(
+            p.volume_cfg(),
+            format!(
+                "backupstore/volumes/{}/{}/pvc-1/volume.cfg",
+                &h[0..2],
+                &h[2..4]
+            )
+        );
         let c = checksum(&[0u8; 16]);
-        assert_eq!(p.block(&c), format!("backupstore/volumes/{}/{}/pvc-1/blocks/{}/{}/{c}.blk", &h[0..2], &h[2..4], &c[0..2], &c[2..4]));
+        assert_eq!(
+            p.block(&c),
+            format!(
+                "backupstore/volumes/{}/{}/pvc-1/blocks/{}/{}/{c}.blk",
+                &h[0..2],
+                &h[2..4],
+                &c[0..2],
+                &c[2..4]
+            )
+        );
         assert_eq!(backup_name_of("backup_backup-1a.cfg"), Some("backup-1a"));
         assert_eq!(backup_name_of("other.cfg"), None);
     }
@@ -446,36 +514,67 @@ mod tests {
             "BlockCount":"2","BackingImageName":"\"\"","BackingImageChecksum":"\"\"","CompressionMethod":"\"lz4\"",
             "StorageClassName":"\"longhorn\"","DataEngine":"\"v1\""}"#;
         let v = parse_volume_cfg("t", lh.as_bytes()).unwrap();
-        assert_eq!((v.size, v.block_count, v.compression_method.as_str(), v.storage_class_name.as_str()), (2147483648, 2, "lz4", "longhorn"));
-        assert_eq!(v.extra.get("DataStored"), Some(&serde_json::json!("4194304")), "unknown fields are kept");
+        assert_eq!(
+            (
+                v.size,
+                v.block_count,
+                v.compression_method.as_str(),
+                v.storage_class_name.as_str()
+            ),
+            (2147483648, 2, "lz4", "longhorn")
+        );
+        assert_eq!(
+            v.extra.get("DataStored"),
+            Some(&serde_json::json!("4194304")),
+            "unknown fields are kept"
+        );
         let out = serde_json::to_string(&v).unwrap();
         assert!(out.contains(r#""Size":"2147483648""#), "{out}");
         assert!(out.contains(r#""CompressionMethod":"\"lz4\"""#), "{out}");
         assert!(out.contains(r#""DataStored":"4194304""#), "{out}");
         // The plain form (some writers) reads too.
-        let plain = parse_volume_cfg("t", br#"{"Name":"v","Size":4096,"CompressionMethod":"gzip"}"#).unwrap();
-        assert_eq!((plain.size, plain.compression_method.as_str()), (4096, "gzip"));
+        let plain = parse_volume_cfg(
+            "t",
+            br#"{"Name":"v","Size":4096,"CompressionMethod":"gzip"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (plain.size, plain.compression_method.as_str()),
+            (4096, "gzip")
+        );
 
         let b = r#"{"Name":"backup-a","VolumeName":"pvc-1","SnapshotName":"s1","SnapshotCreatedAt":"t1","CreatedTime":"t2",
             "Size":"4194304","Labels":{"k":"v"},"IsIncremental":true,"CompressionMethod":"lz4",
             "Blocks":[{"Offset":0,"BlockChecksum":"0000000000000000000000000000000000000000000000000000000000000000"}],
             "ProcessingBlocks":{},"SingleFile":{"FilePath":"","BlockChecksum":""}}"#;
         let c = parse_backup_cfg("t", b.as_bytes()).unwrap();
-        assert_eq!((c.size, c.blocks.len(), c.labels["k"].as_str()), (4194304, 1, "v"));
+        assert_eq!(
+            (c.size, c.blocks.len(), c.labels["k"].as_str()),
+            (4194304, 1, "v")
+        );
         assert!(!c.in_progress());
-        assert!(parse_backup_cfg("t", br#"{"Blocks":[{"Offset":0,"BlockChecksum":"../../x"}]}"#).is_err());
+        assert!(parse_backup_cfg(
+            "t",
+            br#"{"Blocks":[{"Offset":0,"BlockChecksum":"../../x"}]}"#
+        )
+        .is_err());
         let inprog = parse_backup_cfg("t", br#"{"Name":"b","VolumeName":"v","CompressionMethod":"lz4","CreatedTime":"","Blocks":null}"#).unwrap();
         assert!(inprog.in_progress());
     }
 
     #[test]
     fn compression_round_trips_and_refuses_bombs() {
-        let data: Vec<u8> = (0..DEFAULT_BLOCK_SIZE as usize).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..DEFAULT_BLOCK_SIZE as usize)
+            .map(|i| (i % 251) as u8)
+            .collect();
         for c in [Compression::None, Compression::Gzip, Compression::Lz4] {
             let z = c.compress(&data).unwrap();
             assert_eq!(c.decompress(&z, DEFAULT_BLOCK_SIZE).unwrap(), data, "{c:?}");
             if c != Compression::None {
-                assert!(c.decompress(&z, 1000).is_err(), "{c:?} must refuse more than the limit");
+                assert!(
+                    c.decompress(&z, 1000).is_err(),
+                    "{c:?} must refuse more than the limit"
+                );
                 assert!(c.decompress(b"garbage", DEFAULT_BLOCK_SIZE).is_err());
             }
         }
@@ -497,7 +596,10 @@ mod tests {
     #[test]
     fn handles() {
         let h = BackupHandle::parse("bak://pvc-1/backup-a").unwrap();
-        assert_eq!((h.volume.as_str(), h.backup.as_deref()), ("pvc-1", Some("backup-a")));
+        assert_eq!(
+            (h.volume.as_str(), h.backup.as_deref()),
+            ("pvc-1", Some("backup-a"))
+        );
         assert_eq!(BackupHandle::parse("bs://pvc-1/backup-a").unwrap(), h);
         assert_eq!(BackupHandle::parse("bak://pvc-1").unwrap().backup, None);
         assert_eq!(h.to_string(), "bak://pvc-1/backup-a");

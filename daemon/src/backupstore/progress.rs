@@ -20,7 +20,11 @@ impl Default for Progress {
 
 impl Progress {
     pub fn new() -> Progress {
-        Progress { total: AtomicU64::new(0), done: AtomicU64::new(0), started: Instant::now() }
+        Progress {
+            total: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            started: Instant::now(),
+        }
     }
     pub fn set_total(&self, bytes: u64) {
         self.total.store(bytes, Ordering::Relaxed);

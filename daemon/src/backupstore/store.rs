@@ -17,7 +17,9 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
-use super::format::{self, BackupCfg, BlockMapping, Compression, FormatError, VolumeCfg, VolumePaths};
+use super::format::{
+    self, BackupCfg, BlockMapping, Compression, FormatError, VolumeCfg, VolumePaths,
+};
 use super::progress::Progress;
 
 /// Blocking reads of the data being backed up (a snapshot of a volume).
@@ -35,34 +37,71 @@ pub trait BlockSink: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum BackupStoreError {
     #[error("backup target: {op} {path}: {source}")]
-    Store { op: &'static str, path: String, source: Box<object_store::Error> },
+    Store {
+        op: &'static str,
+        path: String,
+        source: Box<object_store::Error>,
+    },
     #[error(transparent)]
     Format(#[from] FormatError),
-    #[error("backup volume {volume:?} not found in the backup target (see `cairnctl backup list`)")]
+    #[error(
+        "backup volume {volume:?} not found in the backup target (see `cairnctl backup list`)"
+    )]
     VolumeNotFound { volume: String },
-    #[error("backup {backup:?} of volume {volume:?} not found (see `cairnctl backup list {volume}`)")]
+    #[error(
+        "backup {backup:?} of volume {volume:?} not found (see `cairnctl backup list {volume}`)"
+    )]
     BackupNotFound { volume: String, backup: String },
     #[error("backup {backup} of volume {volume} is still in progress: it cannot be restored until it completes")]
     InProgress { volume: String, backup: String },
     #[error("restore of backup {backup} of volume {volume}: block {checksum} (offset {offset}) is missing from the backup target at {path}")]
-    MissingBlock { volume: String, backup: String, checksum: String, offset: u64, path: String },
+    MissingBlock {
+        volume: String,
+        backup: String,
+        checksum: String,
+        offset: u64,
+        path: String,
+    },
     #[error("restore of backup {backup} of volume {volume}: block {checksum} (offset {offset}) at {path} is corrupt: {reason}")]
-    CorruptBlock { volume: String, backup: String, checksum: String, offset: u64, path: String, reason: String },
+    CorruptBlock {
+        volume: String,
+        backup: String,
+        checksum: String,
+        offset: u64,
+        path: String,
+        reason: String,
+    },
     #[error("backup of volume {volume}: reading the snapshot at offset {offset}: {source}")]
-    Read { volume: String, offset: u64, source: io::Error },
+    Read {
+        volume: String,
+        offset: u64,
+        source: io::Error,
+    },
     #[error("restore into the volume at offset {offset}: {source}")]
     Write { offset: u64, source: io::Error },
     #[error("backup volume {volume}: could not take the {kind} lock within {secs} s: a {other} of this volume is running; try again when it is done")]
-    Locked { volume: String, kind: &'static str, other: &'static str, secs: u64 },
+    Locked {
+        volume: String,
+        kind: &'static str,
+        other: &'static str,
+        secs: u64,
+    },
     #[error("backup {backup} of volume {volume}: {reason}")]
-    Invalid { volume: String, backup: String, reason: String },
+    Invalid {
+        volume: String,
+        backup: String,
+        reason: String,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl BackupStoreError {
     pub fn is_not_found(&self) -> bool {
-        matches!(self, BackupStoreError::VolumeNotFound { .. } | BackupStoreError::BackupNotFound { .. })
+        matches!(
+            self,
+            BackupStoreError::VolumeNotFound { .. } | BackupStoreError::BackupNotFound { .. }
+        )
     }
 }
 
@@ -75,7 +114,10 @@ pub enum BackupPlan {
     Full { ranges: Vec<(u64, u64)> },
     /// Byte ranges changed since backup `base_backup`'s snapshot; blocks
     /// outside them keep the base's mapping (nothing is read there).
-    Incremental { base_backup: String, changed: Vec<(u64, u64)> },
+    Incremental {
+        base_backup: String,
+        changed: Vec<(u64, u64)>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -183,7 +225,11 @@ pub fn new_backup_name() -> String {
 
 impl BackupStore {
     pub fn new(store: Arc<dyn ObjectStore>, prefix: ObjPath) -> BackupStore {
-        BackupStore { store, prefix: prefix.as_ref().trim_end_matches('/').to_string(), lock_wait: LOCK_MAX_WAIT }
+        BackupStore {
+            store,
+            prefix: prefix.as_ref().trim_end_matches('/').to_string(),
+            lock_wait: LOCK_MAX_WAIT,
+        }
     }
 
     /// A shorter lock wait (tests).
@@ -200,8 +246,15 @@ impl BackupStore {
         }
     }
 
-    fn err<'a>(op: &'static str, path: &'a ObjPath) -> impl FnOnce(object_store::Error) -> BackupStoreError + 'a {
-        move |e| BackupStoreError::Store { op, path: path.to_string(), source: Box::new(e) }
+    fn err<'a>(
+        op: &'static str,
+        path: &'a ObjPath,
+    ) -> impl FnOnce(object_store::Error) -> BackupStoreError + 'a {
+        move |e| BackupStoreError::Store {
+            op,
+            path: path.to_string(),
+            source: Box::new(e),
+        }
     }
 
     async fn get_bytes(&self, rel: &str) -> Result<Option<bytes::Bytes>> {
@@ -216,7 +269,10 @@ impl BackupStore {
     async fn put_json<T: serde::Serialize>(&self, rel: &str, v: &T) -> Result<()> {
         let p = self.path(rel);
         let bytes = serde_json::to_vec(v).map_err(|e| BackupStoreError::Internal(e.to_string()))?;
-        self.store.put(&p, PutPayload::from(bytes)).await.map_err(Self::err("writing", &p))?;
+        self.store
+            .put(&p, PutPayload::from(bytes))
+            .await
+            .map_err(Self::err("writing", &p))?;
         Ok(())
     }
 
@@ -229,7 +285,10 @@ impl BackupStore {
             Err(e) => return Err(Self::err("listing", &p)(e)),
         };
         let name = |x: &ObjPath| x.filename().unwrap_or_default().to_string();
-        Ok((r.common_prefixes.iter().map(name).collect(), r.objects.iter().map(|o| name(&o.location)).collect()))
+        Ok((
+            r.common_prefixes.iter().map(name).collect(),
+            r.objects.iter().map(|o| name(&o.location)).collect(),
+        ))
     }
 
     /// Every backup volume's `volume.cfg`.
@@ -241,7 +300,9 @@ impl BackupStore {
                 for v in self.list_dir(&format!("{root}/{l1}/{l2}")).await?.0 {
                     match self.get_volume(&v).await {
                         Ok(cfg) => out.push(cfg),
-                        Err(e) => tracing::warn!(volume = %v, error = %e, "skipping an unreadable backup volume"),
+                        Err(e) => {
+                            tracing::warn!(volume = %v, error = %e, "skipping an unreadable backup volume")
+                        }
                     }
                 }
             }
@@ -254,7 +315,9 @@ impl BackupStore {
         let rel = VolumePaths::new(volume).volume_cfg();
         match self.get_bytes(&rel).await? {
             Some(b) => Ok(format::parse_volume_cfg(&rel, &b)?),
-            None => Err(BackupStoreError::VolumeNotFound { volume: volume.to_string() }),
+            None => Err(BackupStoreError::VolumeNotFound {
+                volume: volume.to_string(),
+            }),
         }
     }
 
@@ -266,11 +329,19 @@ impl BackupStore {
             if let Some(name) = format::backup_name_of(&f) {
                 match self.get_backup(volume, name).await {
                     Ok(cfg) => out.push(cfg),
-                    Err(e) => tracing::warn!(volume, backup = name, error = %e, "skipping an unreadable backup config"),
+                    Err(e) => {
+                        tracing::warn!(volume, backup = name, error = %e, "skipping an unreadable backup config")
+                    }
                 }
             }
         }
-        out.sort_by(|a, b| (a.in_progress(), &a.created_time, &a.name).cmp(&(b.in_progress(), &b.created_time, &b.name)));
+        out.sort_by(|a, b| {
+            (a.in_progress(), &a.created_time, &a.name).cmp(&(
+                b.in_progress(),
+                &b.created_time,
+                &b.name,
+            ))
+        });
         Ok(out)
     }
 
@@ -287,7 +358,10 @@ impl BackupStore {
                 }
                 Ok(cfg)
             }
-            None => Err(BackupStoreError::BackupNotFound { volume: volume.to_string(), backup: backup.to_string() }),
+            None => Err(BackupStoreError::BackupNotFound {
+                volume: volume.to_string(),
+                backup: backup.to_string(),
+            }),
         }
     }
 
@@ -300,27 +374,51 @@ impl BackupStore {
         let paths = VolumePaths::new(volume);
         let name = format!("lock-{}", random_hex(8));
         let path = self.path(&paths.lock(&name));
-        self.put_json(&paths.lock(&name), &LockFile { name: name.clone(), ty, acquired: false }).await?;
+        self.put_json(
+            &paths.lock(&name),
+            &LockFile {
+                name: name.clone(),
+                ty,
+                acquired: false,
+            },
+        )
+        .await?;
         let started = Instant::now();
         let mut settled = false;
         loop {
-            let mine = self.store.head(&path).await.map_err(Self::err("reading", &path))?.last_modified;
+            let mine = self
+                .store
+                .head(&path)
+                .await
+                .map_err(Self::err("reading", &path))?
+                .last_modified;
             let mut others = Vec::new();
             for f in self.list_dir(&paths.locks_dir()).await?.1 {
-                let Some(other) = f.strip_suffix(".lck") else { continue };
+                let Some(other) = f.strip_suffix(".lck") else {
+                    continue;
+                };
                 if other == name {
                     continue;
                 }
                 let op = self.path(&paths.lock(other));
-                let (Ok(meta), Ok(Some(bytes))) = (self.store.head(&op).await, self.get_bytes(&paths.lock(other)).await) else {
+                let (Ok(meta), Ok(Some(bytes))) = (
+                    self.store.head(&op).await,
+                    self.get_bytes(&paths.lock(other)).await,
+                ) else {
                     continue;
                 };
-                let Ok(lf) = serde_json::from_slice::<LockFile>(&bytes) else { continue };
+                let Ok(lf) = serde_json::from_slice::<LockFile>(&bytes) else {
+                    continue;
+                };
                 others.push((lf, meta.last_modified));
             }
             let now = chrono::Utc::now();
             let blocked = others.iter().any(|(o, t)| {
-                let expired = now.signed_duration_since(*t).to_std().map(|d| d > LOCK_DURATION).unwrap_or(false);
+                let expired = now
+                    .signed_duration_since(*t)
+                    .to_std()
+                    .map(|d| d > LOCK_DURATION)
+                    .unwrap_or(false);
                 let priority = o.acquired || (*t, &o.name) < (mine, &name);
                 o.ty != ty && priority && !expired
             });
@@ -329,13 +427,26 @@ impl BackupStore {
             }
             if started.elapsed() > self.lock_wait {
                 let _ = self.store.delete(&path).await;
-                let (kind, other) = if ty == DELETION_LOCK { ("deletion", "backup or restore") } else { ("backup/restore", "deletion") };
-                return Err(BackupStoreError::Locked { volume: volume.to_string(), kind, other, secs: self.lock_wait.as_secs() });
+                let (kind, other) = if ty == DELETION_LOCK {
+                    ("deletion", "backup or restore")
+                } else {
+                    ("backup/restore", "deletion")
+                };
+                return Err(BackupStoreError::Locked {
+                    volume: volume.to_string(),
+                    kind,
+                    other,
+                    secs: self.lock_wait.as_secs(),
+                });
             }
             tokio::time::sleep(if settled { LOCK_RETRY } else { LOCK_CHECK_WAIT }).await;
             settled = true;
         }
-        let held = LockFile { name: name.clone(), ty, acquired: true };
+        let held = LockFile {
+            name: name.clone(),
+            ty,
+            acquired: true,
+        };
         self.put_json(&paths.lock(&name), &held).await?;
         let (store, rel, me) = (self.clone(), paths.lock(&name), held);
         let refresh = tokio::spawn(async move {
@@ -344,20 +455,32 @@ impl BackupStore {
                 let _ = store.put_json(&rel, &me).await;
             }
         });
-        Ok(HeldLock { store: self.store.clone(), path, refresh })
+        Ok(HeldLock {
+            store: self.store.clone(),
+            path,
+            refresh,
+        })
     }
 
     /// Backs up `req` reading `source`. Writes the in-progress config first,
     /// uploads the blocks the store lacks, then the complete config and the
     /// updated `volume.cfg`.
-    pub async fn create_backup(&self, req: BackupRequest, source: Arc<dyn BlockSource>, progress: Arc<Progress>) -> Result<BackupReport> {
+    pub async fn create_backup(
+        &self,
+        req: BackupRequest,
+        source: Arc<dyn BlockSource>,
+        progress: Arc<Progress>,
+    ) -> Result<BackupReport> {
         let lock = self.lock(&req.volume, BACKUP_LOCK).await?;
         let r = self.create_backup_locked(&req, source, &progress).await;
         if r.is_err() {
             // A failed backup leaves no config behind (its uploaded blocks
             // are collected by the next deletion).
             let p = self.path(&VolumePaths::new(&req.volume).backup_cfg(&req.backup_name));
-            if let Ok(Some(b)) = self.get_bytes(&VolumePaths::new(&req.volume).backup_cfg(&req.backup_name)).await {
+            if let Ok(Some(b)) = self
+                .get_bytes(&VolumePaths::new(&req.volume).backup_cfg(&req.backup_name))
+                .await
+            {
                 if format::parse_backup_cfg("", &b).is_ok_and(|c| c.in_progress()) {
                     let _ = self.store.delete(&p).await;
                 }
@@ -367,7 +490,12 @@ impl BackupStore {
         r
     }
 
-    async fn create_backup_locked(&self, req: &BackupRequest, source: Arc<dyn BlockSource>, progress: &Progress) -> Result<BackupReport> {
+    async fn create_backup_locked(
+        &self,
+        req: &BackupRequest,
+        source: Arc<dyn BlockSource>,
+        progress: &Progress,
+    ) -> Result<BackupReport> {
         let paths = VolumePaths::new(&req.volume);
         let mut vol = match self.get_volume(&req.volume).await {
             Ok(v) => v,
@@ -387,21 +515,46 @@ impl BackupStore {
         };
         // The volume keeps its compression (its blocks are shared between
         // its backups); an incremental backup keeps its base's block size.
-        let compression = Compression::from_config(&vol.compression_method).unwrap_or(req.compression);
-        let invalid = |reason: String| BackupStoreError::Invalid { volume: req.volume.clone(), backup: req.backup_name.clone(), reason };
-        let (mut map, ranges, incremental, block): (BTreeMap<u64, String>, &Vec<(u64, u64)>, bool, u64) = match &req.plan {
+        let compression =
+            Compression::from_config(&vol.compression_method).unwrap_or(req.compression);
+        let invalid = |reason: String| BackupStoreError::Invalid {
+            volume: req.volume.clone(),
+            backup: req.backup_name.clone(),
+            reason,
+        };
+        let (mut map, ranges, incremental, block): (
+            BTreeMap<u64, String>,
+            &Vec<(u64, u64)>,
+            bool,
+            u64,
+        ) = match &req.plan {
             BackupPlan::Full { ranges } => (BTreeMap::new(), ranges, false, req.block_size),
-            BackupPlan::Incremental { base_backup, changed } => {
+            BackupPlan::Incremental {
+                base_backup,
+                changed,
+            } => {
                 let base = self.get_backup(&req.volume, base_backup).await?;
                 if base.in_progress() {
-                    return Err(invalid(format!("base backup {base_backup} is not complete")));
+                    return Err(invalid(format!(
+                        "base backup {base_backup} is not complete"
+                    )));
                 }
                 let block = base.block_size().map_err(invalid)?;
-                (base.blocks.into_iter().map(|b| (b.offset, b.block_checksum)).collect(), changed, true, block)
+                (
+                    base.blocks
+                        .into_iter()
+                        .map(|b| (b.offset, b.block_checksum))
+                        .collect(),
+                    changed,
+                    true,
+                    block,
+                )
             }
         };
         if block == 0 || block % 4096 != 0 {
-            return Err(invalid(format!("block size {block} is not a multiple of 4096")));
+            return Err(invalid(format!(
+                "block size {block} is not a multiple of 4096"
+            )));
         }
         // Blocks the ranges touch, in order, once each.
         let size = req.volume_size;
@@ -410,7 +563,10 @@ impl BackupStore {
             if len == 0 {
                 continue;
             }
-            let (first, last) = (off / block, (off + len - 1).min(size.saturating_sub(1)) / block);
+            let (first, last) = (
+                off / block,
+                (off + len - 1).min(size.saturating_sub(1)) / block,
+            );
             for b in first..=last {
                 if offsets.last() != Some(&(b * block)) {
                     offsets.push(b * block);
@@ -435,53 +591,75 @@ impl BackupStore {
         progress.set_total(offsets.len() as u64 * block);
 
         let claimed: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
-        let results: Vec<(u64, Option<String>, bool, u64)> = futures::stream::iter(offsets.iter().copied())
-            .map(|off| {
-                let (src, claimed) = (source.clone(), claimed.clone());
-                let volume = req.volume.clone();
-                let paths = &paths;
-                async move {
-                    let len = block.min(size - off) as usize;
-                    // Read, zero check and hash off the async threads.
-                    let (data, sum) = tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, Option<String>)> {
-                        let mut buf = vec![0u8; block as usize];
-                        src.read_at(off, &mut buf[..len]).map_err(|source| BackupStoreError::Read { volume, offset: off, source })?;
-                        if buf.iter().all(|&b| b == 0) {
-                            return Ok((buf, None));
-                        }
-                        let sum = format::checksum(&buf);
-                        Ok((buf, Some(sum)))
-                    })
-                    .await
-                    .map_err(|e| BackupStoreError::Internal(e.to_string()))??;
-                    progress.add_done(block);
-                    let Some(sum) = sum else { return Ok((off, None, false, 0)) };
-                    // Same content elsewhere in this backup: uploaded once.
-                    let first = claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(sum.clone());
-                    if !first {
-                        return Ok((off, Some(sum), false, 0));
-                    }
-                    let rel = paths.block(&sum);
-                    let p = self.path(&rel);
-                    match self.store.head(&p).await {
-                        Ok(_) => return Ok((off, Some(sum), false, 0)),
-                        Err(object_store::Error::NotFound { .. }) => {}
-                        Err(e) => return Err(Self::err("checking", &p)(e)),
-                    }
-                    let z = tokio::task::spawn_blocking(move || compression.compress(&data))
+        let results: Vec<(u64, Option<String>, bool, u64)> =
+            futures::stream::iter(offsets.iter().copied())
+                .map(|off| {
+                    let (src, claimed) = (source.clone(), claimed.clone());
+                    let volume = req.volume.clone();
+                    let paths = &paths;
+                    async move {
+                        let len = block.min(size - off) as usize;
+                        // Read, zero check and hash off the async threads.
+                        let (data, sum) = tokio::task::spawn_blocking(
+                            move || -> Result<(Vec<u8>, Option<String>)> {
+                                let mut buf = vec![0u8; block as usize];
+                                src.read_at(off, &mut buf[..len]).map_err(|source| {
+                                    BackupStoreError::Read {
+                                        volume,
+                                        offset: off,
+                                        source,
+                                    }
+                                })?;
+                                if buf.iter().all(|&b| b == 0) {
+                                    return Ok((buf, None));
+                                }
+                                let sum = format::checksum(&buf);
+                                Ok((buf, Some(sum)))
+                            },
+                        )
                         .await
-                        .map_err(|e| BackupStoreError::Internal(e.to_string()))?
-                        .map_err(|e| BackupStoreError::Internal(format!("compressing a block: {e}")))?;
-                    let n = z.len() as u64;
-                    self.store.put(&p, PutPayload::from(z)).await.map_err(Self::err("uploading", &p))?;
-                    Ok((off, Some(sum), true, n))
-                }
-            })
-            .buffer_unordered(req.concurrency.max(1))
-            .try_collect()
-            .await?;
+                        .map_err(|e| BackupStoreError::Internal(e.to_string()))??;
+                        progress.add_done(block);
+                        let Some(sum) = sum else {
+                            return Ok((off, None, false, 0));
+                        };
+                        // Same content elsewhere in this backup: uploaded once.
+                        let first = claimed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(sum.clone());
+                        if !first {
+                            return Ok((off, Some(sum), false, 0));
+                        }
+                        let rel = paths.block(&sum);
+                        let p = self.path(&rel);
+                        match self.store.head(&p).await {
+                            Ok(_) => return Ok((off, Some(sum), false, 0)),
+                            Err(object_store::Error::NotFound { .. }) => {}
+                            Err(e) => return Err(Self::err("checking", &p)(e)),
+                        }
+                        let z = tokio::task::spawn_blocking(move || compression.compress(&data))
+                            .await
+                            .map_err(|e| BackupStoreError::Internal(e.to_string()))?
+                            .map_err(|e| {
+                                BackupStoreError::Internal(format!("compressing a block: {e}"))
+                            })?;
+                        let n = z.len() as u64;
+                        self.store
+                            .put(&p, PutPayload::from(z))
+                            .await
+                            .map_err(Self::err("uploading", &p))?;
+                        Ok((off, Some(sum), true, n))
+                    }
+                })
+                .buffer_unordered(req.concurrency.max(1))
+                .try_collect()
+                .await?;
 
-        let mut report = BackupReport { incremental, ..BackupReport::default() };
+        let mut report = BackupReport {
+            incremental,
+            ..BackupReport::default()
+        };
         for (off, sum, uploaded, bytes) in results {
             report.read_bytes += block.min(size - off);
             match sum {
@@ -509,15 +687,25 @@ impl BackupStore {
             created_time: format::now(),
             size: map.len() as u64 * block,
             labels: req.labels.clone(),
-            parameters: BTreeMap::from([(format::BLOCK_SIZE_PARAMETER.to_string(), format::block_size_quantity(block))]),
+            parameters: BTreeMap::from([(
+                format::BLOCK_SIZE_PARAMETER.to_string(),
+                format::block_size_quantity(block),
+            )]),
             is_incremental: incremental,
             compression_method: compression.as_str().into(),
             newly_uploaded_data_size: report.uploaded_bytes,
             re_uploaded_data_size: 0,
-            blocks: map.into_iter().map(|(offset, block_checksum)| BlockMapping { offset, block_checksum }).collect(),
+            blocks: map
+                .into_iter()
+                .map(|(offset, block_checksum)| BlockMapping {
+                    offset,
+                    block_checksum,
+                })
+                .collect(),
             extra: BTreeMap::new(),
         };
-        self.put_json(&paths.backup_cfg(&req.backup_name), &cfg).await?;
+        self.put_json(&paths.backup_cfg(&req.backup_name), &cfg)
+            .await?;
         // Re-read: another node may have changed it meanwhile.
         if let Ok(v) = self.get_volume(&req.volume).await {
             vol = v;
@@ -544,7 +732,9 @@ impl BackupStore {
         concurrency: usize,
     ) -> Result<RestoreReport> {
         let lock = self.lock(volume, BACKUP_LOCK).await?;
-        let r = self.restore_locked(volume, backup, sink, base, &progress, concurrency).await;
+        let r = self
+            .restore_locked(volume, backup, sink, base, &progress, concurrency)
+            .await;
         lock.release().await;
         r
     }
@@ -561,17 +751,38 @@ impl BackupStore {
         let vol = self.get_volume(volume).await?;
         let cfg = self.get_backup(volume, backup).await?;
         if cfg.in_progress() {
-            return Err(BackupStoreError::InProgress { volume: volume.into(), backup: backup.into() });
+            return Err(BackupStoreError::InProgress {
+                volume: volume.into(),
+                backup: backup.into(),
+            });
         }
-        let block = cfg.block_size().map_err(|reason| BackupStoreError::Invalid { volume: volume.into(), backup: backup.into(), reason })?;
+        let block = cfg
+            .block_size()
+            .map_err(|reason| BackupStoreError::Invalid {
+                volume: volume.into(),
+                backup: backup.into(),
+                reason,
+            })?;
         let compression = Compression::from_config(&cfg.compression_method).unwrap_or_default();
         // (offset, checksum to fetch, or None to zero)
         let mut work: Vec<(u64, Option<String>)> = Vec::new();
         match base {
-            None => work.extend(cfg.blocks.iter().map(|b| (b.offset, Some(b.block_checksum.clone())))),
+            None => work.extend(
+                cfg.blocks
+                    .iter()
+                    .map(|b| (b.offset, Some(b.block_checksum.clone()))),
+            ),
             Some(base) => {
-                let old: BTreeMap<u64, &str> = base.blocks.iter().map(|b| (b.offset, b.block_checksum.as_str())).collect();
-                let new: BTreeMap<u64, &str> = cfg.blocks.iter().map(|b| (b.offset, b.block_checksum.as_str())).collect();
+                let old: BTreeMap<u64, &str> = base
+                    .blocks
+                    .iter()
+                    .map(|b| (b.offset, b.block_checksum.as_str()))
+                    .collect();
+                let new: BTreeMap<u64, &str> = cfg
+                    .blocks
+                    .iter()
+                    .map(|b| (b.offset, b.block_checksum.as_str()))
+                    .collect();
                 for (off, sum) in &new {
                     if old.get(off) != Some(sum) {
                         work.push((*off, Some(sum.to_string())));
@@ -592,12 +803,19 @@ impl BackupStore {
                 let sink = sink.clone();
                 let paths = paths.clone();
                 async move {
-                    let len = if off >= size { 0 } else { block.min(size - off) };
+                    let len = if off >= size {
+                        0
+                    } else {
+                        block.min(size - off)
+                    };
                     let Some(sum) = sum else {
                         tokio::task::spawn_blocking(move || sink.write_zeroes(off, len))
                             .await
                             .map_err(|e| BackupStoreError::Internal(e.to_string()))?
-                            .map_err(|source| BackupStoreError::Write { offset: off, source })?;
+                            .map_err(|source| BackupStoreError::Write {
+                                offset: off,
+                                source,
+                            })?;
                         progress.add_done(block);
                         return Ok((false, len));
                     };
@@ -615,17 +833,29 @@ impl BackupStore {
                         Err(object_store::Error::NotFound { .. }) => return Err(missing()),
                         Err(e) => return Err(Self::err("reading", &p)(e)),
                     };
-                    let (v, b, s, pth) = (volume.to_string(), backup.to_string(), sum.clone(), p.to_string());
+                    let (v, b, s, pth) = (
+                        volume.to_string(),
+                        backup.to_string(),
+                        sum.clone(),
+                        p.to_string(),
+                    );
                     tokio::task::spawn_blocking(move || -> Result<()> {
-                        let data = decompress_verified(&raw, compression, block, &s).map_err(|reason| BackupStoreError::CorruptBlock {
-                            volume: v,
-                            backup: b,
-                            checksum: s.clone(),
-                            offset: off,
-                            path: pth,
-                            reason,
-                        })?;
-                        sink.write_at(off, &data[..len as usize]).map_err(|source| BackupStoreError::Write { offset: off, source })
+                        let data = decompress_verified(&raw, compression, block, &s).map_err(
+                            |reason| BackupStoreError::CorruptBlock {
+                                volume: v,
+                                backup: b,
+                                checksum: s.clone(),
+                                offset: off,
+                                path: pth,
+                                reason,
+                            },
+                        )?;
+                        sink.write_at(off, &data[..len as usize]).map_err(|source| {
+                            BackupStoreError::Write {
+                                offset: off,
+                                source,
+                            }
+                        })
                     })
                     .await
                     .map_err(|e| BackupStoreError::Internal(e.to_string()))??;
@@ -662,7 +892,10 @@ impl BackupStore {
         let paths = VolumePaths::new(volume);
         self.get_backup(volume, backup).await?;
         let p = self.path(&paths.backup_cfg(backup));
-        self.store.delete(&p).await.map_err(Self::err("deleting", &p))?;
+        self.store
+            .delete(&p)
+            .await
+            .map_err(Self::err("deleting", &p))?;
         let mut remaining = Vec::new();
         let mut unreadable = false;
         for f in self.list_dir(&paths.backups_dir()).await?.1 {
@@ -685,28 +918,42 @@ impl BackupStore {
             report.gc_skipped = true;
             return Ok(report);
         }
-        let referenced: HashSet<&str> = remaining.iter().flat_map(|b| b.blocks.iter().map(|m| m.block_checksum.as_str())).collect();
+        let referenced: HashSet<&str> = remaining
+            .iter()
+            .flat_map(|b| b.blocks.iter().map(|m| m.block_checksum.as_str()))
+            .collect();
         let prefix = self.path(&paths.blocks_dir());
-        let all: Vec<object_store::ObjectMeta> = match self.store.list(Some(&prefix)).try_collect().await {
-            Ok(v) => v,
-            Err(object_store::Error::NotFound { .. }) => Vec::new(),
-            Err(e) => return Err(Self::err("listing", &prefix)(e)),
-        };
+        let all: Vec<object_store::ObjectMeta> =
+            match self.store.list(Some(&prefix)).try_collect().await {
+                Ok(v) => v,
+                Err(object_store::Error::NotFound { .. }) => Vec::new(),
+                Err(e) => return Err(Self::err("listing", &prefix)(e)),
+            };
         for o in all {
-            let Some(sum) = o.location.filename().and_then(|f| f.strip_suffix(".blk")) else { continue };
+            let Some(sum) = o.location.filename().and_then(|f| f.strip_suffix(".blk")) else {
+                continue;
+            };
             if referenced.contains(sum) {
                 report.kept_blocks += 1;
                 continue;
             }
-            self.store.delete(&o.location).await.map_err(Self::err("deleting", &o.location))?;
+            self.store
+                .delete(&o.location)
+                .await
+                .map_err(Self::err("deleting", &o.location))?;
             report.removed_blocks += 1;
         }
         if let Ok(mut vol) = self.get_volume(volume).await {
             vol.block_count = report.kept_blocks;
             if vol.last_backup_name == backup {
-                let last = remaining.iter().filter(|b| !b.in_progress()).max_by(|a, b| a.created_time.cmp(&b.created_time));
+                let last = remaining
+                    .iter()
+                    .filter(|b| !b.in_progress())
+                    .max_by(|a, b| a.created_time.cmp(&b.created_time));
                 vol.last_backup_name = last.map(|b| b.name.clone()).unwrap_or_default();
-                vol.last_backup_at = last.map(|b| b.snapshot_created_at.clone()).unwrap_or_default();
+                vol.last_backup_at = last
+                    .map(|b| b.snapshot_created_at.clone())
+                    .unwrap_or_default();
             }
             self.put_json(&paths.volume_cfg(), &vol).await?;
         }
@@ -716,11 +963,21 @@ impl BackupStore {
 
 /// Decompresses a block (trying the other methods if the declared one
 /// fails, as Longhorn does for old backups) and checks its checksum.
-fn decompress_verified(raw: &[u8], declared: Compression, block: u64, want: &str) -> std::result::Result<Vec<u8>, String> {
+fn decompress_verified(
+    raw: &[u8],
+    declared: Compression,
+    block: u64,
+    want: &str,
+) -> std::result::Result<Vec<u8>, String> {
     // The declared method first; the others as Longhorn falls back for
     // blocks of older backups. The error reports the declared attempt.
     let mut first: Option<String> = None;
-    for c in [declared, Compression::Lz4, Compression::Gzip, Compression::None] {
+    for c in [
+        declared,
+        Compression::Lz4,
+        Compression::Gzip,
+        Compression::None,
+    ] {
         let outcome = match c.decompress(raw, block) {
             Ok(mut data) => {
                 if (data.len() as u64) < block {

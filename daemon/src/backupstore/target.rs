@@ -352,7 +352,12 @@ fn parse_file(rest: &str) -> Result<BackupTarget, String> {
 /// `mount -t nfs4 -o OPTS HOST:/PATH DIR`, once with the URL's options, or
 /// once per default version. Pure so that the guest-less build can test it.
 pub fn nfs_mount_commands(target: &BackupTarget, mount_dir: &Path) -> Vec<Vec<String>> {
-    let BackupTarget::Nfs { host, path, options } = target else {
+    let BackupTarget::Nfs {
+        host,
+        path,
+        options,
+    } = target
+    else {
         return Vec::new();
     };
     let option_sets: Vec<String> = match options {
@@ -508,7 +513,11 @@ pub fn mount_nfs(target: &BackupTarget, mount_root: &Path) -> Result<PathBuf, Ta
         }
     }
     let (command, detail) = failure.unwrap_or_default();
-    Err(TargetError::Mount { target: t, command, detail })
+    Err(TargetError::Mount {
+        target: t,
+        command,
+        detail,
+    })
 }
 
 /// Unmounts an nfs target's directory if mounted (for a changed setting);
@@ -1003,7 +1012,11 @@ mod tests {
         assert_eq!(cmds[0][4], format!("nfsvers=4.1,{DEFAULT_NFS_OPTIONS}"));
         assert_eq!(cmds[1][4], format!("nfsvers=4.0,{DEFAULT_NFS_OPTIONS}"));
         assert_eq!(cmds[0][5], "nas.local:/");
-        assert!(nfs_mount_commands(&BackupTarget::parse("file:///x").expect("file"), Path::new("/m")).is_empty());
+        assert!(nfs_mount_commands(
+            &BackupTarget::parse("file:///x").expect("file"),
+            Path::new("/m")
+        )
+        .is_empty());
         let f = BackupTarget::parse("file:///srv/backups").expect("valid");
         assert_eq!(
             f,

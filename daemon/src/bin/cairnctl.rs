@@ -265,7 +265,14 @@ async fn run(cli: Cli) -> Result<String, String> {
     };
     match cli.command {
         Command::Volume(cmd) => match cmd {
-            VolumeCmd::Create { name, size, replicas, from_backup, standby, recurring_jobs } => {
+            VolumeCmd::Create {
+                name,
+                size,
+                replicas,
+                from_backup,
+                standby,
+                recurring_jobs,
+            } => {
                 let req = pb::CreateVolumeRequest {
                     name,
                     size: size.unwrap_or(0),
@@ -332,19 +339,52 @@ async fn run(cli: Cli) -> Result<String, String> {
                 })
             }
             VolumeCmd::Activate { name } => {
-                let v = client.activate_volume(pb::VolumeRef { name }).await.map_err(msg)?.into_inner();
+                let v = client
+                    .activate_volume(pb::VolumeRef { name })
+                    .await
+                    .map_err(msg)?
+                    .into_inner();
                 Ok(show(&v, volume_table))
             }
             VolumeCmd::Recurring(RecurringCmd::Set { volume, jobs }) => {
-                let v = client.set_recurring_jobs(pb::SetRecurringJobsRequest { volume, jobs }).await.map_err(msg)?.into_inner();
-                Ok(show(&v, |v| format!("volume {}: recurring jobs {}\n", v.name, if v.recurring_jobs.is_empty() { "[]" } else { &v.recurring_jobs })))
+                let v = client
+                    .set_recurring_jobs(pb::SetRecurringJobsRequest { volume, jobs })
+                    .await
+                    .map_err(msg)?
+                    .into_inner();
+                Ok(show(&v, |v| {
+                    format!(
+                        "volume {}: recurring jobs {}\n",
+                        v.name,
+                        if v.recurring_jobs.is_empty() {
+                            "[]"
+                        } else {
+                            &v.recurring_jobs
+                        }
+                    )
+                }))
             }
             VolumeCmd::Recurring(RecurringCmd::Get { volume }) => {
-                let v = client.get_volume(pb::VolumeRef { name: volume }).await.map_err(msg)?.into_inner();
-                Ok(format!("{}\n", if v.recurring_jobs.is_empty() { "[]" } else { &v.recurring_jobs }))
+                let v = client
+                    .get_volume(pb::VolumeRef { name: volume })
+                    .await
+                    .map_err(msg)?
+                    .into_inner();
+                Ok(format!(
+                    "{}\n",
+                    if v.recurring_jobs.is_empty() {
+                        "[]"
+                    } else {
+                        &v.recurring_jobs
+                    }
+                ))
             }
             VolumeCmd::Adopt { name } => {
-                let v = client.adopt_volume(pb::VolumeRef { name }).await.map_err(msg)?.into_inner();
+                let v = client
+                    .adopt_volume(pb::VolumeRef { name })
+                    .await
+                    .map_err(msg)?
+                    .into_inner();
                 Ok(show(&v, volume_table))
             }
         },
@@ -357,27 +397,64 @@ async fn run(cli: Cli) -> Result<String, String> {
             Ok(show(&v, volume_table))
         }
         Command::Node(NodeCmd::List) => {
-            let nodes = client.list_nodes(pb::ListNodesRequest {}).await.map_err(msg)?.into_inner().nodes;
+            let nodes = client
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .map_err(msg)?
+                .into_inner()
+                .nodes;
             Ok(if json {
-                to_json(&serde_json::Value::Array(nodes.iter().map(cluster_node_json).collect()))
+                to_json(&serde_json::Value::Array(
+                    nodes.iter().map(cluster_node_json).collect(),
+                ))
             } else {
                 nodes_table(&nodes)
             })
         }
         Command::Node(NodeCmd::Add { addr }) => {
-            let n = client.add_node(pb::AddNodeRequest { addr }).await.map_err(msg)?.into_inner();
-            Ok(if json { to_json(&cluster_node_json(&n)) } else { nodes_table(std::slice::from_ref(&n)) })
+            let n = client
+                .add_node(pb::AddNodeRequest { addr })
+                .await
+                .map_err(msg)?
+                .into_inner();
+            Ok(if json {
+                to_json(&cluster_node_json(&n))
+            } else {
+                nodes_table(std::slice::from_ref(&n))
+            })
         }
         Command::Node(NodeCmd::Remove { node }) => {
-            client.remove_node(pb::RemoveNodeRequest { node: node.clone() }).await.map_err(msg)?;
-            Ok(if json { to_json(&json!({ "removed": node })) } else { format!("node {node} removed\n") })
+            client
+                .remove_node(pb::RemoveNodeRequest { node: node.clone() })
+                .await
+                .map_err(msg)?;
+            Ok(if json {
+                to_json(&json!({ "removed": node }))
+            } else {
+                format!("node {node} removed\n")
+            })
         }
         Command::Setting(cmd) => {
             let settings = match cmd {
-                SettingCmd::List => client.list_settings(pb::ListSettingsRequest {}).await.map_err(msg)?.into_inner().settings,
-                SettingCmd::Get { name } => vec![client.get_setting(pb::SettingRef { name }).await.map_err(msg)?.into_inner()],
+                SettingCmd::List => {
+                    client
+                        .list_settings(pb::ListSettingsRequest {})
+                        .await
+                        .map_err(msg)?
+                        .into_inner()
+                        .settings
+                }
+                SettingCmd::Get { name } => vec![client
+                    .get_setting(pb::SettingRef { name })
+                    .await
+                    .map_err(msg)?
+                    .into_inner()],
                 SettingCmd::Set { name, value } => {
-                    vec![client.set_setting(pb::SetSettingRequest { name, value }).await.map_err(msg)?.into_inner()]
+                    vec![client
+                        .set_setting(pb::SetSettingRequest { name, value })
+                        .await
+                        .map_err(msg)?
+                        .into_inner()]
                 }
             };
             Ok(if json {
@@ -389,7 +466,12 @@ async fn run(cli: Cli) -> Result<String, String> {
             } else {
                 let mut rows = vec![row(&["NAME", "VALUE", "DEFAULT", "DESCRIPTION"])];
                 for s in &settings {
-                    rows.push(vec![s.name.clone(), s.value.clone(), s.default_value.clone(), s.description.clone()]);
+                    rows.push(vec![
+                        s.name.clone(),
+                        s.value.clone(),
+                        s.default_value.clone(),
+                        s.description.clone(),
+                    ]);
                 }
                 table(&rows)
             })
@@ -416,33 +498,78 @@ type Client = pb::cairn_client::CairnClient<tonic::transport::Channel>;
 async fn snapshot_cmd(client: &mut Client, cmd: SnapshotCmd, json: bool) -> Result<String, String> {
     let msg = |s: tonic::Status| s.message().to_string();
     match cmd {
-        SnapshotCmd::Create { volume, name, labels } => {
-            let req = pb::CreateSnapshotRequest { volume, name: name.unwrap_or_default(), labels: labels.into_iter().collect() };
+        SnapshotCmd::Create {
+            volume,
+            name,
+            labels,
+        } => {
+            let req = pb::CreateSnapshotRequest {
+                volume,
+                name: name.unwrap_or_default(),
+                labels: labels.into_iter().collect(),
+            };
             let s = client.create_snapshot(req).await.map_err(msg)?.into_inner();
-            Ok(if json { to_json(&snapshot_json(&s)) } else { format!("snapshot {} taken\n", s.name) })
+            Ok(if json {
+                to_json(&snapshot_json(&s))
+            } else {
+                format!("snapshot {} taken\n", s.name)
+            })
         }
         SnapshotCmd::List { volume } => {
-            let list = client.list_snapshots(pb::VolumeRef { name: volume }).await.map_err(msg)?.into_inner().snapshots;
+            let list = client
+                .list_snapshots(pb::VolumeRef { name: volume })
+                .await
+                .map_err(msg)?
+                .into_inner()
+                .snapshots;
             if json {
-                return Ok(to_json(&serde_json::Value::Array(list.iter().map(snapshot_json).collect())));
+                return Ok(to_json(&serde_json::Value::Array(
+                    list.iter().map(snapshot_json).collect(),
+                )));
             }
-            let mut rows = vec![row(&["NAME", "PARENT", "CREATED", "SIZE", "USER", "REMOVED", "LABELS"])];
+            let mut rows = vec![row(&[
+                "NAME", "PARENT", "CREATED", "SIZE", "USER", "REMOVED", "LABELS",
+            ])];
             for s in &list {
-                let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let labels: Vec<String> =
+                    s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 rows.push(vec![
                     s.name.clone(),
-                    if s.parent.is_empty() { "-".into() } else { s.parent.clone() },
-                    if s.is_head { "-".into() } else { s.created.clone() },
+                    if s.parent.is_empty() {
+                        "-".into()
+                    } else {
+                        s.parent.clone()
+                    },
+                    if s.is_head {
+                        "-".into()
+                    } else {
+                        s.created.clone()
+                    },
                     HumanSize(s.size).to_string(),
-                    if s.is_head { "-".into() } else { s.user_created.to_string() },
+                    if s.is_head {
+                        "-".into()
+                    } else {
+                        s.user_created.to_string()
+                    },
                     s.removed.to_string(),
-                    if labels.is_empty() { "-".into() } else { labels.join(",") },
+                    if labels.is_empty() {
+                        "-".into()
+                    } else {
+                        labels.join(",")
+                    },
                 ]);
             }
             Ok(table(&rows))
         }
         SnapshotCmd::Delete { volume, name } => {
-            let r = client.delete_snapshot(pb::SnapshotRef { volume, name: name.clone() }).await.map_err(msg)?.into_inner();
+            let r = client
+                .delete_snapshot(pb::SnapshotRef {
+                    volume,
+                    name: name.clone(),
+                })
+                .await
+                .map_err(msg)?
+                .into_inner();
             Ok(if json {
                 to_json(&json!({ "deleted": name, "coalesced": r.coalesced }))
             } else if r.coalesced {
@@ -452,21 +579,45 @@ async fn snapshot_cmd(client: &mut Client, cmd: SnapshotCmd, json: bool) -> Resu
             })
         }
         SnapshotCmd::Revert { volume, name } => {
-            let r = client.revert_snapshot(pb::SnapshotRef { volume: volume.clone(), name: name.clone() }).await.map_err(msg)?.into_inner();
+            let r = client
+                .revert_snapshot(pb::SnapshotRef {
+                    volume: volume.clone(),
+                    name: name.clone(),
+                })
+                .await
+                .map_err(msg)?
+                .into_inner();
             Ok(if json {
                 to_json(&json!({ "reverted": volume, "snapshot": name, "dropped": r.dropped }))
             } else if r.dropped.is_empty() {
                 format!("volume {volume} reverted to {name}\n")
             } else {
-                format!("volume {volume} reverted to {name}; dropped newer snapshots: {}\n", r.dropped.join(", "))
+                format!(
+                    "volume {volume} reverted to {name}; dropped newer snapshots: {}\n",
+                    r.dropped.join(", ")
+                )
             })
         }
         SnapshotCmd::Purge { volume } => {
-            let r = client.purge_snapshots(pb::VolumeRef { name: volume.clone() }).await.map_err(msg)?.into_inner();
+            let r = client
+                .purge_snapshots(pb::VolumeRef {
+                    name: volume.clone(),
+                })
+                .await
+                .map_err(msg)?
+                .into_inner();
             Ok(if json {
                 to_json(&json!({ "purged": volume, "merged": r.merged }))
             } else {
-                format!("volume {volume}: {} snapshot(s) merged{}\n", r.merged.len(), if r.merged.is_empty() { String::new() } else { format!(": {}", r.merged.join(", ")) })
+                format!(
+                    "volume {volume}: {} snapshot(s) merged{}\n",
+                    r.merged.len(),
+                    if r.merged.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", r.merged.join(", "))
+                    }
+                )
             })
         }
     }
@@ -475,8 +626,16 @@ async fn snapshot_cmd(client: &mut Client, cmd: SnapshotCmd, json: bool) -> Resu
 async fn backup_cmd(client: &mut Client, cmd: BackupCmd, json: bool) -> Result<String, String> {
     let msg = |s: tonic::Status| s.message().to_string();
     match cmd {
-        BackupCmd::Create { volume, snapshot, labels } => {
-            let req = pb::CreateBackupRequest { volume, snapshot: snapshot.unwrap_or_default(), labels: labels.into_iter().collect() };
+        BackupCmd::Create {
+            volume,
+            snapshot,
+            labels,
+        } => {
+            let req = pb::CreateBackupRequest {
+                volume,
+                snapshot: snapshot.unwrap_or_default(),
+                labels: labels.into_iter().collect(),
+            };
             let b = client.create_backup(req).await.map_err(msg)?.into_inner();
             Ok(if json {
                 to_json(&backup_json(&b))
@@ -492,39 +651,81 @@ async fn backup_cmd(client: &mut Client, cmd: BackupCmd, json: bool) -> Result<S
             })
         }
         BackupCmd::List { volume } => {
-            let list = client.list_backups(pb::ListBackupsRequest { volume: volume.unwrap_or_default() }).await.map_err(msg)?.into_inner().backups;
-            Ok(if json { to_json(&serde_json::Value::Array(list.iter().map(backup_json).collect())) } else { backups_table(&list) })
+            let list = client
+                .list_backups(pb::ListBackupsRequest {
+                    volume: volume.unwrap_or_default(),
+                })
+                .await
+                .map_err(msg)?
+                .into_inner()
+                .backups;
+            Ok(if json {
+                to_json(&serde_json::Value::Array(
+                    list.iter().map(backup_json).collect(),
+                ))
+            } else {
+                backups_table(&list)
+            })
         }
         BackupCmd::Get { handle } => {
-            let b = client.get_backup(pb::BackupRef { handle }).await.map_err(msg)?.into_inner();
-            Ok(if json { to_json(&backup_json(&b)) } else { backups_table(std::slice::from_ref(&b)) })
+            let b = client
+                .get_backup(pb::BackupRef { handle })
+                .await
+                .map_err(msg)?
+                .into_inner();
+            Ok(if json {
+                to_json(&backup_json(&b))
+            } else {
+                backups_table(std::slice::from_ref(&b))
+            })
         }
         BackupCmd::Delete { handle } => {
-            let r = client.delete_backup(pb::BackupRef { handle: handle.clone() }).await.map_err(msg)?.into_inner();
+            let r = client
+                .delete_backup(pb::BackupRef {
+                    handle: handle.clone(),
+                })
+                .await
+                .map_err(msg)?
+                .into_inner();
             Ok(if json {
-                to_json(&json!({ "deleted": handle, "removedBlocks": r.removed_blocks, "keptBlocks": r.kept_blocks }))
+                to_json(
+                    &json!({ "deleted": handle, "removedBlocks": r.removed_blocks, "keptBlocks": r.kept_blocks }),
+                )
             } else {
-                format!("backup {handle} deleted: {} block(s) removed, {} kept\n", r.removed_blocks, r.kept_blocks)
+                format!(
+                    "backup {handle} deleted: {} block(s) removed, {} kept\n",
+                    r.removed_blocks, r.kept_blocks
+                )
             })
         }
     }
 }
 
 fn backups_table(list: &[pb::Backup]) -> String {
-    let mut rows = vec![row(&["HANDLE", "SNAPSHOT", "CREATED", "SIZE", "STATE", "PROGRESS", "LABELS"])];
+    let mut rows = vec![row(&[
+        "HANDLE", "SNAPSHOT", "CREATED", "SIZE", "STATE", "PROGRESS", "LABELS",
+    ])];
     for b in list {
         let labels: Vec<String> = b.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         rows.push(vec![
             b.handle.clone(),
             b.snapshot.clone(),
-            if b.created.is_empty() { "-".into() } else { b.created.clone() },
+            if b.created.is_empty() {
+                "-".into()
+            } else {
+                b.created.clone()
+            },
             HumanSize(b.size).to_string(),
             b.state.clone(),
             match &b.progress {
                 Some(p) => format!("{}% {}/s", p.percent, HumanSize(p.bytes_per_second)),
                 None => "-".into(),
             },
-            if labels.is_empty() { "-".into() } else { labels.join(",") },
+            if labels.is_empty() {
+                "-".into()
+            } else {
+                labels.join(",")
+            },
         ]);
     }
     table(&rows)
@@ -644,12 +845,24 @@ fn volume_table(v: &pb::Volume) -> String {
         let _ = writeln!(out, "message: {}", v.message);
     }
     if v.standby {
-        let _ = writeln!(out, "standby: follows {} (last restored: {})", v.from_backup, or_dash(&v.last_restored));
+        let _ = writeln!(
+            out,
+            "standby: follows {} (last restored: {})",
+            v.from_backup,
+            or_dash(&v.last_restored)
+        );
     } else if !v.from_backup.is_empty() {
         let _ = writeln!(out, "restored from: {}", v.from_backup);
     }
     if let Some(p) = &v.restore {
-        let _ = writeln!(out, "restoring: {}% {}/{} {}/s", p.percent, approx_size(p.done_bytes), approx_size(p.total_bytes), approx_size(p.bytes_per_second));
+        let _ = writeln!(
+            out,
+            "restoring: {}% {}/{} {}/s",
+            p.percent,
+            approx_size(p.done_bytes),
+            approx_size(p.total_bytes),
+            approx_size(p.bytes_per_second)
+        );
     }
     if !v.last_backup.is_empty() {
         let _ = writeln!(out, "last backup: bak://{}/{}", v.name, v.last_backup);
@@ -658,7 +871,9 @@ fn volume_table(v: &pb::Volume) -> String {
         let _ = writeln!(out, "recurring jobs: {}", v.recurring_jobs);
     }
     out.push('\n');
-    let mut rows = vec![row(&["REPLICA", "NODE", "DISK", "STATE", "REBUILD", "MESSAGE"])];
+    let mut rows = vec![row(&[
+        "REPLICA", "NODE", "DISK", "STATE", "REBUILD", "MESSAGE",
+    ])];
     for r in &v.replicas {
         let rebuild = match &r.rebuild {
             Some(b) => format!(
@@ -667,7 +882,11 @@ fn volume_table(v: &pb::Volume) -> String {
                 approx_size(b.done_bytes),
                 approx_size(b.total_bytes),
                 approx_size(b.bytes_per_second),
-                if b.incremental { " (changed blocks)" } else { " (full)" }
+                if b.incremental {
+                    " (changed blocks)"
+                } else {
+                    " (full)"
+                }
             ),
             None => "-".to_string(),
         };
@@ -728,12 +947,36 @@ fn cluster_node_json(n: &pb::ClusterNode) -> serde_json::Value {
 
 /// Longhorn's node columns: Size, Allocated (promised), Used.
 fn nodes_table(nodes: &[pb::ClusterNode]) -> String {
-    let mut rows = vec![row(&["NODE", "ADDRESS", "STATE", "DISK", "SIZE", "ALLOCATED", "USED", "REPLICAS", "SCHEDULABLE"])];
+    let mut rows = vec![row(&[
+        "NODE",
+        "ADDRESS",
+        "STATE",
+        "DISK",
+        "SIZE",
+        "ALLOCATED",
+        "USED",
+        "REPLICAS",
+        "SCHEDULABLE",
+    ])];
     for n in nodes {
         let state = if n.up { "up" } else { "down" };
-        let name = if n.local { format!("{} (this node)", n.name) } else { n.name.clone() };
+        let name = if n.local {
+            format!("{} (this node)", n.name)
+        } else {
+            n.name.clone()
+        };
         if n.disks.is_empty() {
-            rows.push(vec![name, or_dash(&n.addr).to_string(), state.to_string(), "-".into(), "-".into(), "-".into(), "-".into(), "-".into(), "no".into()]);
+            rows.push(vec![
+                name,
+                or_dash(&n.addr).to_string(),
+                state.to_string(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "no".into(),
+            ]);
             continue;
         }
         for d in &n.disks {

@@ -15,9 +15,11 @@ use super::manager::{unix_now, Inner, VolumeManager};
 use super::settings;
 use super::snapshots::{generated_name, validate_labels};
 use super::{ControlError, RebuildInfo, VolumeInfo};
-use crate::backupstore::format::{BackupCfg, BackupHandle, Compression};
-use crate::backupstore::store::{new_backup_name, BackupPlan, BackupRequest, BackupStore, BlockSink, BlockSource};
 use crate::backupstore::credentials::Credentials;
+use crate::backupstore::format::{BackupCfg, BackupHandle, Compression};
+use crate::backupstore::store::{
+    new_backup_name, BackupPlan, BackupRequest, BackupStore, BlockSink, BlockSource,
+};
 use crate::backupstore::target::{check_target, open_target, unmount_target, BackupTarget};
 use crate::backupstore::Progress;
 use crate::engine::rebuild::{store_for, BlockStore};
@@ -63,7 +65,13 @@ pub(super) struct RunningBackup {
 }
 
 fn progress_info(p: &Progress) -> RebuildInfo {
-    RebuildInfo { percent: p.percent(), done: p.done(), total: p.total(), rate: p.rate(), incremental: false }
+    RebuildInfo {
+        percent: p.percent(),
+        done: p.done(),
+        total: p.total(),
+        rate: p.rate(),
+        incremental: false,
+    }
 }
 
 /// A snapshot view read by the backup.
@@ -86,13 +94,17 @@ struct ReplicaSink {
 impl BlockSink for ReplicaSink {
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         for s in &self.stores {
-            s.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data)?;
+            s.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write(offset, data)?;
         }
         Ok(())
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         for s in &self.stores {
-            s.lock().unwrap_or_else(|p| p.into_inner()).write_zeroes(offset, len)?;
+            s.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .write_zeroes(offset, len)?;
         }
         Ok(())
     }
@@ -117,7 +129,11 @@ impl Inner {
         }
         let target = BackupTarget::parse(&url)?;
         let cred = self.settings.get(settings::BACKUP_CREDENTIAL)?;
-        let creds = if cred.is_empty() { Credentials::from_env()? } else { Credentials::from_file(std::path::Path::new(&cred))? };
+        let creds = if cred.is_empty() {
+            Credentials::from_env()?
+        } else {
+            Credentials::from_file(std::path::Path::new(&cred))?
+        };
         let mounts = self.data_dir.join("backup-mounts");
         // A cheap probe first: wrong keys, a missing bucket, an unreachable
         // endpoint or a TLS failure become one clear error here.
@@ -130,11 +146,15 @@ impl Inner {
     /// mounted (after the setting changed, or at shutdown). Failures are
     /// logged: the new target does not depend on the old mount.
     pub(super) fn release_backup_target(&self, url: &str) {
-        let Ok(target) = BackupTarget::parse(url) else { return };
+        let Ok(target) = BackupTarget::parse(url) else {
+            return;
+        };
         let mounts = self.data_dir.join("backup-mounts");
         match unmount_target(&target, &mounts) {
             Ok(()) => {}
-            Err(e) => tracing::warn!(target = %target, error = %e, "cannot unmount the old backup target"),
+            Err(e) => {
+                tracing::warn!(target = %target, error = %e, "cannot unmount the old backup target")
+            }
         }
     }
 
@@ -153,7 +173,9 @@ impl Inner {
             .iter()
             .find(|r| r.addr.is_empty() && r.state == crate::engine::ReplicaState::Healthy)
             .map(|r| r.name.clone())
-            .ok_or_else(|| ControlError::NoLocalReplica { volume: volume.to_string() })?;
+            .ok_or_else(|| ControlError::NoLocalReplica {
+                volume: volume.to_string(),
+            })?;
         drop(st);
         Ok(self.disks.open(volume, &name)?)
     }
@@ -175,21 +197,38 @@ impl VolumeManager {
             let st = inner.state.lock().await;
             let v = st.volume(volume)?;
             if v.record.standby {
-                return Err(ControlError::Standby { name: volume.to_string(), what: "be backed up" });
+                return Err(ControlError::Standby {
+                    name: volume.to_string(),
+                    what: "be backed up",
+                });
             }
-            (v.record.size, v.record.last_backup.clone(), v.record.last_backup_snapshot.clone())
+            (
+                v.record.size,
+                v.record.last_backup.clone(),
+                v.record.last_backup_snapshot.clone(),
+            )
         };
         let snap = match snapshot {
             Some(s) => {
-                if !self.snapshot_list(volume).await?.iter().any(|x| !x.is_head && x.name == s) {
-                    return Err(ControlError::UnknownSnapshot { volume: volume.to_string(), snapshot: s.to_string() });
+                if !self
+                    .snapshot_list(volume)
+                    .await?
+                    .iter()
+                    .any(|x| !x.is_head && x.name == s)
+                {
+                    return Err(ControlError::UnknownSnapshot {
+                        volume: volume.to_string(),
+                        snapshot: s.to_string(),
+                    });
                 }
                 s.to_string()
             }
             None => {
                 let mut l = labels.clone();
                 l.insert(BACKUP_SNAPSHOT_LABEL.into(), "true".into());
-                self.snapshot_create_as(volume, Some(&generated_name("backup")), l, true).await?.name
+                self.snapshot_create_as(volume, Some(&generated_name("backup")), l, true)
+                    .await?
+                    .name
             }
         };
         let snap_info = self
@@ -197,7 +236,10 @@ impl VolumeManager {
             .await?
             .into_iter()
             .find(|s| s.name == snap)
-            .ok_or_else(|| ControlError::UnknownSnapshot { volume: volume.to_string(), snapshot: snap.clone() })?;
+            .ok_or_else(|| ControlError::UnknownSnapshot {
+                volume: volume.to_string(),
+                snapshot: snap.clone(),
+            })?;
         let replica = inner.local_replica(volume).await?;
 
         // Incremental against the last backup when it is still in the store
@@ -215,17 +257,34 @@ impl VolumeManager {
         let has_base = base.is_some();
         let (view, changed) = tokio::task::spawn_blocking(move || -> Result<_, ControlError> {
             let view = r2.snapshot_view(&s2)?;
-            let changed = if has_base && !ls.is_empty() { r2.changed_between(&ls, &s2)? } else { None };
+            let changed = if has_base && !ls.is_empty() {
+                r2.changed_between(&ls, &s2)?
+            } else {
+                None
+            };
             Ok((view, changed))
         })
         .await??;
         let plan = match (base, changed) {
-            (Some(base_backup), Some(changed)) => BackupPlan::Incremental { base_backup, changed },
-            _ => BackupPlan::Full { ranges: view.data_ranges() },
+            (Some(base_backup), Some(changed)) => BackupPlan::Incremental {
+                base_backup,
+                changed,
+            },
+            _ => BackupPlan::Full {
+                ranges: view.data_ranges(),
+            },
         };
         let name = new_backup_name();
-        let compression: Compression = inner.settings.get(settings::BACKUP_COMPRESSION)?.parse().map_err(ControlError::Internal)?;
-        let block_size = if inner.settings.get(settings::BACKUP_BLOCK_SIZE)? == "16MiB" { 16 << 20 } else { 2 << 20 };
+        let compression: Compression = inner
+            .settings
+            .get(settings::BACKUP_COMPRESSION)?
+            .parse()
+            .map_err(ControlError::Internal)?;
+        let block_size = if inner.settings.get(settings::BACKUP_BLOCK_SIZE)? == "16MiB" {
+            16 << 20
+        } else {
+            2 << 20
+        };
         let req = BackupRequest {
             volume: volume.to_string(),
             volume_size: size,
@@ -239,10 +298,19 @@ impl VolumeManager {
             concurrency: inner.settings.u64(settings::BACKUP_CONCURRENCY).max(1) as usize,
         };
         let progress = Arc::new(Progress::new());
-        inner.running_backups().push(RunningBackup { volume: volume.into(), name: name.clone(), snapshot: snap.clone(), progress: progress.clone() });
+        inner.running_backups().push(RunningBackup {
+            volume: volume.into(),
+            name: name.clone(),
+            snapshot: snap.clone(),
+            progress: progress.clone(),
+        });
         tracing::info!(volume, backup = %name, snapshot = %snap, "backup started");
-        let result = store.create_backup(req, Arc::new(ViewSource(view)), progress.clone()).await;
-        inner.running_backups().retain(|b| !(b.volume == volume && b.name == name));
+        let result = store
+            .create_backup(req, Arc::new(ViewSource(view)), progress.clone())
+            .await;
+        inner
+            .running_backups()
+            .retain(|b| !(b.volume == volume && b.name == name));
         let report = result?;
         tracing::info!(volume, backup = %name, uploaded = report.uploaded_blocks, existing = report.existing_blocks,
             total = report.total_blocks, "backup complete");
@@ -269,7 +337,12 @@ impl VolumeManager {
         let store = self.inner.backup_store().await?;
         let volumes: Vec<String> = match volume {
             Some(v) => vec![v.to_string()],
-            None => store.list_volumes().await?.into_iter().map(|v| v.name).collect(),
+            None => store
+                .list_volumes()
+                .await?
+                .into_iter()
+                .map(|v| v.name)
+                .collect(),
         };
         let mut out = Vec::new();
         for v in volumes {
@@ -282,7 +355,12 @@ impl VolumeManager {
 
     pub async fn backup_get(&self, handle: &str) -> Result<BackupInfo, ControlError> {
         let h = BackupHandle::parse(handle)?;
-        let backup = h.backup.clone().ok_or_else(|| ControlError::HandleNeedsBackup { handle: handle.to_string() })?;
+        let backup = h
+            .backup
+            .clone()
+            .ok_or_else(|| ControlError::HandleNeedsBackup {
+                handle: handle.to_string(),
+            })?;
         let store = self.inner.backup_store().await?;
         Ok(self.with_progress(backup_info(&store.get_backup(&h.volume, &backup).await?)))
     }
@@ -290,7 +368,12 @@ impl VolumeManager {
     /// Deletes a backup and the blocks no other backup of its volume uses.
     pub async fn backup_delete(&self, handle: &str) -> Result<(u64, u64), ControlError> {
         let h = BackupHandle::parse(handle)?;
-        let backup = h.backup.clone().ok_or_else(|| ControlError::HandleNeedsBackup { handle: handle.to_string() })?;
+        let backup = h
+            .backup
+            .clone()
+            .ok_or_else(|| ControlError::HandleNeedsBackup {
+                handle: handle.to_string(),
+            })?;
         let store = self.inner.backup_store().await?;
         let report = store.delete_backup(&h.volume, &backup).await?;
         tracing::info!(volume = %h.volume, backup = %backup, removed = report.removed_blocks, "backup deleted");
@@ -298,7 +381,12 @@ impl VolumeManager {
     }
 
     fn with_progress(&self, mut info: BackupInfo) -> BackupInfo {
-        if let Some(b) = self.inner.running_backups().iter().find(|b| b.volume == info.volume && b.name == info.name) {
+        if let Some(b) = self
+            .inner
+            .running_backups()
+            .iter()
+            .find(|b| b.volume == info.volume && b.name == info.name)
+        {
             info.state = "in-progress";
             info.progress = Some(progress_info(&b.progress));
         }
@@ -321,28 +409,47 @@ impl VolumeManager {
         let store = self.inner.backup_store().await?;
         let cfg = match &h.backup {
             Some(b) => store.get_backup(&h.volume, b).await?,
-            None if standby => latest_backup(&store, &h.volume)
-                .await?
-                .ok_or_else(|| ControlError::NoBackupYet { volume: h.volume.clone() })?,
-            None => return Err(ControlError::HandleNeedsBackup { handle: handle.to_string() }),
+            None if standby => latest_backup(&store, &h.volume).await?.ok_or_else(|| {
+                ControlError::NoBackupYet {
+                    volume: h.volume.clone(),
+                }
+            })?,
+            None => {
+                return Err(ControlError::HandleNeedsBackup {
+                    handle: handle.to_string(),
+                })
+            }
         };
         if cfg.created_time.is_empty() {
-            return Err(ControlError::BackupInProgress { handle: handle.to_string() });
+            return Err(ControlError::BackupInProgress {
+                handle: handle.to_string(),
+            });
         }
         let backup_size = store.get_volume(&h.volume).await?.size;
         let size = size.unwrap_or(backup_size);
         if size < backup_size {
-            return Err(ControlError::RestoreTooSmall { size, backup: backup_size });
+            return Err(ControlError::RestoreTooSmall {
+                size,
+                backup: backup_size,
+            });
         }
         self.create(name, size, replicas, recurring_jobs).await?;
         {
             let mut st = self.inner.state.lock().await;
             let v = st.volume_mut(name)?;
             v.record.standby = standby;
-            v.record.from_backup = if standby { format!("bak://{}", h.volume) } else { format!("bak://{}/{}", h.volume, cfg.name) };
+            v.record.from_backup = if standby {
+                format!("bak://{}", h.volume)
+            } else {
+                format!("bak://{}/{}", h.volume, cfg.name)
+            };
             self.inner.store.save(&v.record)?;
         }
-        match self.inner.restore_into(name, &store, &h.volume, &cfg, None).await {
+        match self
+            .inner
+            .restore_into(name, &store, &h.volume, &cfg, None)
+            .await
+        {
             Ok(()) => self.get(name).await,
             Err(e) => {
                 tracing::warn!(volume = name, error = %e, "restore failed; removing the new volume");
@@ -372,7 +479,9 @@ impl VolumeManager {
     pub async fn activate(&self, name: &str) -> Result<VolumeInfo, ControlError> {
         let standby = { self.inner.state.lock().await.volume(name)?.record.standby };
         if !standby {
-            return Err(ControlError::NotStandby { name: name.to_string() });
+            return Err(ControlError::NotStandby {
+                name: name.to_string(),
+            });
         }
         self.inner.dr_sync(name).await?;
         let mut st = self.inner.state.lock().await;
@@ -388,7 +497,10 @@ impl VolumeManager {
 
 /// The backup volume's last backup: the one `volume.cfg` names (what
 /// Longhorn's DR volumes follow), else the newest completed one.
-async fn latest_backup(store: &BackupStore, volume: &str) -> Result<Option<BackupCfg>, ControlError> {
+async fn latest_backup(
+    store: &BackupStore,
+    volume: &str,
+) -> Result<Option<BackupCfg>, ControlError> {
     let vol = store.get_volume(volume).await?;
     if !vol.last_backup_name.is_empty() {
         if let Ok(b) = store.get_backup(volume, &vol.last_backup_name).await {
@@ -397,7 +509,12 @@ async fn latest_backup(store: &BackupStore, volume: &str) -> Result<Option<Backu
             }
         }
     }
-    let mut list: Vec<BackupCfg> = store.list_backups(volume).await?.into_iter().filter(|b| !b.created_time.is_empty()).collect();
+    let mut list: Vec<BackupCfg> = store
+        .list_backups(volume)
+        .await?
+        .into_iter()
+        .filter(|b| !b.created_time.is_empty())
+        .collect();
     list.sort_by(|a, b| a.created_time.cmp(&b.created_time));
     Ok(list.pop())
 }
@@ -411,7 +528,11 @@ fn backup_info(cfg: &BackupCfg) -> BackupInfo {
         created: cfg.created_time.clone(),
         size: cfg.size,
         labels: cfg.labels.clone(),
-        state: if cfg.created_time.is_empty() { "in-progress" } else { "completed" },
+        state: if cfg.created_time.is_empty() {
+            "in-progress"
+        } else {
+            "completed"
+        },
         progress: None,
         message: String::new(),
         incremental: cfg.is_incremental,
@@ -439,7 +560,10 @@ impl Inner {
             let st = self.state.lock().await;
             let v = st.volume(name)?;
             if v.live.is_some() {
-                return Err(ControlError::MustDetach { name: name.to_string(), what: "restore into it" });
+                return Err(ControlError::MustDetach {
+                    name: name.to_string(),
+                    what: "restore into it",
+                });
             }
             v.record.healthy_targets()
         };
@@ -448,21 +572,36 @@ impl Inner {
         let sink = tokio::task::spawn_blocking(move || -> Result<ReplicaSink, ControlError> {
             let mut stores = Vec::new();
             for (r, addr) in targets {
-                let io = me.open_replica(&vname, &r, &addr).map_err(|e| ControlError::Internal(format!("replica {r}: {e}")))?;
-                stores.push(Mutex::new(store_for(&io).map_err(|e| ControlError::Internal(format!("replica {r}: {e}")))?));
+                let io = me
+                    .open_replica(&vname, &r, &addr)
+                    .map_err(|e| ControlError::Internal(format!("replica {r}: {e}")))?;
+                stores
+                    .push(Mutex::new(store_for(&io).map_err(|e| {
+                        ControlError::Internal(format!("replica {r}: {e}"))
+                    })?));
             }
             Ok(ReplicaSink { stores })
         })
         .await??;
         let sink = Arc::new(sink);
         let progress = Arc::new(Progress::new());
-        self.restores.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), progress.clone());
+        self.restores
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), progress.clone());
         let concurrency = self.settings.u64(settings::RESTORE_CONCURRENCY).max(1) as usize;
-        let result = store.restore(source, &cfg.name, sink.clone(), base, progress, concurrency).await;
-        self.restores.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        let result = store
+            .restore(source, &cfg.name, sink.clone(), base, progress, concurrency)
+            .await;
+        self.restores
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         let report = result?;
         let s2 = sink.clone();
-        tokio::task::spawn_blocking(move || s2.flush()).await?.map_err(|e| ControlError::Internal(format!("flushing restored replicas: {e}")))?;
+        tokio::task::spawn_blocking(move || s2.flush())
+            .await?
+            .map_err(|e| ControlError::Internal(format!("flushing restored replicas: {e}")))?;
         tracing::info!(volume = name, backup = %cfg.name, blocks = report.restored_blocks, "restore complete");
         let mut st = self.state.lock().await;
         let v = st.volume_mut(name)?;
@@ -482,33 +621,49 @@ impl Inner {
         };
         let h = BackupHandle::parse(&from)?;
         let store = self.backup_store().await?;
-        let Some(latest) = latest_backup(&store, &h.volume).await? else { return Ok(()) };
+        let Some(latest) = latest_backup(&store, &h.volume).await? else {
+            return Ok(());
+        };
         if latest.name == last {
             return Ok(());
         }
-        let base = if last.is_empty() { None } else { store.get_backup(&h.volume, &last).await.ok() };
+        let base = if last.is_empty() {
+            None
+        } else {
+            store.get_backup(&h.volume, &last).await.ok()
+        };
         if base.is_none() && !last.is_empty() {
             // The base is gone from the store: start from zeros.
             let size = { self.state.lock().await.volume(name)?.record.size };
             self.zero_volume(name, size).await?;
         }
         tracing::info!(volume = name, backup = %latest.name, incremental = base.is_some(), "DR volume restoring a new backup");
-        self.restore_into(name, &store, &h.volume, &latest, base.as_ref()).await
+        self.restore_into(name, &store, &h.volume, &latest, base.as_ref())
+            .await
     }
 
     async fn zero_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<(), ControlError> {
         let targets: Vec<(String, String)> = {
             let st = self.state.lock().await;
-            st.volume(name)?.record.replicas.iter().map(|r| (r.name.clone(), r.addr.clone())).collect()
+            st.volume(name)?
+                .record
+                .replicas
+                .iter()
+                .map(|r| (r.name.clone(), r.addr.clone()))
+                .collect()
         };
         let me = self.clone();
         let vname = name.to_string();
         tokio::task::spawn_blocking(move || -> Result<(), ControlError> {
             for (r, addr) in targets {
-                let io = me.open_replica(&vname, &r, &addr).map_err(|e| ControlError::Internal(format!("replica {r}: {e}")))?;
+                let io = me
+                    .open_replica(&vname, &r, &addr)
+                    .map_err(|e| ControlError::Internal(format!("replica {r}: {e}")))?;
                 let mut s = store_for(&io).map_err(|e| ControlError::Internal(e.to_string()))?;
-                s.write_zeroes(0, size).map_err(|e| ControlError::Internal(e.to_string()))?;
-                s.flush().map_err(|e| ControlError::Internal(e.to_string()))?;
+                s.write_zeroes(0, size)
+                    .map_err(|e| ControlError::Internal(e.to_string()))?;
+                s.flush()
+                    .map_err(|e| ControlError::Internal(e.to_string()))?;
             }
             Ok(())
         })
@@ -531,7 +686,11 @@ pub(super) async fn dr_loop(inner: std::sync::Weak<Inner>) {
         last_poll = now;
         let standby: Vec<String> = {
             let st = inner.state.lock().await;
-            st.volumes.values().filter(|v| v.record.standby).map(|v| v.record.name.clone()).collect()
+            st.volumes
+                .values()
+                .filter(|v| v.record.standby)
+                .map(|v| v.record.name.clone())
+                .collect()
         };
         for name in standby {
             if let Err(e) = inner.dr_sync(&name).await {

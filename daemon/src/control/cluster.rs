@@ -22,7 +22,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    #[error("this node runs without a cluster: start cairnd with --replica-listen and --cluster-secret")]
+    #[error(
+        "this node runs without a cluster: start cairnd with --replica-listen and --cluster-secret"
+    )]
     Standalone,
     #[error("bad peer address {addr:?}: {reason}; use HOST:PORT of a peer's --replica-listen")]
     BadAddr { addr: String, reason: String },
@@ -70,12 +72,18 @@ pub struct Cluster {
 
 /// Checks a `HOST:PORT` peer address.
 pub fn check_addr(addr: &str) -> Result<(), ClusterError> {
-    let bad = |reason: &str| ClusterError::BadAddr { addr: addr.to_string(), reason: reason.to_string() };
+    let bad = |reason: &str| ClusterError::BadAddr {
+        addr: addr.to_string(),
+        reason: reason.to_string(),
+    };
     let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad("no port"))?;
     if host.is_empty() {
         return Err(bad("no host"));
     }
-    port.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| bad("port is not 1-65535"))?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad("port is not 1-65535"))?;
     Ok(())
 }
 
@@ -91,22 +99,42 @@ impl Cluster {
     ) -> Result<Cluster, ClusterError> {
         let file = data_dir.join("cluster.json");
         let saved: ClusterFile = match std::fs::read(&file) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| ClusterError::File { path: file.clone(), reason: format!("not valid JSON: {e}") })?,
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| ClusterError::File {
+                path: file.clone(),
+                reason: format!("not valid JSON: {e}"),
+            })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => ClusterFile::default(),
-            Err(e) => return Err(ClusterError::File { path: file.clone(), reason: e.to_string() }),
+            Err(e) => {
+                return Err(ClusterError::File {
+                    path: file.clone(),
+                    reason: e.to_string(),
+                })
+            }
         };
         let mut peers = BTreeMap::new();
         for addr in cli_peers.iter().chain(&saved.peers) {
             check_addr(addr)?;
             if Some(addr) != listen.as_ref() {
-                peers.insert(addr.clone(), Peer { report: None, last_seen: None, error: String::new() });
+                peers.insert(
+                    addr.clone(),
+                    Peer {
+                        report: None,
+                        last_seen: None,
+                        error: String::new(),
+                    },
+                );
             }
         }
         if !peers.is_empty() && (listen.is_none() || secret.is_none()) {
             return Err(ClusterError::Standalone);
         }
-        Ok(Cluster { node: node.to_string(), listen, secret, file, peers: Mutex::new(peers) })
+        Ok(Cluster {
+            node: node.to_string(),
+            listen,
+            secret,
+            file,
+            peers: Mutex::new(peers),
+        })
     }
 
     /// True when this node takes part in a cluster (serves replicas).
@@ -127,9 +155,17 @@ impl Cluster {
     }
 
     fn save(&self, peers: &BTreeMap<String, Peer>) -> Result<(), ClusterError> {
-        let f = ClusterFile { peers: peers.keys().cloned().collect() };
-        let bytes = serde_json::to_vec_pretty(&f).map_err(|e| ClusterError::File { path: self.file.clone(), reason: e.to_string() })?;
-        fsutil::atomic_write(&self.file, &bytes).map_err(|e| ClusterError::File { path: self.file.clone(), reason: e.to_string() })
+        let f = ClusterFile {
+            peers: peers.keys().cloned().collect(),
+        };
+        let bytes = serde_json::to_vec_pretty(&f).map_err(|e| ClusterError::File {
+            path: self.file.clone(),
+            reason: e.to_string(),
+        })?;
+        fsutil::atomic_write(&self.file, &bytes).map_err(|e| ClusterError::File {
+            path: self.file.clone(),
+            reason: e.to_string(),
+        })
     }
 
     /// Adds a peer by address and polls it once (blocking).
@@ -140,11 +176,18 @@ impl Cluster {
         check_addr(addr)?;
         if Some(addr) != self.listen.as_deref() {
             let mut peers = self.lock();
-            peers.entry(addr.to_string()).or_insert(Peer { report: None, last_seen: None, error: String::new() });
+            peers.entry(addr.to_string()).or_insert(Peer {
+                report: None,
+                last_seen: None,
+                error: String::new(),
+            });
             self.save(&peers)?;
         }
         self.poll_one(addr);
-        self.nodes().into_iter().find(|n| n.addr == addr).ok_or_else(|| ClusterError::UnknownNode(addr.to_string()))
+        self.nodes()
+            .into_iter()
+            .find(|n| n.addr == addr)
+            .ok_or_else(|| ClusterError::UnknownNode(addr.to_string()))
     }
 
     /// Removes a peer, by node name or address.
@@ -152,7 +195,9 @@ impl Cluster {
         let mut peers = self.lock();
         let addr = peers
             .iter()
-            .find(|(a, p)| a.as_str() == which || p.report.as_ref().is_some_and(|r| r.node == which))
+            .find(|(a, p)| {
+                a.as_str() == which || p.report.as_ref().is_some_and(|r| r.node == which)
+            })
             .map(|(a, _)| a.clone())
             .ok_or_else(|| ClusterError::UnknownNode(which.to_string()))?;
         let mut next = peers.clone();
@@ -224,7 +269,11 @@ impl Cluster {
             .map(|(addr, p)| {
                 let up = p.last_seen.is_some_and(|t| t.elapsed() <= DOWN_AFTER);
                 NodeView {
-                    name: p.report.as_ref().map(|r| r.node.clone()).unwrap_or_else(|| format!("({addr})")),
+                    name: p
+                        .report
+                        .as_ref()
+                        .map(|r| r.node.clone())
+                        .unwrap_or_else(|| format!("({addr})")),
                     addr: addr.clone(),
                     local: false,
                     up,
@@ -243,14 +292,18 @@ impl Cluster {
 
     /// The replica address of node `name` (as last reported).
     pub fn addr_of(&self, name: &str) -> Option<String> {
-        self.lock().iter().find(|(_, p)| p.report.as_ref().is_some_and(|r| r.node == name)).map(|(a, _)| a.clone())
+        self.lock()
+            .iter()
+            .find(|(_, p)| p.report.as_ref().is_some_and(|r| r.node == name))
+            .map(|(a, _)| a.clone())
     }
 
     /// Whether node `name` answered recently.
     pub fn is_up(&self, name: &str) -> bool {
         name == self.node
             || self.lock().values().any(|p| {
-                p.report.as_ref().is_some_and(|r| r.node == name) && p.last_seen.is_some_and(|t| t.elapsed() <= DOWN_AFTER)
+                p.report.as_ref().is_some_and(|r| r.node == name)
+                    && p.last_seen.is_some_and(|t| t.elapsed() <= DOWN_AFTER)
             })
     }
 }

@@ -24,7 +24,12 @@ pub enum ControlError {
         disks: usize,
     },
     #[error("volume {volume:?} wants {wanted} replicas but only {eligible} nodes can take one{}", if *.soft { " (soft anti-affinity: one per fitting disk)" } else { " (hard anti-affinity: one per node)" })]
-    NotEnoughNodes { volume: String, wanted: u32, eligible: usize, soft: bool },
+    NotEnoughNodes {
+        volume: String,
+        wanted: u32,
+        eligible: usize,
+        soft: bool,
+    },
     #[error(transparent)]
     Setting(#[from] super::settings::SettingError),
     #[error("cluster secret: {0}")]
@@ -80,12 +85,18 @@ pub enum ControlError {
     },
     /// A blocking task died (panicked or was cancelled); a bug, not an input error.
     #[error("{what} label {label:?}: {reason}")]
-    BadLabel { what: String, label: String, reason: String },
+    BadLabel {
+        what: String,
+        label: String,
+        reason: String,
+    },
     #[error("volume {name:?} is a DR standby volume: it cannot {what} until `cairnctl volume activate {name}`")]
     Standby { name: String, what: &'static str },
     #[error("volume {volume}: no healthy replica took the change: {reason}")]
     NoHealthyReplicaFor { volume: String, reason: String },
-    #[error("volume {volume}: snapshot {snapshot} is in use by a running backup: wait for it to finish")]
+    #[error(
+        "volume {volume}: snapshot {snapshot} is in use by a running backup: wait for it to finish"
+    )]
     SnapshotBusy { volume: String, snapshot: String },
     #[error("volume {volume} has no snapshot {snapshot:?}: see `cairnctl snapshot list {volume}`")]
     UnknownSnapshot { volume: String, snapshot: String },

@@ -20,8 +20,8 @@ use super::store::{RecordState, ReplicaRecord, Store, VolumeRecord, RECORD_FORMA
 use super::{ControlError, NodeConfig};
 use crate::disks::{disk_fits, NodeDisks};
 use crate::engine::{
-    EngineEvent, EventSink, QueueLayout, RebuildProgress, RemoteReplica, RemoteTarget, ReplicaHandle, ReplicaIo,
-    ReplicaState, VolumeHealth, VolumeIo, MAX_REPLICAS,
+    EngineEvent, EventSink, QueueLayout, RebuildProgress, RemoteReplica, RemoteTarget,
+    ReplicaHandle, ReplicaIo, ReplicaState, VolumeHealth, VolumeIo, MAX_REPLICAS,
 };
 use crate::frontend::{ublk_available, FrontendOptions, UblkDevice};
 use crate::metrics::VolumeSample;
@@ -213,7 +213,9 @@ impl VolumeManager {
         let store = Store::open(&data_dir)?;
         let settings = Arc::new(Settings::open(&data_dir)?);
         let secret = match &config.cluster_secret {
-            Some(path) => Some(ClusterSecret::load(path).map_err(|e| ControlError::Secret(e.to_string()))?),
+            Some(path) => {
+                Some(ClusterSecret::load(path).map_err(|e| ControlError::Secret(e.to_string()))?)
+            }
             None => None,
         };
         if config.replica_listen.is_some() != secret.is_some() {
@@ -221,8 +223,17 @@ impl VolumeManager {
                 "--replica-listen and --cluster-secret go together: give both to join a cluster, or neither".into(),
             ));
         }
-        let advertise = config.advertise.clone().or_else(|| config.replica_listen.map(|a| a.to_string()));
-        let cluster = Arc::new(Cluster::open(&config.node_id, advertise, secret.clone(), &data_dir, &config.peers)?);
+        let advertise = config
+            .advertise
+            .clone()
+            .or_else(|| config.replica_listen.map(|a| a.to_string()));
+        let cluster = Arc::new(Cluster::open(
+            &config.node_id,
+            advertise,
+            secret.clone(),
+            &data_dir,
+            &config.peers,
+        )?);
         let (records, corrupt) = store.load_all()?;
         for c in &corrupt {
             tracing::error!(path = %c.path.display(), reason = %c.reason, "skipping unreadable volume record; fix or remove the file");
@@ -233,8 +244,12 @@ impl VolumeManager {
         let disks = Arc::new(NodeDisks::new(&config.node_id, disk_paths));
         let server = match (config.replica_listen, secret) {
             (Some(addr), Some(secret)) => Some(
-                ReplicaServer::start(addr, secret, disks.clone())
-                    .map_err(|e| ControlError::Io { path: PathBuf::from(format!("replica listen {addr}")), source: e })?,
+                ReplicaServer::start(addr, secret, disks.clone()).map_err(|e| {
+                    ControlError::Io {
+                        path: PathBuf::from(format!("replica listen {addr}")),
+                        source: e,
+                    }
+                })?,
             ),
             _ => None,
         };
@@ -272,7 +287,11 @@ impl VolumeManager {
             rebuilds: std::sync::Mutex::new(HashMap::new()),
             repair_done: repair_tx,
             restores: std::sync::Mutex::new(HashMap::new()),
-            clock: config.clock.clone().map(|c| c.0).unwrap_or_else(|| Arc::new(crate::jobs::SystemClock)),
+            clock: config
+                .clock
+                .clone()
+                .map(|c| c.0)
+                .unwrap_or_else(|| Arc::new(crate::jobs::SystemClock)),
             scheduler: std::sync::Mutex::new(crate::jobs::Scheduler::new()),
             backups: std::sync::Mutex::new(Vec::new()),
         });
@@ -280,7 +299,17 @@ impl VolumeManager {
             // Recurring jobs from the records (validated when they were set).
             let now = inner.clock.now();
             let mut sched = inner.scheduler.lock().unwrap_or_else(|p| p.into_inner());
-            for v in inner.state.try_lock().map(|st| st.volumes.values().map(|v| (v.record.name.clone(), v.record.recurring_jobs.clone())).collect::<Vec<_>>()).unwrap_or_default() {
+            for v in inner
+                .state
+                .try_lock()
+                .map(|st| {
+                    st.volumes
+                        .values()
+                        .map(|v| (v.record.name.clone(), v.record.recurring_jobs.clone()))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+            {
                 if v.1.is_empty() {
                     continue;
                 }
@@ -290,7 +319,9 @@ impl VolumeManager {
                             tracing::error!(volume = %v.0, error = %e, "recurring jobs not scheduled");
                         }
                     }
-                    Err(e) => tracing::error!(volume = %v.0, error = %e, "recurring jobs in the record are invalid"),
+                    Err(e) => {
+                        tracing::error!(volume = %v.0, error = %e, "recurring jobs in the record are invalid")
+                    }
                 }
             }
         }
@@ -315,13 +346,21 @@ impl VolumeManager {
         if inner.cluster.enabled() {
             tasks.push(tokio::spawn(repair::poll_loop(inner.cluster.clone())));
         }
-        Ok(VolumeManager { inner, tasks, _server: server })
+        Ok(VolumeManager {
+            inner,
+            tasks,
+            _server: server,
+        })
     }
 
     /// A handle on the same node state without its own tasks (for the
     /// background loops that call manager operations).
     pub(super) fn handle(inner: Arc<Inner>) -> VolumeManager {
-        VolumeManager { inner, tasks: Vec::new(), _server: None }
+        VolumeManager {
+            inner,
+            tasks: Vec::new(),
+            _server: None,
+        }
     }
 
     /// The replica server's address (cluster mode).
@@ -359,7 +398,11 @@ impl VolumeManager {
         recurring_jobs: &str,
     ) -> Result<VolumeInfo, ControlError> {
         crate::name::validate_volume_name(name)?;
-        let jobs = if recurring_jobs.trim().is_empty() { Vec::new() } else { crate::jobs::parse_jobs(recurring_jobs)? };
+        let jobs = if recurring_jobs.trim().is_empty() {
+            Vec::new()
+        } else {
+            crate::jobs::parse_jobs(recurring_jobs)?
+        };
         if size == 0 {
             return Err(ControlError::ZeroSize);
         }
@@ -389,13 +432,17 @@ impl VolumeManager {
         let replicas = if inner.cluster.enabled() {
             let i = self.inner.clone();
             let vname = name.to_string();
-            tokio::task::spawn_blocking(move || i.create_replicas(&vname, count, size, &[], None)).await??
+            tokio::task::spawn_blocking(move || i.create_replicas(&vname, count, size, &[], None))
+                .await??
         } else {
             let loads: Vec<DiskLoad> = inner
                 .disks
                 .disks()
                 .iter()
-                .map(|d| DiskLoad { path: d.clone(), replicas: st.replicas_on(d) })
+                .map(|d| DiskLoad {
+                    path: d.clone(),
+                    replicas: st.replicas_on(d),
+                })
                 .collect();
             let chosen = placement::place(name, count, &loads)?;
             let disks = inner.disks.clone();
@@ -407,7 +454,13 @@ impl VolumeManager {
                     let rname = random_replica_name(&vname)?;
                     let want = disk.clone();
                     match disks.create(&vname, &rname, size, None, |d| Path::new(&d.path) == want) {
-                        Ok((disk, dir)) => made.push(ReplicaRecord::new(rname, node.clone(), String::new(), disk, dir)),
+                        Ok((disk, dir)) => made.push(ReplicaRecord::new(
+                            rname,
+                            node.clone(),
+                            String::new(),
+                            disk,
+                            dir,
+                        )),
                         Err(e) => {
                             for r in &made {
                                 let _ = disks.delete(&r.name);
@@ -420,7 +473,10 @@ impl VolumeManager {
             })
             .await??
         };
-        let dirs: Vec<(String, String)> = replicas.iter().map(|r| (r.name.clone(), r.addr.clone())).collect();
+        let dirs: Vec<(String, String)> = replicas
+            .iter()
+            .map(|r| (r.name.clone(), r.addr.clone()))
+            .collect();
 
         let record = VolumeRecord {
             format: RECORD_FORMAT,
@@ -436,7 +492,11 @@ impl VolumeManager {
             standby: false,
             from_backup: String::new(),
             last_restored: String::new(),
-            recurring_jobs: if jobs.is_empty() { String::new() } else { serde_json::to_string(&jobs).map_err(|e| ControlError::Internal(e.to_string()))? },
+            recurring_jobs: if jobs.is_empty() {
+                String::new()
+            } else {
+                serde_json::to_string(&jobs).map_err(|e| ControlError::Internal(e.to_string()))?
+            },
             last_backup: String::new(),
             last_backup_snapshot: String::new(),
         };
@@ -452,7 +512,12 @@ impl VolumeManager {
         }
         if !jobs.is_empty() {
             let now = inner.clock.now();
-            if let Err(e) = inner.scheduler.lock().unwrap_or_else(|p| p.into_inner()).set_jobs(name, &jobs, now) {
+            if let Err(e) = inner
+                .scheduler
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_jobs(name, &jobs, now)
+            {
                 tracing::error!(volume = name, error = %e, "recurring jobs not scheduled");
             }
         }
@@ -484,10 +549,15 @@ impl VolumeManager {
         let mut st = self.inner.state.lock().await;
         let v = st.volume(name)?;
         if v.record.standby {
-            return Err(ControlError::Standby { name: name.to_string(), what: "be attached" });
+            return Err(ControlError::Standby {
+                name: name.to_string(),
+                what: "be attached",
+            });
         }
         if self.inner.restore_info(name).is_some() {
-            return Err(ControlError::Restoring { name: name.to_string() });
+            return Err(ControlError::Restoring {
+                name: name.to_string(),
+            });
         }
         if let Some(live) = &v.live {
             return Err(ControlError::AlreadyAttached {
@@ -529,7 +599,12 @@ impl VolumeManager {
             r?;
         }
         let v = st.volume(name)?;
-        let replicas: Vec<(String, String)> = v.record.replicas.iter().map(|r| (r.name.clone(), r.addr.clone())).collect();
+        let replicas: Vec<(String, String)> = v
+            .record
+            .replicas
+            .iter()
+            .map(|r| (r.name.clone(), r.addr.clone()))
+            .collect();
         // Replicas first, record last: a crash in between leaves a record
         // whose replicas are gone, and deleting again finishes the job. A
         // replica on a node that is down now is left there (logged).
@@ -546,7 +621,11 @@ impl VolumeManager {
         })
         .await??;
         inner.store.remove(name)?;
-        inner.scheduler.lock().unwrap_or_else(|p| p.into_inner()).remove_volume(name);
+        inner
+            .scheduler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove_volume(name);
         st.volumes.remove(name);
         inner.publish(&st);
         tracing::info!(volume = name, "volume deleted");
@@ -603,9 +682,12 @@ impl VolumeManager {
     /// This node's name, disks and whether ublk can be used.
     pub async fn node(&self) -> NodeInfo {
         let disks = self.inner.disks.clone();
-        let report = tokio::task::spawn_blocking(move || disks.report()).await.unwrap_or_else(|_| {
-            crate::transport::NodeReport { node: String::new(), disks: Vec::new() }
-        });
+        let report = tokio::task::spawn_blocking(move || disks.report())
+            .await
+            .unwrap_or_else(|_| crate::transport::NodeReport {
+                node: String::new(),
+                disks: Vec::new(),
+            });
         NodeInfo {
             name: self.inner.node_id.clone(),
             disks: report
@@ -629,7 +711,9 @@ impl VolumeManager {
     /// now (1 GiB when 0).
     pub async fn nodes(&self) -> Vec<NodeView> {
         let i = self.inner.clone();
-        tokio::task::spawn_blocking(move || i.cluster.nodes_with(i.disks.report())).await.unwrap_or_default()
+        tokio::task::spawn_blocking(move || i.cluster.nodes_with(i.disks.report()))
+            .await
+            .unwrap_or_default()
     }
 
     /// The placement settings now.
@@ -648,9 +732,17 @@ impl VolumeManager {
     /// node keep replicas there (fail and replace them first).
     pub async fn node_remove(&self, which: &str) -> Result<(), ControlError> {
         let st = self.inner.state.lock().await;
-        let addr_match = |r: &ReplicaRecord| r.node == which || (!r.addr.is_empty() && r.addr == which);
-        if let Some(v) = st.volumes.values().find(|v| v.record.replicas.iter().any(addr_match)) {
-            return Err(ControlError::NodeInUse { node: which.to_string(), volume: v.record.name.clone() });
+        let addr_match =
+            |r: &ReplicaRecord| r.node == which || (!r.addr.is_empty() && r.addr == which);
+        if let Some(v) = st
+            .volumes
+            .values()
+            .find(|v| v.record.replicas.iter().any(addr_match))
+        {
+            return Err(ControlError::NodeInUse {
+                node: which.to_string(),
+                volume: v.record.name.clone(),
+            });
         }
         drop(st);
         Ok(self.inner.cluster.remove(which)?)
@@ -683,18 +775,32 @@ impl VolumeManager {
         crate::name::validate_volume_name(name)?;
         let mut st = self.inner.state.lock().await;
         if st.volumes.contains_key(name) {
-            return Err(ControlError::AlreadyExists { name: name.to_string() });
+            return Err(ControlError::AlreadyExists {
+                name: name.to_string(),
+            });
         }
         let i = self.inner.clone();
         let found = tokio::task::spawn_blocking(move || i.find_replicas()).await?;
-        let mine: Vec<(NodeView, ReplicaReport)> =
-            found.into_iter().filter(|(_, r)| r.volume == name && r.error.is_empty()).collect();
+        let mine: Vec<(NodeView, ReplicaReport)> = found
+            .into_iter()
+            .filter(|(_, r)| r.volume == name && r.error.is_empty())
+            .collect();
         let Some(newest) = mine.iter().map(|(_, r)| r.revision).max() else {
-            return Err(ControlError::NothingToAdopt { volume: name.to_string() });
+            return Err(ControlError::NothingToAdopt {
+                volume: name.to_string(),
+            });
         };
-        let size = mine.iter().find(|(_, r)| r.revision == newest).map(|(_, r)| r.size).unwrap_or(0);
+        let size = mine
+            .iter()
+            .find(|(_, r)| r.revision == newest)
+            .map(|(_, r)| r.size)
+            .unwrap_or(0);
         if mine.len() > MAX_REPLICAS {
-            return Err(ControlError::TooManyReplicas { volume: name.to_string(), wanted: mine.len() as u32, max: MAX_REPLICAS });
+            return Err(ControlError::TooManyReplicas {
+                volume: name.to_string(),
+                wanted: mine.len() as u32,
+                max: MAX_REPLICAS,
+            });
         }
         let replicas: Vec<ReplicaRecord> = mine
             .iter()
@@ -705,13 +811,24 @@ impl VolumeManager {
                     node: node.name.clone(),
                     disk: PathBuf::from(&r.disk),
                     dir: PathBuf::from(&r.dir),
-                    state: if ok { RecordState::Healthy } else { RecordState::Failed },
+                    state: if ok {
+                        RecordState::Healthy
+                    } else {
+                        RecordState::Failed
+                    },
                     message: if ok {
                         String::new()
                     } else {
-                        format!("adopted behind the newest replica (revision {} < {newest})", r.revision)
+                        format!(
+                            "adopted behind the newest replica (revision {} < {newest})",
+                            r.revision
+                        )
                     },
-                    addr: if node.local { String::new() } else { node.addr.clone() },
+                    addr: if node.local {
+                        String::new()
+                    } else {
+                        node.addr.clone()
+                    },
                     failed_at: (!ok).then(unix_now),
                     last_rebuild: None,
                 }
@@ -736,8 +853,17 @@ impl VolumeManager {
             last_backup_snapshot: String::new(),
         };
         self.inner.store.save(&record)?;
-        tracing::info!(volume = name, replicas = record.replicas.len(), revision = newest, "volume adopted");
-        let v = Volume { record, live: None, message: String::new() };
+        tracing::info!(
+            volume = name,
+            replicas = record.replicas.len(),
+            revision = newest,
+            "volume adopted"
+        );
+        let v = Volume {
+            record,
+            live: None,
+            message: String::new(),
+        };
         let info = v.info(&self.inner);
         st.volumes.insert(name.to_string(), v);
         self.inner.publish(&st);
@@ -773,20 +899,20 @@ impl VolumeManager {
                 Some(io) => {
                     let rebuilds = self.inner.rebuild_infos(&e.name);
                     VolumeSample {
-                    name: e.name.clone(),
-                    size: e.size,
-                    health: Some(io.health()),
-                    replicas: e.replicas,
-                    healthy_replicas: io
-                        .replicas()
-                        .iter()
-                        .filter(|r| r.state == ReplicaState::Healthy)
-                        .count() as u32,
-                    revision: io.revision(),
-                    io: io.stats(),
-                    rebuild_done: rebuilds.iter().map(|(_, r)| r.done).sum(),
-                    rebuild_total: rebuilds.iter().map(|(_, r)| r.total).sum(),
-                    rebuilding_replicas: rebuilds.len() as u32,
+                        name: e.name.clone(),
+                        size: e.size,
+                        health: Some(io.health()),
+                        replicas: e.replicas,
+                        healthy_replicas: io
+                            .replicas()
+                            .iter()
+                            .filter(|r| r.state == ReplicaState::Healthy)
+                            .count() as u32,
+                        revision: io.revision(),
+                        io: io.stats(),
+                        rebuild_done: rebuilds.iter().map(|(_, r)| r.done).sum(),
+                        rebuild_total: rebuilds.iter().map(|(_, r)| r.total).sum(),
+                        rebuilding_replicas: rebuilds.len() as u32,
                     }
                 }
                 None => VolumeSample {
@@ -818,7 +944,11 @@ impl Inner {
     /// Attaches volume `name` (known to exist and be detached) with the state
     /// lock held. On error the record keeps what was learned (replicas that
     /// would not open are failed) but the volume stays detached.
-    pub(super) async fn attach_locked(self: &Arc<Self>, st: &mut State, name: &str) -> Result<(), ControlError> {
+    pub(super) async fn attach_locked(
+        self: &Arc<Self>,
+        st: &mut State,
+        name: &str,
+    ) -> Result<(), ControlError> {
         // Before touching any replica file: opening replicas and starting an
         // epoch change them, and without the driver attach must change nothing.
         ublk_available()?;
@@ -830,7 +960,11 @@ impl Inner {
             .collect();
         let salvage = self.settings.bool(settings::AUTO_SALVAGE);
         let v = st.volume_mut(name)?;
-        let none_healthy = v.record.replicas.iter().all(|r| r.state == RecordState::Failed);
+        let none_healthy = v
+            .record
+            .replicas
+            .iter()
+            .all(|r| r.state == RecordState::Failed);
         if none_healthy && !salvage {
             return Err(ControlError::NoHealthyReplica {
                 volume: name.to_string(),
@@ -839,7 +973,10 @@ impl Inner {
         if none_healthy {
             // Auto-salvage: every replica is a candidate; the epoch keeps
             // those at the highest revision and fails the rest.
-            tracing::warn!(volume = name, "every replica is failed: auto-salvage from the newest");
+            tracing::warn!(
+                volume = name,
+                "every replica is failed: auto-salvage from the newest"
+            );
         }
         let replicas: Vec<AttachReplica> = v
             .record
@@ -1048,7 +1185,11 @@ impl VolumeRecord {
 
     /// `(name, addr)` of the replicas the record calls healthy.
     pub(super) fn healthy_targets(&self) -> Vec<(String, String)> {
-        self.replicas.iter().filter(|r| r.state == RecordState::Healthy).map(|r| (r.name.clone(), r.addr.clone())).collect()
+        self.replicas
+            .iter()
+            .filter(|r| r.state == RecordState::Healthy)
+            .map(|r| (r.name.clone(), r.addr.clone()))
+            .collect()
     }
 
     /// Copies the engine's failures and revision into the record.
@@ -1076,10 +1217,14 @@ impl Volume {
                 // slot being refilled by a replacement has the new name.
                 let slot = live.as_ref().and_then(|(_, st)| st.get(i));
                 let engine = slot.filter(|s| s.name == r.name);
-                let replacing = slot.filter(|s| s.name != r.name && s.state == ReplicaState::Rebuilding);
+                let replacing =
+                    slot.filter(|s| s.name != r.name && s.state == ReplicaState::Rebuilding);
                 let (state, message) = match (engine, replacing) {
                     (Some(s), _) => (s.state, s.message.clone()),
-                    (None, Some(s)) => (ReplicaState::Rebuilding, format!("being replaced by {}", s.name)),
+                    (None, Some(s)) => (
+                        ReplicaState::Rebuilding,
+                        format!("being replaced by {}", s.name),
+                    ),
                     (None, None) => match r.state {
                         RecordState::Healthy => (ReplicaState::Healthy, r.message.clone()),
                         RecordState::Failed => (ReplicaState::Failed, r.message.clone()),
@@ -1093,7 +1238,10 @@ impl Volume {
                     dir: r.dir.clone(),
                     state,
                     message,
-                    rebuild: rebuilds.iter().find(|(slot, _)| *slot == i).map(|(_, info)| info.clone()),
+                    rebuild: rebuilds
+                        .iter()
+                        .find(|(slot, _)| *slot == i)
+                        .map(|(_, info)| info.clone()),
                     last_rebuild: r.last_rebuild.clone(),
                 }
             })
@@ -1161,18 +1309,33 @@ fn attach_blocking(
     let mut handles = Vec::new();
     for r in replicas {
         if !r.wanted {
-            handles.push(ReplicaHandle { name: r.name, io: None });
+            handles.push(ReplicaHandle {
+                name: r.name,
+                io: None,
+            });
             continue;
         }
         match inner.open_replica(name, &r.name, &r.addr) {
             Ok(io) if io.size() != size => {
-                open_failed.push((r.name.clone(), format!("replica holds {} bytes, the volume has {size}", io.size())));
-                handles.push(ReplicaHandle { name: r.name, io: None });
+                open_failed.push((
+                    r.name.clone(),
+                    format!("replica holds {} bytes, the volume has {size}", io.size()),
+                ));
+                handles.push(ReplicaHandle {
+                    name: r.name,
+                    io: None,
+                });
             }
-            Ok(io) => handles.push(ReplicaHandle { name: r.name, io: Some(io) }),
+            Ok(io) => handles.push(ReplicaHandle {
+                name: r.name,
+                io: Some(io),
+            }),
             Err(e) => {
                 open_failed.push((r.name.clone(), e.to_string()));
-                handles.push(ReplicaHandle { name: r.name, io: None });
+                handles.push(ReplicaHandle {
+                    name: r.name,
+                    io: None,
+                });
             }
         }
     }
@@ -1190,7 +1353,10 @@ fn attach_blocking(
             },
         );
     }
-    let layout = QueueLayout { queues: opts.queues, depth: opts.queue_depth };
+    let layout = QueueLayout {
+        queues: opts.queues,
+        depth: opts.queue_depth,
+    };
     let io = match VolumeIo::new(name, size, handles, sink, layout) {
         Ok(io) => io,
         Err(e) => return fail(open_failed, None, e.into()),
@@ -1356,7 +1522,10 @@ pub(super) fn random_replica_name(volume: &str) -> Result<String, ControlError> 
 
 /// Seconds since the Unix epoch.
 pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Inner {
@@ -1387,17 +1556,25 @@ impl Inner {
                 name: n.name.clone(),
                 local: n.local,
                 up: n.up,
-                disks: n.report.as_ref().map(|r| r.disks.clone()).unwrap_or_default(),
+                disks: n
+                    .report
+                    .as_ref()
+                    .map(|r| r.disks.clone())
+                    .unwrap_or_default(),
             })
             .collect();
         let chosen = placement::place_nodes(volume, count, size, &candidates, taken, rules)?;
         let mut made: Vec<ReplicaRecord> = Vec::new();
         for node in chosen {
-            let Some(view) = nodes.iter().find(|n| n.name == node) else { continue };
+            let Some(view) = nodes.iter().find(|n| n.name == node) else {
+                continue;
+            };
             let rname = random_replica_name(volume)?;
             let result = if view.local {
                 self.disks
-                    .create(volume, &rname, size, replaces, |d| disk_fits(d, size, rules.over_provisioning, rules.min_available))
+                    .create(volume, &rname, size, replaces, |d| {
+                        disk_fits(d, size, rules.over_provisioning, rules.min_available)
+                    })
                     .map_err(ControlError::from)
                     .map(|(disk, dir)| (disk, dir, String::new()))
             } else {
@@ -1410,13 +1587,19 @@ impl Inner {
                     replaces: replaces.unwrap_or_default().to_string(),
                 };
                 match self.cluster.call(&view.addr, op) {
-                    Ok(Op::Created { disk, dir }) => Ok((PathBuf::from(disk), PathBuf::from(dir), view.addr.clone())),
-                    Ok(other) => Err(ControlError::Internal(format!("node {node} answered {other:?} to CreateReplica"))),
+                    Ok(Op::Created { disk, dir }) => {
+                        Ok((PathBuf::from(disk), PathBuf::from(dir), view.addr.clone()))
+                    }
+                    Ok(other) => Err(ControlError::Internal(format!(
+                        "node {node} answered {other:?} to CreateReplica"
+                    ))),
                     Err(e) => Err(e.into()),
                 }
             };
             match result {
-                Ok((disk, dir, addr)) => made.push(ReplicaRecord::new(rname, node.clone(), addr, disk, dir)),
+                Ok((disk, dir, addr)) => {
+                    made.push(ReplicaRecord::new(rname, node.clone(), addr, disk, dir))
+                }
                 Err(e) => {
                     for r in &made {
                         self.delete_replica(&r.name, &r.addr);
@@ -1434,7 +1617,12 @@ impl Inner {
         let result = if addr.is_empty() {
             self.disks.delete(name).map_err(|e| e.to_string())
         } else {
-            match self.cluster.call(addr, Op::DeleteReplica { replica: name.to_string() }) {
+            match self.cluster.call(
+                addr,
+                Op::DeleteReplica {
+                    replica: name.to_string(),
+                },
+            ) {
                 Ok(Op::Ok) => Ok(()),
                 Ok(other) => Err(format!("answered {other:?}")),
                 Err(e) => Err(e.to_string()),
@@ -1448,12 +1636,23 @@ impl Inner {
     /// Opens a replica for the engine: the shared local object, or a
     /// connection to its node. Blocking. Errors say whether the replica is
     /// unusable or only out of reach.
-    pub(super) fn open_replica(&self, volume: &str, name: &str, addr: &str) -> Result<ReplicaIo, OpenError> {
+    pub(super) fn open_replica(
+        &self,
+        volume: &str,
+        name: &str,
+        addr: &str,
+    ) -> Result<ReplicaIo, OpenError> {
         if addr.is_empty() {
-            return self.disks.open(volume, name).map(ReplicaIo::Local).map_err(|e| OpenError::Broken(e.to_string()));
+            return self
+                .disks
+                .open(volume, name)
+                .map(ReplicaIo::Local)
+                .map_err(|e| OpenError::Broken(e.to_string()));
         }
         let Some(secret) = self.cluster.secret() else {
-            return Err(OpenError::Unreachable("this node runs standalone and cannot reach remote replicas".into()));
+            return Err(OpenError::Unreachable(
+                "this node runs standalone and cannot reach remote replicas".into(),
+            ));
         };
         let target = RemoteTarget {
             addr: addr.to_string(),
@@ -1463,11 +1662,13 @@ impl Inner {
             node: self.node_id.clone(),
             timeout: Duration::from_secs(self.settings.u64(settings::REPLICA_TIMEOUT).max(1)),
         };
-        RemoteReplica::connect(target).map(|r| ReplicaIo::Remote(Arc::new(r))).map_err(|e| match e {
-            // The node answered: the replica itself is missing or unusable.
-            PeerError::Remote { .. } => OpenError::Broken(e.to_string()),
-            _ => OpenError::Unreachable(e.to_string()),
-        })
+        RemoteReplica::connect(target)
+            .map(|r| ReplicaIo::Remote(Arc::new(r)))
+            .map_err(|e| match e {
+                // The node answered: the replica itself is missing or unusable.
+                PeerError::Remote { .. } => OpenError::Broken(e.to_string()),
+                _ => OpenError::Unreachable(e.to_string()),
+            })
     }
 
     /// Every replica on this node and on every reachable peer. Blocking.
@@ -1491,19 +1692,37 @@ impl Inner {
     pub(super) fn restore_info(&self, volume: &str) -> Option<RebuildInfo> {
         let map = self.restores.lock().unwrap_or_else(|p| p.into_inner());
         let p = map.get(volume)?;
-        Some(RebuildInfo { percent: p.percent(), done: p.done(), total: p.total(), rate: p.rate(), incremental: false })
+        Some(RebuildInfo {
+            percent: p.percent(),
+            done: p.done(),
+            total: p.total(),
+            rate: p.rate(),
+            incremental: false,
+        })
     }
 
     pub(super) fn has_rebuilds(&self, volume: &str) -> bool {
-        self.rebuilds.lock().unwrap_or_else(|p| p.into_inner()).get(volume).is_some_and(|v| !v.is_empty())
+        self.rebuilds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(volume)
+            .is_some_and(|v| !v.is_empty())
     }
 
     pub(super) fn snapshot_in_use(&self, volume: &str, snapshot: &str) -> bool {
-        self.backups.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|b| b.volume == volume && b.snapshot == snapshot)
+        self.backups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|b| b.volume == volume && b.snapshot == snapshot)
     }
 
     pub(super) fn backup_running(&self, volume: &str) -> bool {
-        self.backups.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|b| b.volume == volume)
+        self.backups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|b| b.volume == volume)
     }
 
     pub(super) fn cancel_rebuilds(&self, volume: &str) {

@@ -27,22 +27,24 @@
 //! sent from I/O threads on an unbounded channel and applied by a task that
 //! takes the same mutex, so an I/O thread never waits for the control plane.
 
+pub mod backups;
 pub mod cluster;
 mod error;
 mod manager;
 pub mod placement;
+pub mod recurring;
 mod repair;
 pub mod settings;
 pub mod snapshots;
-pub mod backups;
-pub mod recurring;
 pub mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use error::ControlError;
-pub use manager::{DiskInfo, NodeInfo, RebuildInfo, ReplicaInfo, VolumeInfo, VolumeManager, VolumeState};
+pub use manager::{
+    DiskInfo, NodeInfo, RebuildInfo, ReplicaInfo, VolumeInfo, VolumeManager, VolumeState,
+};
 
 use crate::frontend::FrontendOptions;
 

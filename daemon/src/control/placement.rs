@@ -49,7 +49,10 @@ pub fn place_nodes(
         if !n.up {
             return 0;
         }
-        n.disks.iter().filter(|d| disk_fits(d, size, rules.over_provisioning, rules.min_available)).count()
+        n.disks
+            .iter()
+            .filter(|d| disk_fits(d, size, rules.over_provisioning, rules.min_available))
+            .count()
     };
     let mut order: Vec<&NodeCandidate> = nodes.iter().filter(|n| fitting(n) > 0).collect();
     order.sort_by_key(|n| (!n.local, n.disks.iter().map(|d| d.allocated).sum::<u64>()));
@@ -166,13 +169,23 @@ mod tests {
             up,
             disks: disks
                 .iter()
-                .map(|&(size, available, allocated)| DiskReport { path: "/d".into(), size, available, allocated, replicas: 0 })
+                .map(|&(size, available, allocated)| DiskReport {
+                    path: "/d".into(),
+                    size,
+                    available,
+                    allocated,
+                    replicas: 0,
+                })
                 .collect(),
         }
     }
 
     const G: u64 = 1 << 30;
-    const HARD: Rules = Rules { soft_anti_affinity: false, over_provisioning: 100, min_available: 25 };
+    const HARD: Rules = Rules {
+        soft_anti_affinity: false,
+        over_provisioning: 100,
+        min_available: 25,
+    };
 
     #[test]
     fn hard_anti_affinity_distinct_nodes_local_first() {
@@ -182,35 +195,69 @@ mod tests {
             node("c", false, true, &[(100 * G, 90 * G, 0)]),
             node("down", false, false, &[(100 * G, 90 * G, 0)]),
         ];
-        assert_eq!(place_nodes("v", 3, G, &nodes, &[], HARD).unwrap(), vec!["a", "c", "b"]);
-        let e = place_nodes("v", 4, G, &nodes, &[], HARD).unwrap_err().to_string();
-        assert!(e.contains("wants 4 replicas but only 3 nodes can take one"), "{e}");
+        assert_eq!(
+            place_nodes("v", 3, G, &nodes, &[], HARD).unwrap(),
+            vec!["a", "c", "b"]
+        );
+        let e = place_nodes("v", 4, G, &nodes, &[], HARD)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("wants 4 replicas but only 3 nodes can take one"),
+            "{e}"
+        );
         // A replacement avoids nodes that hold the volume already.
-        assert_eq!(place_nodes("v", 1, G, &nodes, &["a".into(), "c".into()], HARD).unwrap(), vec!["b"]);
+        assert_eq!(
+            place_nodes("v", 1, G, &nodes, &["a".into(), "c".into()], HARD).unwrap(),
+            vec!["b"]
+        );
     }
 
     #[test]
     fn scheduling_rules_exclude_full_disks() {
         let nodes = vec![
-            node("a", true, true, &[(100 * G, 10 * G, 0)]),   // below 25 % free
+            node("a", true, true, &[(100 * G, 10 * G, 0)]), // below 25 % free
             node("b", false, true, &[(100 * G, 90 * G, 95 * G)]), // promised too much
             node("c", false, true, &[(100 * G, 90 * G, 0)]),
         ];
-        assert_eq!(place_nodes("v", 1, 10 * G, &nodes, &[], HARD).unwrap(), vec!["c"]);
+        assert_eq!(
+            place_nodes("v", 1, 10 * G, &nodes, &[], HARD).unwrap(),
+            vec!["c"]
+        );
         assert!(place_nodes("v", 2, 10 * G, &nodes, &[], HARD).is_err());
-        let lax = Rules { over_provisioning: 200, min_available: 5, ..HARD };
-        assert_eq!(place_nodes("v", 3, 10 * G, &nodes, &[], lax).unwrap().len(), 3);
+        let lax = Rules {
+            over_provisioning: 200,
+            min_available: 5,
+            ..HARD
+        };
+        assert_eq!(
+            place_nodes("v", 3, 10 * G, &nodes, &[], lax).unwrap().len(),
+            3
+        );
     }
 
     #[test]
     fn soft_anti_affinity_shares_nodes_per_disk() {
         let nodes = vec![
-            node("a", true, true, &[(100 * G, 90 * G, 0), (100 * G, 90 * G, 0)]),
+            node(
+                "a",
+                true,
+                true,
+                &[(100 * G, 90 * G, 0), (100 * G, 90 * G, 0)],
+            ),
             node("b", false, true, &[(100 * G, 90 * G, 0)]),
         ];
-        let soft = Rules { soft_anti_affinity: true, ..HARD };
-        assert_eq!(place_nodes("v", 3, G, &nodes, &[], soft).unwrap(), vec!["a", "b", "a"]);
-        let e = place_nodes("v", 4, G, &nodes, &[], soft).unwrap_err().to_string();
+        let soft = Rules {
+            soft_anti_affinity: true,
+            ..HARD
+        };
+        assert_eq!(
+            place_nodes("v", 3, G, &nodes, &[], soft).unwrap(),
+            vec!["a", "b", "a"]
+        );
+        let e = place_nodes("v", 4, G, &nodes, &[], soft)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("soft anti-affinity"), "{e}");
         assert!(place_nodes("v", 3, G, &nodes, &[], HARD).is_err());
     }

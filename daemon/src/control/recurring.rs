@@ -10,7 +10,9 @@ use std::time::Duration;
 use super::manager::{Inner, VolumeManager};
 use super::settings;
 use super::ControlError;
-use crate::jobs::schedule::{job_labels, retain_plan, should_backup, should_snapshot, snapshot_name};
+use crate::jobs::schedule::{
+    job_labels, retain_plan, should_backup, should_snapshot, snapshot_name,
+};
 use crate::jobs::{parse_jobs, JobTask, OwnedItem, RecurringJob, JOB_LABEL};
 
 /// What one run of a job did (for logs and tests).
@@ -27,11 +29,23 @@ pub struct JobRun {
 impl VolumeManager {
     /// Replaces a volume's recurring jobs (`jobs` is a JSON array in
     /// Longhorn's format; `[]` or empty removes them).
-    pub async fn set_recurring_jobs(&self, volume: &str, jobs: &str) -> Result<super::VolumeInfo, ControlError> {
-        let parsed = if jobs.trim().is_empty() { Vec::new() } else { parse_jobs(jobs)? };
+    pub async fn set_recurring_jobs(
+        &self,
+        volume: &str,
+        jobs: &str,
+    ) -> Result<super::VolumeInfo, ControlError> {
+        let parsed = if jobs.trim().is_empty() {
+            Vec::new()
+        } else {
+            parse_jobs(jobs)?
+        };
         // Checks every cron line before anything changes.
         crate::jobs::Scheduler::new().set_jobs(volume, &parsed, self.inner.clock.now())?;
-        let normalized = if parsed.is_empty() { String::new() } else { serde_json::to_string(&parsed).map_err(|e| ControlError::Internal(e.to_string()))? };
+        let normalized = if parsed.is_empty() {
+            String::new()
+        } else {
+            serde_json::to_string(&parsed).map_err(|e| ControlError::Internal(e.to_string()))?
+        };
         let mut st = self.inner.state.lock().await;
         let v = st.volume_mut(volume)?;
         let mut next = v.record.clone();
@@ -60,7 +74,12 @@ impl VolumeManager {
     }
 
     async fn run_job(&self, volume: &str, job: &RecurringJob) -> JobRun {
-        let mut run = JobRun { volume: volume.to_string(), job: job.name.clone(), outcome: String::new(), pruned: Vec::new() };
+        let mut run = JobRun {
+            volume: volume.to_string(),
+            job: job.name.clone(),
+            outcome: String::new(),
+            pruned: Vec::new(),
+        };
         match self.run_job_inner(volume, job, &mut run).await {
             Ok(outcome) => run.outcome = outcome,
             Err(e) => {
@@ -74,10 +93,18 @@ impl VolumeManager {
         run
     }
 
-    async fn run_job_inner(&self, volume: &str, job: &RecurringJob, run: &mut JobRun) -> Result<String, ControlError> {
+    async fn run_job_inner(
+        &self,
+        volume: &str,
+        job: &RecurringJob,
+        run: &mut JobRun,
+    ) -> Result<String, ControlError> {
         let attached = { self.inner.state.lock().await.volume(volume)?.live.is_some() };
         if !attached && !self.inner.settings.bool(settings::ALLOW_DETACHED_JOBS) {
-            return Ok(format!("skipped: volume detached (set {} to true to run jobs on detached volumes)", settings::ALLOW_DETACHED_JOBS));
+            return Ok(format!(
+                "skipped: volume detached (set {} to true to run jobs on detached volumes)",
+                settings::ALLOW_DETACHED_JOBS
+            ));
         }
         let now = self.inner.clock.now();
         let labels: BTreeMap<String, String> = job_labels(job);
@@ -88,12 +115,23 @@ impl VolumeManager {
                 if !should_snapshot(job.task, head_data) {
                     return Ok("skipped: no new data since the last snapshot".into());
                 }
-                let s = self.snapshot_create(volume, Some(&snapshot_name(job, now)), labels).await?;
+                let s = self
+                    .snapshot_create(volume, Some(&snapshot_name(job, now)), labels)
+                    .await?;
                 run.pruned = self.prune_snapshots(volume, job).await?;
                 Ok(format!("snapshot {}", s.name))
             }
             JobTask::Backup | JobTask::BackupForceCreate => {
-                let last = { self.inner.state.lock().await.volume(volume)?.record.last_backup_snapshot.clone() };
+                let last = {
+                    self.inner
+                        .state
+                        .lock()
+                        .await
+                        .volume(volume)?
+                        .record
+                        .last_backup_snapshot
+                        .clone()
+                };
                 // New data since the last backup: in the head, or in a
                 // snapshot newer than the one it was taken from.
                 let newer = match chain.iter().position(|s| !s.is_head && s.name == last) {
@@ -103,7 +141,9 @@ impl VolumeManager {
                 if !should_backup(job.task, newer || head_data) {
                     return Ok("skipped: no new data since the last backup".into());
                 }
-                let snap = self.snapshot_create(volume, Some(&snapshot_name(job, now)), labels.clone()).await?;
+                let snap = self
+                    .snapshot_create(volume, Some(&snapshot_name(job, now)), labels.clone())
+                    .await?;
                 let b = self.backup_create(volume, Some(&snap.name), labels).await?;
                 run.pruned = self.prune_backups(volume, job).await?;
                 run.pruned.extend(self.prune_snapshots(volume, job).await?);
@@ -113,13 +153,20 @@ impl VolumeManager {
     }
 
     /// Deletes the job's snapshots beyond the newest `retain`.
-    async fn prune_snapshots(&self, volume: &str, job: &RecurringJob) -> Result<Vec<String>, ControlError> {
+    async fn prune_snapshots(
+        &self,
+        volume: &str,
+        job: &RecurringJob,
+    ) -> Result<Vec<String>, ControlError> {
         let owned: Vec<OwnedItem> = self
             .snapshot_list(volume)
             .await?
             .into_iter()
             .filter(|s| !s.is_head && !s.removed && s.labels.get(JOB_LABEL) == Some(&job.name))
-            .map(|s| OwnedItem { name: s.name, created: parse_time(&s.created) })
+            .map(|s| OwnedItem {
+                name: s.name,
+                created: parse_time(&s.created),
+            })
             .collect();
         let doomed = retain_plan(&owned, job.retain);
         for name in &doomed {
@@ -136,24 +183,34 @@ impl VolumeManager {
     }
 
     /// Deletes the job's backups beyond the newest `retain`.
-    async fn prune_backups(&self, volume: &str, job: &RecurringJob) -> Result<Vec<String>, ControlError> {
+    async fn prune_backups(
+        &self,
+        volume: &str,
+        job: &RecurringJob,
+    ) -> Result<Vec<String>, ControlError> {
         let owned: Vec<OwnedItem> = self
             .backup_list(Some(volume))
             .await?
             .into_iter()
             .filter(|b| b.state == "completed" && b.labels.get(JOB_LABEL) == Some(&job.name))
-            .map(|b| OwnedItem { name: b.name, created: parse_time(&b.created) })
+            .map(|b| OwnedItem {
+                name: b.name,
+                created: parse_time(&b.created),
+            })
             .collect();
         let doomed = retain_plan(&owned, job.retain);
         for name in &doomed {
-            self.backup_delete(&format!("bak://{volume}/{name}")).await?;
+            self.backup_delete(&format!("bak://{volume}/{name}"))
+                .await?;
         }
         Ok(doomed)
     }
 }
 
 fn parse_time(s: &str) -> chrono::DateTime<chrono::Utc> {
-    chrono::DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&chrono::Utc)).unwrap_or_default()
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .unwrap_or_default()
 }
 
 impl Inner {

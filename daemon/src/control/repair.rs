@@ -27,7 +27,9 @@ use super::cluster::{Cluster, POLL_INTERVAL};
 use super::manager::{unix_now, Inner, OpenError, RunningRebuild, OPERATOR_FAILED};
 use super::settings;
 use super::store::{LastRebuild, RecordState, ReplicaRecord};
-use crate::engine::{rebuild, RebuildProgress, RebuildReport, ReplicaIo, ReplicaState, VolumeHealth, VolumeIo};
+use crate::engine::{
+    rebuild, RebuildProgress, RebuildReport, ReplicaIo, ReplicaState, VolumeHealth, VolumeIo,
+};
 
 pub const REPAIR_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -58,7 +60,10 @@ enum Plan {
     /// Reconnect the same replica and copy what it missed.
     Resume { io: ReplicaIo },
     /// A fresh replica (already created) replaces the slot's.
-    Replace { io: ReplicaIo, record: ReplicaRecord },
+    Replace {
+        io: ReplicaIo,
+        record: ReplicaRecord,
+    },
 }
 
 pub async fn repair_loop(inner: Weak<Inner>) {
@@ -72,17 +77,34 @@ pub async fn repair_loop(inner: Weak<Inner>) {
             let st = inner.state.lock().await;
             st.volumes
                 .values()
-                .filter_map(|v| v.live.as_ref().map(|l| (v.record.name.clone(), l.io.clone(), v.record.replicas.clone(), v.record.size)))
+                .filter_map(|v| {
+                    v.live.as_ref().map(|l| {
+                        (
+                            v.record.name.clone(),
+                            l.io.clone(),
+                            v.record.replicas.clone(),
+                            v.record.size,
+                        )
+                    })
+                })
                 .collect()
         };
         for (name, io, records, size) in live {
             let i = inner.clone();
-            let _ = tokio::task::spawn_blocking(move || repair_volume(&i, &name, &io, &records, size)).await;
+            let _ =
+                tokio::task::spawn_blocking(move || repair_volume(&i, &name, &io, &records, size))
+                    .await;
         }
     }
 }
 
-fn repair_volume(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: &[ReplicaRecord], size: u64) {
+fn repair_volume(
+    inner: &Arc<Inner>,
+    volume: &str,
+    io: &Arc<VolumeIo>,
+    records: &[ReplicaRecord],
+    size: u64,
+) {
     if io.health() == VolumeHealth::Faulted {
         if inner.settings.bool(settings::AUTO_SALVAGE) {
             salvage(inner, volume, io, records);
@@ -90,7 +112,8 @@ fn repair_volume(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: 
         return;
     }
     let limit = inner.settings.u64(settings::REBUILD_LIMIT) as usize;
-    let stale_after = Duration::from_secs_f64(inner.settings.f64(settings::STALE_REPLICA_TIMEOUT) * 60.0);
+    let stale_after =
+        Duration::from_secs_f64(inner.settings.f64(settings::STALE_REPLICA_TIMEOUT) * 60.0);
     if limit == 0 {
         // Rebuilds paused: failed replicas wait (and nothing is created).
         return;
@@ -99,17 +122,23 @@ fn repair_volume(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: 
     for (slot, rec) in records.iter().enumerate() {
         // The engine's slot may carry another name: a replacement whose
         // rebuild failed. The record's replica is still the one to repair.
-        let Some(state) = states.get(slot) else { continue };
+        let Some(state) = states.get(slot) else {
+            continue;
+        };
         if state.state != ReplicaState::Failed {
             continue;
         }
         if inner.rebuild_running(volume, slot) {
             continue;
         }
-        if !rec.addr.is_empty() && inner.rebuilds_on(&rec.node) >= limit && inner.cluster.is_up(&rec.node) {
+        if !rec.addr.is_empty()
+            && inner.rebuilds_on(&rec.node) >= limit
+            && inner.cluster.is_up(&rec.node)
+        {
             continue;
         }
-        let failed_for = Duration::from_secs(unix_now().saturating_sub(rec.failed_at.unwrap_or_else(unix_now)));
+        let failed_for =
+            Duration::from_secs(unix_now().saturating_sub(rec.failed_at.unwrap_or_else(unix_now)));
         let stale = || {
             if failed_for >= stale_after {
                 tracing::warn!(volume, replica = %rec.name, node = %rec.node, "stale replica: away past stale-replica-timeout; replacing it");
@@ -128,8 +157,12 @@ fn repair_volume(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: 
                 inner.disks.forget(&rec.name);
             }
             match inner.open_replica(volume, &rec.name, &rec.addr) {
-                Ok(r) if io.can_resume(slot, &rec.name, r.revision()) => Some(Plan::Resume { io: r }),
-                Ok(_) | Err(OpenError::Broken(_)) => replace(inner, volume, io, records, slot, size),
+                Ok(r) if io.can_resume(slot, &rec.name, r.revision()) => {
+                    Some(Plan::Resume { io: r })
+                }
+                Ok(_) | Err(OpenError::Broken(_)) => {
+                    replace(inner, volume, io, records, slot, size)
+                }
                 Err(OpenError::Unreachable(_)) => stale(),
             }
         };
@@ -159,18 +192,38 @@ fn replace(
     slot: usize,
     size: u64,
 ) -> Option<Plan> {
-    let taken: Vec<String> = records.iter().enumerate().filter(|(i, _)| *i != slot).map(|(_, r)| r.node.clone()).collect();
+    let taken: Vec<String> = records
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != slot)
+        .map(|(_, r)| r.node.clone())
+        .collect();
     let made = if inner.cluster.enabled() {
         inner.create_replicas(volume, 1, size, &taken, Some(&records[slot].name))
     } else {
         // Standalone: any disk not holding another replica of the volume.
-        let used: Vec<_> = records.iter().enumerate().filter(|(i, _)| *i != slot).map(|(_, r)| r.disk.clone()).collect();
+        let used: Vec<_> = records
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != slot)
+            .map(|(_, r)| r.disk.clone())
+            .collect();
         super::manager::random_replica_name(volume).and_then(|rname| {
             inner
                 .disks
-                .create(volume, &rname, size, Some(&records[slot].name), |d| !used.iter().any(|u| u.as_os_str() == d.path.as_str()))
+                .create(volume, &rname, size, Some(&records[slot].name), |d| {
+                    !used.iter().any(|u| u.as_os_str() == d.path.as_str())
+                })
                 .map_err(Into::into)
-                .map(|(disk, dir)| vec![ReplicaRecord::new(rname, inner.node_id.clone(), String::new(), disk, dir)])
+                .map(|(disk, dir)| {
+                    vec![ReplicaRecord::new(
+                        rname,
+                        inner.node_id.clone(),
+                        String::new(),
+                        disk,
+                        dir,
+                    )]
+                })
         })
     };
     let record = match made {
@@ -206,18 +259,36 @@ fn start_rebuild(
     };
     let progress = Arc::new(RebuildProgress::new(&record.name));
     let cancel = Arc::new(AtomicBool::new(false));
-    inner.add_rebuild(volume, RunningRebuild { slot, node, progress: progress.clone(), cancel: cancel.clone() });
+    inner.add_rebuild(
+        volume,
+        RunningRebuild {
+            slot,
+            node,
+            progress: progress.clone(),
+            cancel: cancel.clone(),
+        },
+    );
     let (vname, vio, tx) = (volume.to_string(), io.clone(), inner.repair_done.clone());
     let weak = Arc::downgrade(inner);
-    let spawned = std::thread::Builder::new().name(format!("rebuild-{}", record.name)).spawn(move || {
-        let span = tracing::info_span!("volume", volume = %vname);
-        let _e = span.enter();
-        let result = rebuild(&vio, slot, &record.name, rio, &progress, &cancel).map_err(|e| e.to_string());
-        if let Some(inner) = weak.upgrade() {
-            inner.remove_rebuild(&vname, slot);
-        }
-        let _ = tx.send(RepairDone { volume: vname, slot, io: vio, replica: record, replaced, result });
-    });
+    let spawned = std::thread::Builder::new()
+        .name(format!("rebuild-{}", record.name))
+        .spawn(move || {
+            let span = tracing::info_span!("volume", volume = %vname);
+            let _e = span.enter();
+            let result = rebuild(&vio, slot, &record.name, rio, &progress, &cancel)
+                .map_err(|e| e.to_string());
+            if let Some(inner) = weak.upgrade() {
+                inner.remove_rebuild(&vname, slot);
+            }
+            let _ = tx.send(RepairDone {
+                volume: vname,
+                slot,
+                io: vio,
+                replica: record,
+                replaced,
+                result,
+            });
+        });
     if let Err(e) = spawned {
         tracing::error!(volume, error = %e, "cannot start a rebuild thread");
         inner.remove_rebuild(volume, slot);
@@ -229,7 +300,12 @@ fn salvage(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: &[Repl
     let found: Vec<(usize, String, ReplicaIo)> = records
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| inner.open_replica(volume, &r.name, &r.addr).ok().map(|io| (i, r.name.clone(), io)))
+        .filter_map(|(i, r)| {
+            inner
+                .open_replica(volume, &r.name, &r.addr)
+                .ok()
+                .map(|io| (i, r.name.clone(), io))
+        })
         .collect();
     if found.is_empty() {
         return;
@@ -239,9 +315,18 @@ fn salvage(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: &[Repl
     // while a newer one may still come back would drop acknowledged writes:
     // wait for it, unless every replica is back and none is that new.
     let newest = io.revision().saturating_sub(1);
-    let best = found.iter().map(|(_, _, r)| r.revision()).max().unwrap_or(0);
+    let best = found
+        .iter()
+        .map(|(_, _, r)| r.revision())
+        .max()
+        .unwrap_or(0);
     if best < newest && found.len() < records.len() {
-        tracing::info!(volume, best, newest, "auto-salvage waits for a replica holding the newest writes");
+        tracing::info!(
+            volume,
+            best,
+            newest,
+            "auto-salvage waits for a replica holding the newest writes"
+        );
         return;
     }
     match io.salvage(found) {
@@ -250,7 +335,10 @@ fn salvage(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: &[Repl
                 volume: volume.to_string(),
                 slot: usize::MAX,
                 io: io.clone(),
-                replica: ReplicaRecord { name: kept.join(","), ..records[0].clone() },
+                replica: ReplicaRecord {
+                    name: kept.join(","),
+                    ..records[0].clone()
+                },
                 replaced: None,
                 result: Ok(RebuildReport {
                     incremental: false,
@@ -272,9 +360,14 @@ pub async fn done_loop(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Repai
         let Some(inner) = inner.upgrade() else { return };
         let state = inner.state.clone();
         let mut st = state.lock().await;
-        let Ok(v) = st.volume_mut(&done.volume) else { continue };
+        let Ok(v) = st.volume_mut(&done.volume) else {
+            continue;
+        };
         // A volume detached (or re-attached) meanwhile has a new engine.
-        let current = v.live.as_ref().is_some_and(|l| Arc::ptr_eq(&l.io, &done.io));
+        let current = v
+            .live
+            .as_ref()
+            .is_some_and(|l| Arc::ptr_eq(&l.io, &done.io));
         if done.slot == usize::MAX {
             if current {
                 let kept: Vec<&str> = done.replica.name.split(',').collect();
@@ -325,7 +418,9 @@ pub async fn done_loop(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Repai
                 drop(st);
                 if let Some(old) = done.replaced {
                     let i = inner.clone();
-                    let _ = tokio::task::spawn_blocking(move || i.delete_replica(&old.name, &old.addr)).await;
+                    let _ =
+                        tokio::task::spawn_blocking(move || i.delete_replica(&old.name, &old.addr))
+                            .await;
                 }
             }
             (Ok(_), false) | (Err(_), _) => {
@@ -337,7 +432,8 @@ pub async fn done_loop(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Repai
                     // The fresh replica never became the volume's: drop it.
                     let i = inner.clone();
                     let r = done.replica.clone();
-                    let _ = tokio::task::spawn_blocking(move || i.delete_replica(&r.name, &r.addr)).await;
+                    let _ = tokio::task::spawn_blocking(move || i.delete_replica(&r.name, &r.addr))
+                        .await;
                 }
             }
         }
@@ -347,7 +443,8 @@ pub async fn done_loop(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<Repai
 impl Inner {
     pub(super) fn rebuild_running(&self, volume: &str, slot: usize) -> bool {
         let r = self.rebuilds.lock().unwrap_or_else(|p| p.into_inner());
-        r.get(volume).is_some_and(|l| l.iter().any(|x| x.slot == slot))
+        r.get(volume)
+            .is_some_and(|l| l.iter().any(|x| x.slot == slot))
     }
 
     fn rebuilds_on(&self, node: &str) -> usize {
@@ -356,7 +453,12 @@ impl Inner {
     }
 
     fn add_rebuild(&self, volume: &str, r: RunningRebuild) {
-        self.rebuilds.lock().unwrap_or_else(|p| p.into_inner()).entry(volume.to_string()).or_default().push(r);
+        self.rebuilds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(volume.to_string())
+            .or_default()
+            .push(r);
     }
 
     fn remove_rebuild(&self, volume: &str, slot: usize) {

@@ -13,7 +13,11 @@ pub enum SettingError {
     #[error("unknown setting {0:?}: see `cairnctl setting list`")]
     Unknown(String),
     #[error("setting {name}: {value:?} is not valid: {expected}")]
-    Invalid { name: String, value: String, expected: String },
+    Invalid {
+        name: String,
+        value: String,
+        expected: String,
+    },
     #[error("settings file {path}: {reason}")]
     File { path: PathBuf, reason: String },
 }
@@ -23,7 +27,10 @@ pub enum SettingError {
 enum Kind {
     Bool,
     /// An integer in `[min, max]`.
-    Int { min: u64, max: u64 },
+    Int {
+        min: u64,
+        max: u64,
+    },
     /// A positive decimal number.
     Positive,
     /// One of these words.
@@ -60,14 +67,19 @@ fn check_backup_target(v: &str) -> Result<(), String> {
     if v.is_empty() {
         return Ok(());
     }
-    crate::backupstore::target::BackupTarget::parse(v).map(|_| ()).map_err(|e| e.to_string())
+    crate::backupstore::target::BackupTarget::parse(v)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 fn check_credential_file(v: &str) -> Result<(), String> {
     if v.is_empty() || Path::new(v).is_absolute() {
         Ok(())
     } else {
-        Err("give the absolute path of a KEY=VALUE credentials file, or empty for the environment".into())
+        Err(
+            "give the absolute path of a KEY=VALUE credentials file, or empty for the environment"
+                .into(),
+        )
     }
 }
 
@@ -165,14 +177,21 @@ pub static DEFINITIONS: &[Definition] = &[
 ];
 
 fn definition(name: &str) -> Result<&'static Definition, SettingError> {
-    DEFINITIONS.iter().find(|d| d.name == name).ok_or_else(|| SettingError::Unknown(name.to_string()))
+    DEFINITIONS
+        .iter()
+        .find(|d| d.name == name)
+        .ok_or_else(|| SettingError::Unknown(name.to_string()))
 }
 
 /// Checks `value` for setting `name`; returns it normalized.
 pub fn validate(name: &str, value: &str) -> Result<String, SettingError> {
     let d = definition(name)?;
     let v = value.trim();
-    let bad = |expected: String| SettingError::Invalid { name: name.to_string(), value: value.to_string(), expected };
+    let bad = |expected: String| SettingError::Invalid {
+        name: name.to_string(),
+        value: value.to_string(),
+        expected,
+    };
     match d.kind {
         Kind::Bool => match v {
             "true" | "false" => Ok(v.to_string()),
@@ -205,16 +224,24 @@ impl Settings {
     /// Unknown or invalid entries are an error (the file is ours).
     pub fn open(data_dir: &Path) -> Result<Settings, SettingError> {
         let path = data_dir.join("settings.json");
-        let file_err = |reason: String| SettingError::File { path: path.clone(), reason };
+        let file_err = |reason: String| SettingError::File {
+            path: path.clone(),
+            reason,
+        };
         let values: BTreeMap<String, String> = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| file_err(format!("not valid JSON: {e}")))?,
+            Ok(b) => {
+                serde_json::from_slice(&b).map_err(|e| file_err(format!("not valid JSON: {e}")))?
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(file_err(e.to_string())),
         };
         for (k, v) in &values {
             validate(k, v).map_err(|e| file_err(e.to_string()))?;
         }
-        Ok(Settings { path, values: Mutex::new(values) })
+        Ok(Settings {
+            path,
+            values: Mutex::new(values),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
@@ -226,13 +253,25 @@ impl Settings {
         let values = self.lock();
         DEFINITIONS
             .iter()
-            .map(|d| (d, values.get(d.name).cloned().unwrap_or_else(|| d.default.to_string())))
+            .map(|d| {
+                (
+                    d,
+                    values
+                        .get(d.name)
+                        .cloned()
+                        .unwrap_or_else(|| d.default.to_string()),
+                )
+            })
             .collect()
     }
 
     pub fn get(&self, name: &str) -> Result<String, SettingError> {
         let d = definition(name)?;
-        Ok(self.lock().get(name).cloned().unwrap_or_else(|| d.default.to_string()))
+        Ok(self
+            .lock()
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| d.default.to_string()))
     }
 
     /// Validates and persists; on any error nothing changes.
@@ -241,10 +280,14 @@ impl Settings {
         let mut values = self.lock();
         let mut next = values.clone();
         next.insert(name.to_string(), v.clone());
-        let bytes = serde_json::to_vec_pretty(&next)
-            .map_err(|e| SettingError::File { path: self.path.clone(), reason: e.to_string() })?;
-        fsutil::atomic_write(&self.path, &bytes)
-            .map_err(|e| SettingError::File { path: self.path.clone(), reason: e.to_string() })?;
+        let bytes = serde_json::to_vec_pretty(&next).map_err(|e| SettingError::File {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        fsutil::atomic_write(&self.path, &bytes).map_err(|e| SettingError::File {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
         *values = next;
         tracing::info!(setting = name, value = %v, "setting changed");
         Ok(v)
@@ -255,11 +298,17 @@ impl Settings {
     }
 
     pub fn u64(&self, name: &str) -> u64 {
-        self.get(name).ok().and_then(|v| v.parse().ok()).unwrap_or(0)
+        self.get(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     }
 
     pub fn f64(&self, name: &str) -> f64 {
-        self.get(name).ok().and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        self.get(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
     }
 }
 
@@ -297,7 +346,11 @@ mod tests {
         }
         let e = s.set("no-such", "1").unwrap_err().to_string();
         assert!(e.contains("unknown setting \"no-such\""), "{e}");
-        assert_eq!(std::fs::read(tmp.path().join("settings.json")).unwrap(), before, "bad input changed the file");
+        assert_eq!(
+            std::fs::read(tmp.path().join("settings.json")).unwrap(),
+            before,
+            "bad input changed the file"
+        );
         let again = Settings::open(tmp.path()).unwrap();
         assert_eq!(again.f64(STALE_REPLICA_TIMEOUT), 0.25);
         assert!(again.bool(REPLICA_SOFT_ANTI_AFFINITY));

@@ -35,13 +35,21 @@ pub struct SnapshotInfo {
 impl SnapshotInfo {
     fn from_chain(chain: &[LayerInfo]) -> Vec<SnapshotInfo> {
         let name_of = |file: &str| -> String {
-            chain.iter().find(|l| l.file == file).map(layer_name).unwrap_or_default()
+            chain
+                .iter()
+                .find(|l| l.file == file)
+                .map(layer_name)
+                .unwrap_or_default()
         };
         chain
             .iter()
             .map(|l| SnapshotInfo {
                 name: layer_name(l),
-                parent: if l.parent.is_empty() { String::new() } else { name_of(&l.parent) },
+                parent: if l.parent.is_empty() {
+                    String::new()
+                } else {
+                    name_of(&l.parent)
+                },
                 created: l.created.clone(),
                 size: l.allocated,
                 user_created: l.user_created,
@@ -64,7 +72,9 @@ fn layer_name(l: &LayerInfo) -> String {
 /// (seconds plus random bits) and a valid DNS label.
 pub(super) fn generated_name(prefix: &str) -> String {
     let mut r = [0u8; 3];
-    let rand = match std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut r)) {
+    let rand = match std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut r))
+    {
         Ok(()) => u32::from_le_bytes([r[0], r[1], r[2], 0]),
         Err(_) => std::process::id(),
     };
@@ -74,18 +84,30 @@ pub(super) fn generated_name(prefix: &str) -> String {
 /// Label keys and values as Kubernetes allows them, roughly: a key is a
 /// non-empty name of at most 63 characters (an optional DNS prefix before
 /// `/`), a value at most 63 characters without spaces.
-pub(crate) fn validate_labels(what: &str, labels: &BTreeMap<String, String>) -> Result<(), ControlError> {
+pub(crate) fn validate_labels(
+    what: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<(), ControlError> {
     for (k, v) in labels {
         let name = k.rsplit('/').next().unwrap_or(k);
         let ok_key = !name.is_empty()
             && k.len() <= 253
             && name.len() <= 63
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
         if !ok_key {
             return Err(ControlError::BadLabel { what: what.to_string(), label: k.clone(), reason: "keys are letters, digits, '-', '_', '.', with an optional prefix/ (name at most 63 characters)".into() });
         }
-        if v.len() > 63 || !v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return Err(ControlError::BadLabel { what: what.to_string(), label: k.clone(), reason: format!("value {v:?} must be at most 63 letters, digits, '-', '_' or '.'") });
+        if v.len() > 63
+            || !v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(ControlError::BadLabel {
+                what: what.to_string(),
+                label: k.clone(),
+                reason: format!("value {v:?} must be at most 63 letters, digits, '-', '_' or '.'"),
+            });
         }
     }
     Ok(())
@@ -94,25 +116,41 @@ pub(crate) fn validate_labels(what: &str, labels: &BTreeMap<String, String>) -> 
 impl Inner {
     /// Applies `change` to the volume's healthy replicas. Holds the state
     /// lock (no attach, detach or repair decision meanwhile).
-    pub(super) async fn apply_chain(self: &Arc<Self>, volume: &str, change: ChainChange, detached_only: bool) -> Result<ChainOutcome, ControlError> {
+    pub(super) async fn apply_chain(
+        self: &Arc<Self>,
+        volume: &str,
+        change: ChainChange,
+        detached_only: bool,
+    ) -> Result<ChainOutcome, ControlError> {
         let mut st = self.state.lock().await;
         let v = st.volume_mut(volume)?;
         if v.record.standby {
-            return Err(ControlError::Standby { name: volume.to_string(), what: "change its snapshots" });
+            return Err(ControlError::Standby {
+                name: volume.to_string(),
+                what: "change its snapshots",
+            });
         }
         if let Some(live) = &v.live {
             if detached_only {
-                return Err(ControlError::MustDetach { name: volume.to_string(), what: "revert it to a snapshot" });
+                return Err(ControlError::MustDetach {
+                    name: volume.to_string(),
+                    what: "revert it to a snapshot",
+                });
             }
             let io = live.io.clone();
-            let outcome = tokio::task::spawn_blocking(move || io.change_chain(&change, QUIESCE_TIMEOUT)).await??;
+            let outcome =
+                tokio::task::spawn_blocking(move || io.change_chain(&change, QUIESCE_TIMEOUT))
+                    .await??;
             let io = live.io.clone();
             v.record.sync_from(&io);
             self.store.save(&v.record)?;
             return Ok(outcome);
         }
         if self.has_rebuilds(volume) {
-            return Err(crate::engine::EngineError::Rebuilding { volume: volume.to_string() }.into());
+            return Err(crate::engine::EngineError::Rebuilding {
+                volume: volume.to_string(),
+            }
+            .into());
         }
         let targets: Vec<(String, String)> = v.record.healthy_targets();
         let me = self.clone();
@@ -137,7 +175,8 @@ impl Inner {
             for (name, r) in &results {
                 if let Err(e) = r {
                     tracing::warn!(volume, replica = %name, error = %e, "snapshot change failed on a replica; it will be rebuilt");
-                    v.record.set_failed(name, &format!("missed a snapshot change: {e}"));
+                    v.record
+                        .set_failed(name, &format!("missed a snapshot change: {e}"));
                 }
             }
         }
@@ -150,7 +189,10 @@ impl Inner {
     }
 
     /// The chain of one healthy replica (a local one when there is one).
-    pub(super) async fn volume_chain(self: &Arc<Self>, volume: &str) -> Result<Vec<LayerInfo>, ControlError> {
+    pub(super) async fn volume_chain(
+        self: &Arc<Self>,
+        volume: &str,
+    ) -> Result<Vec<LayerInfo>, ControlError> {
         let st = self.state.lock().await;
         let v = st.volume(volume)?;
         if let Some(live) = &v.live {
@@ -160,7 +202,9 @@ impl Inner {
                     .into_iter()
                     .map(|r| r.chain())
                     .find_map(Result::ok)
-                    .ok_or_else(|| ControlError::NoHealthyReplica { volume: io.name().to_string() })
+                    .ok_or_else(|| ControlError::NoHealthyReplica {
+                        volume: io.name().to_string(),
+                    })
             })
             .await?;
         }
@@ -172,7 +216,11 @@ impl Inner {
         tokio::task::spawn_blocking(move || {
             targets
                 .into_iter()
-                .find_map(|(name, addr)| me.open_replica(&vname, &name, &addr).ok().and_then(|io: ReplicaIo| io.chain().ok()))
+                .find_map(|(name, addr)| {
+                    me.open_replica(&vname, &name, &addr)
+                        .ok()
+                        .and_then(|io: ReplicaIo| io.chain().ok())
+                })
                 .ok_or(ControlError::NoHealthyReplica { volume: vname })
         })
         .await?
@@ -181,7 +229,12 @@ impl Inner {
 
 impl VolumeManager {
     /// Takes a user snapshot of the volume's current contents.
-    pub async fn snapshot_create(&self, volume: &str, name: Option<&str>, labels: BTreeMap<String, String>) -> Result<SnapshotInfo, ControlError> {
+    pub async fn snapshot_create(
+        &self,
+        volume: &str,
+        name: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<SnapshotInfo, ControlError> {
         self.snapshot_create_as(volume, name, labels, true).await
     }
 
@@ -198,22 +251,40 @@ impl VolumeManager {
         };
         crate::name::validate_label("snapshot", &name, 63)?;
         validate_labels("snapshot", &labels)?;
-        if name == HEAD_NAME || self.snapshot_list(volume).await?.iter().any(|s| s.name == name) {
-            return Err(ControlError::SnapshotExists { volume: volume.to_string(), snapshot: name });
+        if name == HEAD_NAME
+            || self
+                .snapshot_list(volume)
+                .await?
+                .iter()
+                .any(|s| s.name == name)
+        {
+            return Err(ControlError::SnapshotExists {
+                volume: volume.to_string(),
+                snapshot: name,
+            });
         }
-        let change = ChainChange::Snapshot { name: name.clone(), created: String::new(), user_created, labels };
+        let change = ChainChange::Snapshot {
+            name: name.clone(),
+            created: String::new(),
+            user_created,
+            labels,
+        };
         self.inner.apply_chain(volume, change, false).await?;
         tracing::info!(volume, snapshot = %name, "snapshot taken");
         self.snapshot_list(volume)
             .await?
             .into_iter()
             .find(|s| s.name == name)
-            .ok_or_else(|| ControlError::Internal(format!("snapshot {name} missing right after it was taken")))
+            .ok_or_else(|| {
+                ControlError::Internal(format!("snapshot {name} missing right after it was taken"))
+            })
     }
 
     /// The chain, oldest first, the head last.
     pub async fn snapshot_list(&self, volume: &str) -> Result<Vec<SnapshotInfo>, ControlError> {
-        Ok(SnapshotInfo::from_chain(&self.inner.volume_chain(volume).await?))
+        Ok(SnapshotInfo::from_chain(
+            &self.inner.volume_chain(volume).await?,
+        ))
     }
 
     /// Marks a snapshot removed; its data is merged into its child when the
@@ -222,27 +293,63 @@ impl VolumeManager {
     pub async fn snapshot_delete(&self, volume: &str, name: &str) -> Result<bool, ControlError> {
         self.check_snapshot(volume, name).await?;
         if self.inner.snapshot_in_use(volume, name) {
-            return Err(ControlError::SnapshotBusy { volume: volume.to_string(), snapshot: name.to_string() });
+            return Err(ControlError::SnapshotBusy {
+                volume: volume.to_string(),
+                snapshot: name.to_string(),
+            });
         }
-        let o = self.inner.apply_chain(volume, ChainChange::Remove { name: name.to_string() }, false).await?;
-        tracing::info!(volume, snapshot = name, coalesced = o.coalesced, "snapshot removed");
+        let o = self
+            .inner
+            .apply_chain(
+                volume,
+                ChainChange::Remove {
+                    name: name.to_string(),
+                },
+                false,
+            )
+            .await?;
+        tracing::info!(
+            volume,
+            snapshot = name,
+            coalesced = o.coalesced,
+            "snapshot removed"
+        );
         Ok(o.coalesced)
     }
 
     /// Merges removed and system snapshots into their children.
     pub async fn snapshot_purge(&self, volume: &str) -> Result<Vec<String>, ControlError> {
         if self.inner.backup_running(volume) {
-            return Err(ControlError::SnapshotBusy { volume: volume.to_string(), snapshot: "(a backup is running)".into() });
+            return Err(ControlError::SnapshotBusy {
+                volume: volume.to_string(),
+                snapshot: "(a backup is running)".into(),
+            });
         }
-        let o = self.inner.apply_chain(volume, ChainChange::Purge, false).await?;
+        let o = self
+            .inner
+            .apply_chain(volume, ChainChange::Purge, false)
+            .await?;
         Ok(o.names)
     }
 
     /// Reverts a detached volume to a snapshot; returns the newer snapshots
     /// dropped with the head.
-    pub async fn snapshot_revert(&self, volume: &str, name: &str) -> Result<Vec<String>, ControlError> {
+    pub async fn snapshot_revert(
+        &self,
+        volume: &str,
+        name: &str,
+    ) -> Result<Vec<String>, ControlError> {
         self.check_snapshot(volume, name).await?;
-        let o = self.inner.apply_chain(volume, ChainChange::Revert { name: name.to_string() }, true).await?;
+        let o = self
+            .inner
+            .apply_chain(
+                volume,
+                ChainChange::Revert {
+                    name: name.to_string(),
+                },
+                true,
+            )
+            .await?;
         tracing::warn!(volume, snapshot = name, dropped = ?o.names, "volume reverted");
         Ok(o.names)
     }
@@ -250,7 +357,10 @@ impl VolumeManager {
     async fn check_snapshot(&self, volume: &str, name: &str) -> Result<(), ControlError> {
         let list = self.snapshot_list(volume).await?;
         if !list.iter().any(|s| !s.is_head && s.name == name) {
-            return Err(ControlError::UnknownSnapshot { volume: volume.to_string(), snapshot: name.to_string() });
+            return Err(ControlError::UnknownSnapshot {
+                volume: volume.to_string(),
+                snapshot: name.to_string(),
+            });
         }
         Ok(())
     }

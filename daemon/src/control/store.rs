@@ -81,7 +81,13 @@ pub struct ReplicaRecord {
 impl ReplicaRecord {
     /// A new, healthy replica at `dir` on `disk` of `node` (`addr` empty
     /// for this node).
-    pub fn new(name: String, node: String, addr: String, disk: PathBuf, dir: PathBuf) -> ReplicaRecord {
+    pub fn new(
+        name: String,
+        node: String,
+        addr: String,
+        disk: PathBuf,
+        dir: PathBuf,
+    ) -> ReplicaRecord {
         ReplicaRecord {
             name,
             node,
@@ -245,7 +251,12 @@ mod tests {
                     message: "head file deleted".into(),
                     addr: "10.0.0.2:9500".into(),
                     failed_at: Some(1_700_000_000),
-                    last_rebuild: Some(LastRebuild { incremental: true, copied: 4096, millis: 3, finished_at: 1_700_000_100 }),
+                    last_rebuild: Some(LastRebuild {
+                        incremental: true,
+                        copied: 4096,
+                        millis: 3,
+                        finished_at: 1_700_000_100,
+                    }),
                 },
             ],
             standby: false,

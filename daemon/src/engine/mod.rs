@@ -41,8 +41,8 @@ pub use rebuild::{rebuild, BlockStore, RebuildError, RebuildProgress, RebuildRep
 pub use remote::{CompletionPort, RemoteReplica, RemoteTarget};
 pub use replica_io::ReplicaIo;
 pub use volume::{
-    EngineEvent, EventSink, IoStats, QueueLayout, ReplicaHandle, ReplicaState, ReplicaStatus, VolumeHealth,
-    VolumeIo,
+    EngineEvent, EventSink, IoStats, QueueLayout, ReplicaHandle, ReplicaState, ReplicaStatus,
+    VolumeHealth, VolumeIo,
 };
 
 /// Most replicas one volume can have (bits of the healthy mask, slots in the
@@ -57,7 +57,12 @@ pub enum EngineError {
     #[error("volume {volume}: {count} replicas given, at most {MAX_REPLICAS} are supported")]
     TooManyReplicas { volume: String, count: usize },
     #[error("volume {volume}: replica {replica} holds {size} bytes, the volume has {expected}")]
-    SizeMismatch { volume: String, replica: String, size: u64, expected: u64 },
+    SizeMismatch {
+        volume: String,
+        replica: String,
+        size: u64,
+        expected: u64,
+    },
     #[error("volume {volume} has no replica named {replica}: see `cairnctl volume get {volume}`")]
     UnknownReplica { volume: String, replica: String },
     #[error("replica {replica} is the last healthy replica of volume {volume}: failing it would fault the volume")]
@@ -66,12 +71,18 @@ pub enum EngineError {
     Faulted { volume: String },
     #[error("volume {volume}: {reason}")]
     Setup { volume: String, reason: String },
-    #[error("volume {volume}: replica {replica} is in service; only a failed replica can be rebuilt")]
+    #[error(
+        "volume {volume}: replica {replica} is in service; only a failed replica can be rebuilt"
+    )]
     InService { volume: String, replica: String },
     #[error("volume {volume}: rebuild of replica {replica} stopped: it failed while copying")]
     RebuildAborted { volume: String, replica: String },
     #[error("volume {volume}: a replica is rebuilding; snapshot operations wait until it is done (see `cairnctl volume get {volume}`)")]
     Rebuilding { volume: String },
     #[error("volume {volume}: {what} failed on every healthy replica: {reason}")]
-    ChainChange { volume: String, what: String, reason: String },
+    ChainChange {
+        volume: String,
+        what: String,
+        reason: String,
+    },
 }

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use io_uring::squeue;
 
 use super::remote::{CompletionPort, SendBatch};
-use super::ReplicaIo;
 use super::replica_io::{Leg, Pushed};
 use super::volume::{healthy_of, rebuilding_of, tracking_of};
+use super::ReplicaIo;
 use super::{VolumeIo, MAX_REPLICAS};
 use crate::replica::BLOCK_SIZE;
 
@@ -221,7 +221,9 @@ impl QueueEngine {
     /// After the port's eventfd read completed: folds in every remote answer
     /// and reports each request that finished (`done(tag, result)`).
     pub fn drain_remote(&mut self, sink: &mut impl SqeSink, mut done: impl FnMut(u16, i32)) {
-        let Some(port) = self.port.clone() else { return };
+        let Some(port) = self.port.clone() else {
+            return;
+        };
         port.drain(|c| {
             if let Some(res) = self.complete(c.tag, c.replica, c.res, sink) {
                 done(c.tag, res);
@@ -241,7 +243,13 @@ impl QueueEngine {
     ///
     /// The result is bytes for reads and writes, 0 for other operations, or a
     /// negative errno.
-    pub fn submit(&mut self, tag: u16, req: IoRequest, buf: *mut u8, sink: &mut impl SqeSink) -> Option<i32> {
+    pub fn submit(
+        &mut self,
+        tag: u16,
+        req: IoRequest,
+        buf: *mut u8,
+        sink: &mut impl SqeSink,
+    ) -> Option<i32> {
         if self.volume.pause_word() & 1 != 0 {
             // Held back until the pause ends (`poll_pause`); the tag's
             // buffer stays with us meanwhile.
@@ -265,10 +273,17 @@ impl QueueEngine {
         let Some(st) = self.tags.get_mut(tag as usize) else {
             return Some(-libc::EINVAL);
         };
-        *st = TagState { req, buf, ..TagState::default() };
+        *st = TagState {
+            req,
+            buf,
+            ..TagState::default()
+        };
         match req.op {
             IoOp::Read => {
-                let r = pick_replica(read_pool(healthy, self.volume.local_mask()), &mut self.next_read);
+                let r = pick_replica(
+                    read_pool(healthy, self.volume.local_mask()),
+                    &mut self.next_read,
+                );
                 self.issue_read(tag, r, sink);
             }
             _ => {
@@ -284,7 +299,11 @@ impl QueueEngine {
                     }
                 }
                 for r in Mask(targets) {
-                    let mut leg = Leg { qid: self.qid, tag, batch: &mut self.batches[r] };
+                    let mut leg = Leg {
+                        qid: self.qid,
+                        tag,
+                        batch: &mut self.batches[r],
+                    };
                     let mut start = LegStart::default();
                     let mut push = start.collector(sink, tag, r);
                     self.unsent |= 1 << r;
@@ -295,10 +314,14 @@ impl QueueEngine {
                         continue;
                     };
                     let expected = match req.op {
-                        IoOp::Write => io.prep_write(&mut leg, req.offset, req.len, buf, req.fua, &mut push),
+                        IoOp::Write => {
+                            io.prep_write(&mut leg, req.offset, req.len, buf, req.fua, &mut push)
+                        }
                         IoOp::Flush => io.prep_flush(&mut leg, &mut push),
                         IoOp::Discard => io.prep_discard(&mut leg, req.offset, req.len, &mut push),
-                        IoOp::WriteZeroes => io.prep_write_zeroes(&mut leg, req.offset, req.len, &mut push),
+                        IoOp::WriteZeroes => {
+                            io.prep_write_zeroes(&mut leg, req.offset, req.len, &mut push)
+                        }
                         IoOp::Read => 0,
                     };
                     drop(push);
@@ -323,7 +346,13 @@ impl QueueEngine {
 
     /// Folds in the completion of one SQE that `submit` pushed for
     /// `(tag, replica)`. Returns `Some(result)` when the request is done.
-    pub fn complete(&mut self, tag: u16, replica: u8, res: i32, sink: &mut impl SqeSink) -> Option<i32> {
+    pub fn complete(
+        &mut self,
+        tag: u16,
+        replica: u8,
+        res: i32,
+        sink: &mut impl SqeSink,
+    ) -> Option<i32> {
         let st = self.tags.get_mut(tag as usize)?;
         let r = replica as usize;
         if st.pending == 0 || r >= MAX_REPLICAS {
@@ -370,9 +399,16 @@ impl QueueEngine {
         let st = *st;
         for r in Mask(st.failed) {
             let reason = if st.error < 0 {
-                format!("{:?} failed: {}", st.req.op, std::io::Error::from_raw_os_error(-st.error))
+                format!(
+                    "{:?} failed: {}",
+                    st.req.op,
+                    std::io::Error::from_raw_os_error(-st.error)
+                )
             } else {
-                format!("{:?} came up short: {} of {} bytes", st.req.op, st.done[r], st.expected[r])
+                format!(
+                    "{:?} came up short: {} of {} bytes",
+                    st.req.op, st.done[r], st.expected[r]
+                )
             };
             self.volume.fail_index(r, &reason);
             if is_write(st.req.op) {
@@ -390,9 +426,16 @@ impl QueueEngine {
             if healthy == 0 {
                 return Some(-libc::EIO);
             }
-            let r = pick_replica(read_pool(healthy, self.volume.local_mask()), &mut self.next_read);
+            let r = pick_replica(
+                read_pool(healthy, self.volume.local_mask()),
+                &mut self.next_read,
+            );
             let t = &mut self.tags[tag as usize];
-            *t = TagState { req: st.req, buf: st.buf, ..TagState::default() };
+            *t = TagState {
+                req: st.req,
+                buf: st.buf,
+                ..TagState::default()
+            };
             // A retry that cannot start (no connection) fails that replica
             // and tries the next, until none is left.
             self.issue_read(tag, r, sink);
@@ -415,7 +458,11 @@ impl QueueEngine {
     fn issue_read(&mut self, tag: u16, r: usize, sink: &mut impl SqeSink) {
         let volume = &*self.volume;
         let st = &mut self.tags[tag as usize];
-        let mut leg = Leg { qid: self.qid, tag, batch: &mut self.batches[r] };
+        let mut leg = Leg {
+            qid: self.qid,
+            tag,
+            batch: &mut self.batches[r],
+        };
         self.unsent |= 1 << r;
         let mut start = LegStart::default();
         let mut push = start.collector(sink, tag, r);
@@ -448,7 +495,12 @@ struct LegStart {
 impl LegStart {
     /// The `push` callback the replica seam calls for each part of the leg.
     #[inline]
-    fn collector<'a, S: SqeSink>(&'a mut self, sink: &'a mut S, tag: u16, r: usize) -> impl FnMut(Pushed) + 'a {
+    fn collector<'a, S: SqeSink>(
+        &'a mut self,
+        sink: &'a mut S,
+        tag: u16,
+        r: usize,
+    ) -> impl FnMut(Pushed) + 'a {
         move |p| match p {
             Pushed::Sqe(sqe) => {
                 sink.push(sqe, tag, r as u8);

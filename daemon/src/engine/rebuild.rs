@@ -43,7 +43,12 @@ pub enum RebuildError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("rebuild of {replica}: {what} {store}: {source}")]
-    Io { replica: String, what: &'static str, store: String, source: io::Error },
+    Io {
+        replica: String,
+        what: &'static str,
+        store: String,
+        source: io::Error,
+    },
     #[error("rebuild of {replica}: no healthy replica to copy from")]
     NoSource { replica: String },
     #[error("rebuild of {replica}: region {region} stayed busy for {QUIET_TIMEOUT:?}")]
@@ -61,7 +66,9 @@ pub trait BlockStore: Send {
     fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Several writes; a store over the network keeps them all in flight.
     fn write_many(&mut self, chunks: &[(u64, &[u8])]) -> io::Result<()> {
-        chunks.iter().try_for_each(|(off, data)| self.write(*off, data))
+        chunks
+            .iter()
+            .try_for_each(|(off, data)| self.write(*off, data))
     }
     fn flush(&mut self) -> io::Result<()>;
     /// Zeros `[offset, offset+len)` (a hole where the replica can punch one).
@@ -112,19 +119,31 @@ fn peer_io(e: PeerError) -> io::Error {
 impl BlockStore for RemoteStore {
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let len = buf.len() as u32;
-        match self.conn.call_data(Op::Read { offset, len }, &[], &mut self.data).map_err(peer_io)? {
+        match self
+            .conn
+            .call_data(Op::Read { offset, len }, &[], &mut self.data)
+            .map_err(peer_io)?
+        {
             Op::Data if self.data.len() == buf.len() => {
                 buf.copy_from_slice(&self.data);
                 Ok(())
             }
-            other => Err(io::Error::other(format!("unexpected answer {other:?} to a read"))),
+            other => Err(io::Error::other(format!(
+                "unexpected answer {other:?} to a read"
+            ))),
         }
     }
     fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         let mut none = Vec::new();
-        match self.conn.call_data(Op::Write { offset, fua: false }, data, &mut none).map_err(peer_io)? {
+        match self
+            .conn
+            .call_data(Op::Write { offset, fua: false }, data, &mut none)
+            .map_err(peer_io)?
+        {
             Op::Ok => Ok(()),
-            other => Err(io::Error::other(format!("unexpected answer {other:?} to a write"))),
+            other => Err(io::Error::other(format!(
+                "unexpected answer {other:?} to a write"
+            ))),
         }
     }
     fn write_many(&mut self, chunks: &[(u64, &[u8])]) -> io::Result<()> {
@@ -138,7 +157,12 @@ impl BlockStore for RemoteStore {
         let mut pos = offset;
         while pos < offset + len {
             let n = (offset + len - pos).min(1 << 30);
-            self.conn.call_ok(Op::WriteZeroes { offset: pos, len: n as u32 }).map_err(peer_io)?;
+            self.conn
+                .call_ok(Op::WriteZeroes {
+                    offset: pos,
+                    len: n as u32,
+                })
+                .map_err(peer_io)?;
             pos += n;
         }
         Ok(())
@@ -146,7 +170,9 @@ impl BlockStore for RemoteStore {
     fn allocated(&mut self) -> io::Result<Vec<(u64, u64)>> {
         match self.conn.call(Op::ListAllocated).map_err(peer_io)? {
             Op::Extents { extents } => Ok(extents),
-            other => Err(io::Error::other(format!("unexpected answer {other:?} to ListAllocated"))),
+            other => Err(io::Error::other(format!(
+                "unexpected answer {other:?} to ListAllocated"
+            ))),
         }
     }
     fn head_allocated(&mut self) -> io::Result<Vec<(u64, u64)>> {
@@ -158,9 +184,16 @@ impl BlockStore for RemoteStore {
 }
 
 fn list_layer(conn: &mut PeerConn, layer: &str) -> io::Result<Vec<(u64, u64)>> {
-    match conn.call(Op::ListExtents { layer: layer.to_string() }).map_err(peer_io)? {
+    match conn
+        .call(Op::ListExtents {
+            layer: layer.to_string(),
+        })
+        .map_err(peer_io)?
+    {
         Op::Extents { extents } => Ok(extents),
-        other => Err(io::Error::other(format!("unexpected answer {other:?} to ListExtents"))),
+        other => Err(io::Error::other(format!(
+            "unexpected answer {other:?} to ListExtents"
+        ))),
     }
 }
 
@@ -174,7 +207,10 @@ impl LayerReader {
     fn open(io: &ReplicaIo) -> io::Result<LayerReader> {
         Ok(match io {
             ReplicaIo::Local(r) => LayerReader::Local(r.clone()),
-            ReplicaIo::Remote(r) => LayerReader::Remote { conn: r.open_stream().map_err(peer_io)?, data: Vec::new() },
+            ReplicaIo::Remote(r) => LayerReader::Remote {
+                conn: r.open_stream().map_err(peer_io)?,
+                data: Vec::new(),
+            },
         })
     }
 
@@ -189,13 +225,19 @@ impl LayerReader {
         match self {
             LayerReader::Local(r) => r.read_layer(layer, offset, buf),
             LayerReader::Remote { conn, data } => {
-                let op = Op::ReadLayer { layer: layer.to_string(), offset, len: buf.len() as u32 };
+                let op = Op::ReadLayer {
+                    layer: layer.to_string(),
+                    offset,
+                    len: buf.len() as u32,
+                };
                 match conn.call_data(op, &[], data).map_err(peer_io)? {
                     Op::Data if data.len() == buf.len() => {
                         buf.copy_from_slice(data);
                         Ok(())
                     }
-                    other => Err(io::Error::other(format!("unexpected answer {other:?} to ReadLayer"))),
+                    other => Err(io::Error::other(format!(
+                        "unexpected answer {other:?} to ReadLayer"
+                    ))),
                 }
             }
         }
@@ -205,7 +247,11 @@ impl LayerReader {
 /// What must match between source and target chains: the snapshots, in
 /// order, with their removed marks.
 fn chain_signature(chain: &[LayerInfo]) -> Vec<(String, bool)> {
-    chain.iter().filter(|l| !l.is_head).map(|l| (l.file.clone(), l.removed)).collect()
+    chain
+        .iter()
+        .filter(|l| !l.is_head)
+        .map(|l| (l.file.clone(), l.removed))
+        .collect()
 }
 
 /// Gives a fresh target the source's snapshot layers before it joins the
@@ -223,36 +269,67 @@ fn copy_layers(
 ) -> Result<Vec<(String, bool)>, RebuildError> {
     let err = |what: &'static str, store: String| {
         let replica = name.to_string();
-        move |source| RebuildError::Io { replica, what, store, source }
+        move |source| RebuildError::Io {
+            replica,
+            what,
+            store,
+            source,
+        }
     };
-    let source = pick_source(volume, usize::MAX).ok_or_else(|| RebuildError::NoSource { replica: name.to_string() })?;
-    let chain = source.chain().map_err(|e| err("listing layers of", source.describe())(io::Error::other(e)))?;
-    let mut reader = LayerReader::open(&source).map_err(err("opening source", source.describe()))?;
+    let source = pick_source(volume, usize::MAX).ok_or_else(|| RebuildError::NoSource {
+        replica: name.to_string(),
+    })?;
+    let chain = source
+        .chain()
+        .map_err(|e| err("listing layers of", source.describe())(io::Error::other(e)))?;
+    let mut reader =
+        LayerReader::open(&source).map_err(err("opening source", source.describe()))?;
     let mut buf = vec![0u8; CHUNK as usize];
     for l in chain.iter().filter(|l| !l.is_head) {
-        let Some(snap) = l.snapshot.clone() else { continue };
-        let ranges = reader.ranges(&l.file).map_err(err("listing extents of", source.describe()))?;
-        progress.total.fetch_add(ranges.iter().map(|r| r.1).sum::<u64>(), Ordering::Relaxed);
+        let Some(snap) = l.snapshot.clone() else {
+            continue;
+        };
+        let ranges = reader
+            .ranges(&l.file)
+            .map_err(err("listing extents of", source.describe()))?;
+        progress
+            .total
+            .fetch_add(ranges.iter().map(|r| r.1).sum::<u64>(), Ordering::Relaxed);
         for (off, len) in ranges {
             let mut pos = off;
             while pos < off + len {
                 if cancel.load(Ordering::Relaxed) {
-                    return Err(RebuildError::Cancelled { replica: name.to_string() });
+                    return Err(RebuildError::Cancelled {
+                        replica: name.to_string(),
+                    });
                 }
                 let n = (off + len - pos).min(CHUNK) as usize;
-                reader.read(&l.file, pos, &mut buf[..n]).map_err(err("reading a layer of", source.describe()))?;
-                target.write(pos, &buf[..n]).map_err(err("writing", target.describe()))?;
+                reader
+                    .read(&l.file, pos, &mut buf[..n])
+                    .map_err(err("reading a layer of", source.describe()))?;
+                target
+                    .write(pos, &buf[..n])
+                    .map_err(err("writing", target.describe()))?;
                 progress.done.fetch_add(n as u64, Ordering::Relaxed);
                 pos += n as u64;
             }
         }
         target.flush().map_err(err("flushing", target.describe()))?;
-        let mk = ChainChange::Snapshot { name: snap.clone(), created: l.created.clone(), user_created: l.user_created, labels: l.labels.clone() };
-        target_io.change_chain(&mk).map_err(|e| err("snapshotting", target.describe())(io::Error::other(e)))?;
+        let mk = ChainChange::Snapshot {
+            name: snap.clone(),
+            created: l.created.clone(),
+            user_created: l.user_created,
+            labels: l.labels.clone(),
+        };
+        target_io
+            .change_chain(&mk)
+            .map_err(|e| err("snapshotting", target.describe())(io::Error::other(e)))?;
         if l.removed {
             target_io
                 .change_chain(&ChainChange::Remove { name: snap })
-                .map_err(|e| err("marking a snapshot removed on", target.describe())(io::Error::other(e)))?;
+                .map_err(|e| {
+                    err("marking a snapshot removed on", target.describe())(io::Error::other(e))
+                })?;
         }
     }
     Ok(chain_signature(&chain))
@@ -261,16 +338,25 @@ fn copy_layers(
 /// A healthy replica to copy from, other than slot `skip`; local first.
 fn pick_source(volume: &VolumeIo, skip: usize) -> Option<Arc<ReplicaIo>> {
     let healthy = healthy_of(volume.masks()) & !(1u32.checked_shl(skip as u32).unwrap_or(0));
-    let candidates: Vec<Arc<ReplicaIo>> =
-        (0..volume.replica_count()).filter(|i| healthy & (1 << i) != 0).filter_map(|i| volume.replica(i)).collect();
-    candidates.iter().find(|io| matches!(***io, ReplicaIo::Local(_))).or(candidates.first()).cloned()
+    let candidates: Vec<Arc<ReplicaIo>> = (0..volume.replica_count())
+        .filter(|i| healthy & (1 << i) != 0)
+        .filter_map(|i| volume.replica(i))
+        .collect();
+    candidates
+        .iter()
+        .find(|io| matches!(***io, ReplicaIo::Local(_)))
+        .or(candidates.first())
+        .cloned()
 }
 
 /// A blocking store over the same replica an engine slot uses.
 pub fn store_for(io: &ReplicaIo) -> io::Result<Box<dyn BlockStore>> {
     Ok(match io {
         ReplicaIo::Local(r) => Box::new(LocalStore(r.clone())),
-        ReplicaIo::Remote(r) => Box::new(RemoteStore { conn: r.open_stream().map_err(peer_io)?, data: Vec::new() }),
+        ReplicaIo::Remote(r) => Box::new(RemoteStore {
+            conn: r.open_stream().map_err(peer_io)?,
+            data: Vec::new(),
+        }),
     })
 }
 
@@ -336,7 +422,12 @@ pub fn rebuild(
 ) -> Result<RebuildReport, RebuildError> {
     let io_err = |what, store: String| {
         let replica = name.to_string();
-        move |source| RebuildError::Io { replica, what, store, source }
+        move |source| RebuildError::Io {
+            replica,
+            what,
+            store,
+            source,
+        }
     };
     let desc = io.describe();
     let mut target = store_for(&io).map_err(io_err("opening", desc.clone()))?;
@@ -345,12 +436,21 @@ pub fn rebuild(
     let layered = if volume.would_resume(idx, name, &io) {
         None
     } else {
-        Some(copy_layers(volume, name, &io, &mut *target, progress, cancel)?)
+        Some(copy_layers(
+            volume,
+            name,
+            &io,
+            &mut *target,
+            progress,
+            cancel,
+        )?)
     };
     let incremental = volume.start_rebuild(idx, name, io)?;
     if layered.is_none() && !incremental {
         // It looked resumable but no longer is: the layers were not copied.
-        let e = RebuildError::ChainChanged { replica: name.to_string() };
+        let e = RebuildError::ChainChanged {
+            replica: name.to_string(),
+        };
         volume.fail_index(idx, &e.to_string());
         volume.clear_slot(idx);
         return Err(e);
@@ -358,22 +458,35 @@ pub fn rebuild(
     if let Some(sig) = &layered {
         // No chain change can start now (the target is rebuilding); check
         // that none happened while the layers were copied.
-        let now = pick_source(volume, idx).and_then(|s| s.chain().ok()).map(|c| chain_signature(&c));
+        let now = pick_source(volume, idx)
+            .and_then(|s| s.chain().ok())
+            .map(|c| chain_signature(&c));
         if now.as_ref() != Some(sig) {
-            let e = RebuildError::ChainChanged { replica: name.to_string() };
+            let e = RebuildError::ChainChanged {
+                replica: name.to_string(),
+            };
             volume.fail_index(idx, &e.to_string());
             volume.clear_slot(idx);
             return Err(e);
         }
     }
     progress.incremental.store(incremental, Ordering::Relaxed);
-    let mut copier = Copier { volume, idx, name, target, progress, cancel, taken: Vec::new(), report: RebuildReport {
-        incremental,
-        copied: 0,
-        redone_chunks: 0,
-        passes: 0,
-        elapsed: Duration::ZERO,
-    } };
+    let mut copier = Copier {
+        volume,
+        idx,
+        name,
+        target,
+        progress,
+        cancel,
+        taken: Vec::new(),
+        report: RebuildReport {
+            incremental,
+            copied: 0,
+            redone_chunks: 0,
+            passes: 0,
+            elapsed: Duration::ZERO,
+        },
+    };
     match copier.run(incremental, layered.is_some()) {
         Ok(()) => {
             volume.finish_rebuild(idx)?;
@@ -411,7 +524,9 @@ struct Copier<'a> {
 
 impl Copier<'_> {
     fn source(&self) -> Result<Box<dyn BlockStore>, RebuildError> {
-        let pick = pick_source(self.volume, self.idx).ok_or_else(|| RebuildError::NoSource { replica: self.name.to_string() })?;
+        let pick = pick_source(self.volume, self.idx).ok_or_else(|| RebuildError::NoSource {
+            replica: self.name.to_string(),
+        })?;
         store_for(&pick).map_err(|source| RebuildError::Io {
             replica: self.name.to_string(),
             what: "opening source",
@@ -421,18 +536,30 @@ impl Copier<'_> {
     }
 
     fn io_err(&self, what: &'static str, store: String, source: io::Error) -> RebuildError {
-        RebuildError::Io { replica: self.name.to_string(), what, store, source }
+        RebuildError::Io {
+            replica: self.name.to_string(),
+            what,
+            store,
+            source,
+        }
     }
 
     fn run(&mut self, incremental: bool, layered: bool) -> Result<(), RebuildError> {
         let mut source = self.source()?;
-        let map: Arc<HeadBitmap> = self
-            .volume
-            .dirty_map(self.idx)
-            .ok_or_else(|| EngineError::RebuildAborted { volume: self.volume.name().to_string(), replica: self.name.to_string() })?;
+        let map: Arc<HeadBitmap> =
+            self.volume
+                .dirty_map(self.idx)
+                .ok_or_else(|| EngineError::RebuildAborted {
+                    volume: self.volume.name().to_string(),
+                    replica: self.name.to_string(),
+                })?;
         if !incremental {
-            let ranges = if layered { source.head_allocated() } else { source.allocated() }
-                .map_err(|e| self.io_err("listing extents of", source.describe(), e))?;
+            let ranges = if layered {
+                source.head_allocated()
+            } else {
+                source.allocated()
+            }
+            .map_err(|e| self.io_err("listing extents of", source.describe(), e))?;
             for (off, len) in ranges {
                 map.set_range(off / BLOCK_SIZE, (off + len).div_ceil(BLOCK_SIZE));
             }
@@ -476,7 +603,9 @@ impl Copier<'_> {
                 self.copy_window(&mut *source, &window, &mut bufs)?;
             }
         }
-        self.target.flush().map_err(|e| self.io_err("flushing", self.target.describe(), e))
+        self.target
+            .flush()
+            .map_err(|e| self.io_err("flushing", self.target.describe(), e))
     }
 
     /// Copies up to [`WINDOW`] chunks with their writes in flight together,
@@ -493,14 +622,26 @@ impl Copier<'_> {
             started[i] = self.wait_idle((off >> REGION_SHIFT) as usize)?;
         }
         for (i, &(off, len)) in window.iter().enumerate() {
-            source.read(off, &mut bufs[i][..len]).map_err(|e| self.io_err("reading", source.describe(), e))?;
+            source
+                .read(off, &mut bufs[i][..len])
+                .map_err(|e| self.io_err("reading", source.describe(), e))?;
         }
-        let chunks: Vec<(u64, &[u8])> = window.iter().zip(bufs.iter()).map(|(&(off, len), b)| (off, &b[..len])).collect();
-        self.target.write_many(&chunks).map_err(|e| self.io_err("writing", self.target.describe(), e))?;
+        let chunks: Vec<(u64, &[u8])> = window
+            .iter()
+            .zip(bufs.iter())
+            .map(|(&(off, len), b)| (off, &b[..len]))
+            .collect();
+        self.target
+            .write_many(&chunks)
+            .map_err(|e| self.io_err("writing", self.target.describe(), e))?;
         for (i, &(off, len)) in window.iter().enumerate() {
             self.report.copied += len as u64;
-            let Some(region) = self.volume.region((off >> REGION_SHIFT) as usize) else { continue };
-            if region.inflight.load(Ordering::SeqCst) != 0 || region.started.load(Ordering::SeqCst) != started[i] {
+            let Some(region) = self.volume.region((off >> REGION_SHIFT) as usize) else {
+                continue;
+            };
+            if region.inflight.load(Ordering::SeqCst) != 0
+                || region.started.load(Ordering::SeqCst) != started[i]
+            {
                 // A write raced with the copy: copy this chunk again.
                 self.report.redone_chunks += 1;
                 self.copy_chunk(source, off, &mut bufs[0][..len])?;
@@ -513,11 +654,15 @@ impl Copier<'_> {
     /// Waits until no write is in flight in region `idx`; returns its
     /// `started` count read before that check (see `copy_chunk`).
     fn wait_idle(&self, idx: usize) -> Result<u32, RebuildError> {
-        let Some(region) = self.volume.region(idx) else { return Ok(0) };
+        let Some(region) = self.volume.region(idx) else {
+            return Ok(0);
+        };
         let since = Instant::now();
         loop {
             if self.cancel.load(Ordering::Relaxed) {
-                return Err(RebuildError::Cancelled { replica: self.name.to_string() });
+                return Err(RebuildError::Cancelled {
+                    replica: self.name.to_string(),
+                });
             }
             if !self.volume.is_rebuilding(self.idx) {
                 return Err(EngineError::RebuildAborted {
@@ -531,22 +676,38 @@ impl Copier<'_> {
                 return Ok(started);
             }
             if since.elapsed() > QUIET_TIMEOUT {
-                return Err(RebuildError::Busy { replica: self.name.to_string(), region: idx });
+                return Err(RebuildError::Busy {
+                    replica: self.name.to_string(),
+                    region: idx,
+                });
             }
             std::thread::sleep(Duration::from_micros(200));
         }
     }
 
     /// Copies one chunk until it was copied with no write racing it.
-    fn copy_chunk(&mut self, source: &mut dyn BlockStore, off: u64, buf: &mut [u8]) -> Result<(), RebuildError> {
+    fn copy_chunk(
+        &mut self,
+        source: &mut dyn BlockStore,
+        off: u64,
+        buf: &mut [u8],
+    ) -> Result<(), RebuildError> {
         let region_idx = (off >> REGION_SHIFT) as usize;
-        let Some(region) = self.volume.region(region_idx) else { return Ok(()) };
+        let Some(region) = self.volume.region(region_idx) else {
+            return Ok(());
+        };
         loop {
             let started = self.wait_idle(region_idx)?;
-            source.read(off, buf).map_err(|e| self.io_err("reading", source.describe(), e))?;
-            self.target.write(off, buf).map_err(|e| self.io_err("writing", self.target.describe(), e))?;
+            source
+                .read(off, buf)
+                .map_err(|e| self.io_err("reading", source.describe(), e))?;
+            self.target
+                .write(off, buf)
+                .map_err(|e| self.io_err("writing", self.target.describe(), e))?;
             self.report.copied += buf.len() as u64;
-            if region.inflight.load(Ordering::SeqCst) == 0 && region.started.load(Ordering::SeqCst) == started {
+            if region.inflight.load(Ordering::SeqCst) == 0
+                && region.started.load(Ordering::SeqCst) == started
+            {
                 return Ok(());
             }
             // A write raced with the copy: the target may now hold older
@@ -557,11 +718,16 @@ impl Copier<'_> {
 
     fn wait_quiet(&self) -> Result<(), RebuildError> {
         for i in 0..self.volume.region_count() {
-            let Some(region) = self.volume.region(i) else { continue };
+            let Some(region) = self.volume.region(i) else {
+                continue;
+            };
             let since = Instant::now();
             while region.inflight.load(Ordering::SeqCst) != 0 {
                 if since.elapsed() > QUIET_TIMEOUT {
-                    return Err(RebuildError::Busy { replica: self.name.to_string(), region: i });
+                    return Err(RebuildError::Busy {
+                        replica: self.name.to_string(),
+                        region: i,
+                    });
                 }
                 std::thread::sleep(Duration::from_micros(200));
             }

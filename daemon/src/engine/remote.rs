@@ -74,7 +74,11 @@ impl CompletionPort {
         let efd = unsafe { OwnedFd::from_raw_fd(fd) };
         // At most one request per (tag, replica) is in flight.
         let cap = (depth as usize * super::MAX_REPLICAS).max(1);
-        Ok(CompletionPort { queue: ArrayQueue::new(cap), efd, signaled: AtomicBool::new(false) })
+        Ok(CompletionPort {
+            queue: ArrayQueue::new(cap),
+            efd,
+            signaled: AtomicBool::new(false),
+        })
     }
 
     /// The eventfd the queue keeps a read pending on.
@@ -85,7 +89,11 @@ impl CompletionPort {
     fn post(&self, c: RemoteCompletion) {
         if self.queue.push(c).is_err() {
             // Cannot happen: capacity covers every (tag, replica) pair.
-            tracing::error!(tag = c.tag, replica = c.replica, "remote completion queue full; completion lost");
+            tracing::error!(
+                tag = c.tag,
+                replica = c.replica,
+                "remote completion queue full; completion lost"
+            );
         }
         self.wake();
     }
@@ -122,10 +130,16 @@ pub struct SendBatch {
 }
 
 enum Seg {
-    Own { start: usize, len: usize },
+    Own {
+        start: usize,
+        len: usize,
+    },
     /// A payload that stays valid until the request completes (the ublk
     /// tag's buffer).
-    Borrowed { ptr: *const u8, len: usize },
+    Borrowed {
+        ptr: *const u8,
+        len: usize,
+    },
 }
 
 // SAFETY: the raw payload pointers are only read by `writev` on the queue
@@ -140,9 +154,15 @@ impl SendBatch {
     fn push(&mut self, header: &Header, payload: &[u8]) -> Result<(), WireError> {
         let start = self.bytes.len();
         crate::transport::encode_frame_head(&mut self.bytes, header, payload)?;
-        self.segs.push(Seg::Own { start, len: self.bytes.len() - start });
+        self.segs.push(Seg::Own {
+            start,
+            len: self.bytes.len() - start,
+        });
         if !payload.is_empty() {
-            self.segs.push(Seg::Borrowed { ptr: payload.as_ptr(), len: payload.len() });
+            self.segs.push(Seg::Borrowed {
+                ptr: payload.as_ptr(),
+                len: payload.len(),
+            });
         }
         Ok(())
     }
@@ -160,7 +180,10 @@ impl SendBatch {
                 Seg::Own { start, len } => (self.bytes[start..].as_ptr(), len),
                 Seg::Borrowed { ptr, len } => (ptr, len),
             };
-            self.iov.push(libc::iovec { iov_base: base as *mut libc::c_void, iov_len: len });
+            self.iov.push(libc::iovec {
+                iov_base: base as *mut libc::c_void,
+                iov_len: len,
+            });
         }
         let mut at = 0;
         while at < self.iov.len() {
@@ -223,11 +246,21 @@ struct ConnShared {
 
 impl ConnShared {
     fn finish(&self, tag: usize, res: i32) -> bool {
-        let Some(slot) = self.slots.get(tag) else { return false };
-        if slot.state.compare_exchange(PENDING, IDLE, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        let Some(slot) = self.slots.get(tag) else {
+            return false;
+        };
+        if slot
+            .state
+            .compare_exchange(PENDING, IDLE, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
             return false;
         }
-        self.port.post(RemoteCompletion { tag: tag as u16, replica: self.index.load(Ordering::Relaxed), res });
+        self.port.post(RemoteCompletion {
+            tag: tag as u16,
+            replica: self.index.load(Ordering::Relaxed),
+            res,
+        });
         true
     }
 
@@ -253,30 +286,72 @@ pub struct QueueConn {
 
 /// Coarse monotonic milliseconds (vDSO, no syscall).
 fn now_ms() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: fills a live timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
 impl QueueConn {
-    fn connect(t: &RemoteTarget, port: Arc<CompletionPort>, depth: u16, index: u8) -> Result<QueueConn, PeerError> {
+    fn connect(
+        t: &RemoteTarget,
+        port: Arc<CompletionPort>,
+        depth: u16,
+        index: u8,
+    ) -> Result<QueueConn, PeerError> {
         let (writer, mut reader) = connect_stream(&t.addr, &t.secret, &t.node, t.timeout)?;
         // Bind the connection to the replica before any I/O.
         let mut buf = Vec::new();
-        let open = Op::Open { volume: t.volume.clone(), replica: t.replica.clone() };
-        let wire = |source| PeerError::Wire { addr: t.addr.clone(), source };
-        send_frame(&mut &writer, &mut buf, &Header { request_id: u64::MAX, op: open }, &[]).map_err(wire)?;
+        let open = Op::Open {
+            volume: t.volume.clone(),
+            replica: t.replica.clone(),
+        };
+        let wire = |source| PeerError::Wire {
+            addr: t.addr.clone(),
+            source,
+        };
+        send_frame(
+            &mut &writer,
+            &mut buf,
+            &Header {
+                request_id: u64::MAX,
+                op: open,
+            },
+            &[],
+        )
+        .map_err(wire)?;
         match reader.next_frame() {
             Ok(Some((h, _))) => match h.op {
                 Op::Opened { .. } => {}
-                Op::Error { errno, message } => return Err(PeerError::Remote { addr: t.addr.clone(), errno, message }),
+                Op::Error { errno, message } => {
+                    return Err(PeerError::Remote {
+                        addr: t.addr.clone(),
+                        errno,
+                        message,
+                    })
+                }
                 other => {
-                    return Err(PeerError::Unexpected { addr: t.addr.clone(), sent: "Open".into(), got: format!("{other:?}") })
+                    return Err(PeerError::Unexpected {
+                        addr: t.addr.clone(),
+                        sent: "Open".into(),
+                        got: format!("{other:?}"),
+                    })
                 }
             },
-            Ok(None) => return Err(PeerError::Closed { addr: t.addr.clone() }),
-            Err(source) => return Err(PeerError::Wire { addr: t.addr.clone(), source }),
+            Ok(None) => {
+                return Err(PeerError::Closed {
+                    addr: t.addr.clone(),
+                })
+            }
+            Err(source) => {
+                return Err(PeerError::Wire {
+                    addr: t.addr.clone(),
+                    source,
+                })
+            }
         }
         // Short reads let the receiver check timeouts while waiting.
         let _ = writer.set_read_timeout(Some(Duration::from_millis(100)));
@@ -293,7 +368,10 @@ impl QueueConn {
             dead: AtomicBool::new(false),
             port,
             index: AtomicU8::new(index),
-            stream: writer.try_clone().map_err(|source| PeerError::Connect { addr: t.addr.clone(), source })?,
+            stream: writer.try_clone().map_err(|source| PeerError::Connect {
+                addr: t.addr.clone(),
+                source,
+            })?,
             timeout_ms: t.timeout.as_millis() as u64,
             label: format!("{} at {}", t.replica, t.addr),
         });
@@ -301,15 +379,30 @@ impl QueueConn {
         let receiver = std::thread::Builder::new()
             .name(format!("rx-{}", t.replica))
             .spawn(move || receive(s2, reader))
-            .map_err(|source| PeerError::Connect { addr: t.addr.clone(), source })?;
-        Ok(QueueConn { shared, writer, receiver: Some(receiver) })
+            .map_err(|source| PeerError::Connect {
+                addr: t.addr.clone(),
+                source,
+            })?;
+        Ok(QueueConn {
+            shared,
+            writer,
+            receiver: Some(receiver),
+        })
     }
 
     /// Queues one request for `tag` in `batch` (sent by [`Self::flush`]).
     /// Its result arrives on the port; for a read, `expect` bytes are copied
     /// into `buf` first.
     #[inline]
-    pub(crate) fn send(&self, batch: &mut SendBatch, tag: u16, op: Op, payload: &[u8], buf: *mut u8, expect: u32) {
+    pub(crate) fn send(
+        &self,
+        batch: &mut SendBatch,
+        tag: u16,
+        op: Op,
+        payload: &[u8],
+        buf: *mut u8,
+        expect: u32,
+    ) {
         let sh = &*self.shared;
         let Some(slot) = sh.slots.get(tag as usize) else {
             return;
@@ -322,7 +415,10 @@ impl QueueConn {
             sh.finish(tag as usize, -libc::EIO);
             return;
         }
-        let header = Header { request_id: tag as u64, op };
+        let header = Header {
+            request_id: tag as u64,
+            op,
+        };
         if let Err(e) = batch.push(&header, payload) {
             sh.kill(libc::EIO, &format!("cannot encode a request: {e}"));
         }
@@ -366,11 +462,17 @@ fn receive(sh: Arc<ConnShared>, mut reader: FrameReader<TcpStream>) {
             Ok(Some((h, payload))) => {
                 let tag = h.request_id as usize;
                 let Some(slot) = sh.slots.get(tag) else {
-                    sh.kill(libc::EIO, &format!("answer to unknown request {}", h.request_id));
+                    sh.kill(
+                        libc::EIO,
+                        &format!("answer to unknown request {}", h.request_id),
+                    );
                     return;
                 };
                 if slot.state.load(Ordering::Acquire) != PENDING {
-                    sh.kill(libc::EIO, &format!("answer to request {tag}, which is not in flight"));
+                    sh.kill(
+                        libc::EIO,
+                        &format!("answer to request {tag}, which is not in flight"),
+                    );
                     return;
                 }
                 let expect = slot.expect.load(Ordering::Relaxed);
@@ -381,12 +483,19 @@ fn receive(sh: Arc<ConnShared>, mut reader: FrameReader<TcpStream>) {
                         // `expect` bytes, the ublk tag buffer) is ours until
                         // the completion is posted below.
                         unsafe {
-                            std::ptr::copy_nonoverlapping(payload.as_ptr(), slot.buf.load(Ordering::Relaxed), payload.len())
+                            std::ptr::copy_nonoverlapping(
+                                payload.as_ptr(),
+                                slot.buf.load(Ordering::Relaxed),
+                                payload.len(),
+                            )
                         };
                         expect as i32
                     }
                     Op::Data => {
-                        sh.kill(libc::EIO, &format!("read answer of {} bytes, expected {expect}", payload.len()));
+                        sh.kill(
+                            libc::EIO,
+                            &format!("read answer of {} bytes, expected {expect}", payload.len()),
+                        );
                         return;
                     }
                     Op::Error { errno, message } => {
@@ -404,7 +513,11 @@ fn receive(sh: Arc<ConnShared>, mut reader: FrameReader<TcpStream>) {
                 sh.kill(libc::EIO, "peer closed the connection");
                 return;
             }
-            Err(WireError::Io(e)) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(WireError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => {
                 sh.kill(libc::EIO, &e.to_string());
                 return;
@@ -418,7 +531,10 @@ fn receive(sh: Arc<ConnShared>, mut reader: FrameReader<TcpStream>) {
                     && now.saturating_sub(s.sent_ms.load(Ordering::Relaxed)) > sh.timeout_ms
             });
             if late {
-                sh.kill(libc::ETIMEDOUT, &format!("no answer within {} ms", sh.timeout_ms));
+                sh.kill(
+                    libc::ETIMEDOUT,
+                    &format!("no answer within {} ms", sh.timeout_ms),
+                );
                 return;
             }
         }
@@ -439,12 +555,21 @@ impl RemoteReplica {
     /// Connects, authenticates and opens the replica (control connection).
     pub fn connect(target: RemoteTarget) -> Result<RemoteReplica, PeerError> {
         let mut c = PeerConn::connect(&target.addr, &target.secret, &target.node, target.timeout)?;
-        let open = Op::Open { volume: target.volume.clone(), replica: target.replica.clone() };
+        let open = Op::Open {
+            volume: target.volume.clone(),
+            replica: target.replica.clone(),
+        };
         let (size, revision) = match c.call(open)? {
             Op::Opened { size, revision } => (size, revision),
             other => return Err(c.unexpected("Open".into(), other)),
         };
-        Ok(RemoteReplica { target, size, revision: AtomicU64::new(revision), control: Mutex::new(c), queues: OnceLock::new() })
+        Ok(RemoteReplica {
+            target,
+            size,
+            revision: AtomicU64::new(revision),
+            control: Mutex::new(c),
+            queues: OnceLock::new(),
+        })
     }
 
     pub fn target(&self) -> &RemoteTarget {
@@ -461,7 +586,12 @@ impl RemoteReplica {
 
     /// Opens the per-queue connections (once; the volume calls this when the
     /// replica joins it).
-    pub(crate) fn start_queues(&self, ports: &[Arc<CompletionPort>], depth: u16, index: u8) -> Result<(), PeerError> {
+    pub(crate) fn start_queues(
+        &self,
+        ports: &[Arc<CompletionPort>],
+        depth: u16,
+        index: u8,
+    ) -> Result<(), PeerError> {
         if self.queues.get().is_some() {
             return Ok(());
         }
@@ -509,7 +639,9 @@ impl RemoteReplica {
     /// Applies a chain change on the peer's replica.
     pub(crate) fn change_chain(&self, change: &ChainChange) -> Result<ChainOutcome, PeerError> {
         let mut c = self.control();
-        match c.call(Op::ChangeChain { change: change.clone() })? {
+        match c.call(Op::ChangeChain {
+            change: change.clone(),
+        })? {
             Op::ChainChanged { names, coalesced } => Ok(ChainOutcome { names, coalesced }),
             other => Err(c.unexpected("ChangeChain".into(), other)),
         }
@@ -528,7 +660,10 @@ impl RemoteReplica {
     pub fn open_stream(&self) -> Result<PeerConn, PeerError> {
         let t = &self.target;
         let mut c = PeerConn::connect(&t.addr, &t.secret, &t.node, t.timeout)?;
-        match c.call(Op::Open { volume: t.volume.clone(), replica: t.replica.clone() })? {
+        match c.call(Op::Open {
+            volume: t.volume.clone(),
+            replica: t.replica.clone(),
+        })? {
             Op::Opened { .. } => Ok(c),
             other => Err(c.unexpected("Open".into(), other)),
         }

@@ -33,7 +33,15 @@ impl Leg<'_> {
     /// (1), or 0 with `failed` set when the replica has no connection for
     /// this queue.
     #[inline]
-    fn remote(&mut self, r: &RemoteReplica, op: Op, payload: &[u8], buf: *mut u8, expect: u32, push: &mut impl FnMut(Pushed)) {
+    fn remote(
+        &mut self,
+        r: &RemoteReplica,
+        op: Op,
+        payload: &[u8],
+        buf: *mut u8,
+        expect: u32,
+        push: &mut impl FnMut(Pushed),
+    ) {
         match r.queue(self.qid) {
             Some(conn) => {
                 conn.send(self.batch, self.tag, op, payload, buf, expect);
@@ -163,7 +171,14 @@ impl ReplicaIo {
             ReplicaIo::Remote(r) => {
                 // SAFETY: `buf` holds `len` bytes for the life of the request.
                 let data = unsafe { std::slice::from_raw_parts(buf, len as usize) };
-                leg.remote(r, Op::Write { offset, fua }, data, std::ptr::null_mut(), len, push);
+                leg.remote(
+                    r,
+                    Op::Write { offset, fua },
+                    data,
+                    std::ptr::null_mut(),
+                    len,
+                    push,
+                );
                 len
             }
         }
@@ -234,7 +249,13 @@ impl ReplicaIo {
     /// older data show through, which is allowed after a discard but wastes
     /// nothing to skip, so the discard is dropped there (as Longhorn does).
     #[inline]
-    pub(crate) fn prep_discard(&self, leg: &mut Leg<'_>, offset: u64, len: u32, push: &mut impl FnMut(Pushed)) -> u32 {
+    pub(crate) fn prep_discard(
+        &self,
+        leg: &mut Leg<'_>,
+        offset: u64,
+        len: u32,
+        push: &mut impl FnMut(Pushed),
+    ) -> u32 {
         match self {
             ReplicaIo::Local(r) => {
                 if !r.has_lower_layers() {
@@ -248,7 +269,14 @@ impl ReplicaIo {
                 0
             }
             ReplicaIo::Remote(r) => {
-                leg.remote(r, Op::Discard { offset, len }, &[], std::ptr::null_mut(), 0, push);
+                leg.remote(
+                    r,
+                    Op::Discard { offset, len },
+                    &[],
+                    std::ptr::null_mut(),
+                    0,
+                    push,
+                );
                 0
             }
         }
@@ -268,7 +296,12 @@ impl ReplicaIo {
             ReplicaIo::Local(r) => {
                 let fd = types::Fd(r.head_fd());
                 if !r.has_lower_layers() {
-                    push(Pushed::Sqe(opcode::Fallocate::new(fd, len as u64).offset(offset).mode(PUNCH_HOLE).build()));
+                    push(Pushed::Sqe(
+                        opcode::Fallocate::new(fd, len as u64)
+                            .offset(offset)
+                            .mode(PUNCH_HOLE)
+                            .build(),
+                    ));
                     return 0;
                 }
                 r.mark_written(offset, len as u64);
@@ -285,7 +318,14 @@ impl ReplicaIo {
                 len
             }
             ReplicaIo::Remote(r) => {
-                leg.remote(r, Op::WriteZeroes { offset, len }, &[], std::ptr::null_mut(), 0, push);
+                leg.remote(
+                    r,
+                    Op::WriteZeroes { offset, len },
+                    &[],
+                    std::ptr::null_mut(),
+                    0,
+                    push,
+                );
                 0
             }
         }

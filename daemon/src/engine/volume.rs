@@ -25,8 +25,8 @@ use super::queue::QueueStats;
 use super::remote::CompletionPort;
 use super::{EngineError, ReplicaIo, MAX_REPLICAS};
 use crate::replica::extent::HeadBitmap;
-use crate::replica::{ChainChange, ChainOutcome};
 use crate::replica::BLOCK_SIZE;
+use crate::replica::{ChainChange, ChainOutcome};
 
 /// A replica handed to the engine at attach. `io: None` is a replica the
 /// volume has but cannot reach now (failed, or its node is down): it holds
@@ -186,10 +186,15 @@ impl VolumeIo {
         layout: QueueLayout,
     ) -> Result<Arc<VolumeIo>, EngineError> {
         if replicas.is_empty() {
-            return Err(EngineError::NoReplicas { volume: name.to_string() });
+            return Err(EngineError::NoReplicas {
+                volume: name.to_string(),
+            });
         }
         if replicas.len() > MAX_REPLICAS {
-            return Err(EngineError::TooManyReplicas { volume: name.to_string(), count: replicas.len() });
+            return Err(EngineError::TooManyReplicas {
+                volume: name.to_string(),
+                count: replicas.len(),
+            });
         }
         for r in &replicas {
             if let Some(io) = &r.io {
@@ -206,20 +211,25 @@ impl VolumeIo {
         let ports = (0..layout.queues.max(1))
             .map(|_| CompletionPort::new(layout.depth).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| EngineError::Setup { volume: name.to_string(), reason: format!("eventfd: {e}") })?;
+            .map_err(|e| EngineError::Setup {
+                volume: name.to_string(),
+                reason: format!("eventfd: {e}"),
+            })?;
         let n = replicas.len();
         let mut messages = vec![String::new(); n];
         let mut healthy = 0u32;
         let mut slots = Vec::with_capacity(n);
         for (i, r) in replicas.into_iter().enumerate() {
             let io = match r.io {
-                Some(ReplicaIo::Remote(rem)) => match rem.start_queues(&ports, layout.depth, i as u8) {
-                    Ok(()) => Some(Arc::new(ReplicaIo::Remote(rem))),
-                    Err(e) => {
-                        messages[i] = format!("cannot connect: {e}");
-                        None
+                Some(ReplicaIo::Remote(rem)) => {
+                    match rem.start_queues(&ports, layout.depth, i as u8) {
+                        Ok(()) => Some(Arc::new(ReplicaIo::Remote(rem))),
+                        Err(e) => {
+                            messages[i] = format!("cannot connect: {e}");
+                            None
+                        }
                     }
-                },
+                }
                 other => other.map(Arc::new),
             };
             if io.is_some() {
@@ -234,13 +244,19 @@ impl VolumeIo {
                 left_at: AtomicU64::new(0),
             });
         }
-        let revision = slots.iter().filter_map(|s| s.io.load().as_ref().map(|io| io.revision())).max().unwrap_or(0);
+        let revision = slots
+            .iter()
+            .filter_map(|s| s.io.load().as_ref().map(|io| io.revision()))
+            .max()
+            .unwrap_or(0);
         let local = slots
             .iter()
             .enumerate()
             .filter(|(_, s)| matches!(s.io.load().as_deref(), Some(ReplicaIo::Local(_))))
             .fold(0u32, |m, (i, _)| m | 1 << i);
-        let regions = (0..size.div_ceil(1 << REGION_SHIFT)).map(|_| Region::default()).collect();
+        let regions = (0..size.div_ceil(1 << REGION_SHIFT))
+            .map(|_| Region::default())
+            .collect();
         Ok(Arc::new(VolumeIo {
             name: name.to_string(),
             size,
@@ -282,7 +298,10 @@ impl VolumeIo {
     /// acknowledges on its own thread (`QueueEngine::poll_pause`), woken
     /// through its completion port; the hot path pays one load per request.
     /// Fails after `timeout` (and resumes) if a queue does not go quiet.
-    pub fn quiesce(self: &Arc<Self>, timeout: std::time::Duration) -> Result<Quiesced, EngineError> {
+    pub fn quiesce(
+        self: &Arc<Self>,
+        timeout: std::time::Duration,
+    ) -> Result<Quiesced, EngineError> {
         if self.pausing.swap(true, Ordering::AcqRel) {
             return Err(EngineError::Setup {
                 volume: self.name.clone(),
@@ -291,7 +310,9 @@ impl VolumeIo {
         }
         let word = ((self.pause.load(Ordering::Relaxed) >> 1) + 1) << 1 | 1;
         self.pause.store(word, Ordering::SeqCst);
-        let guard = Quiesced { volume: self.clone() };
+        let guard = Quiesced {
+            volume: self.clone(),
+        };
         let deadline = std::time::Instant::now() + timeout;
         loop {
             for p in self.ports.iter() {
@@ -299,7 +320,9 @@ impl VolumeIo {
             }
             let quiet = {
                 let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-                queues.iter().all(|q| q.quiet_at.load(Ordering::Acquire) == word)
+                queues
+                    .iter()
+                    .all(|q| q.quiet_at.load(Ordering::Acquire) == word)
             };
             if quiet {
                 return Ok(guard);
@@ -307,7 +330,9 @@ impl VolumeIo {
             if std::time::Instant::now() >= deadline {
                 return Err(EngineError::Setup {
                     volume: self.name.clone(),
-                    reason: format!("I/O did not drain within {timeout:?} for a snapshot; try again"),
+                    reason: format!(
+                        "I/O did not drain within {timeout:?} for a snapshot; try again"
+                    ),
                 });
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -321,9 +346,15 @@ impl VolumeIo {
     /// write set lose their dirty maps, since a map cannot describe a chain
     /// change: they come back through a full rebuild. Refused while a
     /// rebuild runs (its target would miss the change).
-    pub fn change_chain(self: &Arc<Self>, change: &ChainChange, timeout: std::time::Duration) -> Result<ChainOutcome, EngineError> {
+    pub fn change_chain(
+        self: &Arc<Self>,
+        change: &ChainChange,
+        timeout: std::time::Duration,
+    ) -> Result<ChainOutcome, EngineError> {
         if rebuilding_of(self.masks()) != 0 {
-            return Err(EngineError::Rebuilding { volume: self.name.clone() });
+            return Err(EngineError::Rebuilding {
+                volume: self.name.clone(),
+            });
         }
         let _quiet = self.quiesce(timeout)?;
         let healthy = healthy_of(self.masks());
@@ -333,7 +364,9 @@ impl VolumeIo {
             if healthy & (1 << i) == 0 {
                 continue;
             }
-            let Some(io) = self.slots[i].io.load_full() else { continue };
+            let Some(io) = self.slots[i].io.load_full() else {
+                continue;
+            };
             match io.change_chain(change) {
                 Ok(o) => {
                     outcome.get_or_insert(o);
@@ -342,11 +375,21 @@ impl VolumeIo {
             }
         }
         let Some(outcome) = outcome else {
-            let reason = failures.first().map(|f| f.1.clone()).unwrap_or_else(|| "no healthy replica".into());
-            return Err(EngineError::ChainChange { volume: self.name.clone(), what: describe_change(change), reason });
+            let reason = failures
+                .first()
+                .map(|f| f.1.clone())
+                .unwrap_or_else(|| "no healthy replica".into());
+            return Err(EngineError::ChainChange {
+                volume: self.name.clone(),
+                what: describe_change(change),
+                reason,
+            });
         };
         for (i, e) in failures {
-            self.fail_index(i, &format!("{} failed on this replica: {e}", describe_change(change)));
+            self.fail_index(
+                i,
+                &format!("{} failed on this replica: {e}", describe_change(change)),
+            );
         }
         let _members = self.lock();
         let still = healthy_of(self.masks());
@@ -364,7 +407,12 @@ impl VolumeIo {
         let local = self.local_mask();
         let mut v: Vec<(bool, Arc<ReplicaIo>)> = (0..self.slots.len())
             .filter(|i| h & (1 << i) != 0)
-            .filter_map(|i| self.slots[i].io.load_full().map(|io| (local & (1 << i) == 0, io)))
+            .filter_map(|i| {
+                self.slots[i]
+                    .io
+                    .load_full()
+                    .map(|io| (local & (1 << i) == 0, io))
+            })
             .collect();
         v.sort_by_key(|(remote, _)| *remote);
         v.into_iter().map(|(_, io)| io).collect()
@@ -373,7 +421,10 @@ impl VolumeIo {
     /// Stats slot for a new queue engine (queue start, not per I/O).
     pub(crate) fn register_queue(&self) -> Arc<QueueStats> {
         let stats = Arc::new(QueueStats::default());
-        self.queues.lock().unwrap_or_else(|p| p.into_inner()).push(stats.clone());
+        self.queues
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(stats.clone());
         stats
     }
 
@@ -485,7 +536,10 @@ impl VolumeIo {
     pub(crate) fn mark_dirty(&self, idx: usize, offset: u64, len: u32) {
         if let Some(map) = self.slots[idx].dirty.load().as_ref() {
             let end = offset + len as u64;
-            map.set_range(offset / BLOCK_SIZE, end.div_ceil(BLOCK_SIZE).min(map.blocks()));
+            map.set_range(
+                offset / BLOCK_SIZE,
+                end.div_ceil(BLOCK_SIZE).min(map.blocks()),
+            );
         }
     }
 
@@ -506,7 +560,11 @@ impl VolumeIo {
     }
 
     pub fn slot_name(&self, idx: usize) -> String {
-        self.slots[idx].name.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.slots[idx]
+            .name
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The slot holding replica `name`.
@@ -544,7 +602,11 @@ impl VolumeIo {
         let mut messages = self.lock();
         let m = self.masks();
         let healthy = healthy_of(m);
-        let revs: Vec<Option<u64>> = self.slots.iter().map(|s| s.io.load().as_ref().map(|io| io.revision())).collect();
+        let revs: Vec<Option<u64>> = self
+            .slots
+            .iter()
+            .map(|s| s.io.load().as_ref().map(|io| io.revision()))
+            .collect();
         let newest = revs
             .iter()
             .enumerate()
@@ -556,7 +618,10 @@ impl VolumeIo {
         for (i, rev) in revs.iter().enumerate() {
             if let Some(rev) = rev {
                 if healthy & (1 << i) != 0 && *rev < newest {
-                    failed.push((i, format!("stale: revision {rev} is behind the newest replica's {newest}")));
+                    failed.push((
+                        i,
+                        format!("stale: revision {rev} is behind the newest replica's {newest}"),
+                    ));
                 }
             }
         }
@@ -575,11 +640,20 @@ impl VolumeIo {
         if healthy_of(m) & bit != 0 {
             let next = self.revision() + 1;
             // Errors were already turned into a failed replica inside commit.
-            let _ = self.commit(&mut messages, healthy_of(m) & !bit, next, vec![(idx, reason.to_string())], true);
+            let _ = self.commit(
+                &mut messages,
+                healthy_of(m) & !bit,
+                next,
+                vec![(idx, reason.to_string())],
+                true,
+            );
         } else if rebuilding_of(m) & bit != 0 {
             // Not readable, so the revision need not move: the rebuild stops.
             self.start_tracking(idx);
-            self.masks.store(pack(healthy_of(m), rebuilding_of(m) & !bit, tracking_of(m) | bit), Ordering::SeqCst);
+            self.masks.store(
+                pack(healthy_of(m), rebuilding_of(m) & !bit, tracking_of(m) | bit),
+                Ordering::SeqCst,
+            );
             self.report_failure(&mut messages, idx, format!("rebuild stopped: {reason}"));
         }
     }
@@ -589,7 +663,9 @@ impl VolumeIo {
     fn start_tracking(&self, idx: usize) {
         let slot = &self.slots[idx];
         if slot.dirty.load().is_none() {
-            slot.dirty.store(Some(Arc::new(HeadBitmap::new(self.size.div_ceil(BLOCK_SIZE)))));
+            slot.dirty.store(Some(Arc::new(HeadBitmap::new(
+                self.size.div_ceil(BLOCK_SIZE),
+            ))));
             slot.left_at.store(self.revision(), Ordering::SeqCst);
         }
     }
@@ -616,7 +692,9 @@ impl VolumeIo {
             if keep & (1 << i) == 0 {
                 continue;
             }
-            let Some(io) = self.slots[i].io.load_full() else { continue };
+            let Some(io) = self.slots[i].io.load_full() else {
+                continue;
+            };
             if let Err(e) = io.set_revision(revision) {
                 keep &= !(1 << i);
                 failed.push((i, format!("cannot persist revision {revision}: {e}")));
@@ -631,13 +709,16 @@ impl VolumeIo {
             }
         }
         self.revision.store(revision, Ordering::Release);
-        self.masks.store(pack(keep, rebuilding_of(m), tracking), Ordering::SeqCst);
+        self.masks
+            .store(pack(keep, rebuilding_of(m), tracking), Ordering::SeqCst);
         for (i, reason) in failed {
             self.report_failure(messages, i, reason);
         }
         if keep == 0 {
             tracing::error!(volume = %self.name, "volume faulted: no healthy replica left");
-            return Err(EngineError::Faulted { volume: self.name.clone() });
+            return Err(EngineError::Faulted {
+                volume: self.name.clone(),
+            });
         }
         Ok(revision)
     }
@@ -647,10 +728,16 @@ impl VolumeIo {
     pub fn fail_replica(&self, name: &str, reason: &str) -> Result<(), EngineError> {
         let idx = self
             .slot_of(name)
-            .ok_or_else(|| EngineError::UnknownReplica { volume: self.name.clone(), replica: name.to_string() })?;
+            .ok_or_else(|| EngineError::UnknownReplica {
+                volume: self.name.clone(),
+                replica: name.to_string(),
+            })?;
         let mask = self.healthy_mask();
         if mask == 1 << idx {
-            return Err(EngineError::LastHealthyReplica { volume: self.name.clone(), replica: name.to_string() });
+            return Err(EngineError::LastHealthyReplica {
+                volume: self.name.clone(),
+                replica: name.to_string(),
+            });
         }
         self.fail_index(idx, reason);
         Ok(())
@@ -687,7 +774,9 @@ impl VolumeIo {
             }
         }
         if self.healthy_mask() == 0 {
-            return Err(EngineError::Faulted { volume: self.name.clone() });
+            return Err(EngineError::Faulted {
+                volume: self.name.clone(),
+            });
         }
         Ok(())
     }
@@ -700,25 +789,40 @@ impl VolumeIo {
     /// Whether [`VolumeIo::start_rebuild`] would resume (incremental) for
     /// this replica, as things stand.
     pub(crate) fn would_resume(&self, idx: usize, name: &str, io: &ReplicaIo) -> bool {
-        let Some(slot) = self.slots.get(idx) else { return false };
+        let Some(slot) = self.slots.get(idx) else {
+            return false;
+        };
         *slot.name.lock().unwrap_or_else(|p| p.into_inner()) == name
             && tracking_of(self.masks()) & (1 << idx) != 0
             && slot.dirty.load().is_some()
             && io.revision() == slot.left_at.load(Ordering::SeqCst)
     }
 
-    pub(crate) fn start_rebuild(&self, idx: usize, name: &str, io: ReplicaIo) -> Result<bool, EngineError> {
+    pub(crate) fn start_rebuild(
+        &self,
+        idx: usize,
+        name: &str,
+        io: ReplicaIo,
+    ) -> Result<bool, EngineError> {
         let _messages = self.lock();
         let m = self.masks();
         let bit = 1u32 << idx;
         if idx >= self.slots.len() {
-            return Err(EngineError::UnknownReplica { volume: self.name.clone(), replica: name.to_string() });
+            return Err(EngineError::UnknownReplica {
+                volume: self.name.clone(),
+                replica: name.to_string(),
+            });
         }
         if (healthy_of(m) | rebuilding_of(m)) & bit != 0 {
-            return Err(EngineError::InService { volume: self.name.clone(), replica: self.slot_name(idx) });
+            return Err(EngineError::InService {
+                volume: self.name.clone(),
+                replica: self.slot_name(idx),
+            });
         }
         if healthy_of(m) == 0 {
-            return Err(EngineError::Faulted { volume: self.name.clone() });
+            return Err(EngineError::Faulted {
+                volume: self.name.clone(),
+            });
         }
         if io.size() != self.size {
             return Err(EngineError::SizeMismatch {
@@ -730,7 +834,10 @@ impl VolumeIo {
         }
         if let ReplicaIo::Remote(r) = &io {
             r.start_queues(&self.ports, self.layout.depth, idx as u8)
-                .map_err(|e| EngineError::Setup { volume: self.name.clone(), reason: e.to_string() })?;
+                .map_err(|e| EngineError::Setup {
+                    volume: self.name.clone(),
+                    reason: e.to_string(),
+                })?;
         }
         let slot = &self.slots[idx];
         let same = *slot.name.lock().unwrap_or_else(|p| p.into_inner()) == name;
@@ -739,12 +846,17 @@ impl VolumeIo {
             && slot.dirty.load().is_some()
             && io.revision() == slot.left_at.load(Ordering::SeqCst);
         if !incremental {
-            slot.dirty.store(Some(Arc::new(HeadBitmap::new(self.size.div_ceil(BLOCK_SIZE)))));
+            slot.dirty.store(Some(Arc::new(HeadBitmap::new(
+                self.size.div_ceil(BLOCK_SIZE),
+            ))));
         }
         *slot.name.lock().unwrap_or_else(|p| p.into_inner()) = name.to_string();
         self.set_local(idx, &io);
         slot.io.store(Some(Arc::new(io)));
-        self.masks.store(pack(healthy_of(m), rebuilding_of(m) | bit, tracking_of(m) | bit), Ordering::SeqCst);
+        self.masks.store(
+            pack(healthy_of(m), rebuilding_of(m) | bit, tracking_of(m) | bit),
+            Ordering::SeqCst,
+        );
         tracing::info!(volume = %self.name, replica = name, incremental, "rebuild started");
         Ok(incremental)
     }
@@ -756,17 +868,37 @@ impl VolumeIo {
         let m = self.masks();
         let bit = 1u32 << idx;
         if rebuilding_of(m) & bit == 0 {
-            return Err(EngineError::RebuildAborted { volume: self.name.clone(), replica: self.slot_name(idx) });
+            return Err(EngineError::RebuildAborted {
+                volume: self.name.clone(),
+                replica: self.slot_name(idx),
+            });
         }
         let revision = self.revision();
         let io = self.slots[idx].io.load_full();
         if let Some(Err(e)) = io.map(|io| io.set_revision(revision)) {
-            self.masks.store(pack(healthy_of(m), rebuilding_of(m) & !bit, tracking_of(m)), Ordering::SeqCst);
-            self.report_failure(&mut messages, idx, format!("cannot persist revision {revision}: {e}"));
-            return Err(EngineError::RebuildAborted { volume: self.name.clone(), replica: self.slot_name(idx) });
+            self.masks.store(
+                pack(healthy_of(m), rebuilding_of(m) & !bit, tracking_of(m)),
+                Ordering::SeqCst,
+            );
+            self.report_failure(
+                &mut messages,
+                idx,
+                format!("cannot persist revision {revision}: {e}"),
+            );
+            return Err(EngineError::RebuildAborted {
+                volume: self.name.clone(),
+                replica: self.slot_name(idx),
+            });
         }
         self.slots[idx].dirty.store(None);
-        self.masks.store(pack(healthy_of(m) | bit, rebuilding_of(m) & !bit, tracking_of(m) & !bit), Ordering::SeqCst);
+        self.masks.store(
+            pack(
+                healthy_of(m) | bit,
+                rebuilding_of(m) & !bit,
+                tracking_of(m) & !bit,
+            ),
+            Ordering::SeqCst,
+        );
         messages[idx].clear();
         Ok(revision)
     }
@@ -775,7 +907,9 @@ impl VolumeIo {
     /// its dirty map copied (the same replica, back at the revision it left
     /// at, and this engine tracked it since).
     pub fn can_resume(&self, idx: usize, name: &str, revision: u64) -> bool {
-        let Some(slot) = self.slots.get(idx) else { return false };
+        let Some(slot) = self.slots.get(idx) else {
+            return false;
+        };
         let m = self.masks();
         tracking_of(m) & (1 << idx) != 0
             && slot.dirty.load().is_some()
@@ -787,14 +921,19 @@ impl VolumeIo {
     /// the highest revision become the healthy set (a new epoch starts on
     /// them); the rest stay failed and are rebuilt later. Returns the names
     /// of the replicas kept; does nothing unless the volume is faulted.
-    pub fn salvage(&self, found: Vec<(usize, String, ReplicaIo)>) -> Result<Vec<String>, EngineError> {
+    pub fn salvage(
+        &self,
+        found: Vec<(usize, String, ReplicaIo)>,
+    ) -> Result<Vec<String>, EngineError> {
         let mut messages = self.lock();
         let m = self.masks();
         if healthy_of(m) != 0 {
             return Ok(Vec::new());
         }
         let Some(newest) = found.iter().map(|(_, _, io)| io.revision()).max() else {
-            return Err(EngineError::Faulted { volume: self.name.clone() });
+            return Err(EngineError::Faulted {
+                volume: self.name.clone(),
+            });
         };
         let mut keep = 0u32;
         let mut kept = Vec::new();
@@ -818,9 +957,14 @@ impl VolumeIo {
             kept.push(name);
         }
         if keep == 0 {
-            return Err(EngineError::Faulted { volume: self.name.clone() });
+            return Err(EngineError::Faulted {
+                volume: self.name.clone(),
+            });
         }
-        self.masks.store(pack(0, rebuilding_of(m) & !keep, tracking_of(m) & !keep), Ordering::SeqCst);
+        self.masks.store(
+            pack(0, rebuilding_of(m) & !keep, tracking_of(m) & !keep),
+            Ordering::SeqCst,
+        );
         tracing::warn!(volume = %self.name, revision = newest, replicas = ?kept, "auto-salvage: recovering from the newest replicas");
         self.commit(&mut messages, keep, newest + 1, Vec::new(), false)?;
         Ok(kept)

@@ -36,8 +36,15 @@ pub enum FrontendError {
     #[error("ublk driver not available: load it with `modprobe ublk_drv`, kernel 6.0 or newer")]
     DriverMissing,
     #[error("ublk device for volume {volume}: {op} failed: {source}")]
-    Ublk { volume: String, op: &'static str, source: libublk::UblkError },
-    #[error("ublk device for volume {volume} did not start within {0:?}", START_TIMEOUT)]
+    Ublk {
+        volume: String,
+        op: &'static str,
+        source: libublk::UblkError,
+    },
+    #[error(
+        "ublk device for volume {volume} did not start within {0:?}",
+        START_TIMEOUT
+    )]
     StartTimeout { volume: String },
     #[error("ublk device thread for volume {volume} failed: {reason}")]
     Thread { volume: String, reason: String },
@@ -57,15 +64,23 @@ pub struct FrontendOptions {
 impl Default for FrontendOptions {
     /// One queue per CPU up to 4, 128 deep.
     fn default() -> Self {
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        FrontendOptions { queues: cpus.clamp(1, 4) as u16, queue_depth: 128 }
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        FrontendOptions {
+            queues: cpus.clamp(1, 4) as u16,
+            queue_depth: 128,
+        }
     }
 }
 
 impl FrontendOptions {
     pub fn validate(&self) -> Result<(), FrontendError> {
         if !(1..=32).contains(&self.queues) {
-            return Err(FrontendError::Options(format!("queues {} is out of range: use 1-32", self.queues)));
+            return Err(FrontendError::Options(format!(
+                "queues {} is out of range: use 1-32",
+                self.queues
+            )));
         }
         if !(1..=4096).contains(&self.queue_depth) {
             return Err(FrontendError::Options(format!(
@@ -115,24 +130,39 @@ impl UblkDevice {
         let thread = std::thread::Builder::new()
             .name(format!("ublk-{name}"))
             .spawn(move || run_device(thread_volume, opts, recover, tx))
-            .map_err(|e| FrontendError::Thread { volume: name.clone(), reason: e.to_string() })?;
+            .map_err(|e| FrontendError::Thread {
+                volume: name.clone(),
+                reason: e.to_string(),
+            })?;
         match rx.recv_timeout(START_TIMEOUT) {
             Ok(Ok(dev_id)) => {
                 tracing::info!(volume = %name, dev_id, recovered = recover.is_some(), "ublk device started");
-                Ok(UblkDevice { volume: name, dev_id, thread: Some(thread) })
+                Ok(UblkDevice {
+                    volume: name,
+                    dev_id,
+                    thread: Some(thread),
+                })
             }
             Ok(Err(reason)) => {
                 let _ = thread.join();
-                Err(FrontendError::Thread { volume: name, reason })
+                Err(FrontendError::Thread {
+                    volume: name,
+                    reason,
+                })
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(FrontendError::StartTimeout { volume: name }),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                Err(FrontendError::StartTimeout { volume: name })
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 let reason = match thread.join() {
                     Ok(Err(e)) => e,
                     Ok(Ok(())) => "device thread exited before the device started".to_string(),
                     Err(_) => "device thread panicked".to_string(),
                 };
-                Err(FrontendError::Thread { volume: name, reason })
+                Err(FrontendError::Thread {
+                    volume: name,
+                    reason,
+                })
             }
         }
     }
@@ -151,11 +181,17 @@ impl UblkDevice {
     }
 
     fn shutdown(&mut self) -> Result<(), FrontendError> {
-        let Some(thread) = self.thread.take() else { return Ok(()) };
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
         // The device's own control lives on the device thread (libublk's
         // control ring is per thread), so use a fresh control here.
-        let ctrl = UblkCtrl::new_simple(self.dev_id as i32)
-            .map_err(|source| FrontendError::Ublk { volume: self.volume.clone(), op: "open control", source })?;
+        let ctrl =
+            UblkCtrl::new_simple(self.dev_id as i32).map_err(|source| FrontendError::Ublk {
+                volume: self.volume.clone(),
+                op: "open control",
+                source,
+            })?;
         if let Err(source) = ctrl.kill_dev() {
             tracing::warn!(volume = %self.volume, dev_id = self.dev_id, error = %source, "stopping ublk device");
         }
@@ -222,10 +258,16 @@ fn run_device(
         msg
     };
     if let Some(id) = recover {
-        let ctrl = UblkCtrl::new_simple(id as i32).map_err(|e| fail("open device for recovery", e))?;
-        ctrl.start_user_recover().map_err(|e| fail("start user recovery", e))?;
+        let ctrl =
+            UblkCtrl::new_simple(id as i32).map_err(|e| fail("open device for recovery", e))?;
+        ctrl.start_user_recover()
+            .map_err(|e| fail("start user recovery", e))?;
     }
-    let dev_flags = if recover.is_some() { UblkFlags::UBLK_DEV_F_RECOVER_DEV } else { UblkFlags::UBLK_DEV_F_ADD_DEV };
+    let dev_flags = if recover.is_some() {
+        UblkFlags::UBLK_DEV_F_RECOVER_DEV
+    } else {
+        UblkFlags::UBLK_DEV_F_ADD_DEV
+    };
     let ctrl = UblkCtrlBuilder::default()
         .name("cairn")
         .id(recover.map_or(-1, |id| id as i32))
@@ -257,7 +299,8 @@ fn run_device(
     };
     let span = tracing::info_span!("volume", volume = %name);
     let _enter = span.enter();
-    ctrl.run_target(tgt_init, q_fn, on_started).map_err(|e| fail("run device", e))?;
+    ctrl.run_target(tgt_init, q_fn, on_started)
+        .map_err(|e| fail("run device", e))?;
     Ok(())
 }
 
@@ -314,7 +357,12 @@ fn request_of(iod: &sys::ublksrv_io_desc) -> Result<IoRequest, i32> {
         sys::UBLK_IO_OP_READ => IoOp::Read,
         sys::UBLK_IO_OP_WRITE => IoOp::Write,
         // FLUSH carries no range (start sector u64::MAX): no bounds check.
-        sys::UBLK_IO_OP_FLUSH => return Ok(IoRequest { op: IoOp::Flush, ..IoRequest::default() }),
+        sys::UBLK_IO_OP_FLUSH => {
+            return Ok(IoRequest {
+                op: IoOp::Flush,
+                ..IoRequest::default()
+            })
+        }
         sys::UBLK_IO_OP_DISCARD => IoOp::Discard,
         sys::UBLK_IO_OP_WRITE_ZEROES => IoOp::WriteZeroes,
         _ => return Err(-libc::EOPNOTSUPP),
@@ -344,7 +392,9 @@ fn serve_queue(qid: u16, dev: &UblkDev, volume: Arc<VolumeIo>) {
     let mut engine = QueueEngine::new(volume, qid, dev.dev_info.queue_depth);
     let commit = |q: &UblkQueue, tag: u16, res: i32| {
         let buf = bufs[tag as usize].as_slice();
-        if let Err(e) = q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res))) {
+        if let Err(e) =
+            q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res)))
+        {
             tracing::error!(qid, tag, error = %e, "committing ublk result");
         }
     };
@@ -399,7 +449,10 @@ fn serve_queue(qid: u16, dev: &UblkDev, volume: Arc<VolumeIo>) {
         // The queue stopped with replica I/O still owned by the kernel (or a
         // remote receiver); it may yet write into these buffers, so they
         // must outlive the ring.
-        tracing::warn!(qid, "queue stopped with replica I/O in flight; leaking its buffers");
+        tracing::warn!(
+            qid,
+            "queue stopped with replica I/O in flight; leaking its buffers"
+        );
         std::mem::forget(bufs);
     }
 }

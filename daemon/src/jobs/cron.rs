@@ -66,8 +66,13 @@ pub enum CronField {
 }
 
 impl CronField {
-    const ALL: [CronField; 5] =
-        [Self::Minute, Self::Hour, Self::DayOfMonth, Self::Month, Self::DayOfWeek];
+    const ALL: [CronField; 5] = [
+        Self::Minute,
+        Self::Hour,
+        Self::DayOfMonth,
+        Self::Month,
+        Self::DayOfWeek,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -102,9 +107,9 @@ impl CronField {
 
     fn names(self) -> &'static [&'static str] {
         match self {
-            Self::Month => {
-                &["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
-            }
+            Self::Month => &[
+                "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+            ],
             Self::DayOfWeek => &["sun", "mon", "tue", "wed", "thu", "fri", "sat"],
             _ => &[],
         }
@@ -114,7 +119,10 @@ impl CronField {
     fn name_value(self, s: &str) -> Option<u32> {
         let first = if self == Self::Month { 1 } else { 0 };
         let lower = s.to_ascii_lowercase();
-        self.names().iter().position(|n| *n == lower).map(|i| i as u32 + first)
+        self.names()
+            .iter()
+            .position(|n| *n == lower)
+            .map(|i| i as u32 + first)
     }
 }
 
@@ -153,9 +161,18 @@ pub enum CronErrorKind {
     #[error("{field} {value:?} is not a number{}", names_hint(*.field))]
     BadValue { field: CronField, value: String },
     #[error("{field} {value} is out of range {min}-{max}")]
-    OutOfRange { field: CronField, value: u32, min: u32, max: u32 },
+    OutOfRange {
+        field: CronField,
+        value: u32,
+        min: u32,
+        max: u32,
+    },
     #[error("{field} range {start}-{end} runs backwards")]
-    Backwards { field: CronField, start: u32, end: u32 },
+    Backwards {
+        field: CronField,
+        start: u32,
+        end: u32,
+    },
     #[error("{field} step {step:?} must be a whole number of at least 1")]
     BadStep { field: CronField, step: String },
     #[error("never fires: no month in the month field has any of the days in day-of-month")]
@@ -204,14 +221,24 @@ struct Fields {
 impl CronSchedule {
     /// Parses a standard 5-field line or a macro (`@daily` ...).
     pub fn parse(line: &str) -> Result<CronSchedule, CronError> {
-        let err = |kind| CronError { line: line.to_string(), kind };
+        let err = |kind| CronError {
+            line: line.to_string(),
+            kind,
+        };
         let fields = parse_fields(line.trim()).map_err(err)?;
-        let crons = fields.to_saffron().into_iter().map(|s| s.parse::<saffron::Cron>());
+        let crons = fields
+            .to_saffron()
+            .into_iter()
+            .map(|s| s.parse::<saffron::Cron>());
         let crons: Result<Vec<_>, _> = crons.collect();
         // Every number we emit is in saffron's range, so a failure here is a
         // bug in to_saffron; report it as the line never firing rather than panic.
         let crons = crons.map_err(|_| err(CronErrorKind::Never))?;
-        Ok(CronSchedule { line: line.to_string(), fields, crons })
+        Ok(CronSchedule {
+            line: line.to_string(),
+            fields,
+            crons,
+        })
     }
 
     /// The first fire time strictly after `t` (UTC; fire times are whole
@@ -309,7 +336,12 @@ fn parse_field(field: CronField, text: &str) -> Result<(u64, bool), CronErrorKin
             None => 1,
             Some(s) => match s.parse::<u32>() {
                 Ok(n) if n >= 1 => n,
-                _ => return Err(CronErrorKind::BadStep { field, step: s.to_string() }),
+                _ => {
+                    return Err(CronErrorKind::BadStep {
+                        field,
+                        step: s.to_string(),
+                    })
+                }
             },
         };
         let (start, end) = if range == "*" || range == "?" {
@@ -321,13 +353,21 @@ fn parse_field(field: CronField, text: &str) -> Result<(u64, bool), CronErrorKin
         } else if let Some((a, b)) = range.split_once('-') {
             let (a, b) = (value(field, a)?, value(field, b)?);
             if a > b {
-                return Err(CronErrorKind::Backwards { field, start: a, end: b });
+                return Err(CronErrorKind::Backwards {
+                    field,
+                    start: a,
+                    end: b,
+                });
             }
             (a, b)
         } else {
             let a = value(field, range)?;
             // robfig: `N/step` means N through the field's end.
-            if step_text.is_some() { (a, field.star_bounds().1.max(a)) } else { (a, a) }
+            if step_text.is_some() {
+                (a, field.star_bounds().1.max(a))
+            } else {
+                (a, a)
+            }
         };
         let mut v = start;
         while v <= end {
@@ -343,13 +383,19 @@ fn value(field: CronField, s: &str) -> Result<u32, CronErrorKind> {
         // Long digit strings overflow u32; they are out of range all the same.
         s.parse::<u32>().unwrap_or(u32::MAX)
     } else {
-        field
-            .name_value(s)
-            .ok_or_else(|| CronErrorKind::BadValue { field, value: s.to_string() })?
+        field.name_value(s).ok_or_else(|| CronErrorKind::BadValue {
+            field,
+            value: s.to_string(),
+        })?
     };
     let (min, max) = field.bounds();
     if v < min || v > max {
-        return Err(CronErrorKind::OutOfRange { field, value: v, min, max });
+        return Err(CronErrorKind::OutOfRange {
+            field,
+            value: v,
+            min,
+            max,
+        });
     }
     Ok(v)
 }
@@ -365,7 +411,8 @@ impl Fields {
             return false;
         }
         !(1..=12u32).any(|m| {
-            self.months & (1 << m) != 0 && (1..=MAX_DAYS[m as usize - 1]).any(|d| self.doms & (1 << d) != 0)
+            self.months & (1 << m) != 0
+                && (1..=MAX_DAYS[m as usize - 1]).any(|d| self.doms & (1 << d) != 0)
         })
     }
 
@@ -399,7 +446,11 @@ impl Fields {
         use chrono::Datelike;
         let dom = bit(self.doms, t.day());
         let dow = bit(self.dows, t.weekday().num_days_from_sunday());
-        let day = if self.dom_star || self.dow_star { dom && dow } else { dom || dow };
+        let day = if self.dom_star || self.dow_star {
+            dom && dow
+        } else {
+            dom || dow
+        };
         day && bit(self.months, t.month())
     }
 }

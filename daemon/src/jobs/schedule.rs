@@ -55,7 +55,9 @@ pub struct ManualClock {
 
 impl ManualClock {
     pub fn new(now: DateTime<Utc>) -> ManualClock {
-        ManualClock { now: Mutex::new(now) }
+        ManualClock {
+            now: Mutex::new(now),
+        }
     }
 
     pub fn set(&self, now: DateTime<Utc>) {
@@ -128,7 +130,14 @@ impl Scheduler {
                 Some(old) if old.job.cron == job.cron => old.next,
                 _ => schedule.next_after(now),
             };
-            kept.insert(key, Entry { job, schedule, next });
+            kept.insert(
+                key,
+                Entry {
+                    job,
+                    schedule,
+                    next,
+                },
+            );
         }
         self.entries.retain(|(v, _), _| v != volume);
         self.entries.append(&mut kept);
@@ -145,8 +154,14 @@ impl Scheduler {
     pub fn due(&mut self, now: DateTime<Utc>) -> Vec<DueJob> {
         let mut due = Vec::new();
         for ((volume, _), entry) in self.entries.iter_mut() {
-            let Some(at) = entry.next.filter(|at| *at <= now) else { continue };
-            due.push(DueJob { volume: volume.clone(), job: entry.job.clone(), scheduled_at: at });
+            let Some(at) = entry.next.filter(|at| *at <= now) else {
+                continue;
+            };
+            due.push(DueJob {
+                volume: volume.clone(),
+                job: entry.job.clone(),
+                scheduled_at: at,
+            });
             entry.next = entry.schedule.next_after(now);
         }
         due.sort_by(|a, b| {
@@ -162,7 +177,9 @@ impl Scheduler {
 
     /// The next fire time of one job, if scheduled.
     pub fn next_fire(&self, volume: &str, job: &str) -> Option<DateTime<Utc>> {
-        self.entries.get(&(volume.to_string(), job.to_string())).and_then(|e| e.next)
+        self.entries
+            .get(&(volume.to_string(), job.to_string()))
+            .and_then(|e| e.next)
     }
 }
 
@@ -203,7 +220,12 @@ pub fn retain_plan(items: &[OwnedItem], retain: u32) -> Vec<String> {
     let mut sorted: Vec<&OwnedItem> = items.iter().collect();
     sorted.sort_by(|a, b| (b.created, &b.name).cmp(&(a.created, &a.name)));
     let keep = retain.max(1) as usize;
-    sorted.iter().skip(keep).rev().map(|i| i.name.clone()).collect()
+    sorted
+        .iter()
+        .skip(keep)
+        .rev()
+        .map(|i| i.name.clone())
+        .collect()
 }
 
 /// Whether an item's labels say `job` made it.
@@ -257,7 +279,13 @@ mod tests {
 
     fn names(due: &[DueJob]) -> Vec<(String, String, String)> {
         due.iter()
-            .map(|d| (d.volume.clone(), d.job.name.clone(), d.scheduled_at.format("%H:%M").to_string()))
+            .map(|d| {
+                (
+                    d.volume.clone(),
+                    d.job.name.clone(),
+                    d.scheduled_at.format("%H:%M").to_string(),
+                )
+            })
             .collect()
     }
 
@@ -289,16 +317,32 @@ mod tests {
     #[test]
     fn nothing_due_before_the_time() {
         let mut s = Scheduler::new();
-        set(&mut s, "vol", &[job("snap", "*/5 * * * *")], t("2024-03-15T10:00:00Z"));
+        set(
+            &mut s,
+            "vol",
+            &[job("snap", "*/5 * * * *")],
+            t("2024-03-15T10:00:00Z"),
+        );
         assert!(s.due(t("2024-03-15T10:04:59Z")).is_empty());
-        assert_eq!(names(&s.due(t("2024-03-15T10:05:00Z"))), [("vol".into(), "snap".into(), "10:05".into())]);
-        assert!(s.due(t("2024-03-15T10:05:00Z")).is_empty(), "once per fire time");
+        assert_eq!(
+            names(&s.due(t("2024-03-15T10:05:00Z"))),
+            [("vol".into(), "snap".into(), "10:05".into())]
+        );
+        assert!(
+            s.due(t("2024-03-15T10:05:00Z")).is_empty(),
+            "once per fire time"
+        );
     }
 
     #[test]
     fn missed_windows_fire_once_then_resume_after_now() {
         let mut s = Scheduler::new();
-        set(&mut s, "vol", &[job("snap", "*/5 * * * *")], t("2024-03-15T10:00:00Z"));
+        set(
+            &mut s,
+            "vol",
+            &[job("snap", "*/5 * * * *")],
+            t("2024-03-15T10:00:00Z"),
+        );
         // Asleep for 42 minutes: eight fire times missed.
         let due = s.due(t("2024-03-15T10:42:00Z"));
         assert_eq!(names(&due), [("vol".into(), "snap".into(), "10:05".into())]);
@@ -310,7 +354,12 @@ mod tests {
     fn changed_cron_reschedules_unchanged_keeps_its_time() {
         let mut s = Scheduler::new();
         let now = t("2024-03-15T10:00:00Z");
-        set(&mut s, "vol", &[job("a", "0 * * * *"), job("b", "*/5 * * * *")], now);
+        set(
+            &mut s,
+            "vol",
+            &[job("a", "0 * * * *"), job("b", "*/5 * * * *")],
+            now,
+        );
         assert_eq!(s.next_fire("vol", "a"), Some(t("2024-03-15T11:00:00Z")));
         let later = t("2024-03-15T10:07:00Z");
         // b's fire time (10:05) is pending; re-applying must not lose or move it.
@@ -328,16 +377,28 @@ mod tests {
     fn removed_job_and_volume_disappear() {
         let mut s = Scheduler::new();
         let now = t("2024-03-15T10:00:00Z");
-        set(&mut s, "v1", &[job("a", "*/5 * * * *"), job("b", "@hourly")], now);
+        set(
+            &mut s,
+            "v1",
+            &[job("a", "*/5 * * * *"), job("b", "@hourly")],
+            now,
+        );
         set(&mut s, "v2", &[job("a", "*/10 * * * *")], now);
         set(&mut s, "v1", &[job("b", "@hourly")], now);
         assert_eq!(s.next_fire("v1", "a"), None);
-        assert_eq!(s.next_fire("v2", "a"), Some(t("2024-03-15T10:10:00Z")), "other volume untouched");
+        assert_eq!(
+            s.next_fire("v2", "a"),
+            Some(t("2024-03-15T10:10:00Z")),
+            "other volume untouched"
+        );
         assert_eq!(s.next_wakeup(), Some(t("2024-03-15T10:10:00Z")));
         let due = s.due(t("2024-03-15T11:00:00Z"));
         assert_eq!(
             names(&due),
-            [("v2".into(), "a".into(), "10:10".into()), ("v1".into(), "b".into(), "11:00".into())]
+            [
+                ("v2".into(), "a".into(), "10:10".into()),
+                ("v1".into(), "b".into(), "11:00".into())
+            ]
         );
         s.remove_volume("v2");
         set(&mut s, "v1", &[], now);
@@ -386,7 +447,10 @@ mod tests {
 
     #[test]
     fn retain_plan_keeps_the_newest() {
-        let item = |n: &str, at: &str| OwnedItem { name: n.into(), created: t(at) };
+        let item = |n: &str, at: &str| OwnedItem {
+            name: n.into(),
+            created: t(at),
+        };
         let items = [
             item("s3", "2024-03-15T10:15:00Z"),
             item("s1", "2024-03-15T10:05:00Z"),
@@ -397,9 +461,16 @@ mod tests {
         assert_eq!(retain_plan(&items, 3), ["s1"]);
         assert!(retain_plan(&items, 4).is_empty());
         assert!(retain_plan(&items, 10).is_empty());
-        assert_eq!(retain_plan(&items, 0), ["s1", "s2", "s3"], "0 keeps the newest");
+        assert_eq!(
+            retain_plan(&items, 0),
+            ["s1", "s2", "s3"],
+            "0 keeps the newest"
+        );
         assert!(retain_plan(&[], 1).is_empty());
-        let tie = [item("b", "2024-03-15T10:00:00Z"), item("a", "2024-03-15T10:00:00Z")];
+        let tie = [
+            item("b", "2024-03-15T10:00:00Z"),
+            item("a", "2024-03-15T10:00:00Z"),
+        ];
         assert_eq!(retain_plan(&tie, 1), ["a"]);
     }
 
@@ -414,7 +485,10 @@ mod tests {
         let long = job(&format!("{}-{}", "a".repeat(39), "b".repeat(10)), "@daily");
         let n = snapshot_name(&long, at);
         assert_eq!(n, format!("{}-c-20240315100000", "a".repeat(39)));
-        assert!(crate::name::validate_label("snapshot", &n, 63).is_ok(), "{n}");
+        assert!(
+            crate::name::validate_label("snapshot", &n, 63).is_ok(),
+            "{n}"
+        );
         let labels = job_labels(&j);
         assert_eq!(labels.get("team").map(String::as_str), Some("db"));
         assert!(owned_by(&labels, "daily"));

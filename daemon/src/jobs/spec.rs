@@ -46,8 +46,12 @@ pub enum JobTask {
 }
 
 impl JobTask {
-    const ALL: [JobTask; 4] =
-        [Self::Snapshot, Self::SnapshotForceCreate, Self::Backup, Self::BackupForceCreate];
+    const ALL: [JobTask; 4] = [
+        Self::Snapshot,
+        Self::SnapshotForceCreate,
+        Self::Backup,
+        Self::BackupForceCreate,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -73,7 +77,10 @@ pub struct UnknownTask(pub String);
 impl TryFrom<String> for JobTask {
     type Error = UnknownTask;
     fn try_from(s: String) -> Result<Self, Self::Error> {
-        JobTask::ALL.into_iter().find(|t| t.as_str() == s).ok_or(UnknownTask(s))
+        JobTask::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or(UnknownTask(s))
     }
 }
 
@@ -108,11 +115,17 @@ pub enum JobSpecError {
     #[error("recurringJobs is not a JSON array: {0}")]
     NotArray(String),
     #[error("recurringJobs[{index}]{}: {problem}", name_suffix(.name))]
-    Job { index: usize, name: Option<String>, problem: JobProblem },
+    Job {
+        index: usize,
+        name: Option<String>,
+        problem: JobProblem,
+    },
 }
 
 fn name_suffix(name: &Option<String>) -> String {
-    name.as_ref().map(|n| format!(" ({n:?})")).unwrap_or_default()
+    name.as_ref()
+        .map(|n| format!(" ({n:?})"))
+        .unwrap_or_default()
 }
 
 /// What was wrong with one job.
@@ -149,8 +162,15 @@ pub fn parse_jobs(json: &str) -> Result<Vec<RecurringJob>, JobSpecError> {
     let mut jobs = Vec::with_capacity(raw.len());
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (index, value) in raw.into_iter().enumerate() {
-        let name = value.get("name").and_then(|n| n.as_str()).map(str::to_string);
-        let fail = |problem| JobSpecError::Job { index, name: name.clone(), problem };
+        let name = value
+            .get("name")
+            .and_then(|n| n.as_str())
+            .map(str::to_string);
+        let fail = |problem| JobSpecError::Job {
+            index,
+            name: name.clone(),
+            problem,
+        };
         let job: RecurringJob =
             serde_json::from_value(value).map_err(|e| fail(JobProblem::Decode(e.to_string())))?;
         validate_job(&job).map_err(fail)?;
@@ -182,7 +202,10 @@ pub fn validate_job(job: &RecurringJob) -> Result<(), JobProblem> {
             return Err(JobProblem::LabelKey(key.clone()));
         }
         if !(value.is_empty() || label_name_ok(value)) {
-            return Err(JobProblem::LabelValue { key: key.clone(), value: value.clone() });
+            return Err(JobProblem::LabelValue {
+                key: key.clone(),
+                value: value.clone(),
+            });
         }
     }
     Ok(())
@@ -197,7 +220,8 @@ fn label_key_ok(key: &str) -> bool {
     let prefix_ok = prefix.is_none_or(|p| {
         !p.is_empty()
             && p.len() <= 253
-            && p.split('.').all(|l| validate_label("label prefix", l, 63).is_ok())
+            && p.split('.')
+                .all(|l| validate_label("label prefix", l, 63).is_ok())
     });
     prefix_ok && label_name_ok(name)
 }
@@ -210,7 +234,8 @@ fn label_name_ok(s: &str) -> bool {
         && b.len() <= 63
         && b.first().is_some_and(alnum)
         && b.last().is_some_and(alnum)
-        && b.iter().all(|c| alnum(c) || matches!(c, b'-' | b'_' | b'.'))
+        && b.iter()
+            .all(|c| alnum(c) || matches!(c, b'-' | b'_' | b'.'))
 }
 
 #[cfg(test)]
@@ -322,7 +347,9 @@ mod tests {
             assert_eq!(err(json), want, "{json}");
         }
         let long = "x".repeat(MAX_JOB_NAME + 1);
-        let e = err(&format!(r#"[{{"name":"{long}","task":"snapshot","cron":"@daily","retain":1}}]"#));
+        let e = err(&format!(
+            r#"[{{"name":"{long}","task":"snapshot","cron":"@daily","retain":1}}]"#
+        ));
         assert!(e.contains("longer than 40 characters"), "{e}");
         assert!(err("{}").starts_with("recurringJobs is not a JSON array: "));
         assert!(err("[1]").starts_with("recurringJobs[0]: invalid type: integer `1`"));
@@ -333,7 +360,15 @@ mod tests {
         for k in ["k", "app.kubernetes.io/name", "a_b.c-d", "x/y"] {
             assert!(label_key_ok(k), "{k}");
         }
-        for k in ["", "/x", "x/", "-a", "a/b/c", "UPPER.prefix/x", &"k".repeat(64)] {
+        for k in [
+            "",
+            "/x",
+            "x/",
+            "-a",
+            "a/b/c",
+            "UPPER.prefix/x",
+            &"k".repeat(64),
+        ] {
             assert!(!label_key_ok(k), "{k}");
         }
     }

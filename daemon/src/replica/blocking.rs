@@ -28,7 +28,10 @@ fn full(len: usize, mut op: impl FnMut(usize) -> isize) -> io::Result<()> {
             return Err(e);
         }
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "replica file ends early or takes no more data"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "replica file ends early or takes no more data",
+            ));
         }
         done += n as usize;
     }
@@ -39,12 +42,22 @@ pub(super) fn pread_full(fd: RawFd, buf: &mut [u8], offset: u64) -> io::Result<(
     let len = buf.len();
     let ptr = buf.as_mut_ptr();
     // SAFETY: `ptr + done .. ptr + len` lies inside `buf`.
-    full(len, |done| unsafe { libc::pread(fd, ptr.add(done).cast(), len - done, (offset + done as u64) as libc::off_t) })
+    full(len, |done| unsafe {
+        libc::pread(
+            fd,
+            ptr.add(done).cast(),
+            len - done,
+            (offset + done as u64) as libc::off_t,
+        )
+    })
 }
 
 pub(super) fn pwrite_full(fd: RawFd, buf: &[u8], offset: u64, flags: i32) -> io::Result<()> {
     full(buf.len(), |done| {
-        let iov = libc::iovec { iov_base: buf[done..].as_ptr() as *mut _, iov_len: buf.len() - done };
+        let iov = libc::iovec {
+            iov_base: buf[done..].as_ptr() as *mut _,
+            iov_len: buf.len() - done,
+        };
         // SAFETY: one iovec over a live readable buffer.
         unsafe { libc::pwritev2(fd, &iov, 1, (offset + done as u64) as libc::off_t, flags) }
     })
@@ -123,7 +136,14 @@ impl Replica {
 
     fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: plain syscall on our own fd.
-        let r = unsafe { libc::fallocate(self.head_fd(), PUNCH_HOLE, offset as libc::off_t, len as libc::off_t) };
+        let r = unsafe {
+            libc::fallocate(
+                self.head_fd(),
+                PUNCH_HOLE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
         if r == 0 {
             Ok(())
         } else {
@@ -150,7 +170,11 @@ mod tests {
     #[test]
     fn write_read_zero_and_allocated() {
         let tmp = tempfile::tempdir().unwrap();
-        let spec = ReplicaSpec { volume: "v".into(), replica: "v-r-1".into(), size: 1 << 20 };
+        let spec = ReplicaSpec {
+            volume: "v".into(),
+            replica: "v-r-1".into(),
+            size: 1 << 20,
+        };
         let r = Replica::create(&tmp.path().join("r"), &spec).unwrap();
         r.write_at(8192, &[7u8; 8192], false).unwrap();
         r.write_at(65536, &[9u8; 4096], true).unwrap();
@@ -163,7 +187,10 @@ mod tests {
         r.read_at(8192, &mut buf[..4096]).unwrap();
         assert!(buf[..4096].iter().all(|&b| b == 0));
         r.flush().unwrap();
-        assert!(r.read_at(1 << 20, &mut buf[..4096]).is_err(), "past the end");
+        assert!(
+            r.read_at(1 << 20, &mut buf[..4096]).is_err(),
+            "past the end"
+        );
         assert!(r.write_at(100, &[0u8; 4096], false).is_err(), "unaligned");
     }
 }

@@ -32,10 +32,19 @@ pub enum Removal {
 #[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
 pub enum ChainChange {
     /// `created` empty = now.
-    Snapshot { name: String, created: String, user_created: bool, labels: BTreeMap<String, String> },
-    Remove { name: String },
+    Snapshot {
+        name: String,
+        created: String,
+        user_created: bool,
+        labels: BTreeMap<String, String>,
+    },
+    Remove {
+        name: String,
+    },
     Purge,
-    Revert { name: String },
+    Revert {
+        name: String,
+    },
 }
 
 /// What a chain change did: snapshot names dropped or merged away, and
@@ -81,7 +90,12 @@ impl Replica {
     /// Applies `change` (see [`ChainChange`]).
     pub fn change_chain(&self, change: &ChainChange) -> Result<ChainOutcome, ReplicaError> {
         match change {
-            ChainChange::Snapshot { name, created, user_created, labels } => {
+            ChainChange::Snapshot {
+                name,
+                created,
+                user_created,
+                labels,
+            } => {
                 let spec = super::SnapshotSpec {
                     name: name.clone(),
                     created: (!created.is_empty()).then(|| created.clone()),
@@ -90,11 +104,18 @@ impl Replica {
                 };
                 self.snapshot_with(&spec).map(|()| ChainOutcome::default())
             }
-            ChainChange::Remove { name } => self
-                .remove_snapshot(name)
-                .map(|r| ChainOutcome { names: vec![], coalesced: r == Removal::Coalesced }),
-            ChainChange::Purge => self.purge().map(|names| ChainOutcome { names, coalesced: false }),
-            ChainChange::Revert { name } => self.revert(name).map(|names| ChainOutcome { names, coalesced: false }),
+            ChainChange::Remove { name } => self.remove_snapshot(name).map(|r| ChainOutcome {
+                names: vec![],
+                coalesced: r == Removal::Coalesced,
+            }),
+            ChainChange::Purge => self.purge().map(|names| ChainOutcome {
+                names,
+                coalesced: false,
+            }),
+            ChainChange::Revert { name } => self.revert(name).map(|names| ChainOutcome {
+                names,
+                coalesced: false,
+            }),
         }
     }
 
@@ -105,7 +126,10 @@ impl Replica {
         c.layers[..last]
             .iter()
             .position(|l| l.file == file)
-            .ok_or_else(|| ReplicaError::SnapshotNotFound { dir: disp(&self.dir), name: name.to_string() })
+            .ok_or_else(|| ReplicaError::SnapshotNotFound {
+                dir: disp(&self.dir),
+                name: name.to_string(),
+            })
     }
 
     /// Removes snapshot `name`: marks it removed (durably), then merges its
@@ -173,17 +197,23 @@ impl Replica {
             let path = disp(path);
             move |source| ReplicaError::Io { path, source }
         };
-        let parent_blocks = data_blocks(layer.fd.as_raw_fd(), self.size).map_err(io_err(&self.dir.join(&layer.file)))?;
-        let child_blocks = data_blocks(child.fd.as_raw_fd(), self.size).map_err(io_err(&child_path))?;
+        let parent_blocks = data_blocks(layer.fd.as_raw_fd(), self.size)
+            .map_err(io_err(&self.dir.join(&layer.file)))?;
+        let child_blocks =
+            data_blocks(child.fd.as_raw_fd(), self.size).map_err(io_err(&child_path))?;
         let missing = subtract(&parent_blocks, &child_blocks);
         // 1. The child is read-only in the chain; write through a new fd.
-        let rw = OpenOptions::new().write(true).open(&child_path).map_err(io_err(&child_path))?;
+        let rw = OpenOptions::new()
+            .write(true)
+            .open(&child_path)
+            .map_err(io_err(&child_path))?;
         let mut buf = vec![0u8; COPY_CHUNK as usize];
         for (s, e) in missing {
             let (mut pos, end) = (s * BLOCK_SIZE, e * BLOCK_SIZE);
             while pos < end {
                 let n = (end - pos).min(COPY_CHUNK) as usize;
-                pread_full(layer.fd.as_raw_fd(), &mut buf[..n], pos).map_err(io_err(&self.dir.join(&layer.file)))?;
+                pread_full(layer.fd.as_raw_fd(), &mut buf[..n], pos)
+                    .map_err(io_err(&self.dir.join(&layer.file)))?;
                 pwrite_full(rw.as_raw_fd(), &buf[..n], pos, 0).map_err(io_err(&child_path))?;
                 pos += n as u64;
             }
@@ -218,7 +248,10 @@ impl Replica {
         let old_head = c.head().file.clone();
         let new_head = super::next_head_name(&d, &old_head)?;
         let new_path = self.dir.join(&new_head);
-        super::create_sparse(&new_path, self.size).map_err(|source| ReplicaError::Io { path: disp(&new_path), source })?;
+        super::create_sparse(&new_path, self.size).map_err(|source| ReplicaError::Io {
+            path: disp(&new_path),
+            source,
+        })?;
         write_layer_meta(
             &self.dir,
             &LayerMeta {
@@ -255,8 +288,14 @@ mod tests {
     #[test]
     fn subtract_ranges() {
         assert_eq!(subtract(&[(0, 10)], &[]), vec![(0, 10)]);
-        assert_eq!(subtract(&[(0, 10)], &[(2, 4), (6, 7)]), vec![(0, 2), (4, 6), (7, 10)]);
-        assert_eq!(subtract(&[(0, 4), (8, 12)], &[(2, 9)]), vec![(0, 2), (9, 12)]);
+        assert_eq!(
+            subtract(&[(0, 10)], &[(2, 4), (6, 7)]),
+            vec![(0, 2), (4, 6), (7, 10)]
+        );
+        assert_eq!(
+            subtract(&[(0, 4), (8, 12)], &[(2, 9)]),
+            vec![(0, 2), (9, 12)]
+        );
         assert_eq!(subtract(&[(5, 6)], &[(0, 100)]), vec![]);
         assert_eq!(subtract(&[(0, 3), (5, 9)], &[(3, 5)]), vec![(0, 3), (5, 9)]);
     }

@@ -210,7 +210,11 @@ impl HeadBitmap {
             let w = (b / 64) as usize;
             let lo = b % 64;
             let hi = (end - (b - lo)).min(64);
-            let mask = if hi - lo == 64 { u64::MAX } else { ((1u64 << (hi - lo)) - 1) << lo };
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
             if let Some(word) = self.words.get(w) {
                 word.fetch_and(!mask, Ordering::SeqCst);
             }

@@ -13,9 +13,9 @@
 //! [`Replica::mark_written`]. Metadata changes use [`crate::fsutil::atomic_write`]
 //! and `volume.meta` is always written last: it is the commit point.
 
-pub mod extent;
 mod blocking;
 mod chain_ops;
+pub mod extent;
 pub mod meta;
 mod view;
 
@@ -325,7 +325,10 @@ impl Replica {
     fn reload(&self) -> Result<(), ReplicaError> {
         let d = disp(&self.dir);
         let vm_path = self.dir.join(meta::VOLUME_META);
-        let bytes = std::fs::read(&vm_path).map_err(|source| ReplicaError::Io { path: disp(&vm_path), source })?;
+        let bytes = std::fs::read(&vm_path).map_err(|source| ReplicaError::Io {
+            path: disp(&vm_path),
+            source,
+        })?;
         let vm = parse_meta(&d, meta::VOLUME_META, &bytes, meta::parse_volume_meta)?;
         let chain = load_chain(&self.dir, &vm)?;
         *self.lock_meta() = vm;
@@ -339,7 +342,9 @@ impl Replica {
     }
 
     fn lock_ops(&self) -> MutexGuard<'_, ()> {
-        self.chain_ops.lock().unwrap_or_else(PoisonError::into_inner)
+        self.chain_ops
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Volume size in bytes.
@@ -403,7 +408,15 @@ impl Replica {
             return;
         }
         let c = self.chain_now();
-        resolve_in(&c.head_bits, &c.lower, &c.fds, c.head().fd.as_raw_fd(), offset, len, &mut f);
+        resolve_in(
+            &c.head_bits,
+            &c.lower,
+            &c.fds,
+            c.head().fd.as_raw_fd(),
+            offset,
+            len,
+            &mut f,
+        );
     }
     /// Health check: the head file is still the open inode at full size and
     /// `volume.meta` still parses and names it.
@@ -483,8 +496,18 @@ impl Replica {
     /// whatever remains) and leaves `self` unchanged. A failure of step 7
     /// means the snapshot is committed on disk but `self` still holds the
     /// old chain: drop it and [`Replica::open`] the directory again.
-    pub fn snapshot(&self, name: &str, user_created: bool, labels: BTreeMap<String, String>) -> Result<(), ReplicaError> {
-        self.snapshot_with(&SnapshotSpec { name: name.to_string(), created: None, user_created, labels })
+    pub fn snapshot(
+        &self,
+        name: &str,
+        user_created: bool,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(), ReplicaError> {
+        self.snapshot_with(&SnapshotSpec {
+            name: name.to_string(),
+            created: None,
+            user_created,
+            labels,
+        })
     }
 
     /// [`Replica::snapshot`] with every field of the new layer given.
@@ -650,14 +673,22 @@ fn load_chain(dir: &Path, vm: &VolumeMeta) -> Result<Chain, ReplicaError> {
     let nblocks = vm.size / BLOCK_SIZE;
     let mut per_layer = Vec::with_capacity(layers.len());
     for l in &mut layers {
-        let ranges = extent::data_blocks(l.fd.as_raw_fd(), vm.size)
-            .map_err(|source| ReplicaError::Io { path: disp(&dir.join(&l.file)), source })?;
+        let ranges =
+            extent::data_blocks(l.fd.as_raw_fd(), vm.size).map_err(|source| ReplicaError::Io {
+                path: disp(&dir.join(&l.file)),
+                source,
+            })?;
         l.allocated = ranges.iter().map(|(s, e)| e - s).sum::<u64>() * BLOCK_SIZE;
         per_layer.push(ranges);
     }
     let head_ranges = per_layer.pop().unwrap_or_default();
     let fds = layers.iter().map(|l| l.fd.as_raw_fd()).collect();
-    Ok(Chain { layers, fds, lower: LowerMap::build(&per_layer), head_bits: HeadBitmap::from_ranges(nblocks, &head_ranges) })
+    Ok(Chain {
+        layers,
+        fds,
+        lower: LowerMap::build(&per_layer),
+        head_bits: HeadBitmap::from_ranges(nblocks, &head_ranges),
+    })
 }
 
 /// The file name of the head after `old_head` (generation + 1).
@@ -703,10 +734,7 @@ fn resolve_in(
         let (fd, run_end) = if b >= nblocks {
             (None, u64::MAX) // Past the volume end: zeros.
         } else if head_bits.get(b) {
-            (
-                Some(head_fd),
-                head_bits.next_with(b + 1, end_block, false),
-            )
+            (Some(head_fd), head_bits.next_with(b + 1, end_block, false))
         } else {
             let head_next = head_bits.next_with(b + 1, end_block, true);
             match lower.lookup(b) {

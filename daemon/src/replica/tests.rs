@@ -390,7 +390,10 @@ fn open_removes_tmp_leftovers() {
 }
 
 fn snaps(r: &Replica) -> Vec<(String, bool)> {
-    r.chain().into_iter().filter_map(|l| l.snapshot.map(|s| (s, l.removed))).collect()
+    r.chain()
+        .into_iter()
+        .filter_map(|l| l.snapshot.map(|s| (s, l.removed)))
+        .collect()
 }
 
 /// Remove marks, coalesces into a snapshot child, and never changes what
@@ -432,7 +435,10 @@ fn remove_coalesce_purge_keep_data() {
     // And the result survives a reopen.
     let again = Replica::open(&d.path().join("r")).unwrap();
     assert_eq!(read(&again, 0, 4 * MIB), before);
-    assert!(matches!(r.remove_snapshot("zzz"), Err(ReplicaError::SnapshotNotFound { .. })));
+    assert!(matches!(
+        r.remove_snapshot("zzz"),
+        Err(ReplicaError::SnapshotNotFound { .. })
+    ));
 }
 
 #[test]
@@ -463,10 +469,19 @@ fn changed_between_lists_newer_layers_only() {
     r.snapshot("b", true, BTreeMap::new()).unwrap();
     write(&r, 2 * MIB, &[3u8; 4096]);
     r.snapshot("c", true, BTreeMap::new()).unwrap();
-    assert_eq!(r.changed_between("a", "c").unwrap(), Some(vec![(MIB, 8192), (2 * MIB, 4096)]));
-    assert_eq!(r.changed_between("b", "c").unwrap(), Some(vec![(2 * MIB, 4096)]));
+    assert_eq!(
+        r.changed_between("a", "c").unwrap(),
+        Some(vec![(MIB, 8192), (2 * MIB, 4096)])
+    );
+    assert_eq!(
+        r.changed_between("b", "c").unwrap(),
+        Some(vec![(2 * MIB, 4096)])
+    );
     assert_eq!(r.changed_between("gone", "c").unwrap(), None);
-    assert_eq!(r.snapshot_view("b").unwrap().data_ranges(), vec![(0, 4096), (MIB, 8192)]);
+    assert_eq!(
+        r.snapshot_view("b").unwrap().data_ranges(),
+        vec![(0, 4096), (MIB, 8192)]
+    );
     assert!(!r.head_has_data());
     write(&r, 0, &[9u8; 4096]);
     assert!(r.head_has_data());

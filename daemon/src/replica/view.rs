@@ -27,7 +27,9 @@ impl SnapshotView {
 
     /// Reads `buf.len()` bytes at `offset` (zeros where no layer has data).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.size);
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.size);
         if end.is_none() || offset % BLOCK_SIZE != 0 || buf.len() as u64 % BLOCK_SIZE != 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
@@ -52,7 +54,13 @@ impl SnapshotView {
 
     /// Byte ranges `(offset, len)` where the snapshot holds data, sorted.
     pub fn data_ranges(&self) -> Vec<(u64, u64)> {
-        merge_bytes(self.map.extents().iter().map(|e| (e.start, e.end)).collect())
+        merge_bytes(
+            self.map
+                .extents()
+                .iter()
+                .map(|e| (e.start, e.end))
+                .collect(),
+        )
     }
 }
 
@@ -66,7 +74,9 @@ pub(super) fn merge_bytes(mut blocks: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
             _ => out.push((s, e)),
         }
     }
-    out.into_iter().map(|(s, e)| (s * BLOCK_SIZE, (e - s) * BLOCK_SIZE)).collect()
+    out.into_iter()
+        .map(|(s, e)| (s * BLOCK_SIZE, (e - s) * BLOCK_SIZE))
+        .collect()
 }
 
 impl Replica {
@@ -78,18 +88,34 @@ impl Replica {
         let mut per_layer = Vec::with_capacity(idx + 1);
         for l in &c.layers[..=idx] {
             let path = self.dir.join(&l.file);
-            let f = l.fd.try_clone().map_err(|source| ReplicaError::Io { path: disp(&path), source })?;
-            per_layer.push(data_blocks(f.as_raw_fd(), self.size).map_err(|source| ReplicaError::Io { path: disp(&path), source })?);
+            let f = l.fd.try_clone().map_err(|source| ReplicaError::Io {
+                path: disp(&path),
+                source,
+            })?;
+            per_layer.push(data_blocks(f.as_raw_fd(), self.size).map_err(|source| {
+                ReplicaError::Io {
+                    path: disp(&path),
+                    source,
+                }
+            })?);
             files.push(f);
         }
-        Ok(SnapshotView { size: self.size, files, map: LowerMap::build(&per_layer) })
+        Ok(SnapshotView {
+            size: self.size,
+            files,
+            map: LowerMap::build(&per_layer),
+        })
     }
 
     /// Byte ranges written between snapshot `from` and snapshot `to` (the
     /// data of the layers after `from` up to `to`): what an incremental
     /// backup must read. `None` when `from` is not an older snapshot of
     /// this chain (removed, or never taken here): back up in full.
-    pub fn changed_between(&self, from: &str, to: &str) -> Result<Option<Vec<(u64, u64)>>, ReplicaError> {
+    pub fn changed_between(
+        &self,
+        from: &str,
+        to: &str,
+    ) -> Result<Option<Vec<(u64, u64)>>, ReplicaError> {
         let to_idx = self.snapshot_index(to)?;
         let from_file = meta::snapshot_file_name(from);
         let c = self.chain_now();
@@ -99,7 +125,12 @@ impl Replica {
         let mut blocks = Vec::new();
         for l in &c.layers[from_idx + 1..=to_idx] {
             let path = self.dir.join(&l.file);
-            blocks.extend(data_blocks(l.fd.as_raw_fd(), self.size).map_err(|source| ReplicaError::Io { path: disp(&path), source })?);
+            blocks.extend(data_blocks(l.fd.as_raw_fd(), self.size).map_err(|source| {
+                ReplicaError::Io {
+                    path: disp(&path),
+                    source,
+                }
+            })?);
         }
         Ok(Some(merge_bytes(blocks)))
     }
@@ -114,17 +145,29 @@ impl Replica {
 impl Replica {
     fn layer_file(&self, file: &str) -> Result<std::fs::File, ReplicaError> {
         let c = self.chain_now();
-        let layer = if file.is_empty() { Some(c.head()) } else { c.layers.iter().find(|l| l.file == file) };
-        let l = layer.ok_or_else(|| ReplicaError::SnapshotNotFound { dir: disp(&self.dir), name: file.to_string() })?;
-        l.fd.try_clone().map_err(|source| ReplicaError::Io { path: disp(&self.dir.join(&l.file)), source })
+        let layer = if file.is_empty() {
+            Some(c.head())
+        } else {
+            c.layers.iter().find(|l| l.file == file)
+        };
+        let l = layer.ok_or_else(|| ReplicaError::SnapshotNotFound {
+            dir: disp(&self.dir),
+            name: file.to_string(),
+        })?;
+        l.fd.try_clone().map_err(|source| ReplicaError::Io {
+            path: disp(&self.dir.join(&l.file)),
+            source,
+        })
     }
 
     /// Byte ranges `(offset, len)` holding data in one layer file (`""` =
     /// the head): what a rebuild copies layer by layer.
     pub fn layer_data(&self, file: &str) -> Result<Vec<(u64, u64)>, ReplicaError> {
         let f = self.layer_file(file)?;
-        let blocks = data_blocks(f.as_raw_fd(), self.size)
-            .map_err(|source| ReplicaError::Io { path: disp(&self.dir.join(file)), source })?;
+        let blocks = data_blocks(f.as_raw_fd(), self.size).map_err(|source| ReplicaError::Io {
+            path: disp(&self.dir.join(file)),
+            source,
+        })?;
         Ok(merge_bytes(blocks))
     }
 

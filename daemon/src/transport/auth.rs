@@ -56,13 +56,19 @@ pub type ProofBytes = [u8; 32];
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("cannot read cluster secret {path}: {source}; create it with e.g. `head -c 32 /dev/urandom | base64 > {path}` on every node")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cluster secret {path} is {len} bytes after trimming whitespace, at least {MIN_SECRET_LEN} are needed; write a longer random secret (e.g. `head -c 32 /dev/urandom | base64`) to it on every node")]
     TooShort { path: PathBuf, len: usize },
     #[error("peer failed authentication: its proof does not match the cluster secret (is the same secret installed on both nodes?)")]
     BadProof,
     #[error("handshake: expected {expected}, peer sent {got}")]
-    Unexpected { expected: &'static str, got: &'static str },
+    Unexpected {
+        expected: &'static str,
+        got: &'static str,
+    },
     #[error("cannot read random bytes for a nonce: {0}")]
     Random(std::io::Error),
 }
@@ -85,8 +91,14 @@ impl ClusterSecret {
     /// trimmed (so `echo secret > file` works), at least [`MIN_SECRET_LEN`]
     /// bytes.
     pub fn load(path: &Path) -> Result<Self, AuthError> {
-        let mut raw = std::fs::read(path).map_err(|source| AuthError::Read { path: path.to_owned(), source })?;
-        let secret = Self::from_bytes(raw.trim_ascii()).map_err(|len| AuthError::TooShort { path: path.to_owned(), len });
+        let mut raw = std::fs::read(path).map_err(|source| AuthError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let secret = Self::from_bytes(raw.trim_ascii()).map_err(|len| AuthError::TooShort {
+            path: path.to_owned(),
+            len,
+        });
         // Best effort: do not leave the secret in freed heap memory.
         raw.fill(0);
         secret
@@ -117,8 +129,16 @@ impl ClusterSecret {
 }
 
 /// The proof a peer in `role` sends: HMAC over its own nonce and the peer's.
-pub fn proof(secret: &ClusterSecret, role: &[u8], my_nonce: &Nonce, peer_nonce: &Nonce) -> ProofBytes {
-    let out = secret.keyed(role, my_nonce, peer_nonce).finalize().into_bytes();
+pub fn proof(
+    secret: &ClusterSecret,
+    role: &[u8],
+    my_nonce: &Nonce,
+    peer_nonce: &Nonce,
+) -> ProofBytes {
+    let out = secret
+        .keyed(role, my_nonce, peer_nonce)
+        .finalize()
+        .into_bytes();
     let mut proof = [0; 32];
     proof.copy_from_slice(&out);
     proof
@@ -133,13 +153,18 @@ pub fn verify(
     verifier_nonce: &Nonce,
     proof: &ProofBytes,
 ) -> Result<(), AuthError> {
-    secret.keyed(role, prover_nonce, verifier_nonce).verify_slice(proof).map_err(|_| AuthError::BadProof)
+    secret
+        .keyed(role, prover_nonce, verifier_nonce)
+        .verify_slice(proof)
+        .map_err(|_| AuthError::BadProof)
 }
 
 /// 32 bytes from the kernel's CSPRNG.
 pub fn new_nonce() -> Result<Nonce, AuthError> {
     let mut nonce = [0; 32];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut nonce)).map_err(AuthError::Random)?;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut nonce))
+        .map_err(AuthError::Random)?;
     Ok(nonce)
 }
 
@@ -162,16 +187,31 @@ impl ClientHandshake {
     /// Starts a handshake; returns it and the `Hello` to send.
     pub fn start(node: &str) -> Result<(Self, Op), AuthError> {
         let nonce = new_nonce()?;
-        Ok((ClientHandshake { nonce }, Op::Hello { node: node.to_owned(), nonce }))
+        Ok((
+            ClientHandshake { nonce },
+            Op::Hello {
+                node: node.to_owned(),
+                nonce,
+            },
+        ))
     }
 
     /// Checks the server's `Challenge`; returns the `Proof` to send.
     pub fn on_challenge(self, secret: &ClusterSecret, op: &Op) -> Result<Op, AuthError> {
-        let Op::Challenge { nonce: server_nonce, proof: server_proof } = op else {
-            return Err(AuthError::Unexpected { expected: "Challenge", got: op_name(op) });
+        let Op::Challenge {
+            nonce: server_nonce,
+            proof: server_proof,
+        } = op
+        else {
+            return Err(AuthError::Unexpected {
+                expected: "Challenge",
+                got: op_name(op),
+            });
         };
         verify(secret, ROLE_SERVER, server_nonce, &self.nonce, server_proof)?;
-        Ok(Op::Proof { proof: proof(secret, ROLE_CLIENT, &self.nonce, server_nonce) })
+        Ok(Op::Proof {
+            proof: proof(secret, ROLE_CLIENT, &self.nonce, server_nonce),
+        })
     }
 }
 
@@ -186,18 +226,38 @@ pub struct ServerHandshake {
 impl ServerHandshake {
     /// Answers a client's `Hello`; returns the state and the `Challenge` to send.
     pub fn on_hello(secret: &ClusterSecret, op: &Op) -> Result<(Self, Op), AuthError> {
-        let Op::Hello { node, nonce: client_nonce } = op else {
-            return Err(AuthError::Unexpected { expected: "Hello", got: op_name(op) });
+        let Op::Hello {
+            node,
+            nonce: client_nonce,
+        } = op
+        else {
+            return Err(AuthError::Unexpected {
+                expected: "Hello",
+                got: op_name(op),
+            });
         };
         let nonce = new_nonce()?;
-        let challenge = Op::Challenge { nonce, proof: proof(secret, ROLE_SERVER, &nonce, client_nonce) };
-        Ok((ServerHandshake { client_nonce: *client_nonce, nonce, node: node.clone() }, challenge))
+        let challenge = Op::Challenge {
+            nonce,
+            proof: proof(secret, ROLE_SERVER, &nonce, client_nonce),
+        };
+        Ok((
+            ServerHandshake {
+                client_nonce: *client_nonce,
+                nonce,
+                node: node.clone(),
+            },
+            challenge,
+        ))
     }
 
     /// Checks the client's `Proof`; `Ok` means the peer holds the secret.
     pub fn on_proof(&self, secret: &ClusterSecret, op: &Op) -> Result<(), AuthError> {
         let Op::Proof { proof } = op else {
-            return Err(AuthError::Unexpected { expected: "Proof", got: op_name(op) });
+            return Err(AuthError::Unexpected {
+                expected: "Proof",
+                got: op_name(op),
+            });
         };
         verify(secret, ROLE_CLIENT, &self.client_nonce, &self.nonce, proof)
     }
@@ -228,17 +288,25 @@ mod tests {
         let s_client = secret("0123456789abcdef-cluster");
         let s_server = secret("0123456789abcdef-cluster");
         let (client, hello) = ClientHandshake::start("node-a").expect("start");
-        let (server, challenge) = ServerHandshake::on_hello(&s_server, &over_wire(hello)).expect("hello");
+        let (server, challenge) =
+            ServerHandshake::on_hello(&s_server, &over_wire(hello)).expect("hello");
         assert_eq!(server.node, "node-a");
-        let proof = client.on_challenge(&s_client, &over_wire(challenge)).expect("server proof accepted");
-        server.on_proof(&s_server, &over_wire(proof)).expect("client proof accepted");
+        let proof = client
+            .on_challenge(&s_client, &over_wire(challenge))
+            .expect("server proof accepted");
+        server
+            .on_proof(&s_server, &over_wire(proof))
+            .expect("client proof accepted");
     }
 
     #[test]
     fn client_rejects_a_server_with_another_secret() {
         let (client, hello) = ClientHandshake::start("node-a").expect("start");
-        let (_server, challenge) = ServerHandshake::on_hello(&secret("a-different-secret!!"), &hello).expect("hello");
-        let err = client.on_challenge(&secret("0123456789abcdef-cluster"), &challenge).unwrap_err();
+        let (_server, challenge) =
+            ServerHandshake::on_hello(&secret("a-different-secret!!"), &hello).expect("hello");
+        let err = client
+            .on_challenge(&secret("0123456789abcdef-cluster"), &challenge)
+            .unwrap_err();
         assert!(matches!(err, AuthError::BadProof), "{err}");
     }
 
@@ -248,12 +316,29 @@ mod tests {
         let bad = secret("a-different-secret!!");
         let (_client, hello) = ClientHandshake::start("node-a").expect("start");
         let (server, challenge) = ServerHandshake::on_hello(&good, &hello).expect("hello");
-        let Op::Challenge { nonce: server_nonce, .. } = challenge else { panic!("not a challenge") };
-        let Op::Hello { nonce: client_nonce, .. } = hello else { panic!("not a hello") };
+        let Op::Challenge {
+            nonce: server_nonce,
+            ..
+        } = challenge
+        else {
+            panic!("not a challenge")
+        };
+        let Op::Hello {
+            nonce: client_nonce,
+            ..
+        } = hello
+        else {
+            panic!("not a hello")
+        };
         // A client that skips verifying the server (or an attacker) and
         // answers with the wrong secret.
-        let forged = Op::Proof { proof: proof(&bad, ROLE_CLIENT, &client_nonce, &server_nonce) };
-        assert!(matches!(server.on_proof(&good, &forged), Err(AuthError::BadProof)));
+        let forged = Op::Proof {
+            proof: proof(&bad, ROLE_CLIENT, &client_nonce, &server_nonce),
+        };
+        assert!(matches!(
+            server.on_proof(&good, &forged),
+            Err(AuthError::BadProof)
+        ));
     }
 
     #[test]
@@ -261,16 +346,36 @@ mod tests {
         let s = secret("0123456789abcdef-cluster");
         let (_client, hello) = ClientHandshake::start("node-a").expect("start");
         let (server, challenge) = ServerHandshake::on_hello(&s, &hello).expect("hello");
-        let Op::Challenge { proof: server_proof, .. } = challenge else { panic!("not a challenge") };
-        assert!(matches!(server.on_proof(&s, &Op::Proof { proof: server_proof }), Err(AuthError::BadProof)));
+        let Op::Challenge {
+            proof: server_proof,
+            ..
+        } = challenge
+        else {
+            panic!("not a challenge")
+        };
+        assert!(matches!(
+            server.on_proof(
+                &s,
+                &Op::Proof {
+                    proof: server_proof
+                }
+            ),
+            Err(AuthError::BadProof)
+        ));
     }
 
     #[test]
     fn out_of_order_messages_are_rejected() {
         let s = secret("0123456789abcdef-cluster");
-        assert!(matches!(ServerHandshake::on_hello(&s, &Op::Ping), Err(AuthError::Unexpected { .. })));
+        assert!(matches!(
+            ServerHandshake::on_hello(&s, &Op::Ping),
+            Err(AuthError::Unexpected { .. })
+        ));
         let (client, _) = ClientHandshake::start("n").expect("start");
-        assert!(matches!(client.on_challenge(&s, &Op::Ok), Err(AuthError::Unexpected { .. })));
+        assert!(matches!(
+            client.on_challenge(&s, &Op::Ok),
+            Err(AuthError::Unexpected { .. })
+        ));
     }
 
     #[test]
@@ -281,7 +386,10 @@ mod tests {
         let loaded = ClusterSecret::load(&path).expect("load");
         let direct = secret("0123456789abcdef-cluster");
         let n = [7; 32];
-        assert_eq!(proof(&loaded, ROLE_CLIENT, &n, &n), proof(&direct, ROLE_CLIENT, &n, &n));
+        assert_eq!(
+            proof(&loaded, ROLE_CLIENT, &n, &n),
+            proof(&direct, ROLE_CLIENT, &n, &n)
+        );
         assert!(!format!("{loaded:?}").contains("0123"));
 
         std::fs::write(&path, "short\n").expect("write");

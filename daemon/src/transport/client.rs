@@ -24,9 +24,17 @@ pub enum PeerError {
     #[error("replica server {addr} closed the connection")]
     Closed { addr: String },
     #[error("replica server {addr}: {message}")]
-    Remote { addr: String, errno: i32, message: String },
+    Remote {
+        addr: String,
+        errno: i32,
+        message: String,
+    },
     #[error("replica server {addr} answered {got} to {sent}")]
-    Unexpected { addr: String, sent: String, got: String },
+    Unexpected {
+        addr: String,
+        sent: String,
+        got: String,
+    },
 }
 
 impl PeerError {
@@ -51,9 +59,12 @@ pub struct PeerConn {
 
 /// Resolves `addr` (host:port) to its first socket address.
 pub fn resolve(addr: &str) -> io::Result<SocketAddr> {
-    addr.to_socket_addrs()?
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{addr} resolves to no address")))
+    addr.to_socket_addrs()?.next().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{addr} resolves to no address"),
+        )
+    })
 }
 
 /// Connects to `addr` and authenticates, every step within `timeout`.
@@ -63,41 +74,95 @@ pub(crate) fn connect_stream(
     node: &str,
     timeout: Duration,
 ) -> Result<(TcpStream, FrameReader<TcpStream>), PeerError> {
-    let connect_err = |source| PeerError::Connect { addr: addr.to_string(), source };
+    let connect_err = |source| PeerError::Connect {
+        addr: addr.to_string(),
+        source,
+    };
     let sa = resolve(addr).map_err(connect_err)?;
     let stream = TcpStream::connect_timeout(&sa, timeout).map_err(connect_err)?;
     tune_socket(&stream);
-    stream.set_read_timeout(Some(timeout)).map_err(connect_err)?;
-    stream.set_write_timeout(Some(timeout)).map_err(connect_err)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(connect_err)?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(connect_err)?;
     let mut writer = stream.try_clone().map_err(connect_err)?;
     let mut reader = FrameReader::new(stream);
-    let wire = |source| PeerError::Wire { addr: addr.to_string(), source };
-    let auth = |source| PeerError::Auth { addr: addr.to_string(), source };
+    let wire = |source| PeerError::Wire {
+        addr: addr.to_string(),
+        source,
+    };
+    let auth = |source| PeerError::Auth {
+        addr: addr.to_string(),
+        source,
+    };
     let mut buf = Vec::new();
     let (hs, hello) = ClientHandshake::start(node).map_err(auth)?;
-    send_frame(&mut writer, &mut buf, &Header { request_id: 0, op: hello }, &[]).map_err(wire)?;
+    send_frame(
+        &mut writer,
+        &mut buf,
+        &Header {
+            request_id: 0,
+            op: hello,
+        },
+        &[],
+    )
+    .map_err(wire)?;
     let challenge = next(&mut reader, addr)?;
     let proof = hs.on_challenge(secret, &challenge).map_err(auth)?;
-    send_frame(&mut writer, &mut buf, &Header { request_id: 1, op: proof }, &[]).map_err(wire)?;
+    send_frame(
+        &mut writer,
+        &mut buf,
+        &Header {
+            request_id: 1,
+            op: proof,
+        },
+        &[],
+    )
+    .map_err(wire)?;
     match next(&mut reader, addr)? {
         Op::Ok => Ok((writer, reader)),
-        Op::Error { message, .. } => Err(PeerError::Refused { addr: addr.to_string(), message }),
-        other => Err(PeerError::Unexpected { addr: addr.to_string(), sent: "Proof".into(), got: format!("{other:?}") }),
+        Op::Error { message, .. } => Err(PeerError::Refused {
+            addr: addr.to_string(),
+            message,
+        }),
+        other => Err(PeerError::Unexpected {
+            addr: addr.to_string(),
+            sent: "Proof".into(),
+            got: format!("{other:?}"),
+        }),
     }
 }
 
 fn next(reader: &mut FrameReader<TcpStream>, addr: &str) -> Result<Op, PeerError> {
     match reader.next_frame() {
         Ok(Some((h, _))) => Ok(h.op),
-        Ok(None) => Err(PeerError::Closed { addr: addr.to_string() }),
-        Err(source) => Err(PeerError::Wire { addr: addr.to_string(), source }),
+        Ok(None) => Err(PeerError::Closed {
+            addr: addr.to_string(),
+        }),
+        Err(source) => Err(PeerError::Wire {
+            addr: addr.to_string(),
+            source,
+        }),
     }
 }
 
 impl PeerConn {
-    pub fn connect(addr: &str, secret: &ClusterSecret, node: &str, timeout: Duration) -> Result<PeerConn, PeerError> {
+    pub fn connect(
+        addr: &str,
+        secret: &ClusterSecret,
+        node: &str,
+        timeout: Duration,
+    ) -> Result<PeerConn, PeerError> {
         let (writer, reader) = connect_stream(addr, secret, node, timeout)?;
-        Ok(PeerConn { addr: addr.to_string(), reader, writer, buf: Vec::new(), next_id: 2 })
+        Ok(PeerConn {
+            addr: addr.to_string(),
+            reader,
+            writer,
+            buf: Vec::new(),
+            next_id: 2,
+        })
     }
 
     pub fn addr(&self) -> &str {
@@ -107,16 +172,39 @@ impl PeerConn {
     /// Sends `op` with `payload` and returns the answer; an `Error` answer is
     /// returned as [`PeerError::Remote`]. The answer's payload is copied into
     /// `data` (cleared first).
-    pub fn call_data(&mut self, op: Op, payload: &[u8], data: &mut Vec<u8>) -> Result<Op, PeerError> {
+    pub fn call_data(
+        &mut self,
+        op: Op,
+        payload: &[u8],
+        data: &mut Vec<u8>,
+    ) -> Result<Op, PeerError> {
         let id = self.next_id;
         self.next_id += 1;
-        let wire = |source| PeerError::Wire { addr: self.addr.clone(), source };
+        let wire = |source| PeerError::Wire {
+            addr: self.addr.clone(),
+            source,
+        };
         let sent = format!("{op:?}");
-        send_frame(&mut self.writer, &mut self.buf, &Header { request_id: id, op }, payload).map_err(wire)?;
+        send_frame(
+            &mut self.writer,
+            &mut self.buf,
+            &Header { request_id: id, op },
+            payload,
+        )
+        .map_err(wire)?;
         let (header, body) = match self.reader.next_frame() {
             Ok(Some(f)) => f,
-            Ok(None) => return Err(PeerError::Closed { addr: self.addr.clone() }),
-            Err(source) => return Err(PeerError::Wire { addr: self.addr.clone(), source }),
+            Ok(None) => {
+                return Err(PeerError::Closed {
+                    addr: self.addr.clone(),
+                })
+            }
+            Err(source) => {
+                return Err(PeerError::Wire {
+                    addr: self.addr.clone(),
+                    source,
+                })
+            }
         };
         if header.request_id != id {
             return Err(PeerError::Unexpected {
@@ -128,7 +216,11 @@ impl PeerConn {
         data.clear();
         data.extend_from_slice(body);
         match header.op {
-            Op::Error { errno, message } => Err(PeerError::Remote { addr: self.addr.clone(), errno, message }),
+            Op::Error { errno, message } => Err(PeerError::Remote {
+                addr: self.addr.clone(),
+                errno,
+                message,
+            }),
             op => Ok(op),
         }
     }
@@ -141,19 +233,44 @@ impl PeerConn {
         for (offset, data) in chunks {
             let id = self.next_id;
             self.next_id += 1;
-            let h = Header { request_id: id, op: Op::Write { offset: *offset, fua: false } };
-            send_frame(&mut self.writer, &mut self.buf, &h, data)
-                .map_err(|source| PeerError::Wire { addr: self.addr.clone(), source })?;
+            let h = Header {
+                request_id: id,
+                op: Op::Write {
+                    offset: *offset,
+                    fua: false,
+                },
+            };
+            send_frame(&mut self.writer, &mut self.buf, &h, data).map_err(|source| {
+                PeerError::Wire {
+                    addr: self.addr.clone(),
+                    source,
+                }
+            })?;
         }
         for i in 0..chunks.len() as u64 {
             let (header, _) = match self.reader.next_frame() {
                 Ok(Some(f)) => f,
-                Ok(None) => return Err(PeerError::Closed { addr: self.addr.clone() }),
-                Err(source) => return Err(PeerError::Wire { addr: self.addr.clone(), source }),
+                Ok(None) => {
+                    return Err(PeerError::Closed {
+                        addr: self.addr.clone(),
+                    })
+                }
+                Err(source) => {
+                    return Err(PeerError::Wire {
+                        addr: self.addr.clone(),
+                        source,
+                    })
+                }
             };
             match header.op {
                 Op::Ok if header.request_id == first + i => {}
-                Op::Error { errno, message } => return Err(PeerError::Remote { addr: self.addr.clone(), errno, message }),
+                Op::Error { errno, message } => {
+                    return Err(PeerError::Remote {
+                        addr: self.addr.clone(),
+                        errno,
+                        message,
+                    })
+                }
                 other => return Err(self.unexpected("Write".into(), other)),
             }
         }
@@ -175,6 +292,10 @@ impl PeerConn {
     }
 
     pub(crate) fn unexpected(&self, sent: String, got: Op) -> PeerError {
-        PeerError::Unexpected { addr: self.addr.clone(), sent, got: format!("{got:?}") }
+        PeerError::Unexpected {
+            addr: self.addr.clone(),
+            sent,
+            got: format!("{got:?}"),
+        }
     }
 }

@@ -38,7 +38,6 @@ pub use auth::{AuthError, ClientHandshake, ClusterSecret, ServerHandshake};
 pub use client::{PeerConn, PeerError};
 pub use server::{ReplicaServer, ServerStats};
 pub use wire::{
-    decode_frame, encode_frame, encode_frame_head, Decoded, DiskReport, FrameReader, Header, NodeReport, Op, ReplicaReport,
-    WireError, MAGIC,
-    MAX_HEADER, MAX_PAYLOAD, PREFIX_LEN,
+    decode_frame, encode_frame, encode_frame_head, Decoded, DiskReport, FrameReader, Header,
+    NodeReport, Op, ReplicaReport, WireError, MAGIC, MAX_HEADER, MAX_PAYLOAD, PREFIX_LEN,
 };

@@ -54,7 +54,11 @@ type Conns = Arc<std::sync::Mutex<std::collections::HashMap<u64, TcpStream>>>;
 
 impl ReplicaServer {
     /// Binds `listen` and starts serving `disks`' replicas.
-    pub fn start(listen: SocketAddr, secret: ClusterSecret, disks: Arc<NodeDisks>) -> io::Result<ReplicaServer> {
+    pub fn start(
+        listen: SocketAddr,
+        secret: ClusterSecret,
+        disks: Arc<NodeDisks>,
+    ) -> io::Result<ReplicaServer> {
         let listener = TcpListener::bind(listen)?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -65,7 +69,13 @@ impl ReplicaServer {
             .name("replica-accept".into())
             .spawn(move || accept_loop(listener, secret, disks, stop2, stats2, conns2))?;
         tracing::info!(%addr, "replica server listening");
-        Ok(ReplicaServer { addr, stop, stats, conns, thread: Some(thread) })
+        Ok(ReplicaServer {
+            addr,
+            stop,
+            stats,
+            conns,
+            thread: Some(thread),
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -113,7 +123,10 @@ fn accept_loop(
                 continue;
             }
         };
-        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+        let peer = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
         if live.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             live.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!(%peer, "too many replica connections; refusing");
@@ -123,21 +136,34 @@ fn accept_loop(
         next_id += 1;
         let id = next_id;
         if let Ok(c) = stream.try_clone() {
-            conns.lock().unwrap_or_else(|p| p.into_inner()).insert(id, c);
+            conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, c);
         }
-        let (secret, disks, stats, live, conns) = (secret.clone(), disks.clone(), stats.clone(), live.clone(), conns.clone());
-        let spawned = std::thread::Builder::new().name("replica-conn".into()).spawn(move || {
-            match serve(stream, &secret, &disks, &stats) {
-                Ok(()) => tracing::debug!(%peer, "replica connection closed"),
-                Err(ConnError::Rejected(reason)) => {
-                    stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%peer, %reason, "replica connection rejected");
+        let (secret, disks, stats, live, conns) = (
+            secret.clone(),
+            disks.clone(),
+            stats.clone(),
+            live.clone(),
+            conns.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("replica-conn".into())
+            .spawn(move || {
+                match serve(stream, &secret, &disks, &stats) {
+                    Ok(()) => tracing::debug!(%peer, "replica connection closed"),
+                    Err(ConnError::Rejected(reason)) => {
+                        stats.rejected.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, %reason, "replica connection rejected");
+                    }
+                    Err(ConnError::Io(e)) => {
+                        tracing::info!(%peer, error = %e, "replica connection ended")
+                    }
                 }
-                Err(ConnError::Io(e)) => tracing::info!(%peer, error = %e, "replica connection ended"),
-            }
-            conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-            live.fetch_sub(1, Ordering::SeqCst);
-        });
+                conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                live.fetch_sub(1, Ordering::SeqCst);
+            });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a replica connection thread");
         }
@@ -167,7 +193,12 @@ impl From<io::Error> for ConnError {
 }
 
 /// Sends one frame: header and payload with one vectored write.
-pub(crate) fn send_frame(w: &mut impl Write, buf: &mut Vec<u8>, header: &Header, payload: &[u8]) -> Result<(), WireError> {
+pub(crate) fn send_frame(
+    w: &mut impl Write,
+    buf: &mut Vec<u8>,
+    header: &Header,
+    payload: &[u8],
+) -> Result<(), WireError> {
     buf.clear();
     encode_frame_head(buf, header, payload)?;
     let mut slices = [IoSlice::new(buf), IoSlice::new(payload)];
@@ -192,7 +223,13 @@ pub(crate) fn tune_socket(s: &TcpStream) {
     let set = |level, name, val: libc::c_int| {
         // SAFETY: setsockopt with a pointer to a live c_int of the right size.
         unsafe {
-            libc::setsockopt(fd, level, name, (&val as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as _)
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&val as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as _,
+            )
         };
     };
     set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
@@ -201,7 +238,12 @@ pub(crate) fn tune_socket(s: &TcpStream) {
     set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
 }
 
-fn serve(stream: TcpStream, secret: &ClusterSecret, disks: &NodeDisks, stats: &ServerStats) -> Result<(), ConnError> {
+fn serve(
+    stream: TcpStream,
+    secret: &ClusterSecret,
+    disks: &NodeDisks,
+    stats: &ServerStats,
+) -> Result<(), ConnError> {
     tune_socket(&stream);
     stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
     let mut w = stream.try_clone()?;
@@ -209,10 +251,20 @@ fn serve(stream: TcpStream, secret: &ClusterSecret, disks: &NodeDisks, stats: &S
     let mut out = Vec::with_capacity(256);
 
     // Handshake: nothing but Hello, then Proof, is accepted.
-    let Some((hello, _)) = reader.next_frame()? else { return Ok(()) };
-    let (hs, challenge) =
-        ServerHandshake::on_hello(secret, &hello.op).map_err(|e| ConnError::Rejected(e.to_string()))?;
-    send_frame(&mut w, &mut out, &Header { request_id: hello.request_id, op: challenge }, &[])?;
+    let Some((hello, _)) = reader.next_frame()? else {
+        return Ok(());
+    };
+    let (hs, challenge) = ServerHandshake::on_hello(secret, &hello.op)
+        .map_err(|e| ConnError::Rejected(e.to_string()))?;
+    send_frame(
+        &mut w,
+        &mut out,
+        &Header {
+            request_id: hello.request_id,
+            op: challenge,
+        },
+        &[],
+    )?;
     let Some((proof, _)) = reader.next_frame()? else {
         return Err(ConnError::Rejected(format!(
             "node {:?} closed the connection during the handshake (it rejected our proof: its cluster secret differs)",
@@ -224,12 +276,26 @@ fn serve(stream: TcpStream, secret: &ClusterSecret, disks: &NodeDisks, stats: &S
         let _ = send_frame(
             &mut w,
             &mut out,
-            &Header { request_id: proof.request_id, op: Op::Error { errno: libc::EACCES, message: e.to_string() } },
+            &Header {
+                request_id: proof.request_id,
+                op: Op::Error {
+                    errno: libc::EACCES,
+                    message: e.to_string(),
+                },
+            },
             &[],
         );
         return Err(ConnError::Rejected(format!("node {:?}: {e}", hs.node)));
     }
-    send_frame(&mut w, &mut out, &Header { request_id: proof.request_id, op: Op::Ok }, &[])?;
+    send_frame(
+        &mut w,
+        &mut out,
+        &Header {
+            request_id: proof.request_id,
+            op: Op::Ok,
+        },
+        &[],
+    )?;
     w.set_read_timeout(None)?;
     tracing::debug!(node = %hs.node, "replica peer authenticated");
 
@@ -237,11 +303,20 @@ fn serve(stream: TcpStream, secret: &ClusterSecret, disks: &NodeDisks, stats: &S
     let mut data: Vec<u8> = Vec::new();
     out.clear();
     loop {
-        let Some((header, payload)) = reader.next_frame()? else { return Ok(()) };
+        let Some((header, payload)) = reader.next_frame()? else {
+            return Ok(());
+        };
         stats.requests.fetch_add(1, Ordering::Relaxed);
         let (op, reply_data) = handle(disks, &mut bound, header.op, payload, &mut data);
         let body: &[u8] = if reply_data { &data } else { &[] };
-        encode_frame(&mut out, &Header { request_id: header.request_id, op }, body)?;
+        encode_frame(
+            &mut out,
+            &Header {
+                request_id: header.request_id,
+                op,
+            },
+            body,
+        )?;
         // Answers to a burst of pipelined requests go out in one write:
         // flush only when no further request is already buffered.
         if !reader.frame_buffered() || out.len() >= FLUSH_AT {
@@ -252,48 +327,112 @@ fn serve(stream: TcpStream, secret: &ClusterSecret, disks: &NodeDisks, stats: &S
 }
 
 fn io_err(e: io::Error) -> Op {
-    Op::Error { errno: e.raw_os_error().unwrap_or(libc::EIO), message: e.to_string() }
+    Op::Error {
+        errno: e.raw_os_error().unwrap_or(libc::EIO),
+        message: e.to_string(),
+    }
 }
 
 fn not_bound() -> Op {
-    Op::Error { errno: libc::EBADF, message: "no replica opened on this connection: send Open first".into() }
+    Op::Error {
+        errno: libc::EBADF,
+        message: "no replica opened on this connection: send Open first".into(),
+    }
 }
 
 /// Executes one request. Returns the response op, and whether `data` is its
 /// payload.
-fn handle(disks: &NodeDisks, bound: &mut Option<Arc<Replica>>, op: Op, payload: &[u8], data: &mut Vec<u8>) -> (Op, bool) {
+fn handle(
+    disks: &NodeDisks,
+    bound: &mut Option<Arc<Replica>>,
+    op: Op,
+    payload: &[u8],
+    data: &mut Vec<u8>,
+) -> (Op, bool) {
     let done = |r: io::Result<()>| (r.map_or_else(io_err, |()| Op::Ok), false);
     match op {
         Op::Ping => (Op::Pong, false),
-        Op::NodeStatus => (Op::Node { report: disks.report() }, false),
-        Op::ListReplicas => (Op::Replicas { replicas: disks.list() }, false),
+        Op::NodeStatus => (
+            Op::Node {
+                report: disks.report(),
+            },
+            false,
+        ),
+        Op::ListReplicas => (
+            Op::Replicas {
+                replicas: disks.list(),
+            },
+            false,
+        ),
         Op::Open { volume, replica } => match disks.open(&volume, &replica) {
             Ok(r) => {
-                let reply = Op::Opened { size: r.size(), revision: r.revision() };
+                let reply = Op::Opened {
+                    size: r.size(),
+                    revision: r.revision(),
+                };
                 *bound = Some(r);
                 (reply, false)
             }
-            Err(e) => (Op::Error { errno: e.errno(), message: e.to_string() }, false),
+            Err(e) => (
+                Op::Error {
+                    errno: e.errno(),
+                    message: e.to_string(),
+                },
+                false,
+            ),
         },
-        Op::CreateReplica { volume, replica, size, over_provisioning, min_available, replaces } => {
+        Op::CreateReplica {
+            volume,
+            replica,
+            size,
+            over_provisioning,
+            min_available,
+            replaces,
+        } => {
             let replaces = (!replaces.is_empty()).then_some(replaces.as_str());
-            match disks.create(&volume, &replica, size, replaces, |d| disk_fits(d, size, over_provisioning, min_available)) {
-                Ok((disk, dir)) => {
-                    (Op::Created { disk: disk.display().to_string(), dir: dir.display().to_string() }, false)
-                }
-                Err(e) => (Op::Error { errno: e.errno(), message: e.to_string() }, false),
+            match disks.create(&volume, &replica, size, replaces, |d| {
+                disk_fits(d, size, over_provisioning, min_available)
+            }) {
+                Ok((disk, dir)) => (
+                    Op::Created {
+                        disk: disk.display().to_string(),
+                        dir: dir.display().to_string(),
+                    },
+                    false,
+                ),
+                Err(e) => (
+                    Op::Error {
+                        errno: e.errno(),
+                        message: e.to_string(),
+                    },
+                    false,
+                ),
             }
         }
         Op::DeleteReplica { replica } => match disks.delete(&replica) {
             Ok(()) => (Op::Ok, false),
-            Err(e) => (Op::Error { errno: e.errno(), message: e.to_string() }, false),
+            Err(e) => (
+                Op::Error {
+                    errno: e.errno(),
+                    message: e.to_string(),
+                },
+                false,
+            ),
         },
         op => {
-            let Some(r) = bound.as_ref() else { return (not_bound(), false) };
+            let Some(r) = bound.as_ref() else {
+                return (not_bound(), false);
+            };
             match op {
                 Op::Read { offset, len } => {
                     if len as usize > super::MAX_PAYLOAD {
-                        return (Op::Error { errno: libc::EINVAL, message: "read too large".into() }, false);
+                        return (
+                            Op::Error {
+                                errno: libc::EINVAL,
+                                message: "read too large".into(),
+                            },
+                            false,
+                        );
                     }
                     data.resize(len as usize, 0);
                     match r.read_at(offset, data) {
@@ -305,24 +444,64 @@ fn handle(disks: &NodeDisks, bound: &mut Option<Arc<Replica>>, op: Op, payload: 
                 Op::Flush => done(r.flush()),
                 Op::Discard { offset, len } => done(r.discard(offset, len as u64)),
                 Op::WriteZeroes { offset, len } => done(r.write_zeroes(offset, len as u64)),
-                Op::GetRevision => (Op::Revision { revision: r.revision() }, false),
+                Op::GetRevision => (
+                    Op::Revision {
+                        revision: r.revision(),
+                    },
+                    false,
+                ),
                 Op::SetRevision { revision } => match r.set_revision(revision) {
                     Ok(()) => (Op::Ok, false),
-                    Err(e) => (Op::Error { errno: libc::EIO, message: e.to_string() }, false),
+                    Err(e) => (
+                        Op::Error {
+                            errno: libc::EIO,
+                            message: e.to_string(),
+                        },
+                        false,
+                    ),
                 },
                 Op::ListLayers => (Op::Layers { layers: r.chain() }, false),
                 Op::ChangeChain { change } => match r.change_chain(&change) {
-                    Ok(o) => (Op::ChainChanged { names: o.names, coalesced: o.coalesced }, false),
-                    Err(e) => (Op::Error { errno: libc::EIO, message: e.to_string() }, false),
+                    Ok(o) => (
+                        Op::ChainChanged {
+                            names: o.names,
+                            coalesced: o.coalesced,
+                        },
+                        false,
+                    ),
+                    Err(e) => (
+                        Op::Error {
+                            errno: libc::EIO,
+                            message: e.to_string(),
+                        },
+                        false,
+                    ),
                 },
-                Op::ListAllocated => (Op::Extents { extents: r.allocated_ranges() }, false),
+                Op::ListAllocated => (
+                    Op::Extents {
+                        extents: r.allocated_ranges(),
+                    },
+                    false,
+                ),
                 Op::ListExtents { layer } => match r.layer_data(&layer) {
                     Ok(extents) => (Op::Extents { extents }, false),
-                    Err(e) => (Op::Error { errno: libc::ENOENT, message: e.to_string() }, false),
+                    Err(e) => (
+                        Op::Error {
+                            errno: libc::ENOENT,
+                            message: e.to_string(),
+                        },
+                        false,
+                    ),
                 },
                 Op::ReadLayer { layer, offset, len } => {
                     if len as usize > super::MAX_PAYLOAD {
-                        return (Op::Error { errno: libc::EINVAL, message: "read too large".into() }, false);
+                        return (
+                            Op::Error {
+                                errno: libc::EINVAL,
+                                message: "read too large".into(),
+                            },
+                            false,
+                        );
                     }
                     data.resize(len as usize, 0);
                     match r.read_layer(&layer, offset, data) {
@@ -331,7 +510,10 @@ fn handle(disks: &NodeDisks, bound: &mut Option<Arc<Replica>>, op: Op, payload: 
                     }
                 }
                 other => (
-                    Op::Error { errno: libc::EPROTO, message: format!("unexpected {other:?} from a client") },
+                    Op::Error {
+                        errno: libc::EPROTO,
+                        message: format!("unexpected {other:?} from a client"),
+                    },
                     false,
                 ),
             }

@@ -50,7 +50,9 @@ const KNOWN_FLAGS: u16 = 0;
 /// headers are ~10 bytes either way, and per-frame cost is dominated by the
 /// CRC over the payload and the syscall, not by a few varint branches.
 fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_variable_int_encoding().with_limit::<HEADER_DECODE_LIMIT>()
+    bincode::config::standard()
+        .with_variable_int_encoding()
+        .with_limit::<HEADER_DECODE_LIMIT>()
 }
 
 /// Codec failures. All are fatal for the connection: after one, the stream
@@ -91,73 +93,137 @@ pub struct Header {
 pub enum Op {
     // Handshake (see `transport::auth`).
     /// Client → server: who I am and my nonce.
-    Hello { node: String, nonce: [u8; 32] },
+    Hello {
+        node: String,
+        nonce: [u8; 32],
+    },
     /// Server → client: my nonce and my proof over both nonces.
-    Challenge { nonce: [u8; 32], proof: [u8; 32] },
+    Challenge {
+        nonce: [u8; 32],
+        proof: [u8; 32],
+    },
     /// Client → server: my proof over both nonces.
-    Proof { proof: [u8; 32] },
+    Proof {
+        proof: [u8; 32],
+    },
 
     // Requests.
-    Read { offset: u64, len: u32 },
+    Read {
+        offset: u64,
+        len: u32,
+    },
     /// The payload is the data; `fua` asks for it to be durable on completion.
-    Write { offset: u64, fua: bool },
+    Write {
+        offset: u64,
+        fua: bool,
+    },
     Flush,
-    Discard { offset: u64, len: u32 },
-    WriteZeroes { offset: u64, len: u32 },
+    Discard {
+        offset: u64,
+        len: u32,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+    },
     GetRevision,
-    SetRevision { revision: u64 },
+    SetRevision {
+        revision: u64,
+    },
     ListLayers,
     /// Allocated ranges of one layer (file name as in [`LayerInfo::file`];
     /// empty = the head). Answered with `Extents`.
-    ListExtents { layer: String },
+    ListExtents {
+        layer: String,
+    },
     Ping,
 
     // Responses.
     Ok,
     /// The payload is the data read.
     Data,
-    Revision { revision: u64 },
-    Layers { layers: Vec<LayerInfo> },
+    Revision {
+        revision: u64,
+    },
+    Layers {
+        layers: Vec<LayerInfo>,
+    },
     /// `(offset, len)` pairs in bytes, sorted by offset, not overlapping.
-    Extents { extents: Vec<(u64, u64)> },
+    Extents {
+        extents: Vec<(u64, u64)>,
+    },
     Pong,
     /// `errno` is positive (`libc::EIO`, …): the engine completes the ublk
     /// request with its negation, as for a local replica.
-    Error { errno: i32, message: String },
+    Error {
+        errno: i32,
+        message: String,
+    },
 
     // Node and replica management (the owner's control plane → a peer).
     /// Binds this connection to one replica: every data op after it is on
     /// that replica. Answered with `Opened`.
-    Open { volume: String, replica: String },
-    Opened { size: u64, revision: u64 },
+    Open {
+        volume: String,
+        replica: String,
+    },
+    Opened {
+        size: u64,
+        revision: u64,
+    },
     /// The node's name and disks. Answered with `Node`.
     NodeStatus,
-    Node { report: NodeReport },
+    Node {
+        report: NodeReport,
+    },
     /// Makes an empty replica on the least-loaded schedulable disk. Answered
     /// with `Created`.
     /// `over_provisioning` and `min_available` are the owner's placement
     /// settings (percent), applied to this node's disks.
     /// `replaces` names the replica this one replaces (it may share its
     /// disk); empty for a new volume.
-    CreateReplica { volume: String, replica: String, size: u64, over_provisioning: u32, min_available: u32, replaces: String },
-    Created { disk: String, dir: String },
+    CreateReplica {
+        volume: String,
+        replica: String,
+        size: u64,
+        over_provisioning: u32,
+        min_available: u32,
+        replaces: String,
+    },
+    Created {
+        disk: String,
+        dir: String,
+    },
     /// Removes a replica's directory (a replica open elsewhere is refused).
-    DeleteReplica { replica: String },
+    DeleteReplica {
+        replica: String,
+    },
     /// Every replica on the node, for adoption. Answered with `Replicas`.
     ListReplicas,
-    Replicas { replicas: Vec<ReplicaReport> },
+    Replicas {
+        replicas: Vec<ReplicaReport>,
+    },
     /// Ranges where any layer of the bound replica holds data (what a full
     /// rebuild copies). Answered with `Extents`.
     ListAllocated,
     /// Changes the bound replica's layer chain (the owner has quiesced the
     /// volume's I/O). Answered with `ChainChanged`.
-    ChangeChain { change: ChainChange },
+    ChangeChain {
+        change: ChainChange,
+    },
     /// Snapshot names the change dropped or merged away, and whether a
     /// removal merged the snapshot's data into its child.
-    ChainChanged { names: Vec<String>, coalesced: bool },
+    ChainChanged {
+        names: Vec<String>,
+        coalesced: bool,
+    },
     /// Reads one layer file's own bytes (`layer` empty = the head): a
     /// rebuild copying the chain layer by layer. Answered with `Data`.
-    ReadLayer { layer: String, offset: u64, len: u32 },
+    ReadLayer {
+        layer: String,
+        offset: u64,
+        len: u32,
+    },
 }
 
 /// One node as it describes itself.
@@ -191,7 +257,6 @@ pub struct ReplicaReport {
     pub error: String,
 }
 
-
 /// Result of [`decode_frame`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decoded<'a> {
@@ -202,7 +267,11 @@ pub enum Decoded<'a> {
     Incomplete { need: usize },
     /// One frame; `payload` borrows from the input; the next frame starts at
     /// `bytes[consumed..]`.
-    Frame { header: Header, payload: &'a [u8], consumed: usize },
+    Frame {
+        header: Header,
+        payload: &'a [u8],
+        consumed: usize,
+    },
 }
 
 /// Appends one complete frame (prefix, header, payload) to `buf`, reusing its
@@ -217,7 +286,11 @@ pub fn encode_frame(buf: &mut Vec<u8>, header: &Header, payload: &[u8]) -> Resul
 /// payload itself: the caller sends `[buf, payload]` with one `writev` and
 /// the write data is never copied. The checksum covers `payload`, so it must
 /// not change before it is sent. On error `buf` is left as it was.
-pub fn encode_frame_head(buf: &mut Vec<u8>, header: &Header, payload: &[u8]) -> Result<(), WireError> {
+pub fn encode_frame_head(
+    buf: &mut Vec<u8>,
+    header: &Header,
+    payload: &[u8],
+) -> Result<(), WireError> {
     if payload.len() > MAX_PAYLOAD {
         return Err(WireError::PayloadTooLarge(payload.len()));
     }
@@ -296,7 +369,11 @@ fn parse_prefix(bytes: &[u8]) -> Result<Option<Prefix>, WireError> {
     if payload_len > MAX_PAYLOAD {
         return Err(WireError::PayloadTooLarge(payload_len));
     }
-    Ok(Some(Prefix { header_len, payload_len, crc }))
+    Ok(Some(Prefix {
+        header_len,
+        payload_len,
+        crc,
+    }))
 }
 
 /// Decodes the frame at the start of `bytes`. Malformed input is an error,
@@ -315,10 +392,13 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Decoded<'_>, WireError> {
     // never reach bincode (and never size an allocation).
     let found = crc32c::crc32c_append(crc32c::crc32c(header_bytes), payload);
     if found != prefix.crc {
-        return Err(WireError::Checksum { expected: prefix.crc, found });
+        return Err(WireError::Checksum {
+            expected: prefix.crc,
+            found,
+        });
     }
-    let (header, used): (Header, usize) =
-        bincode::decode_from_slice(header_bytes, config()).map_err(|e| WireError::Decode(e.to_string()))?;
+    let (header, used): (Header, usize) = bincode::decode_from_slice(header_bytes, config())
+        .map_err(|e| WireError::Decode(e.to_string()))?;
     if used != header_bytes.len() {
         // One encoding per header: trailing bytes mean a peer that disagrees
         // with us about the format.
@@ -327,7 +407,11 @@ pub fn decode_frame(bytes: &[u8]) -> Result<Decoded<'_>, WireError> {
             header_bytes.len() - used
         )));
     }
-    Ok(Decoded::Frame { header, payload, consumed: total })
+    Ok(Decoded::Frame {
+        header,
+        payload,
+        consumed: total,
+    })
 }
 
 /// Total bytes the frame at the start of `bytes` needs, as far as can be told
@@ -358,7 +442,12 @@ impl<R: Read> FrameReader<R> {
     pub const INITIAL_CAPACITY: usize = 64 * 1024;
 
     pub fn new(inner: R) -> Self {
-        FrameReader { inner, buf: vec![0; Self::INITIAL_CAPACITY], start: 0, end: 0 }
+        FrameReader {
+            inner,
+            buf: vec![0; Self::INITIAL_CAPACITY],
+            start: 0,
+            end: 0,
+        }
     }
 
     /// The next frame; `Ok(None)` at a clean end of stream (between frames).
@@ -391,12 +480,21 @@ impl<R: Read> FrameReader<R> {
                 if self.start == self.end {
                     return Ok(None);
                 }
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-frame").into());
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed mid-frame",
+                )
+                .into());
             }
             self.end += n;
         }
         let at = self.start;
-        let Decoded::Frame { header, payload, consumed } = decode_frame(&self.buf[at..self.end])? else {
+        let Decoded::Frame {
+            header,
+            payload,
+            consumed,
+        } = decode_frame(&self.buf[at..self.end])?
+        else {
             // Unreachable: frame_need said the whole frame is buffered.
             return Err(WireError::Decode("frame incomplete after buffering".into()));
         };
@@ -445,18 +543,38 @@ mod tests {
         let mut labels = BTreeMap::new();
         labels.insert("k".to_owned(), "v".to_owned());
         let ops = vec![
-            Op::Hello { node: "node-a".into(), nonce: [1; 32] },
-            Op::Challenge { nonce: [2; 32], proof: [3; 32] },
+            Op::Hello {
+                node: "node-a".into(),
+                nonce: [1; 32],
+            },
+            Op::Challenge {
+                nonce: [2; 32],
+                proof: [3; 32],
+            },
             Op::Proof { proof: [4; 32] },
-            Op::Read { offset: 4096, len: 131072 },
-            Op::Write { offset: u64::MAX - 4095, fua: true },
+            Op::Read {
+                offset: 4096,
+                len: 131072,
+            },
+            Op::Write {
+                offset: u64::MAX - 4095,
+                fua: true,
+            },
             Op::Flush,
-            Op::Discard { offset: 1 << 40, len: u32::MAX },
-            Op::WriteZeroes { offset: 0, len: 4096 },
+            Op::Discard {
+                offset: 1 << 40,
+                len: u32::MAX,
+            },
+            Op::WriteZeroes {
+                offset: 0,
+                len: 4096,
+            },
             Op::GetRevision,
             Op::SetRevision { revision: 7 },
             Op::ListLayers,
-            Op::ListExtents { layer: "volume-head-002.img".into() },
+            Op::ListExtents {
+                layer: "volume-head-002.img".into(),
+            },
             Op::Ping,
             Op::Ok,
             Op::Data,
@@ -475,16 +593,33 @@ mod tests {
                     is_head: false,
                 }],
             },
-            Op::Extents { extents: vec![(0, 4096), (1 << 30, 1 << 20)] },
+            Op::Extents {
+                extents: vec![(0, 4096), (1 << 30, 1 << 20)],
+            },
             Op::Pong,
-            Op::Error { errno: libc::EIO, message: "disk gone".into() },
-            Op::Open { volume: "v".into(), replica: "v-r-0000abcd".into() },
-            Op::Opened { size: 1 << 30, revision: 9 },
+            Op::Error {
+                errno: libc::EIO,
+                message: "disk gone".into(),
+            },
+            Op::Open {
+                volume: "v".into(),
+                replica: "v-r-0000abcd".into(),
+            },
+            Op::Opened {
+                size: 1 << 30,
+                revision: 9,
+            },
             Op::NodeStatus,
             Op::Node {
                 report: NodeReport {
                     node: "n1".into(),
-                    disks: vec![DiskReport { path: "/d".into(), size: 10, available: 5, allocated: 4, replicas: 1 }],
+                    disks: vec![DiskReport {
+                        path: "/d".into(),
+                        size: 10,
+                        available: 5,
+                        allocated: 4,
+                        replicas: 1,
+                    }],
                 },
             },
             Op::CreateReplica {
@@ -495,8 +630,13 @@ mod tests {
                 min_available: 25,
                 replaces: "v-r-0".into(),
             },
-            Op::Created { disk: "/d".into(), dir: "/d/replicas/v-r-1".into() },
-            Op::DeleteReplica { replica: "v-r-1".into() },
+            Op::Created {
+                disk: "/d".into(),
+                dir: "/d/replicas/v-r-1".into(),
+            },
+            Op::DeleteReplica {
+                replica: "v-r-1".into(),
+            },
             Op::ListReplicas,
             Op::Replicas {
                 replicas: vec![ReplicaReport {
@@ -518,11 +658,24 @@ mod tests {
                     labels: [("k".to_string(), "v".to_string())].into(),
                 },
             },
-            Op::ChangeChain { change: ChainChange::Remove { name: "s1".into() } },
-            Op::ChangeChain { change: ChainChange::Purge },
-            Op::ChangeChain { change: ChainChange::Revert { name: "s1".into() } },
-            Op::ChainChanged { names: vec!["s0".into()], coalesced: true },
-            Op::ReadLayer { layer: "volume-snap-s1.img".into(), offset: 4096, len: 8192 },
+            Op::ChangeChain {
+                change: ChainChange::Remove { name: "s1".into() },
+            },
+            Op::ChangeChain {
+                change: ChainChange::Purge,
+            },
+            Op::ChangeChain {
+                change: ChainChange::Revert { name: "s1".into() },
+            },
+            Op::ChainChanged {
+                names: vec!["s0".into()],
+                coalesced: true,
+            },
+            Op::ReadLayer {
+                layer: "volume-snap-s1.img".into(),
+                offset: 4096,
+                len: 8192,
+            },
         ];
         for op in &ops {
             match op {
@@ -586,7 +739,12 @@ mod tests {
         for (i, op) in every_op().into_iter().enumerate() {
             for payload in [&[][..], &data[..]] {
                 let (header, buf) = frame(i as u64 * 1_000_003, op.clone(), payload);
-                let Decoded::Frame { header: got, payload: got_payload, consumed } = decode_frame(&buf).unwrap() else {
+                let Decoded::Frame {
+                    header: got,
+                    payload: got_payload,
+                    consumed,
+                } = decode_frame(&buf).unwrap()
+                else {
                     panic!("{op:?}: incomplete");
                 };
                 assert_eq!(got, header);
@@ -617,12 +775,22 @@ mod tests {
 
     #[test]
     fn flipped_bytes_fail_the_checksum() {
-        let (_, buf) = frame(1, Op::Write { offset: 0, fua: false }, &[0xAB; 4096]);
+        let (_, buf) = frame(
+            1,
+            Op::Write {
+                offset: 0,
+                fua: false,
+            },
+            &[0xAB; 4096],
+        );
         // Every payload byte and every header byte.
         for i in PREFIX_LEN..buf.len() {
             let mut bad = buf.clone();
             bad[i] ^= 0x01;
-            assert!(matches!(decode_frame(&bad), Err(WireError::Checksum { .. })), "byte {i}");
+            assert!(
+                matches!(decode_frame(&bad), Err(WireError::Checksum { .. })),
+                "byte {i}"
+            );
         }
     }
 
@@ -633,7 +801,10 @@ mod tests {
         assert!(matches!(decode_frame(&buf), Err(WireError::BadMagic)));
         // On the first wrong byte, not after a whole prefix.
         assert!(matches!(decode_frame(b"CRX"), Err(WireError::BadMagic)));
-        assert!(matches!(decode_frame(b"GET / HTTP/1.1\r\n"), Err(WireError::BadMagic)));
+        assert!(matches!(
+            decode_frame(b"GET / HTTP/1.1\r\n"),
+            Err(WireError::BadMagic)
+        ));
     }
 
     #[test]
@@ -641,15 +812,31 @@ mod tests {
         // Only the 16 prefix bytes exist: the decoder must not ask for (or
         // look at) the 8 MiB + 1 it announces.
         let p = prefix(10, 0, (MAX_PAYLOAD + 1) as u32, 0);
-        assert!(matches!(decode_frame(&p), Err(WireError::PayloadTooLarge(n)) if n == MAX_PAYLOAD + 1));
+        assert!(
+            matches!(decode_frame(&p), Err(WireError::PayloadTooLarge(n)) if n == MAX_PAYLOAD + 1)
+        );
         let p = prefix(10, 0, u32::MAX, 0);
-        assert!(matches!(decode_frame(&p), Err(WireError::PayloadTooLarge(_))));
+        assert!(matches!(
+            decode_frame(&p),
+            Err(WireError::PayloadTooLarge(_))
+        ));
         // Largest legal lengths: just incomplete, nothing allocated by a borrowed decode.
         let p = prefix(u16::MAX, 0, MAX_PAYLOAD as u32, 0);
-        assert_eq!(decode_frame(&p).unwrap(), Decoded::Incomplete { need: PREFIX_LEN + MAX_HEADER + MAX_PAYLOAD });
+        assert_eq!(
+            decode_frame(&p).unwrap(),
+            Decoded::Incomplete {
+                need: PREFIX_LEN + MAX_HEADER + MAX_PAYLOAD
+            }
+        );
         // Unknown flags and an empty header.
-        assert!(matches!(decode_frame(&prefix(10, 1, 0, 0)), Err(WireError::UnknownFlags(1))));
-        assert!(matches!(decode_frame(&prefix(0, 0, 0, 0)), Err(WireError::Decode(_))));
+        assert!(matches!(
+            decode_frame(&prefix(10, 1, 0, 0)),
+            Err(WireError::UnknownFlags(1))
+        ));
+        assert!(matches!(
+            decode_frame(&prefix(0, 0, 0, 0)),
+            Err(WireError::Decode(_))
+        ));
     }
 
     #[test]
@@ -657,30 +844,61 @@ mod tests {
         let p = prefix(10, 0, (MAX_PAYLOAD + 1) as u32, 0);
         let mut r = FrameReader::new(io::Cursor::new(p));
         assert!(matches!(r.next_frame(), Err(WireError::PayloadTooLarge(_))));
-        assert_eq!(r.buffer_capacity(), FrameReader::<io::Cursor<Vec<u8>>>::INITIAL_CAPACITY);
+        assert_eq!(
+            r.buffer_capacity(),
+            FrameReader::<io::Cursor<Vec<u8>>>::INITIAL_CAPACITY
+        );
         // A legal but huge announced frame, then the peer stops: the buffer
         // grows with what arrived (here: 100 KiB), not to 8 MiB.
         let mut bytes = prefix(u16::MAX, 0, MAX_PAYLOAD as u32, 0);
         bytes.resize(100 * 1024, 0);
         let mut r = FrameReader::new(io::Cursor::new(bytes));
-        assert!(matches!(r.next_frame(), Err(WireError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof));
-        assert!(r.buffer_capacity() <= 2 * 100 * 1024, "{}", r.buffer_capacity());
+        assert!(
+            matches!(r.next_frame(), Err(WireError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof)
+        );
+        assert!(
+            r.buffer_capacity() <= 2 * 100 * 1024,
+            "{}",
+            r.buffer_capacity()
+        );
     }
 
     #[test]
     fn encoder_rejects_oversize_and_leaves_the_buffer_alone() {
         let mut buf = b"earlier".to_vec();
         let big = vec![0; MAX_PAYLOAD + 1];
-        let h = Header { request_id: 1, op: Op::Write { offset: 0, fua: false } };
-        assert!(matches!(encode_frame(&mut buf, &h, &big), Err(WireError::PayloadTooLarge(_))));
-        let h = Header { request_id: 1, op: Op::ListExtents { layer: "x".repeat(MAX_HEADER) } };
-        assert!(matches!(encode_frame(&mut buf, &h, &[]), Err(WireError::HeaderTooLarge(_))));
+        let h = Header {
+            request_id: 1,
+            op: Op::Write {
+                offset: 0,
+                fua: false,
+            },
+        };
+        assert!(matches!(
+            encode_frame(&mut buf, &h, &big),
+            Err(WireError::PayloadTooLarge(_))
+        ));
+        let h = Header {
+            request_id: 1,
+            op: Op::ListExtents {
+                layer: "x".repeat(MAX_HEADER),
+            },
+        };
+        assert!(matches!(
+            encode_frame(&mut buf, &h, &[]),
+            Err(WireError::HeaderTooLarge(_))
+        ));
         assert_eq!(buf, b"earlier");
         // The largest payload is fine.
-        let h = Header { request_id: 1, op: Op::Data };
+        let h = Header {
+            request_id: 1,
+            op: Op::Data,
+        };
         let mut frame = Vec::new();
         encode_frame(&mut frame, &h, &big[..MAX_PAYLOAD]).unwrap();
-        assert!(matches!(decode_frame(&frame).unwrap(), Decoded::Frame { payload, .. } if payload.len() == MAX_PAYLOAD));
+        assert!(
+            matches!(decode_frame(&frame).unwrap(), Decoded::Frame { payload, .. } if payload.len() == MAX_PAYLOAD)
+        );
     }
 
     #[test]
@@ -697,7 +915,15 @@ mod tests {
     #[test]
     fn trailing_header_bytes_are_rejected() {
         let mut hdr = Vec::new();
-        bincode::encode_into_std_write(Header { request_id: 3, op: Op::Ping }, &mut hdr, config()).unwrap();
+        bincode::encode_into_std_write(
+            Header {
+                request_id: 3,
+                op: Op::Ping,
+            },
+            &mut hdr,
+            config(),
+        )
+        .unwrap();
         hdr.push(0);
         let mut buf = prefix(hdr.len() as u16, 0, 0, crc32c::crc32c(&hdr));
         buf.extend_from_slice(&hdr);
@@ -710,11 +936,24 @@ mod tests {
         let ops = every_op();
         for (i, op) in ops.iter().enumerate() {
             let payload = vec![i as u8; i * 100];
-            encode_frame(&mut buf, &Header { request_id: i as u64, op: op.clone() }, &payload).unwrap();
+            encode_frame(
+                &mut buf,
+                &Header {
+                    request_id: i as u64,
+                    op: op.clone(),
+                },
+                &payload,
+            )
+            .unwrap();
         }
         let mut at = 0;
         for (i, op) in ops.iter().enumerate() {
-            let Decoded::Frame { header, payload, consumed } = decode_frame(&buf[at..]).unwrap() else {
+            let Decoded::Frame {
+                header,
+                payload,
+                consumed,
+            } = decode_frame(&buf[at..]).unwrap()
+            else {
                 panic!("frame {i} incomplete");
             };
             assert_eq!((header.request_id, &header.op), (i as u64, op));
@@ -733,7 +972,10 @@ mod tests {
                 Ok(n)
             }
         }
-        for mut r in [FrameReader::new(Box::new(Trickle(buf.clone(), 0)) as Box<dyn Read>), FrameReader::new(Box::new(io::Cursor::new(buf.clone())) as Box<dyn Read>)] {
+        for mut r in [
+            FrameReader::new(Box::new(Trickle(buf.clone(), 0)) as Box<dyn Read>),
+            FrameReader::new(Box::new(io::Cursor::new(buf.clone())) as Box<dyn Read>),
+        ] {
             for (i, op) in ops.iter().enumerate() {
                 let (header, payload) = r.next_frame().unwrap().unwrap();
                 assert_eq!((header.request_id, &header.op), (i as u64, op));
@@ -745,7 +987,13 @@ mod tests {
 
     #[test]
     fn encode_frame_head_plus_payload_equals_encode_frame() {
-        let h = Header { request_id: 9, op: Op::Write { offset: 8192, fua: true } };
+        let h = Header {
+            request_id: 9,
+            op: Op::Write {
+                offset: 8192,
+                fua: true,
+            },
+        };
         let data = [5u8; 3000];
         let mut whole = Vec::new();
         encode_frame(&mut whole, &h, &data).unwrap();
@@ -772,12 +1020,37 @@ mod tests {
             any::<u64>(),
             any::<bool>(),
         )
-            .prop_map(|(file, name, snapshot, parent, created, user_created, removed, labels, allocated, is_head)| {
-                LayerInfo { file, name, snapshot, parent, created, user_created, removed, labels, allocated, is_head }
-            });
+            .prop_map(
+                |(
+                    file,
+                    name,
+                    snapshot,
+                    parent,
+                    created,
+                    user_created,
+                    removed,
+                    labels,
+                    allocated,
+                    is_head,
+                )| {
+                    LayerInfo {
+                        file,
+                        name,
+                        snapshot,
+                        parent,
+                        created,
+                        user_created,
+                        removed,
+                        labels,
+                        allocated,
+                        is_head,
+                    }
+                },
+            );
         prop_oneof![
             (".{0,40}", arb_bytes32()).prop_map(|(node, nonce)| Op::Hello { node, nonce }),
-            (arb_bytes32(), arb_bytes32()).prop_map(|(nonce, proof)| Op::Challenge { nonce, proof }),
+            (arb_bytes32(), arb_bytes32())
+                .prop_map(|(nonce, proof)| Op::Challenge { nonce, proof }),
             arb_bytes32().prop_map(|proof| Op::Proof { proof }),
             (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| Op::Read { offset, len }),
             (any::<u64>(), any::<bool>()).prop_map(|(offset, fua)| Op::Write { offset, fua }),
@@ -793,43 +1066,80 @@ mod tests {
             Just(Op::Data),
             any::<u64>().prop_map(|revision| Op::Revision { revision }),
             proptest::collection::vec(layer, 0..4).prop_map(|layers| Op::Layers { layers }),
-            proptest::collection::vec((any::<u64>(), any::<u64>()), 0..50).prop_map(|extents| Op::Extents { extents }),
+            proptest::collection::vec((any::<u64>(), any::<u64>()), 0..50)
+                .prop_map(|extents| Op::Extents { extents }),
             Just(Op::Pong),
             (any::<i32>(), ".{0,40}").prop_map(|(errno, message)| Op::Error { errno, message }),
             (".{0,20}", ".{0,20}").prop_map(|(volume, replica)| Op::Open { volume, replica }),
             (any::<u64>(), any::<u64>()).prop_map(|(size, revision)| Op::Opened { size, revision }),
             Just(Op::NodeStatus),
-            (".{0,20}", proptest::collection::vec((".{0,20}", any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>()), 0..4))
+            (
+                ".{0,20}",
+                proptest::collection::vec(
+                    (
+                        ".{0,20}",
+                        any::<u64>(),
+                        any::<u64>(),
+                        any::<u64>(),
+                        any::<u32>()
+                    ),
+                    0..4
+                )
+            )
                 .prop_map(|(node, d)| Op::Node {
                     report: NodeReport {
                         node,
                         disks: d
                             .into_iter()
-                            .map(|(path, size, available, allocated, replicas)| DiskReport { path, size, available, allocated, replicas })
+                            .map(|(path, size, available, allocated, replicas)| DiskReport {
+                                path,
+                                size,
+                                available,
+                                allocated,
+                                replicas
+                            })
                             .collect(),
                     },
                 }),
-            (".{0,20}", ".{0,20}", any::<u64>(), any::<u32>()).prop_map(|(volume, replica, size, p)| Op::CreateReplica {
-                volume,
-                replica,
-                size,
-                over_provisioning: p,
-                min_available: p / 2,
-                replaces: String::new(),
-            }),
-            Just(Op::ListReplicas),
-            Just(Op::ListAllocated),
-            (".{0,20}", ".{0,20}", any::<bool>(), proptest::collection::btree_map(".{0,5}", ".{0,5}", 0..3)).prop_map(
-                |(name, created, user_created, labels)| Op::ChangeChain {
-                    change: ChainChange::Snapshot { name, created, user_created, labels }
+            (".{0,20}", ".{0,20}", any::<u64>(), any::<u32>()).prop_map(
+                |(volume, replica, size, p)| Op::CreateReplica {
+                    volume,
+                    replica,
+                    size,
+                    over_provisioning: p,
+                    min_available: p / 2,
+                    replaces: String::new(),
                 }
             ),
-            ".{0,20}".prop_map(|name| Op::ChangeChain { change: ChainChange::Remove { name } }),
-            Just(Op::ChangeChain { change: ChainChange::Purge }),
-            ".{0,20}".prop_map(|name| Op::ChangeChain { change: ChainChange::Revert { name } }),
+            Just(Op::ListReplicas),
+            Just(Op::ListAllocated),
+            (
+                ".{0,20}",
+                ".{0,20}",
+                any::<bool>(),
+                proptest::collection::btree_map(".{0,5}", ".{0,5}", 0..3)
+            )
+                .prop_map(|(name, created, user_created, labels)| Op::ChangeChain {
+                    change: ChainChange::Snapshot {
+                        name,
+                        created,
+                        user_created,
+                        labels
+                    }
+                }),
+            ".{0,20}".prop_map(|name| Op::ChangeChain {
+                change: ChainChange::Remove { name }
+            }),
+            Just(Op::ChangeChain {
+                change: ChainChange::Purge
+            }),
+            ".{0,20}".prop_map(|name| Op::ChangeChain {
+                change: ChainChange::Revert { name }
+            }),
             (proptest::collection::vec(".{0,10}", 0..3), any::<bool>())
                 .prop_map(|(names, coalesced)| Op::ChainChanged { names, coalesced }),
-            (".{0,20}", any::<u64>(), any::<u32>()).prop_map(|(layer, offset, len)| Op::ReadLayer { layer, offset, len }),
+            (".{0,20}", any::<u64>(), any::<u32>())
+                .prop_map(|(layer, offset, len)| Op::ReadLayer { layer, offset, len }),
         ]
     }
 

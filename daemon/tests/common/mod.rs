@@ -24,7 +24,11 @@ impl SqeSink for TestRing {
 
 impl TestRing {
     pub fn new() -> TestRing {
-        TestRing { ring: IoUring::new(256).expect("io_uring"), armed: false, port_buf: Box::new(0) }
+        TestRing {
+            ring: IoUring::new(256).expect("io_uring"),
+            armed: false,
+            port_buf: Box::new(0),
+        }
     }
 
     fn push_raw(&mut self, sqe: squeue::Entry) {
@@ -42,7 +46,11 @@ impl TestRing {
         }
         if let Some(fd) = engine.port_fd() {
             let buf: *mut u64 = &mut *self.port_buf;
-            self.push_raw(opcode::Read::new(types::Fd(fd), buf.cast(), 8).build().user_data(PORT));
+            self.push_raw(
+                opcode::Read::new(types::Fd(fd), buf.cast(), 8)
+                    .build()
+                    .user_data(PORT),
+            );
             self.armed = true;
         }
     }
@@ -59,7 +67,11 @@ impl TestRing {
             // As the frontend does before it waits: send queued remote requests.
             engine.flush_remote();
             self.ring.submit_and_wait(1).expect("submit_and_wait");
-            let cqes: Vec<_> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+            let cqes: Vec<_> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
             for (data, res) in cqes {
                 if data == PORT {
                     self.armed = false;

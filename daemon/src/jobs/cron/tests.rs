@@ -22,47 +22,47 @@ fn sched(line: &str) -> CronSchedule {
 /// row except the `*/1` one, where croniter ORs the day fields and robfig does not).
 const START: &str = "2024-03-15T10:07:30Z";
 const TABLE: &[(&str, &str)] = &[
-    ("0 0 * * 0", "2024-03-17T00:00:00Z"),    // Sunday as 0
-    ("0 0 * * 7", "2024-03-17T00:00:00Z"),    // Sunday as 7
-    ("0 0 * * 1", "2024-03-18T00:00:00Z"),    // Monday, not Sunday (saffron's own numbering)
-    ("0 0 * * 1-5", "2024-03-18T00:00:00Z"),  // Fri 00:00 passed, weekend skipped
-    ("0 0 * * 5-7", "2024-03-16T00:00:00Z"),  // Fri, Sat, Sun
+    ("0 0 * * 0", "2024-03-17T00:00:00Z"),   // Sunday as 0
+    ("0 0 * * 7", "2024-03-17T00:00:00Z"),   // Sunday as 7
+    ("0 0 * * 1", "2024-03-18T00:00:00Z"),   // Monday, not Sunday (saffron's own numbering)
+    ("0 0 * * 1-5", "2024-03-18T00:00:00Z"), // Fri 00:00 passed, weekend skipped
+    ("0 0 * * 5-7", "2024-03-16T00:00:00Z"), // Fri, Sat, Sun
     ("0 0 * * 0-6", "2024-03-16T00:00:00Z"),
     ("0 0 * * 7,1", "2024-03-17T00:00:00Z"),
-    ("0 0 * * */2", "2024-03-16T00:00:00Z"),  // Sun, Tue, Thu, Sat
-    ("0 0 * * 1/2", "2024-03-18T00:00:00Z"),  // Mon, Wed, Fri
+    ("0 0 * * */2", "2024-03-16T00:00:00Z"), // Sun, Tue, Thu, Sat
+    ("0 0 * * 1/2", "2024-03-18T00:00:00Z"), // Mon, Wed, Fri
     ("0 0 * * SUN", "2024-03-17T00:00:00Z"),
     ("0 0 * * mon-fri", "2024-03-18T00:00:00Z"),
     ("0 0 * * Sat", "2024-03-16T00:00:00Z"),
     ("*/15 * * * *", "2024-03-15T10:15:00Z"),
     ("0 */6 * * *", "2024-03-15T12:00:00Z"),
     ("30 2 1 * *", "2024-04-01T02:30:00Z"),
-    ("0 0 1 * 1", "2024-03-18T00:00:00Z"),    // DOM or DOW: Monday comes before the 1st
-    ("0 0 13 * 5", "2024-03-22T00:00:00Z"),   // the 13th passed; next Friday
-    ("0 12 15 * 0", "2024-03-15T12:00:00Z"),  // DOM matches today
-    ("0 0 */2 * 1", "2024-03-17T00:00:00Z"),  // odd days OR Monday
-    ("0 0 */1 * 1", "2024-03-18T00:00:00Z"),  // `*/1` is a star: Mondays only
+    ("0 0 1 * 1", "2024-03-18T00:00:00Z"), // DOM or DOW: Monday comes before the 1st
+    ("0 0 13 * 5", "2024-03-22T00:00:00Z"), // the 13th passed; next Friday
+    ("0 12 15 * 0", "2024-03-15T12:00:00Z"), // DOM matches today
+    ("0 0 */2 * 1", "2024-03-17T00:00:00Z"), // odd days OR Monday
+    ("0 0 */1 * 1", "2024-03-18T00:00:00Z"), // `*/1` is a star: Mondays only
     ("0 0 * JAN,JUL *", "2024-07-01T00:00:00Z"),
     ("0 0 * FEB-APR SAT", "2024-03-16T00:00:00Z"),
-    ("0 0 1 */3 *", "2024-04-01T00:00:00Z"),  // Jan, Apr, Jul, Oct
+    ("0 0 1 */3 *", "2024-04-01T00:00:00Z"), // Jan, Apr, Jul, Oct
     ("0 0 */10 * *", "2024-03-21T00:00:00Z"), // 1, 11, 21, 31
     ("0 0 1,15 * *", "2024-04-01T00:00:00Z"),
     ("0 0 31 * *", "2024-03-31T00:00:00Z"),
     ("@daily", "2024-03-16T00:00:00Z"),
     ("@midnight", "2024-03-16T00:00:00Z"),
-    ("@weekly", "2024-03-17T00:00:00Z"),      // Sunday 00:00
+    ("@weekly", "2024-03-17T00:00:00Z"), // Sunday 00:00
     ("@hourly", "2024-03-15T11:00:00Z"),
     ("@monthly", "2024-04-01T00:00:00Z"),
     ("@yearly", "2025-01-01T00:00:00Z"),
     ("@annually", "2025-01-01T00:00:00Z"),
     ("@DAILY", "2024-03-16T00:00:00Z"),
     ("59 23 31 12 *", "2024-12-31T23:59:00Z"),
-    ("0 0 29 2 *", "2028-02-29T00:00:00Z"),   // 2024's leap day has passed
+    ("0 0 29 2 *", "2028-02-29T00:00:00Z"), // 2024's leap day has passed
     ("1-5/2 * * * *", "2024-03-15T11:01:00Z"),
     ("10/20 * * * *", "2024-03-15T10:10:00Z"), // 10, 30, 50
     ("5 4 * * *", "2024-03-16T04:05:00Z"),
     ("15 10 * * *", "2024-03-15T10:15:00Z"),
-    ("7 10 * * *", "2024-03-16T10:07:00Z"),   // 10:07 is before 10:07:30
+    ("7 10 * * *", "2024-03-16T10:07:00Z"), // 10:07 is before 10:07:30
     ("0 9-17 * * 1-5", "2024-03-15T11:00:00Z"),
     ("* * * * *", "2024-03-15T10:08:00Z"),
     ("  0   0 * *   0 ", "2024-03-17T00:00:00Z"),
@@ -85,14 +85,29 @@ fn table_of_next_fire_times() {
 #[test]
 fn next_after_is_strictly_after() {
     let s = sched("*/5 * * * *");
-    assert_eq!(s.next_after(t("2024-03-15T10:05:00Z")), Some(t("2024-03-15T10:10:00Z")));
-    assert_eq!(s.next_after(t("2024-03-15T10:04:59Z")), Some(t("2024-03-15T10:05:00Z")));
+    assert_eq!(
+        s.next_after(t("2024-03-15T10:05:00Z")),
+        Some(t("2024-03-15T10:10:00Z"))
+    );
+    assert_eq!(
+        s.next_after(t("2024-03-15T10:04:59Z")),
+        Some(t("2024-03-15T10:05:00Z"))
+    );
     let y = sched("59 23 31 12 *");
-    assert_eq!(y.next_after(t("2024-12-31T23:59:00Z")), Some(t("2025-12-31T23:59:00Z")));
+    assert_eq!(
+        y.next_after(t("2024-12-31T23:59:00Z")),
+        Some(t("2025-12-31T23:59:00Z"))
+    );
     let leap = sched("0 0 29 2 *");
-    assert_eq!(leap.next_after(t("2028-02-29T00:00:00Z")), Some(t("2032-02-29T00:00:00Z")));
+    assert_eq!(
+        leap.next_after(t("2028-02-29T00:00:00Z")),
+        Some(t("2032-02-29T00:00:00Z"))
+    );
     // 2100 is not a leap year.
-    assert_eq!(leap.next_after(t("2096-03-01T00:00:00Z")), Some(t("2104-02-29T00:00:00Z")));
+    assert_eq!(
+        leap.next_after(t("2096-03-01T00:00:00Z")),
+        Some(t("2104-02-29T00:00:00Z"))
+    );
 }
 
 #[test]
@@ -187,7 +202,11 @@ fn brute_next(s: &CronSchedule, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
     None
 }
 
-fn field_strategy(min: u32, max: u32, names: &'static [&'static str]) -> impl Strategy<Value = String> {
+fn field_strategy(
+    min: u32,
+    max: u32,
+    names: &'static [&'static str],
+) -> impl Strategy<Value = String> {
     let v = move || min..=max;
     prop_oneof![
         Just("*".to_string()),
@@ -197,7 +216,8 @@ fn field_strategy(min: u32, max: u32, names: &'static [&'static str]) -> impl St
         (v(), v(), 1..5u32).prop_map(|(a, b, s)| format!("{}-{}/{s}", a.min(b), a.max(b))),
         (v(), 1..7u32).prop_map(|(a, s)| format!("{a}/{s}")),
         (v(), v(), v()).prop_map(|(a, b, c)| format!("{a},{b},{c}")),
-        (0..names.len().max(1)).prop_map(move |i| names.get(i).map_or("*".to_string(), |n| n.to_uppercase())),
+        (0..names.len().max(1))
+            .prop_map(move |i| names.get(i).map_or("*".to_string(), |n| n.to_uppercase())),
     ]
 }
 
@@ -236,6 +256,10 @@ proptest! {
 #[test]
 fn end_of_calendar_is_none_not_a_panic() {
     for line in ["* * * * *", "0 0 29 2 *", "0 0 1 * 1", "59 23 31 12 *"] {
-        assert_eq!(sched(line).next_after(DateTime::<Utc>::MAX_UTC), None, "{line}");
+        assert_eq!(
+            sched(line).next_after(DateTime::<Utc>::MAX_UTC),
+            None,
+            "{line}"
+        );
     }
 }
