@@ -479,3 +479,118 @@ async fn recurring_snapshot_and_backup_jobs_with_retain() {
         .recurring_jobs
         .contains("\"snap\""));
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// The owner of a volume whose only healthy replica is on another node
+/// backs it up by reading that replica's snapshot over the wire (layer by
+/// layer), fully and then incrementally, and the restore matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_reads_a_replica_on_another_node() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let root = tmp.path();
+    let secret = root.join("secret");
+    std::fs::write(&secret, "a-test-cluster-secret-of-32-bytes").expect("secret");
+    let ports = [free_port(), free_port()];
+    let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let mut c = NodeConfig::new(root.join(format!("n{i}")));
+        c.node_id = format!("n{i}");
+        c.replica_listen = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+        c.cluster_secret = Some(secret.clone());
+        c.peers = peers.clone();
+        nodes.push(VolumeManager::open(c).await.expect("manager"));
+    }
+    // Both managers stay alive to the end: n1 serves the replica read.
+    let n0 = &nodes[0];
+    for _ in 0..100 {
+        if n0.nodes().await.iter().filter(|n| n.up).count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let v = "far";
+    let info = n0
+        .create(v, 16 * MIB, Some(2), "")
+        .await
+        .expect("create (one replica per node)");
+    let local = info
+        .replicas
+        .iter()
+        .find(|r| r.addr.is_empty())
+        .expect("a replica on the owner")
+        .name
+        .clone();
+    assert!(
+        info.replicas.iter().any(|r| !r.addr.is_empty()),
+        "a replica on n1: {info:?}"
+    );
+    write(n0, v, 0, &pattern(7, 6 * MIB as usize)).await;
+    // Take the owner's own replica out: only the one on n1 is healthy.
+    n0.fail_replica(v, &local)
+        .await
+        .expect("fail the local replica");
+    let full = n0
+        .backup_create(v, None, BTreeMap::new())
+        .await
+        .expect("backup from the remote replica");
+    println!(
+        "remote source: full backup uploaded {} of {} blocks",
+        full.uploaded_blocks, full.total_blocks
+    );
+    assert_eq!((full.uploaded_blocks, full.total_blocks), (3, 3));
+    // New data on the healthy replica only (the failed one is not written).
+    let far = n0
+        .get(v)
+        .await
+        .expect("get")
+        .replicas
+        .into_iter()
+        .find(|r| !r.addr.is_empty())
+        .expect("remote");
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(far.dir.join("volume.meta")).expect("meta"))
+            .expect("json");
+    let head = far.dir.join(meta["head"].as_str().expect("head"));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&head)
+        .expect("open head");
+    f.write_all_at(&pattern(8, 4096), 10 * MIB).expect("write");
+    f.sync_all().expect("sync");
+    drop(f);
+    let incr = n0
+        .backup_create(v, None, BTreeMap::new())
+        .await
+        .expect("incremental backup from the remote replica");
+    println!(
+        "remote source: 4 KiB changed: uploaded {} of {} blocks",
+        incr.uploaded_blocks, incr.total_blocks
+    );
+    assert!(incr.incremental);
+    assert_eq!((incr.uploaded_blocks, incr.total_blocks), (1, 4));
+    let mut want = pattern(7, 6 * MIB as usize);
+    want.resize(16 * MIB as usize, 0);
+    want[10 * MIB as usize..10 * MIB as usize + 4096].copy_from_slice(&pattern(8, 4096));
+    n0.create_from_backup(
+        "back",
+        None,
+        Some(1),
+        &format!("bak://{v}/{}", incr.name),
+        false,
+        "",
+    )
+    .await
+    .expect("restore");
+    assert!(
+        content(n0, "back").await == want,
+        "restore of the remote-sourced backup differs"
+    );
+}

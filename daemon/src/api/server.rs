@@ -45,12 +45,12 @@ pub fn status(e: ControlError) -> Status {
         E::UnknownSnapshot { .. } => Code::NotFound,
         E::Standby { .. }
         | E::Restoring { .. }
-        | E::NoLocalReplica { .. }
         | E::BackupInProgress { .. }
         | E::NotStandby { .. }
         | E::MustDetach { .. }
         | E::SnapshotBusy { .. }
         | E::NoHealthyReplicaFor { .. } => Code::FailedPrecondition,
+        E::SnapshotRead(_) => Code::Unavailable,
         E::Engine(EngineError::Rebuilding { .. }) => Code::FailedPrecondition,
         E::AlreadyExists { .. } | E::SnapshotExists { .. } => Code::AlreadyExists,
         E::NotFound { .. } | E::UnknownReplica { .. } => Code::NotFound,

@@ -995,3 +995,98 @@ fn decompress_verified(
     }
     Err(first.unwrap_or_default())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Condvar, Mutex};
+
+    use object_store::memory::InMemory;
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A 16 MiB source whose reads past `gate` wait until it is opened.
+    struct GatedSource {
+        gate: u64,
+        open: Mutex<bool>,
+        cv: Condvar,
+    }
+
+    impl BlockSource for GatedSource {
+        fn size(&self) -> u64 {
+            16 * MIB
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            if offset >= self.gate {
+                let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+                while !*open {
+                    open = self.cv.wait(open).unwrap_or_else(|p| p.into_inner());
+                }
+            }
+            // Distinct, non-zero blocks so none is skipped or deduplicated.
+            buf.fill((offset / MIB) as u8 + 1);
+            Ok(())
+        }
+    }
+
+    /// Progress moves while a backup runs, and the backup is listed as in
+    /// progress until it completes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn progress_is_visible_while_a_backup_runs() {
+        let store = BackupStore::new(Arc::new(InMemory::new()), ObjPath::default());
+        let source = Arc::new(GatedSource {
+            gate: 8 * MIB,
+            open: Mutex::new(false),
+            cv: Condvar::new(),
+        });
+        let progress = Arc::new(Progress::new());
+        let req = BackupRequest {
+            volume: "v".into(),
+            volume_size: 16 * MIB,
+            backup_name: "backup-1".into(),
+            snapshot_name: "s1".into(),
+            snapshot_created: format::now(),
+            labels: BTreeMap::new(),
+            compression: Compression::Lz4,
+            block_size: 2 * MIB,
+            plan: BackupPlan::Full {
+                ranges: vec![(0, 16 * MIB)],
+            },
+            concurrency: 2,
+        };
+        let (s2, src, p2) = (store.clone(), source.clone(), progress.clone());
+        let task = tokio::spawn(async move { s2.create_backup(req, src, p2).await });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while progress.done() < 8 * MIB {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no progress: {} of {}",
+                progress.done(),
+                progress.total()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // Half the blocks are done and the rest wait at the gate.
+        assert_eq!(progress.total(), 16 * MIB);
+        assert_eq!(progress.done(), 8 * MIB);
+        assert_eq!(progress.percent(), 50);
+        let listed = store.list_backups("v").await.expect("list");
+        assert!(
+            listed
+                .iter()
+                .any(|b| b.name == "backup-1" && b.in_progress()),
+            "{listed:?}"
+        );
+        *source.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        source.cv.notify_all();
+        let report = task.await.expect("join").expect("backup");
+        assert_eq!((report.uploaded_blocks, report.total_blocks), (8, 8));
+        assert_eq!(progress.percent(), 100);
+        assert!(!store
+            .get_backup("v", "backup-1")
+            .await
+            .expect("get")
+            .in_progress());
+    }
+}

@@ -23,6 +23,7 @@ use crate::backupstore::store::{
 use crate::backupstore::target::{check_target, open_target, unmount_target, BackupTarget};
 use crate::backupstore::Progress;
 use crate::engine::rebuild::{store_for, BlockStore};
+use crate::engine::{LayeredView, ReplicaIo};
 use crate::replica::{Replica, SnapshotView};
 
 /// Label Cairn puts on the snapshot it takes for a backup.
@@ -78,6 +79,18 @@ fn progress_info(p: &Progress) -> RebuildInfo {
 struct ViewSource(SnapshotView);
 
 impl BlockSource for ViewSource {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read_at(offset, buf)
+    }
+}
+
+/// A snapshot of a replica elsewhere, read layer by layer.
+struct LayeredSource(LayeredView);
+
+impl BlockSource for LayeredSource {
     fn size(&self) -> u64 {
         self.0.size()
     }
@@ -162,22 +175,83 @@ impl Inner {
         self.backups.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A healthy replica of `volume` on this node, opened (shared with the
-    /// engine when attached).
-    async fn local_replica(&self, volume: &str) -> Result<Arc<Replica>, ControlError> {
+    /// A healthy replica of `volume` to read a backup from: one on this node
+    /// when there is one (read through open descriptors, no network), else
+    /// a healthy replica on another node, read over the wire.
+    async fn backup_reader(self: &Arc<Self>, volume: &str) -> Result<BackupReader, ControlError> {
         let st = self.state.lock().await;
         let v = st.volume(volume)?;
         let info = v.info(self);
-        let name = info
+        let healthy: Vec<(String, String)> = info
             .replicas
             .iter()
-            .find(|r| r.addr.is_empty() && r.state == crate::engine::ReplicaState::Healthy)
-            .map(|r| r.name.clone())
-            .ok_or_else(|| ControlError::NoLocalReplica {
-                volume: volume.to_string(),
-            })?;
+            .filter(|r| r.state == crate::engine::ReplicaState::Healthy)
+            .map(|r| (r.name.clone(), r.addr.clone()))
+            .collect();
         drop(st);
-        Ok(self.disks.open(volume, &name)?)
+        if let Some((name, _)) = healthy.iter().find(|(_, addr)| addr.is_empty()) {
+            return Ok(BackupReader::Local(self.disks.open(volume, name)?));
+        }
+        let me = self.clone();
+        let vname = volume.to_string();
+        tokio::task::spawn_blocking(move || {
+            let mut why = Vec::new();
+            for (name, addr) in healthy {
+                match me.open_replica(&vname, &name, &addr) {
+                    Ok(io) => return Ok(BackupReader::Layers(io)),
+                    Err(e) => why.push(format!("{name} at {addr}: {e}")),
+                }
+            }
+            Err(ControlError::NoHealthyReplicaFor {
+                volume: vname,
+                reason: if why.is_empty() {
+                    "no healthy replica".into()
+                } else {
+                    why.join("; ")
+                },
+            })
+        })
+        .await?
+    }
+}
+
+/// Where a backup reads the snapshot from.
+enum BackupReader {
+    Local(Arc<Replica>),
+    /// A replica on another node (or one not opened here), read layer by layer.
+    Layers(ReplicaIo),
+}
+
+/// The snapshot a backup reads, its data ranges and, for an incremental
+/// backup, the ranges changed since snapshot `since`. Blocking.
+fn open_backup_source(
+    reader: BackupReader,
+    snapshot: &str,
+    since: Option<&str>,
+) -> Result<
+    (
+        Arc<dyn BlockSource>,
+        Vec<(u64, u64)>,
+        Option<Vec<(u64, u64)>>,
+    ),
+    ControlError,
+> {
+    match reader {
+        BackupReader::Local(r) => {
+            let view = r.snapshot_view(snapshot)?;
+            let changed = match since {
+                Some(s) => r.changed_between(s, snapshot)?,
+                None => None,
+            };
+            let ranges = view.data_ranges();
+            Ok((Arc::new(ViewSource(view)), ranges, changed))
+        }
+        BackupReader::Layers(io) => {
+            let view = LayeredView::open(io, snapshot)?;
+            let changed = since.and_then(|s| view.changed_since(s));
+            let ranges = view.data_ranges();
+            Ok((Arc::new(LayeredSource(view)), ranges, changed))
+        }
     }
 }
 
@@ -240,7 +314,7 @@ impl VolumeManager {
                 volume: volume.to_string(),
                 snapshot: snap.clone(),
             })?;
-        let replica = inner.local_replica(volume).await?;
+        let reader = inner.backup_reader(volume).await?;
 
         // Incremental against the last backup when it is still in the store
         // and its snapshot still in the chain; otherwise full (dedup still
@@ -253,25 +327,18 @@ impl VolumeManager {
                 _ => None,
             }
         };
-        let (r2, s2, ls) = (replica.clone(), snap.clone(), last_snap.clone());
-        let has_base = base.is_some();
-        let (view, changed) = tokio::task::spawn_blocking(move || -> Result<_, ControlError> {
-            let view = r2.snapshot_view(&s2)?;
-            let changed = if has_base && !ls.is_empty() {
-                r2.changed_between(&ls, &s2)?
-            } else {
-                None
-            };
-            Ok((view, changed))
-        })
-        .await??;
+        let since = (base.is_some() && !last_snap.is_empty()).then(|| last_snap.clone());
+        let s2 = snap.clone();
+        let (source, data_ranges, changed) =
+            tokio::task::spawn_blocking(move || open_backup_source(reader, &s2, since.as_deref()))
+                .await??;
         let plan = match (base, changed) {
             (Some(base_backup), Some(changed)) => BackupPlan::Incremental {
                 base_backup,
                 changed,
             },
             _ => BackupPlan::Full {
-                ranges: view.data_ranges(),
+                ranges: data_ranges,
             },
         };
         let name = new_backup_name();
@@ -305,9 +372,7 @@ impl VolumeManager {
             progress: progress.clone(),
         });
         tracing::info!(volume, backup = %name, snapshot = %snap, "backup started");
-        let result = store
-            .create_backup(req, Arc::new(ViewSource(view)), progress.clone())
-            .await;
+        let result = store.create_backup(req, source, progress.clone()).await;
         inner
             .running_backups()
             .retain(|b| !(b.volume == volume && b.name == name));

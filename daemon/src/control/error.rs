@@ -106,8 +106,8 @@ pub enum ControlError {
     MustDetach { name: String, what: &'static str },
     #[error("volume {name:?} is being restored from a backup: wait until `cairnctl volume get {name}` shows no restore")]
     Restoring { name: String },
-    #[error("volume {volume:?} has no healthy replica on this node: backups read a local replica (run the backup on a node holding one)")]
-    NoLocalReplica { volume: String },
+    #[error("reading the snapshot to back up: {0}")]
+    SnapshotRead(#[from] crate::engine::LayeredViewError),
     #[error("backup handle {handle:?} names no backup: use bak://VOLUME/BACKUP (see `cairnctl backup list`)")]
     HandleNeedsBackup { handle: String },
     #[error("backup volume {volume:?} has no completed backup yet: back it up first")]

@@ -30,12 +30,14 @@
 //! completion port. A failed replica is brought back by `rebuild`, which
 //! copies only what it missed while the volume keeps serving I/O.
 
+mod layered_view;
 mod queue;
 pub mod rebuild;
 pub mod remote;
 mod replica_io;
 mod volume;
 
+pub use layered_view::{LayeredView, LayeredViewError};
 pub use queue::{IoOp, IoRequest, QueueEngine, SqeSink};
 pub use rebuild::{rebuild, BlockStore, RebuildError, RebuildProgress, RebuildReport};
 pub use remote::{CompletionPort, RemoteReplica, RemoteTarget};

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::layered_view::LayerReader;
 use super::replica_io::ReplicaIo;
 use super::volume::{healthy_of, REGION_SHIFT};
 use super::{EngineError, VolumeIo};
@@ -112,7 +113,7 @@ struct RemoteStore {
     data: Vec<u8>,
 }
 
-fn peer_io(e: PeerError) -> io::Error {
+pub(super) fn peer_io(e: PeerError) -> io::Error {
     io::Error::other(e.to_string())
 }
 
@@ -183,7 +184,7 @@ impl BlockStore for RemoteStore {
     }
 }
 
-fn list_layer(conn: &mut PeerConn, layer: &str) -> io::Result<Vec<(u64, u64)>> {
+pub(super) fn list_layer(conn: &mut PeerConn, layer: &str) -> io::Result<Vec<(u64, u64)>> {
     match conn
         .call(Op::ListExtents {
             layer: layer.to_string(),
@@ -194,53 +195,6 @@ fn list_layer(conn: &mut PeerConn, layer: &str) -> io::Result<Vec<(u64, u64)>> {
         other => Err(io::Error::other(format!(
             "unexpected answer {other:?} to ListExtents"
         ))),
-    }
-}
-
-/// Reads single layer files of a replica: the source of a chain copy.
-enum LayerReader {
-    Local(Arc<Replica>),
-    Remote { conn: PeerConn, data: Vec<u8> },
-}
-
-impl LayerReader {
-    fn open(io: &ReplicaIo) -> io::Result<LayerReader> {
-        Ok(match io {
-            ReplicaIo::Local(r) => LayerReader::Local(r.clone()),
-            ReplicaIo::Remote(r) => LayerReader::Remote {
-                conn: r.open_stream().map_err(peer_io)?,
-                data: Vec::new(),
-            },
-        })
-    }
-
-    fn ranges(&mut self, layer: &str) -> io::Result<Vec<(u64, u64)>> {
-        match self {
-            LayerReader::Local(r) => r.layer_data(layer).map_err(io::Error::other),
-            LayerReader::Remote { conn, .. } => list_layer(conn, layer),
-        }
-    }
-
-    fn read(&mut self, layer: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        match self {
-            LayerReader::Local(r) => r.read_layer(layer, offset, buf),
-            LayerReader::Remote { conn, data } => {
-                let op = Op::ReadLayer {
-                    layer: layer.to_string(),
-                    offset,
-                    len: buf.len() as u32,
-                };
-                match conn.call_data(op, &[], data).map_err(peer_io)? {
-                    Op::Data if data.len() == buf.len() => {
-                        buf.copy_from_slice(data);
-                        Ok(())
-                    }
-                    other => Err(io::Error::other(format!(
-                        "unexpected answer {other:?} to ReadLayer"
-                    ))),
-                }
-            }
-        }
     }
 }
 

@@ -20,6 +20,7 @@ pub mod meta;
 mod view;
 
 pub use chain_ops::{ChainChange, ChainOutcome, Removal};
+pub(crate) use view::merge_bytes;
 pub use view::SnapshotView;
 
 use std::collections::{BTreeMap, HashSet};

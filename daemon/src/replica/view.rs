@@ -65,7 +65,7 @@ impl SnapshotView {
 }
 
 /// Sorted block ranges, merged, as byte `(offset, len)` pairs.
-pub(super) fn merge_bytes(mut blocks: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+pub(crate) fn merge_bytes(mut blocks: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     blocks.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::with_capacity(blocks.len());
     for (s, e) in blocks {
