@@ -75,27 +75,22 @@ fn progress_info(p: &Progress) -> RebuildInfo {
     }
 }
 
-/// A snapshot view read by the backup.
-struct ViewSource(SnapshotView);
-
-impl BlockSource for ViewSource {
+// What a backup reads: a snapshot of a local replica, or of one elsewhere.
+impl BlockSource for SnapshotView {
     fn size(&self) -> u64 {
-        self.0.size()
+        SnapshotView::size(self)
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0.read_at(offset, buf)
+        SnapshotView::read_at(self, offset, buf)
     }
 }
 
-/// A snapshot of a replica elsewhere, read layer by layer.
-struct LayeredSource(LayeredView);
-
-impl BlockSource for LayeredSource {
+impl BlockSource for LayeredView {
     fn size(&self) -> u64 {
-        self.0.size()
+        LayeredView::size(self)
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0.read_at(offset, buf)
+        LayeredView::read_at(self, offset, buf)
     }
 }
 
@@ -244,13 +239,13 @@ fn open_backup_source(
                 None => None,
             };
             let ranges = view.data_ranges();
-            Ok((Arc::new(ViewSource(view)), ranges, changed))
+            Ok((Arc::new(view), ranges, changed))
         }
         BackupReader::Layers(io) => {
             let view = LayeredView::open(io, snapshot)?;
             let changed = since.and_then(|s| view.changed_since(s));
             let ranges = view.data_ranges();
-            Ok((Arc::new(LayeredSource(view)), ranges, changed))
+            Ok((Arc::new(view), ranges, changed))
         }
     }
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use super::rebuild::{list_layer, peer_io};
 use super::replica_io::ReplicaIo;
-use crate::replica::extent::{Lookup, LowerMap};
+use crate::replica::extent::LowerMap;
 use crate::replica::{merge_bytes, LayerInfo, Replica, BLOCK_SIZE};
 use crate::transport::{Op, PeerConn};
 
@@ -148,13 +148,7 @@ impl LayeredView {
 
     /// Byte ranges where the snapshot holds data, sorted.
     pub fn data_ranges(&self) -> Vec<(u64, u64)> {
-        merge_bytes(
-            self.map
-                .extents()
-                .iter()
-                .map(|e| (e.start, e.end))
-                .collect(),
-        )
+        self.map.data_bytes()
     }
 
     /// Byte ranges written after snapshot `older` up to this view's
@@ -172,17 +166,21 @@ impl LayeredView {
 
     /// Reads `buf.len()` bytes at `offset` (zeros where no layer has data).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.size);
-        if end.is_none() || offset % BLOCK_SIZE != 0 || buf.len() as u64 % BLOCK_SIZE != 0 {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
         let mut reader = match self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop() {
             Some(r) => r,
             None => LayerReader::open(&self.io)?,
         };
-        let r = self.read_with(&mut reader, offset, buf);
+        let r = self
+            .map
+            .read_runs(self.size, offset, buf, |layer, off, dst| {
+                match layer.and_then(|l| self.files.get(l as usize)) {
+                    Some(file) => reader.read(file, off, dst),
+                    None => {
+                        dst.fill(0);
+                        Ok(())
+                    }
+                }
+            });
         // A reader whose read failed may have a broken connection: drop it.
         if r.is_ok() {
             self.readers
@@ -191,25 +189,5 @@ impl LayeredView {
                 .push(reader);
         }
         r
-    }
-
-    fn read_with(&self, reader: &mut LayerReader, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let want_end = (offset + buf.len() as u64) / BLOCK_SIZE;
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let b = (offset + pos as u64) / BLOCK_SIZE;
-            let (layer, run_end) = match self.map.lookup(b) {
-                Lookup::In(x) => (self.files.get(x.layer as usize), x.end.min(want_end)),
-                Lookup::Gap { next } => (None, next.min(want_end)),
-            };
-            let n = ((run_end - b) * BLOCK_SIZE) as usize;
-            let dst = &mut buf[pos..pos + n];
-            match layer {
-                Some(file) => reader.read(file, offset + pos as u64, dst)?,
-                None => dst.fill(0),
-            }
-            pos += n;
-        }
-        Ok(())
     }
 }

@@ -139,6 +139,51 @@ impl LowerMap {
         }
     }
 
+    /// Splits a read of `buf.len()` bytes at `offset` of a `size`-byte
+    /// volume into runs that one layer serves, calling `f(layer, offset,
+    /// part)` for each (`None`: no layer holds data there). `EINVAL` when the
+    /// range is unaligned or past the end.
+    pub fn read_runs(
+        &self,
+        size: u64,
+        offset: u64,
+        buf: &mut [u8],
+        mut f: impl FnMut(Option<u32>, u64, &mut [u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= size);
+        if end.is_none() || offset % BLOCK_SIZE != 0 || buf.len() as u64 % BLOCK_SIZE != 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        let want_end = (offset + buf.len() as u64) / BLOCK_SIZE;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let b = (offset + pos as u64) / BLOCK_SIZE;
+            let (layer, run_end) = match self.lookup(b) {
+                Lookup::In(x) => (Some(x.layer), x.end.min(want_end)),
+                Lookup::Gap { next } => (None, next.min(want_end)),
+            };
+            let n = ((run_end - b) * BLOCK_SIZE) as usize;
+            f(layer, offset + pos as u64, &mut buf[pos..pos + n])?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Byte ranges `(offset, len)` where some layer holds data, sorted.
+    pub fn data_bytes(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::with_capacity(self.extents.len());
+        for e in &self.extents {
+            match out.last_mut() {
+                // Neighbours from different layers are one range of data.
+                Some(last) if last.1 == e.start => last.1 = e.end,
+                _ => out.push((e.start, e.end)),
+            }
+        }
+        out.into_iter()
+            .map(|(s, e)| (s * BLOCK_SIZE, (e - s) * BLOCK_SIZE))
+            .collect()
+    }
+
     pub fn extents(&self) -> &[Extent] {
         &self.extents
     }

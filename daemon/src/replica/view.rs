@@ -9,7 +9,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use super::blocking::pread_full;
-use super::extent::{data_blocks, Lookup, LowerMap};
+use super::extent::{data_blocks, LowerMap};
 use super::{disp, meta, Replica, ReplicaError, BLOCK_SIZE};
 
 /// The volume as it was when a snapshot was taken.
@@ -27,40 +27,21 @@ impl SnapshotView {
 
     /// Reads `buf.len()` bytes at `offset` (zeros where no layer has data).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.size);
-        if end.is_none() || offset % BLOCK_SIZE != 0 || buf.len() as u64 % BLOCK_SIZE != 0 {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let b = (offset + pos as u64) / BLOCK_SIZE;
-            let want_end = (offset + buf.len() as u64) / BLOCK_SIZE;
-            let (file, run_end) = match self.map.lookup(b) {
-                Lookup::In(x) => (self.files.get(x.layer as usize), x.end.min(want_end)),
-                Lookup::Gap { next } => (None, next.min(want_end)),
-            };
-            let n = ((run_end - b) * BLOCK_SIZE) as usize;
-            let dst = &mut buf[pos..pos + n];
-            match file {
-                Some(f) => pread_full(f.as_raw_fd(), dst, offset + pos as u64)?,
-                None => dst.fill(0),
-            }
-            pos += n;
-        }
-        Ok(())
+        self.map
+            .read_runs(self.size, offset, buf, |layer, off, dst| {
+                match layer.and_then(|l| self.files.get(l as usize)) {
+                    Some(f) => pread_full(f.as_raw_fd(), dst, off),
+                    None => {
+                        dst.fill(0);
+                        Ok(())
+                    }
+                }
+            })
     }
 
     /// Byte ranges `(offset, len)` where the snapshot holds data, sorted.
     pub fn data_ranges(&self) -> Vec<(u64, u64)> {
-        merge_bytes(
-            self.map
-                .extents()
-                .iter()
-                .map(|e| (e.start, e.end))
-                .collect(),
-        )
+        self.map.data_bytes()
     }
 }
 
