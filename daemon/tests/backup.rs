@@ -65,17 +65,22 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 /// Writes `data` at `off` into every replica's head file of a detached volume.
 async fn write(m: &VolumeManager, volume: &str, off: u64, data: &[u8]) {
     for r in m.get(volume).await.expect("get").replicas {
-        let meta: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(r.dir.join("volume.meta")).expect("meta"))
-                .expect("json");
-        let head = r.dir.join(meta["head"].as_str().expect("head"));
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&head)
-            .expect("open head");
-        f.write_all_at(data, off).expect("write");
-        f.sync_all().expect("sync");
+        write_head(&r.dir, off, data);
     }
+}
+
+/// Writes `data` at `off` into the head file of the replica in `dir`.
+fn write_head(dir: &Path, off: u64, data: &[u8]) {
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("volume.meta")).expect("meta"))
+            .expect("json");
+    let head = dir.join(meta["head"].as_str().expect("head"));
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&head)
+        .expect("open head");
+    f.write_all_at(data, off).expect("write");
+    f.sync_all().expect("sync");
 }
 
 /// The volume's contents read through each replica's chain; asserts all
@@ -555,17 +560,7 @@ async fn backup_reads_a_replica_on_another_node() {
         .into_iter()
         .find(|r| !r.addr.is_empty())
         .expect("remote");
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(far.dir.join("volume.meta")).expect("meta"))
-            .expect("json");
-    let head = far.dir.join(meta["head"].as_str().expect("head"));
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&head)
-        .expect("open head");
-    f.write_all_at(&pattern(8, 4096), 10 * MIB).expect("write");
-    f.sync_all().expect("sync");
-    drop(f);
+    write_head(&far.dir, 10 * MIB, &pattern(8, 4096));
     let incr = n0
         .backup_create(v, None, BTreeMap::new())
         .await
