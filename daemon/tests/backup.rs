@@ -592,4 +592,45 @@ async fn backup_reads_a_replica_on_another_node() {
         content(n0, "back").await == want,
         "restore of the remote-sourced backup differs"
     );
+
+    // 16 MiB backup blocks: larger than one frame, read in pieces.
+    n0.set_setting("backup-block-size", "16MiB")
+        .expect("setting");
+    let info = n0
+        .create("wide", 32 * MIB, Some(2), "")
+        .await
+        .expect("create");
+    let data = pattern(9, 20 * MIB as usize);
+    write(n0, "wide", 0, &data).await;
+    let local = info
+        .replicas
+        .iter()
+        .find(|r| r.addr.is_empty())
+        .expect("local")
+        .name
+        .clone();
+    n0.fail_replica("wide", &local)
+        .await
+        .expect("fail the local replica");
+    let b = n0
+        .backup_create("wide", None, BTreeMap::new())
+        .await
+        .expect("16 MiB-block backup");
+    assert_eq!((b.uploaded_blocks, b.total_blocks), (2, 2));
+    n0.create_from_backup(
+        "wide-back",
+        None,
+        Some(1),
+        &format!("bak://wide/{}", b.name),
+        false,
+        "",
+    )
+    .await
+    .expect("restore");
+    let mut want = data;
+    want.resize(32 * MIB as usize, 0);
+    assert!(
+        content(n0, "wide-back").await == want,
+        "16 MiB-block restore differs"
+    );
 }

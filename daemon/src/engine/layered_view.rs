@@ -18,6 +18,9 @@ use crate::replica::extent::LowerMap;
 use crate::replica::{merge_bytes, LayerInfo, Replica, BLOCK_SIZE};
 use crate::transport::{Op, PeerConn};
 
+/// Largest `ReadLayer` asked for in one request.
+const READ_PIECE: usize = 4 << 20;
+
 /// Reads single layer files of a replica.
 pub(crate) enum LayerReader {
     Local(Arc<Replica>),
@@ -47,20 +50,26 @@ impl LayerReader {
         match self {
             LayerReader::Local(r) => r.read_layer(layer, offset, buf),
             LayerReader::Remote { conn, data } => {
-                let op = Op::ReadLayer {
-                    layer: layer.to_string(),
-                    offset,
-                    len: buf.len() as u32,
-                };
-                match conn.call_data(op, &[], data).map_err(peer_io)? {
-                    Op::Data if data.len() == buf.len() => {
-                        buf.copy_from_slice(data);
-                        Ok(())
+                // One frame carries at most MAX_PAYLOAD bytes (a 16 MiB
+                // backup block is read in pieces).
+                let mut at = offset;
+                for part in buf.chunks_mut(READ_PIECE) {
+                    let op = Op::ReadLayer {
+                        layer: layer.to_string(),
+                        offset: at,
+                        len: part.len() as u32,
+                    };
+                    match conn.call_data(op, &[], data).map_err(peer_io)? {
+                        Op::Data if data.len() == part.len() => part.copy_from_slice(data),
+                        other => {
+                            return Err(io::Error::other(format!(
+                                "unexpected answer {other:?} to ReadLayer"
+                            )))
+                        }
                     }
-                    other => Err(io::Error::other(format!(
-                        "unexpected answer {other:?} to ReadLayer"
-                    ))),
+                    at += part.len() as u64;
                 }
+                Ok(())
             }
         }
     }
