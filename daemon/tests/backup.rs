@@ -316,8 +316,10 @@ async fn backups_to_a_real_s3_server_and_bad_credentials() {
         "backup-target-credential-secret",
         creds.to_str().expect("utf8"),
     )
+    .await
     .expect("cred setting");
     f.m.set_setting("backup-target", "s3://bucket@us-east-1/cairn/")
+        .await
         .expect("target");
     let e =
         f.m.backup_list(None)
@@ -347,6 +349,7 @@ async fn backups_to_a_real_s3_server_and_bad_credentials() {
     ] {
         let e =
             f.m.set_setting("backup-target", bad)
+                .await
                 .expect_err(bad)
                 .to_string();
         println!("{bad}: {e}");
@@ -380,6 +383,7 @@ async fn dr_volume_follows_backups_incrementally_and_activates() {
         "standby volumes cannot attach"
     );
     m.set_setting("backupstore-poll-interval", "1")
+        .await
         .expect("poll");
     for i in 0..3u64 {
         write(
@@ -421,6 +425,7 @@ async fn recurring_snapshot_and_backup_jobs_with_retain() {
                    {"name":"bk","task":"backup","cron":"0 * * * *","retain":1}]"#;
     m.set_recurring_jobs("v", jobs).await.expect("jobs");
     m.set_setting("allow-recurring-job-while-volume-detached", "true")
+        .await
         .expect("setting");
     // Nothing due before 00:05.
     assert!(m.run_due_jobs().await.is_empty());
@@ -524,6 +529,7 @@ async fn backup_reads_a_replica_on_another_node() {
     // The test's disks share the host's filesystem, whose free space is not
     // this test's business (CI's sat below the 25 % default).
     n0.set_setting("storage-minimal-available-percentage", "0")
+        .await
         .expect("setting");
     let v = "far";
     let info = n0
@@ -595,6 +601,7 @@ async fn backup_reads_a_replica_on_another_node() {
 
     // 16 MiB backup blocks: larger than one frame, read in pieces.
     n0.set_setting("backup-block-size", "16MiB")
+        .await
         .expect("setting");
     let info = n0
         .create("wide", 32 * MIB, Some(2), "")

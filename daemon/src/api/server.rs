@@ -323,6 +323,7 @@ impl Cairn for CairnService {
         let value = self
             .manager
             .set_setting(&r.name, &r.value)
+            .await
             .map_err(status)?;
         Ok(Response::new(setting(&r.name, value)))
     }

@@ -151,18 +151,24 @@ impl Inner {
     }
 
     /// Unmounts backup target `url` if it is an nfs export this daemon
-    /// mounted (after the setting changed, or at shutdown). Failures are
+    /// mounted (after the setting changed, or at shutdown), off the async
+    /// runtime: `umount` may take up to `MOUNT_TIMEOUT` twice. Failures are
     /// logged: the new target does not depend on the old mount.
-    pub(super) fn release_backup_target(&self, url: &str) {
+    pub(super) async fn release_backup_target(&self, url: &str) {
         let Ok(target) = BackupTarget::parse(url) else {
             return;
         };
+        if !matches!(target, BackupTarget::Nfs { .. }) {
+            return;
+        }
         let mounts = self.data_dir.join("backup-mounts");
-        match unmount_target(&target, &mounts) {
-            Ok(()) => {}
-            Err(e) => {
+        let t = target.clone();
+        match tokio::task::spawn_blocking(move || unmount_target(&t, &mounts)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
                 tracing::warn!(target = %target, error = %e, "cannot unmount the old backup target")
             }
+            Err(e) => tracing::warn!(target = %target, error = %e, "unmount task failed"),
         }
     }
 
@@ -207,6 +213,18 @@ impl Inner {
             })
         })
         .await?
+    }
+}
+
+/// A handle that must name one backup (`bak://VOLUME/BACKUP`), with the
+/// backup's name.
+fn one_backup(handle: &str) -> Result<(BackupHandle, String), ControlError> {
+    let h = BackupHandle::parse(handle)?;
+    match h.backup.clone() {
+        Some(backup) => Ok((h, backup)),
+        None => Err(ControlError::HandleNeedsBackup {
+            handle: handle.to_string(),
+        }),
     }
 }
 
@@ -414,26 +432,14 @@ impl VolumeManager {
     }
 
     pub async fn backup_get(&self, handle: &str) -> Result<BackupInfo, ControlError> {
-        let h = BackupHandle::parse(handle)?;
-        let backup = h
-            .backup
-            .clone()
-            .ok_or_else(|| ControlError::HandleNeedsBackup {
-                handle: handle.to_string(),
-            })?;
+        let (h, backup) = one_backup(handle)?;
         let store = self.inner.backup_store().await?;
         Ok(self.with_progress(backup_info(&store.get_backup(&h.volume, &backup).await?)))
     }
 
     /// Deletes a backup and the blocks no other backup of its volume uses.
     pub async fn backup_delete(&self, handle: &str) -> Result<(u64, u64), ControlError> {
-        let h = BackupHandle::parse(handle)?;
-        let backup = h
-            .backup
-            .clone()
-            .ok_or_else(|| ControlError::HandleNeedsBackup {
-                handle: handle.to_string(),
-            })?;
+        let (h, backup) = one_backup(handle)?;
         let store = self.inner.backup_store().await?;
         let report = store.delete_backup(&h.volume, &backup).await?;
         tracing::info!(volume = %h.volume, backup = %backup, removed = report.removed_blocks, "backup deleted");

@@ -757,12 +757,12 @@ impl VolumeManager {
         Ok(self.inner.settings.get(name)?)
     }
 
-    pub fn set_setting(&self, name: &str, value: &str) -> Result<String, ControlError> {
+    pub async fn set_setting(&self, name: &str, value: &str) -> Result<String, ControlError> {
         let before = self.inner.settings.get(name)?;
         let now = self.inner.settings.set(name, value)?;
         if name == settings::BACKUP_TARGET && before != now {
             // An nfs export the daemon mounted is not left behind.
-            self.inner.release_backup_target(&before);
+            self.inner.release_backup_target(&before).await;
         }
         Ok(now)
     }
@@ -887,7 +887,7 @@ impl VolumeManager {
         }
         self.inner.publish(&st);
         if let Ok(target) = self.inner.settings.get(settings::BACKUP_TARGET) {
-            self.inner.release_backup_target(&target);
+            self.inner.release_backup_target(&target).await;
         }
     }
 
