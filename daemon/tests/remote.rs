@@ -16,7 +16,7 @@ use cairn::engine::{
     rebuild, IoOp, IoRequest, QueueEngine, QueueLayout, RebuildProgress, RemoteReplica,
     RemoteTarget, ReplicaHandle, ReplicaIo, ReplicaState, VolumeHealth, VolumeIo,
 };
-use cairn::replica::{Replica, ReplicaSpec};
+use cairn::replica::{Claim, Replica, ReplicaSpec};
 use cairn::transport::{ClusterSecret, Op, PeerConn, PeerError, ReplicaServer};
 
 mod common;
@@ -104,7 +104,11 @@ impl Node {
 
     fn remote(&self, replica: &str) -> ReplicaIo {
         ReplicaIo::Remote(Arc::new(
-            RemoteReplica::connect(self.target(replica, Duration::from_secs(2))).expect("connect"),
+            RemoteReplica::connect(
+                self.target(replica, Duration::from_secs(2)),
+                Claim::Takeover,
+            )
+            .expect("connect"),
         ))
     }
 
@@ -427,7 +431,9 @@ fn a_silent_replica_times_out_and_leaves_the_io_set() {
     });
     let mut t = h.target("vol-r-h", Duration::from_millis(800));
     t.addr = proxy_addr;
-    let hung = ReplicaIo::Remote(Arc::new(RemoteReplica::connect(t).expect("connect")));
+    let hung = ReplicaIo::Remote(Arc::new(
+        RemoteReplica::connect(t, Claim::Takeover).expect("connect"),
+    ));
     let v = volume(vec![
         ReplicaHandle {
             name: "vol-r-a".into(),
@@ -483,7 +489,7 @@ fn wrong_secret_and_garbage_are_rejected_and_the_server_keeps_serving() {
     // Random bytes, a truncated frame, a data op before the handshake.
     for junk in [
         (0..4096).map(|i| (i * 7 + 3) as u8).collect::<Vec<u8>>(),
-        b"CRN1\x05\x00".to_vec(),
+        b"CRN2\x05\x00".to_vec(),
         {
             let mut f = Vec::new();
             cairn::transport::encode_frame(
@@ -509,7 +515,7 @@ fn wrong_secret_and_garbage_are_rejected_and_the_server_keeps_serving() {
         // The server closes the connection without serving anything.
         let n = s.read(&mut buf).unwrap_or(0);
         assert!(
-            n == 0 || !buf[..n].windows(4).any(|w| w == b"CRN1") || n < 64,
+            n == 0 || !buf[..n].windows(4).any(|w| w == b"CRN2") || n < 64,
             "server answered garbage"
         );
     }

@@ -156,3 +156,39 @@ fio_verify() { # DEV REGION-OFFSET REGION-SIZE SEED
         { tail -n 20 "$WORK/fio-v$4.txt"; die "verify of seed $4 over $2+$3 failed"; }
     grep -q "err= 0" "$WORK/fio-v$4.txt" || die "verify of seed $4 reported errors"
 }
+
+# stall_node I SECONDS: freezes node I's cairnd (SIGSTOP) for SECONDS, as a
+# hung process or a long GC-like pause would, then lets it go on (SIGCONT).
+stall_node() {
+    local i=$1 secs=$2
+    [[ -n "${PIDS[i]:-}" ]] || return 0
+    kill -STOP "${PIDS[i]}"
+    sleep "$secs"
+    kill -CONT "${PIDS[i]}"
+}
+
+# fio_verify_count DEV REGION-OFFSET REGION-SIZE SEED: like fio_verify, but
+# reads the whole region even past bad blocks and prints how many blocks
+# failed verification (0 when clean). Output in $WORK/fio-v<SEED>.txt.
+fio_verify_count() {
+    local out="$WORK/fio-v$4.txt" rc=0 bad
+    fio --name="w$4" --filename="$1" --ioengine=libaio --direct=1 --rw=randwrite --bs=16k --iodepth=16 \
+        --offset="$2" --size="$3" --verify=crc32c --verify_fatal=0 --continue_on_error=verify --eta=never \
+        --randrepeat=1 --randseed="$4" --verify_only --output="$out" 2>>"$out.err" || rc=$?
+    bad=$(cat "$out" "$out.err" 2>/dev/null | grep -c "requested block:" || true)
+    # fio failing without naming a bad block (an I/O error, a bad option) still counts.
+    [[ $rc -ne 0 && $bad -eq 0 ]] && bad=1
+    echo "$bad"
+}
+
+# The snapshot layers of every replica of volume $2 (owner $1) must be the
+# same files with the same bytes (run with the volume detached).
+same_chains() {
+    local owner=$1 vol=$2 dirs d sums
+    dirs=$(vfield "$owner" "$vol" '.replicas[].dir')
+    sums=$(for d in $dirs; do
+        (cd "$d" && for f in volume-snap-*.img; do if [[ -e $f ]]; then echo "$f $(sha256sum <"$f" | cut -d' ' -f1)"; fi; done | sort | sha256sum)
+    done | sort -u)
+    [[ $(wc -l <<<"$sums") -eq 1 ]] ||
+        die "snapshot chains of $vol differ: $(for d in $dirs; do echo "$d:"; (cd "$d" && ls -l volume-snap-*.img 2>&1); done)"
+}

@@ -24,7 +24,7 @@ use crate::backupstore::target::{check_target, open_target, unmount_target, Back
 use crate::backupstore::Progress;
 use crate::engine::rebuild::{store_for, BlockStore};
 use crate::engine::{LayeredView, ReplicaIo};
-use crate::replica::{Replica, SnapshotView};
+use crate::replica::{Claim, Replica, SnapshotView};
 
 /// Label Cairn puts on the snapshot it takes for a backup.
 pub const BACKUP_SNAPSHOT_LABEL: &str = "cairn.io/backup";
@@ -198,7 +198,7 @@ impl Inner {
         tokio::task::spawn_blocking(move || {
             let mut why = Vec::new();
             for (name, addr) in healthy {
-                match me.open_replica(&vname, &name, &addr) {
+                match me.open_replica(&vname, &name, &addr, Claim::Observe) {
                     Ok(io) => return Ok(BackupReader::Layers(io)),
                     Err(e) => why.push(format!("{name} at {addr}: {e}")),
                 }
@@ -639,7 +639,7 @@ impl Inner {
             let mut stores = Vec::new();
             for (r, addr) in targets {
                 let io = me
-                    .open_replica(&vname, &r, &addr)
+                    .open_replica(&vname, &r, &addr, Claim::Takeover)
                     .map_err(|e| ControlError::Internal(format!("replica {r}: {e}")))?;
                 stores
                     .push(Mutex::new(store_for(&io).map_err(|e| {
@@ -723,7 +723,7 @@ impl Inner {
         tokio::task::spawn_blocking(move || -> Result<(), ControlError> {
             for (r, addr) in targets {
                 let io = me
-                    .open_replica(&vname, &r, &addr)
+                    .open_replica(&vname, &r, &addr, Claim::Takeover)
                     .map_err(|e| ControlError::Internal(format!("replica {r}: {e}")))?;
                 let mut s = store_for(&io).map_err(|e| ControlError::Internal(e.to_string()))?;
                 s.write_zeroes(0, size)

@@ -25,7 +25,7 @@ use crate::engine::{
 };
 use crate::frontend::{ublk_available, FrontendOptions, UblkDevice};
 use crate::metrics::VolumeSample;
-use crate::replica::BLOCK_SIZE;
+use crate::replica::{Claim, BLOCK_SIZE};
 use crate::transport::{ClusterSecret, Op, PeerError, ReplicaReport, ReplicaServer};
 
 /// How often attached volumes' replica files are health-checked.
@@ -41,6 +41,9 @@ pub enum VolumeState {
     Healthy,
     Degraded,
     Faulted,
+    /// Another engine claimed the volume's replicas: every I/O fails here
+    /// until it is detached.
+    Fenced,
 }
 
 impl VolumeState {
@@ -49,6 +52,7 @@ impl VolumeState {
             VolumeState::Detached => "detached",
             VolumeState::Healthy => "healthy",
             VolumeState::Degraded => "degraded",
+            VolumeState::Fenced => "fenced",
             VolumeState::Faulted => "faulted",
         }
     }
@@ -1003,10 +1007,24 @@ impl Inner {
             queues: v.record.queues,
             queue_depth: v.record.queue_depth,
         };
+        // Salvaging at attach: the replicas that were healthy last hold at
+        // least the record's revision - 1 (the commit that faulted the
+        // volume persisted its revision nowhere). Older ones alone would
+        // drop writes acknowledged while the newest were the whole set.
+        let salvage_floor = none_healthy.then(|| v.record.revision.saturating_sub(1));
         let vname = name.to_string();
         let me = self.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            attach_blocking(&me, &vname, size, replicas, sink, &opts, recover)
+            attach_blocking(
+                &me,
+                &vname,
+                size,
+                replicas,
+                sink,
+                &opts,
+                recover,
+                salvage_floor,
+            )
         })
         .await?;
         for (replica, reason) in &outcome.open_failed {
@@ -1107,7 +1125,20 @@ impl Inner {
 
     /// Applies an engine event to the record.
     fn apply_event(&self, st: &mut State, volume: &str, ev: EngineEvent) {
-        let EngineEvent::ReplicaFailed { replica, reason } = ev;
+        let (replica, reason) = match ev {
+            EngineEvent::ReplicaFailed { replica, reason } => (replica, reason),
+            EngineEvent::Fenced { reason } => {
+                // The record is the new owner's business now; keep ours as it
+                // is and tell the operator.
+                if let Ok(v) = st.volume_mut(volume) {
+                    v.message = format!(
+                        "fenced: {reason}; another node owns this volume now, detach it here"
+                    );
+                }
+                self.publish(st);
+                return;
+            }
+        };
         let Ok(v) = st.volume_mut(volume) else { return };
         if !v.record.set_failed(&replica, &reason) {
             return;
@@ -1249,7 +1280,9 @@ impl Volume {
         let (state, device, revision) = match &live {
             None => (VolumeState::Detached, None, self.record.revision),
             Some((l, _)) => {
-                let state = if l.io.health() == VolumeHealth::Faulted {
+                let state = if l.io.is_fenced() {
+                    VolumeState::Fenced
+                } else if l.io.health() == VolumeHealth::Faulted {
                     VolumeState::Faulted
                 } else if replicas.iter().any(|r| r.state != ReplicaState::Healthy) {
                     VolumeState::Degraded
@@ -1304,6 +1337,7 @@ fn attach_blocking(
     sink: EventSink,
     opts: &FrontendOptions,
     recover: Option<u32>,
+    salvage_floor: Option<u64>,
 ) -> AttachOutcome {
     let mut open_failed = Vec::new();
     let mut handles = Vec::new();
@@ -1315,7 +1349,7 @@ fn attach_blocking(
             });
             continue;
         }
-        match inner.open_replica(name, &r.name, &r.addr) {
+        match inner.open_replica(name, &r.name, &r.addr, Claim::Takeover) {
             Ok(io) if io.size() != size => {
                 open_failed.push((
                     r.name.clone(),
@@ -1352,6 +1386,27 @@ fn attach_blocking(
                 volume: name.to_string(),
             },
         );
+    }
+    if let Some(floor) = salvage_floor {
+        let best = handles
+            .iter()
+            .filter_map(|h| h.io.as_ref().map(ReplicaIo::revision))
+            .max()
+            .unwrap_or(0);
+        if best < floor && !open_failed.is_empty() {
+            let missing: Vec<&str> = open_failed.iter().map(|(n, _)| n.as_str()).collect();
+            return fail(
+                open_failed.clone(),
+                None,
+                ControlError::NoHealthyReplicaFor {
+                    volume: name.to_string(),
+                    reason: format!(
+                        "auto-salvage waits for a replica holding the newest writes: the reachable replicas are at revision {best}, the volume was at {floor}; bring back {} (or delete the volume)",
+                        missing.join(", ")
+                    ),
+                },
+            );
+        }
     }
     let layout = QueueLayout {
         queues: opts.queues,
@@ -1501,12 +1556,16 @@ pub(super) enum OpenError {
     /// Its node answered, or it is local, and the replica is missing or
     /// unusable: it must be replaced.
     Broken(String),
+    /// A newer owner session holds it: this engine lost the volume.
+    Fenced(String),
 }
 
 impl fmt::Display for OpenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            OpenError::Unreachable(s) | OpenError::Broken(s) => f.write_str(s),
+            OpenError::Unreachable(s) | OpenError::Broken(s) | OpenError::Fenced(s) => {
+                f.write_str(s)
+            }
         }
     }
 }
@@ -1636,11 +1695,16 @@ impl Inner {
     /// Opens a replica for the engine: the shared local object, or a
     /// connection to its node. Blocking. Errors say whether the replica is
     /// unusable or only out of reach.
+    /// Opens replica `name` of `volume` here or on its node. A remote one is
+    /// bound to an owner session by `claim` (see `replica::fence`); a local
+    /// one is claimed by the engine that installs it, or used directly by
+    /// the control plane of a detached volume.
     pub(super) fn open_replica(
         &self,
         volume: &str,
         name: &str,
         addr: &str,
+        claim: Claim,
     ) -> Result<ReplicaIo, OpenError> {
         if addr.is_empty() {
             return self
@@ -1662,9 +1726,11 @@ impl Inner {
             node: self.node_id.clone(),
             timeout: Duration::from_secs(self.settings.u64(settings::REPLICA_TIMEOUT).max(1)),
         };
-        RemoteReplica::connect(target)
+        RemoteReplica::connect(target, claim)
             .map(|r| ReplicaIo::Remote(Arc::new(r)))
             .map_err(|e| match e {
+                // A newer owner holds it: we must not take it back.
+                _ if e.is_fenced() => OpenError::Fenced(e.to_string()),
                 // The node answered: the replica itself is missing or unusable.
                 PeerError::Remote { .. } => OpenError::Broken(e.to_string()),
                 _ => OpenError::Unreachable(e.to_string()),

@@ -30,6 +30,7 @@ use super::store::{LastRebuild, RecordState, ReplicaRecord};
 use crate::engine::{
     rebuild, RebuildProgress, RebuildReport, ReplicaIo, ReplicaState, VolumeHealth, VolumeIo,
 };
+use crate::replica::Claim;
 
 pub const REPAIR_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -105,6 +106,10 @@ fn repair_volume(
     records: &[ReplicaRecord],
     size: u64,
 ) {
+    if io.is_fenced() {
+        // Another engine owns the volume now: nothing here is ours to repair.
+        return;
+    }
     if io.health() == VolumeHealth::Faulted {
         if inner.settings.bool(settings::AUTO_SALVAGE) {
             salvage(inner, volume, io, records);
@@ -156,9 +161,11 @@ fn repair_volume(
                 // files were deleted or truncated under it.
                 inner.disks.forget(&rec.name);
             }
-            match inner.open_replica(volume, &rec.name, &rec.addr) {
-                Ok(r) if io.can_resume(slot, &rec.name, r.revision()) => {
-                    Some(Plan::Resume { io: r })
+            match inner.open_replica(volume, &rec.name, &rec.addr, io.claim_for(slot, &rec.name)) {
+                Ok(r) if io.would_resume(slot, &rec.name, &r) => Some(Plan::Resume { io: r }),
+                Err(OpenError::Fenced(reason)) => {
+                    io.mark_fenced(&reason);
+                    return;
                 }
                 Ok(_) | Err(OpenError::Broken(_)) => {
                     replace(inner, volume, io, records, slot, size)
@@ -234,7 +241,7 @@ fn replace(
             return None;
         }
     };
-    match inner.open_replica(volume, &record.name, &record.addr) {
+    match inner.open_replica(volume, &record.name, &record.addr, Claim::Takeover) {
         Ok(io) => Some(Plan::Replace { io, record }),
         Err(e) => {
             tracing::warn!(volume, replica = %record.name, error = %e, "cannot open the new replica");
@@ -302,7 +309,7 @@ fn salvage(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: &[Repl
         .enumerate()
         .filter_map(|(i, r)| {
             inner
-                .open_replica(volume, &r.name, &r.addr)
+                .open_replica(volume, &r.name, &r.addr, io.claim_for(i, &r.name))
                 .ok()
                 .map(|io| (i, r.name.clone(), io))
         })

@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::manager::{unix_now, Inner, VolumeManager};
 use super::ControlError;
 use crate::engine::ReplicaIo;
-use crate::replica::{ChainChange, ChainOutcome, LayerInfo};
+use crate::replica::{ChainChange, ChainOutcome, Claim, LayerInfo};
 
 /// How long a snapshot may wait for in-flight I/O to drain.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -153,21 +153,48 @@ impl Inner {
             .into());
         }
         let targets: Vec<(String, String)> = v.record.healthy_targets();
+        // Each replica that takes the change moves to a revision above every
+        // replica's, right after the change: a crash between two replicas
+        // (or an adopt) finds the changed ones newer than the rest, never
+        // two different chains at one revision.
+        let next = v.record.revision + 1;
         let me = self.clone();
         let vname = volume.to_string();
         let results = tokio::task::spawn_blocking(move || {
-            targets
+            let opened: Vec<_> = targets
                 .into_iter()
                 .map(|(name, addr)| {
-                    let r = me
-                        .open_replica(&vname, &name, &addr)
-                        .map_err(|e| e.to_string())
-                        .and_then(|io| io.change_chain(&change));
+                    let io = me
+                        .open_replica(&vname, &name, &addr, Claim::Takeover)
+                        .map_err(|e| e.to_string());
+                    (name, io)
+                })
+                .collect();
+            let next = opened
+                .iter()
+                .filter_map(|(_, io)| io.as_ref().ok().map(|io| io.revision() + 1))
+                .fold(next, u64::max);
+            let results: Vec<_> = opened
+                .into_iter()
+                .map(|(name, io)| {
+                    let r = io.and_then(|io| {
+                        let outcome = io.change_chain(&change)?;
+                        fail::fail_point!("snapshots::detached::before_revision", |_| Err(
+                            "failpoint snapshots::detached::before_revision".to_string()
+                        ));
+                        io.set_revision(next).map_err(|e| e.to_string())?;
+                        Ok(outcome)
+                    });
                     (name, r)
                 })
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            (results, next)
         })
         .await?;
+        let (results, next) = results;
+        if results.iter().any(|(_, r)| r.is_ok()) {
+            v.record.revision = next;
+        }
         let outcome = results.iter().find_map(|(_, r)| r.as_ref().ok().cloned());
         let first_err = results.iter().find_map(|(_, r)| r.as_ref().err().cloned());
         if outcome.is_some() {
@@ -217,7 +244,7 @@ impl Inner {
             targets
                 .into_iter()
                 .find_map(|(name, addr)| {
-                    me.open_replica(&vname, &name, &addr)
+                    me.open_replica(&vname, &name, &addr, Claim::Observe)
                         .ok()
                         .and_then(|io: ReplicaIo| io.chain().ok())
                 })

@@ -54,6 +54,8 @@ pub const MAX_REPLICAS: usize = 8;
 /// Engine failures outside the I/O path (those become errnos on the I/O).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    #[error("volume {volume} was fenced: another engine claimed its replicas (it was attached or adopted elsewhere); detach it here")]
+    Fenced { volume: String },
     #[error("volume {volume}: no replicas given")]
     NoReplicas { volume: String },
     #[error("volume {volume}: {count} replicas given, at most {MAX_REPLICAS} are supported")]

@@ -63,6 +63,8 @@ struct TagState {
     done: [u32; MAX_REPLICAS],
     /// First negative result seen.
     error: i32,
+    /// A leg was refused because our owner session was fenced.
+    fenced: bool,
 }
 
 impl Default for TagState {
@@ -77,6 +79,7 @@ impl Default for TagState {
             expected: [0; MAX_REPLICAS],
             done: [0; MAX_REPLICAS],
             error: 0,
+            fenced: false,
         }
     }
 }
@@ -265,14 +268,28 @@ impl QueueEngine {
                 return Some(-libc::EINVAL);
             }
         }
+        if tag as usize >= self.tags.len() {
+            return Some(-libc::EINVAL);
+        }
+        let write = is_write(req.op);
+        if write {
+            // Counted before the masks are loaded and before any leg starts
+            // or dirty map is marked: a rebuild that sees a region idle
+            // knows every write that loaded older masks there is done, and
+            // a fence that sees every region idle knows no write that
+            // passed the fence check below is in flight.
+            self.volume.write_started(req.offset, req.len);
+            fail::fail_point!("queue::submit::after_count");
+        }
         let masks = self.volume.masks();
         let healthy = healthy_of(masks);
-        if healthy == 0 {
+        if healthy == 0 || self.volume.is_fenced() {
+            if write {
+                self.volume.write_finished(req.offset, req.len);
+            }
             return Some(-libc::EIO);
         }
-        let Some(st) = self.tags.get_mut(tag as usize) else {
-            return Some(-libc::EINVAL);
-        };
+        let st = &mut self.tags[tag as usize];
         *st = TagState {
             req,
             buf,
@@ -289,10 +306,7 @@ impl QueueEngine {
             _ => {
                 let volume = &*self.volume;
                 let targets = healthy | rebuilding_of(masks);
-                if is_write(req.op) {
-                    // Counted before any leg starts and before dirty maps
-                    // are marked (the rebuild's race check relies on it).
-                    volume.write_started(req.offset, req.len);
+                if write {
                     let missed = tracking_of(masks) & !targets;
                     for r in Mask(missed) {
                         volume.mark_dirty(r, req.offset, req.len);
@@ -361,6 +375,9 @@ impl QueueEngine {
             return None;
         }
         st.pending -= 1;
+        if res == -crate::transport::FENCED_ERRNO {
+            st.fenced = true;
+        }
         if res < 0 {
             st.failed |= 1 << r;
             if st.error == 0 {
@@ -390,7 +407,16 @@ impl QueueEngine {
     }
 
     fn decide(&mut self, tag: u16, sink: &mut impl SqeSink) -> Option<i32> {
+        fail::fail_point!("queue::decide::before");
         let st = &mut self.tags[tag as usize];
+        if st.fenced {
+            // Not a replica failure: another engine owns the volume now.
+            self.volume.mark_fenced(&format!(
+                "a replica refused our {:?}: owner session fenced",
+                st.req.op
+            ));
+            return Some(-libc::EIO);
+        }
         for r in Mask(st.targets) {
             if st.done[r] != st.expected[r] {
                 st.failed |= 1 << r;
@@ -417,42 +443,52 @@ impl QueueEngine {
             }
         }
         let ok = st.readable & !st.failed;
-        if st.req.op == IoOp::Read {
-            if ok != 0 {
-                return Some(st.req.len as i32);
-            }
-            // The replica we read from failed: read again from another one.
-            let healthy = self.volume.healthy_mask();
-            if healthy == 0 {
+        if st.req.op != IoOp::Read {
+            // Acknowledged only if every replica in the healthy set *now*
+            // (after the failures above left it) has it: a replica that
+            // succeeded but left the set meanwhile does not count, and one
+            // still in the set whose leg failed has already left it.
+            let healthy_now = self.volume.healthy_mask();
+            let succeeded = st.targets & !st.failed;
+            if self.volume.is_fenced() {
                 return Some(-libc::EIO);
             }
-            let r = pick_replica(
-                read_pool(healthy, self.volume.local_mask()),
-                &mut self.next_read,
-            );
-            let t = &mut self.tags[tag as usize];
-            *t = TagState {
-                req: st.req,
-                buf: st.buf,
-                ..TagState::default()
-            };
-            // A retry that cannot start (no connection) fails that replica
-            // and tries the next, until none is left.
-            self.issue_read(tag, r, sink);
-            if self.tags[tag as usize].pending == 0 {
-                // Done without I/O (all zeros) or could not start: decide
-                // again (a failed start fails that replica, so this ends).
-                return self.decide(tag, sink);
+            if healthy_now == 0 || healthy_now & !succeeded != 0 || ok & healthy_now == 0 {
+                return Some(if st.error < 0 { st.error } else { -libc::EIO });
             }
-            return None;
+            return Some(match st.req.op {
+                IoOp::Write => st.req.len as i32,
+                _ => 0,
+            });
         }
-        if ok == 0 {
-            return Some(if st.error < 0 { st.error } else { -libc::EIO });
+        // A read.
+        if ok != 0 {
+            return Some(st.req.len as i32);
         }
-        Some(match st.req.op {
-            IoOp::Write => st.req.len as i32,
-            _ => 0,
-        })
+        // The replica we read from failed: read again from another one.
+        let healthy = self.volume.healthy_mask();
+        if healthy == 0 {
+            return Some(-libc::EIO);
+        }
+        let r = pick_replica(
+            read_pool(healthy, self.volume.local_mask()),
+            &mut self.next_read,
+        );
+        let t = &mut self.tags[tag as usize];
+        *t = TagState {
+            req: st.req,
+            buf: st.buf,
+            ..TagState::default()
+        };
+        // A retry that cannot start (no connection) fails that replica
+        // and tries the next, until none is left.
+        self.issue_read(tag, r, sink);
+        if self.tags[tag as usize].pending == 0 {
+            // Done without I/O (all zeros) or could not start: decide
+            // again (a failed start fails that replica, so this ends).
+            return self.decide(tag, sink);
+        }
+        None
     }
 
     fn issue_read(&mut self, tag: u16, r: usize, sink: &mut impl SqeSink) {

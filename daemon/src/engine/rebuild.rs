@@ -508,6 +508,12 @@ impl Copier<'_> {
                     replica: self.name.to_string(),
                 })?;
         if !incremental {
+            // Writes that loaded the masks before the target joined did not
+            // go to it and marked no map it has. Wait until each of them is
+            // done (every region idle once; they counted themselves before
+            // loading the masks), so the listing below includes their data.
+            self.wait_quiet()?;
+            fail::fail_point!("rebuild::before_listing");
             let ranges = if layered {
                 source.head_allocated()
             } else {

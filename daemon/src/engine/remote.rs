@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 
-use crate::replica::{ChainChange, ChainOutcome, LayerInfo};
+use crate::replica::{ChainChange, ChainOutcome, Claim, LayerInfo};
 use crate::transport::client::{connect_stream, PeerConn, PeerError};
 use crate::transport::server::send_frame;
 use crate::transport::{ClusterSecret, FrameReader, Header, Op, WireError};
@@ -298,16 +298,18 @@ fn now_ms() -> u64 {
 impl QueueConn {
     fn connect(
         t: &RemoteTarget,
+        generation: u64,
         port: Arc<CompletionPort>,
         depth: u16,
         index: u8,
     ) -> Result<QueueConn, PeerError> {
         let (writer, mut reader) = connect_stream(&t.addr, &t.secret, &t.node, t.timeout)?;
-        // Bind the connection to the replica before any I/O.
+        // Bind the connection to the replica and our session before any I/O.
         let mut buf = Vec::new();
         let open = Op::Open {
             volume: t.volume.clone(),
             replica: t.replica.clone(),
+            claim: Claim::Join { generation },
         };
         let wire = |source| PeerError::Wire {
             addr: t.addr.clone(),
@@ -547,29 +549,54 @@ pub struct RemoteReplica {
     target: RemoteTarget,
     size: u64,
     revision: AtomicU64,
+    /// The owner session this replica was claimed with; every connection
+    /// of ours to it joins this generation.
+    generation: u64,
+    /// The serving node's boot when we claimed it.
+    instance: String,
     control: Mutex<PeerConn>,
     queues: OnceLock<Box<[QueueConn]>>,
 }
 
 impl RemoteReplica {
-    /// Connects, authenticates and opens the replica (control connection).
-    pub fn connect(target: RemoteTarget) -> Result<RemoteReplica, PeerError> {
+    /// Connects, authenticates, opens the replica and claims an owner
+    /// session of it (`claim`, see `replica::fence`) on the control
+    /// connection.
+    pub fn connect(target: RemoteTarget, claim: Claim) -> Result<RemoteReplica, PeerError> {
         let mut c = PeerConn::connect(&target.addr, &target.secret, &target.node, target.timeout)?;
         let open = Op::Open {
             volume: target.volume.clone(),
             replica: target.replica.clone(),
+            claim,
         };
-        let (size, revision) = match c.call(open)? {
-            Op::Opened { size, revision } => (size, revision),
+        let (size, revision, generation, instance) = match c.call(open)? {
+            Op::Opened {
+                size,
+                revision,
+                generation,
+                instance,
+            } => (size, revision, generation, instance),
             other => return Err(c.unexpected("Open".into(), other)),
         };
         Ok(RemoteReplica {
             target,
             size,
             revision: AtomicU64::new(revision),
+            generation,
+            instance,
             control: Mutex::new(c),
             queues: OnceLock::new(),
         })
+    }
+
+    /// The owner generation of our session on this replica.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The serving node's boot when the replica was claimed.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     pub fn target(&self) -> &RemoteTarget {
@@ -597,7 +624,7 @@ impl RemoteReplica {
         }
         let conns = ports
             .iter()
-            .map(|p| QueueConn::connect(&self.target, p.clone(), depth, index))
+            .map(|p| QueueConn::connect(&self.target, self.generation, p.clone(), depth, index))
             .collect::<Result<Vec<_>, _>>()?;
         let _ = self.queues.set(conns.into_boxed_slice());
         Ok(())
@@ -608,8 +635,20 @@ impl RemoteReplica {
         self.queues.get().and_then(|q| q.get(qid))
     }
 
+    /// The control connection; one that an earlier call broke (a timeout
+    /// leaves a late answer in the stream) is replaced by a new connection
+    /// joining our session first.
     fn control(&self) -> std::sync::MutexGuard<'_, PeerConn> {
-        self.control.lock().unwrap_or_else(|p| p.into_inner())
+        let mut c = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        if c.is_broken() {
+            match self.open_stream() {
+                Ok(fresh) => *c = fresh,
+                Err(e) => {
+                    tracing::debug!(replica = %self.target.replica, error = %e, "control reconnect failed")
+                }
+            }
+        }
+        c
     }
 
     pub(crate) fn set_revision(&self, revision: u64) -> Result<(), PeerError> {
@@ -663,6 +702,9 @@ impl RemoteReplica {
         match c.call(Op::Open {
             volume: t.volume.clone(),
             replica: t.replica.clone(),
+            claim: Claim::Join {
+                generation: self.generation,
+            },
         })? {
             Op::Opened { .. } => Ok(c),
             other => Err(c.unexpected("Open".into(), other)),

@@ -12,6 +12,23 @@ use super::remote::{RemoteReplica, SendBatch};
 use crate::replica::{ChainChange, ChainOutcome, LayerInfo, Replica};
 use crate::transport::Op;
 
+/// Why persisting a revision failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SetRevisionError {
+    /// The replica refused: our owner session is not its current one.
+    Fenced(String),
+    /// Anything else; the revision may or may not have been persisted.
+    Failed(String),
+}
+
+impl std::fmt::Display for SetRevisionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SetRevisionError::Fenced(m) | SetRevisionError::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
 /// One replica as the engine reaches it.
 pub enum ReplicaIo {
     /// A replica directory on one of this node's disks.
@@ -85,10 +102,32 @@ impl ReplicaIo {
         }
     }
 
-    pub(crate) fn set_revision(&self, rev: u64) -> Result<(), String> {
+    /// Persists the replica-set revision. `Err(Fenced)` when the replica
+    /// refused because our owner session was fenced.
+    pub(crate) fn set_revision(&self, rev: u64) -> Result<(), SetRevisionError> {
+        fail::fail_point!("engine::set_revision", |_| Err(SetRevisionError::Failed(
+            "failpoint engine::set_revision".into()
+        )));
         match self {
-            ReplicaIo::Local(r) => r.set_revision(rev).map_err(|e| e.to_string()),
-            ReplicaIo::Remote(r) => r.set_revision(rev).map_err(|e| e.to_string()),
+            ReplicaIo::Local(r) => r.set_revision(rev).map_err(|e| match e {
+                crate::replica::ReplicaError::Fence(f) => SetRevisionError::Fenced(f.to_string()),
+                e => SetRevisionError::Failed(e.to_string()),
+            }),
+            ReplicaIo::Remote(r) => r.set_revision(rev).map_err(|e| {
+                if e.is_fenced() {
+                    SetRevisionError::Fenced(e.to_string())
+                } else {
+                    SetRevisionError::Failed(e.to_string())
+                }
+            }),
+        }
+    }
+
+    /// The boot of the node serving this replica when it was opened.
+    pub(crate) fn instance(&self) -> String {
+        match self {
+            ReplicaIo::Local(_) => crate::transport::server::boot_instance(),
+            ReplicaIo::Remote(r) => r.instance().to_string(),
         }
     }
 

@@ -16,17 +16,18 @@
 //! ever started: a rebuild uses that to copy a region only when no write
 //! raced with the copy (see `rebuild.rs`).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use arc_swap::{ArcSwapOption, Guard};
 
 use super::queue::QueueStats;
 use super::remote::CompletionPort;
+use super::replica_io::SetRevisionError;
 use super::{EngineError, ReplicaIo, MAX_REPLICAS};
 use crate::replica::extent::HeadBitmap;
 use crate::replica::BLOCK_SIZE;
-use crate::replica::{ChainChange, ChainOutcome};
+use crate::replica::{ChainChange, ChainOutcome, Claim, Session};
 
 /// A replica handed to the engine at attach. `io: None` is a replica the
 /// volume has but cannot reach now (failed, or its node is down): it holds
@@ -63,7 +64,15 @@ pub struct ReplicaStatus {
 /// What the engine tells the control plane.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineEvent {
-    ReplicaFailed { replica: String, reason: String },
+    ReplicaFailed {
+        replica: String,
+        reason: String,
+    },
+    /// A replica refused our owner session: another engine claimed the
+    /// volume. Every I/O now fails; the volume must be detached here.
+    Fenced {
+        reason: String,
+    },
 }
 
 /// Receives engine events. Called from I/O threads: it must not block.
@@ -94,6 +103,16 @@ struct Slot {
     /// The volume's revision when the replica left (a returning replica
     /// must still be at it for its dirty map to describe it).
     left_at: AtomicU64,
+    /// The owner generation this engine holds on the slot's replica (0:
+    /// none claimed yet), what a later claim renews.
+    generation: AtomicU64,
+    /// The serving node's boot when the replica was installed: a replica
+    /// back from another boot may have lost unflushed writes, so its dirty
+    /// map does not describe it.
+    instance: Mutex<String>,
+    /// A local replica's owner session (remote ones hold theirs on the
+    /// server's connection).
+    session: Mutex<Option<Arc<Session>>>,
 }
 
 #[inline]
@@ -134,6 +153,10 @@ pub struct VolumeIo {
     pause: AtomicU64,
     /// Set while a [`Quiesced`] guard exists (one at a time).
     pausing: std::sync::atomic::AtomicBool,
+    /// Another engine claimed a replica of this volume: no more I/O.
+    fenced: AtomicBool,
+    /// Ourselves, for the fence hooks of local sessions.
+    me: OnceLock<Weak<VolumeIo>>,
 }
 
 fn describe_change(c: &ChainChange) -> String {
@@ -237,11 +260,19 @@ impl VolumeIo {
             } else if messages[i].is_empty() {
                 messages[i] = "not reachable at attach".to_string();
             }
+            let generation = match io.as_deref() {
+                Some(ReplicaIo::Remote(rem)) => rem.generation(),
+                _ => 0,
+            };
+            let instance = io.as_deref().map(ReplicaIo::instance).unwrap_or_default();
             slots.push(Slot {
                 name: Mutex::new(r.name),
                 io: ArcSwapOption::new(io),
                 dirty: ArcSwapOption::empty(),
                 left_at: AtomicU64::new(0),
+                generation: AtomicU64::new(generation),
+                instance: Mutex::new(instance),
+                session: Mutex::new(None),
             });
         }
         let revision = slots
@@ -257,7 +288,7 @@ impl VolumeIo {
         let regions = (0..size.div_ceil(1 << REGION_SHIFT))
             .map(|_| Region::default())
             .collect();
-        Ok(Arc::new(VolumeIo {
+        let volume = Arc::new(VolumeIo {
             name: name.to_string(),
             size,
             slots: slots.into_boxed_slice(),
@@ -272,7 +303,137 @@ impl VolumeIo {
             regions,
             pause: AtomicU64::new(0),
             pausing: std::sync::atomic::AtomicBool::new(false),
-        }))
+            fenced: AtomicBool::new(false),
+            me: OnceLock::new(),
+        });
+        let _ = volume.me.set(Arc::downgrade(&volume));
+        Ok(volume)
+    }
+
+    /// Whether another engine fenced this one (see [`EngineEvent::Fenced`]).
+    #[inline]
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// This engine lost the volume: a replica refused its owner session.
+    /// From now on every request fails with EIO; nothing is failed or
+    /// rebuilt (the replicas are fine, they belong to someone else now).
+    /// Does not wait: safe on a queue thread.
+    pub(crate) fn mark_fenced(&self, reason: &str) {
+        if !self.fenced.swap(true, Ordering::SeqCst) {
+            tracing::error!(volume = %self.name, %reason, "volume fenced: another engine owns it now; failing all I/O");
+            (self.events)(EngineEvent::Fenced {
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    /// A newer owner claimed one of our local replicas: fence, then wait
+    /// until no write admitted before the fence is still in flight (the
+    /// claim answers only after this returns). Never on a queue thread.
+    fn fence_and_drain(&self, reason: &str) {
+        self.mark_fenced(reason);
+        // Writes count themselves in the region counters before they check
+        // the fence (`QueueEngine::submit`): once every region is idle, no
+        // write that passed the check is in flight.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        for r in self.regions.iter() {
+            while r.inflight.load(Ordering::SeqCst) != 0 {
+                if std::time::Instant::now() > deadline {
+                    tracing::error!(volume = %self.name, "fenced volume still has writes in flight after 60 s");
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+    }
+
+    /// The claim with which this engine (re)takes the replica `name` into
+    /// slot `idx`: a renewal of the session it holds on it, or a takeover of
+    /// a replica it never claimed (attach, adopt, a new replica).
+    pub fn claim_for(&self, idx: usize, name: &str) -> Claim {
+        let Some(slot) = self.slots.get(idx) else {
+            return Claim::Takeover;
+        };
+        let held = slot.generation.load(Ordering::SeqCst);
+        if held != 0 && *slot.name.lock().unwrap_or_else(|p| p.into_inner()) == name {
+            Claim::Renew { expect: held }
+        } else {
+            Claim::Takeover
+        }
+    }
+
+    /// Claims an owner session of a local replica for slot `idx` (a remote
+    /// one was claimed by its connection) and records the generation.
+    fn claim_slot(&self, idx: usize, io: &ReplicaIo, claim: Claim) -> Result<(), String> {
+        let slot = &self.slots[idx];
+        match io {
+            ReplicaIo::Local(r) => {
+                // Our own earlier session on it ends without a hook: its
+                // writes are ours, and the rebuild's race check covers them.
+                if let Some(old) = slot
+                    .session
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                {
+                    old.release();
+                }
+                let session = r.claim(claim).map_err(|e| e.to_string())?;
+                let me = self.me.get().cloned().unwrap_or_default();
+                let replica = r.replica_name().to_string();
+                session.set_on_fence(Box::new(move || {
+                    if let Some(v) = me.upgrade() {
+                        v.fence_and_drain(&format!(
+                            "local replica {replica} was claimed by a newer owner"
+                        ));
+                    }
+                }));
+                slot.generation
+                    .store(session.generation(), Ordering::SeqCst);
+                *slot.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+            }
+            ReplicaIo::Remote(rem) => {
+                slot.generation.store(rem.generation(), Ordering::SeqCst);
+            }
+        }
+        *slot.instance.lock().unwrap_or_else(|p| p.into_inner()) = io.instance();
+        Ok(())
+    }
+
+    /// Persists `rev` on slot `idx`'s replica inside our owner session: a
+    /// local replica's write is admitted by the session (a newer claim waits
+    /// for it, and refuses it once fenced); a remote one's server does that.
+    fn set_revision_on(
+        &self,
+        idx: usize,
+        io: &ReplicaIo,
+        rev: u64,
+    ) -> Result<(), SetRevisionError> {
+        if self.is_fenced() {
+            return Err(SetRevisionError::Fenced("this engine was fenced".into()));
+        }
+        if let ReplicaIo::Local(_) = io {
+            let session = self.slots[idx]
+                .session
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let Some(session) = session else {
+                return Err(SetRevisionError::Failed(
+                    "no owner session on this replica".into(),
+                ));
+            };
+            let Some(_admitted) = session.enter() else {
+                return Err(SetRevisionError::Fenced(format!(
+                    "owner session {} was fenced",
+                    session.generation()
+                )));
+            };
+            return io.set_revision(rev);
+        }
+        io.set_revision(rev)
     }
 
     pub fn name(&self) -> &str {
@@ -351,12 +512,21 @@ impl VolumeIo {
         change: &ChainChange,
         timeout: std::time::Duration,
     ) -> Result<ChainOutcome, EngineError> {
+        let _quiet = self.quiesce(timeout)?;
+        // The membership lock is held from the rebuild check to the end, so
+        // no rebuild can start in between (its target would miss the change
+        // and its dirty map would be dropped below).
+        let mut messages = self.lock();
         if rebuilding_of(self.masks()) != 0 {
             return Err(EngineError::Rebuilding {
                 volume: self.name.clone(),
             });
         }
-        let _quiet = self.quiesce(timeout)?;
+        if self.is_fenced() {
+            return Err(EngineError::Fenced {
+                volume: self.name.clone(),
+            });
+        }
         let healthy = healthy_of(self.masks());
         let mut outcome: Option<ChainOutcome> = None;
         let mut failures = Vec::new();
@@ -367,7 +537,8 @@ impl VolumeIo {
             let Some(io) = self.slots[i].io.load_full() else {
                 continue;
             };
-            match io.change_chain(change) {
+            fail::fail_point!("engine::change_chain::replica");
+            match self.change_chain_on(i, &io, change) {
                 Ok(o) => {
                     outcome.get_or_insert(o);
                 }
@@ -386,12 +557,12 @@ impl VolumeIo {
             });
         };
         for (i, e) in failures {
-            self.fail_index(
+            self.fail_locked(
+                &mut messages,
                 i,
                 &format!("{} failed on this replica: {e}", describe_change(change)),
             );
         }
-        let _members = self.lock();
         let still = healthy_of(self.masks());
         for (i, slot) in self.slots.iter().enumerate() {
             if still & (1 << i) == 0 {
@@ -399,6 +570,29 @@ impl VolumeIo {
             }
         }
         Ok(outcome)
+    }
+
+    /// Applies a chain change to slot `idx`'s replica inside our owner
+    /// session (see [`Self::set_revision_on`]).
+    fn change_chain_on(
+        &self,
+        idx: usize,
+        io: &ReplicaIo,
+        change: &ChainChange,
+    ) -> Result<ChainOutcome, String> {
+        if let ReplicaIo::Local(_) = io {
+            let session = self.slots[idx]
+                .session
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let admitted = session.as_ref().and_then(|s| s.enter());
+            if admitted.is_none() {
+                return Err("our owner session on this replica was fenced".into());
+            }
+            return io.change_chain(change);
+        }
+        io.change_chain(change)
     }
 
     /// The healthy replicas, local ones first.
@@ -601,7 +795,21 @@ impl VolumeIo {
     pub fn begin_epoch(&self) -> Result<u64, EngineError> {
         let mut messages = self.lock();
         let m = self.masks();
-        let healthy = healthy_of(m);
+        let mut healthy = healthy_of(m);
+        // A new owner session on every local replica (remote ones were
+        // claimed when connected): whatever held them before is fenced.
+        let mut unclaimed = Vec::new();
+        for i in 0..self.slots.len() {
+            if healthy & (1 << i) == 0 {
+                continue;
+            }
+            if let Some(io) = self.slots[i].io.load_full() {
+                if let Err(e) = self.claim_slot(i, &io, Claim::Takeover) {
+                    healthy &= !(1 << i);
+                    unclaimed.push((i, format!("cannot claim an owner session: {e}")));
+                }
+            }
+        }
         let revs: Vec<Option<u64>> = self
             .slots
             .iter()
@@ -626,6 +834,7 @@ impl VolumeIo {
             }
         }
         let stale: u32 = failed.iter().fold(0, |m, (i, _)| m | 1 << i);
+        failed.extend(unclaimed);
         // Stale replicas missed writes nobody recorded: no dirty tracking,
         // they need a full rebuild.
         self.commit(&mut messages, healthy & !stale, newest + 1, failed, false)
@@ -635,13 +844,22 @@ impl VolumeIo {
     /// files changed under it, or its node stopped answering). Idempotent.
     pub(crate) fn fail_index(&self, idx: usize, reason: &str) {
         let mut messages = self.lock();
+        self.fail_locked(&mut messages, idx, reason);
+    }
+
+    /// [`Self::fail_index`] with the membership lock held.
+    fn fail_locked(&self, messages: &mut [String], idx: usize, reason: &str) {
+        if self.is_fenced() {
+            // Not a replica failure: the volume is someone else's now.
+            return;
+        }
         let m = self.masks();
         let bit = 1u32 << idx;
         if healthy_of(m) & bit != 0 {
             let next = self.revision() + 1;
             // Errors were already turned into a failed replica inside commit.
             let _ = self.commit(
-                &mut messages,
+                messages,
                 healthy_of(m) & !bit,
                 next,
                 vec![(idx, reason.to_string())],
@@ -654,7 +872,7 @@ impl VolumeIo {
                 pack(healthy_of(m), rebuilding_of(m) & !bit, tracking_of(m) | bit),
                 Ordering::SeqCst,
             );
-            self.report_failure(&mut messages, idx, format!("rebuild stopped: {reason}"));
+            self.report_failure(messages, idx, format!("rebuild stopped: {reason}"));
         }
     }
 
@@ -684,21 +902,42 @@ impl VolumeIo {
         &self,
         messages: &mut [String],
         mut keep: u32,
-        revision: u64,
+        mut revision: u64,
         mut failed: Vec<(usize, String)>,
         track: bool,
     ) -> Result<u64, EngineError> {
-        for i in 0..self.slots.len() {
-            if keep & (1 << i) == 0 {
-                continue;
+        loop {
+            let mut dropped = false;
+            for i in 0..self.slots.len() {
+                if keep & (1 << i) == 0 {
+                    continue;
+                }
+                let Some(io) = self.slots[i].io.load_full() else {
+                    continue;
+                };
+                match self.set_revision_on(i, &io, revision) {
+                    Ok(()) => {}
+                    Err(SetRevisionError::Fenced(reason)) => {
+                        self.mark_fenced(&reason);
+                        return Err(EngineError::Fenced {
+                            volume: self.name.clone(),
+                        });
+                    }
+                    Err(SetRevisionError::Failed(e)) => {
+                        keep &= !(1 << i);
+                        dropped = true;
+                        failed.push((i, format!("cannot persist revision {revision}: {e}")));
+                    }
+                }
             }
-            let Some(io) = self.slots[i].io.load_full() else {
-                continue;
-            };
-            if let Err(e) = io.set_revision(revision) {
-                keep &= !(1 << i);
-                failed.push((i, format!("cannot persist revision {revision}: {e}")));
+            // A replica dropped here may hold `revision` all the same (the
+            // answer was lost, or the directory sync after the rename
+            // failed). The survivors move one higher, so no dropped replica
+            // can ever look as new as they are.
+            if !dropped || keep == 0 {
+                break;
             }
+            revision += 1;
         }
         let m = self.masks();
         let mut tracking = tracking_of(m);
@@ -788,7 +1027,7 @@ impl VolumeIo {
     /// the caller copies everything the source holds.
     /// Whether [`VolumeIo::start_rebuild`] would resume (incremental) for
     /// this replica, as things stand.
-    pub(crate) fn would_resume(&self, idx: usize, name: &str, io: &ReplicaIo) -> bool {
+    pub fn would_resume(&self, idx: usize, name: &str, io: &ReplicaIo) -> bool {
         let Some(slot) = self.slots.get(idx) else {
             return false;
         };
@@ -796,6 +1035,7 @@ impl VolumeIo {
             && tracking_of(self.masks()) & (1 << idx) != 0
             && slot.dirty.load().is_some()
             && io.revision() == slot.left_at.load(Ordering::SeqCst)
+            && *slot.instance.lock().unwrap_or_else(|p| p.into_inner()) == io.instance()
     }
 
     pub(crate) fn start_rebuild(
@@ -841,10 +1081,26 @@ impl VolumeIo {
         }
         let slot = &self.slots[idx];
         let same = *slot.name.lock().unwrap_or_else(|p| p.into_inner()) == name;
+        // The same replica, back at the revision it left at, served by the
+        // same boot of its node (a reboot or power loss may have dropped
+        // writes it acknowledged before it left but never flushed).
         let incremental = same
             && tracking_of(m) & bit != 0
             && slot.dirty.load().is_some()
-            && io.revision() == slot.left_at.load(Ordering::SeqCst);
+            && io.revision() == slot.left_at.load(Ordering::SeqCst)
+            && *slot.instance.lock().unwrap_or_else(|p| p.into_inner()) == io.instance();
+        // A new owner session on it; the old one (ours, or a stalled
+        // connection's) is fenced and drained before this returns.
+        let claim = self.claim_for(idx, name);
+        if let ReplicaIo::Local(_) = &io {
+            self.claim_slot(idx, &io, claim)
+                .map_err(|reason| EngineError::Setup {
+                    volume: self.name.clone(),
+                    reason,
+                })?;
+        } else {
+            let _ = self.claim_slot(idx, &io, claim);
+        }
         if !incremental {
             slot.dirty.store(Some(Arc::new(HeadBitmap::new(
                 self.size.div_ceil(BLOCK_SIZE),
@@ -875,15 +1131,31 @@ impl VolumeIo {
         }
         let revision = self.revision();
         let io = self.slots[idx].io.load_full();
-        if let Some(Err(e)) = io.map(|io| io.set_revision(revision)) {
+        fail::fail_point!("engine::finish_rebuild::before_revision");
+        if let Some(Err(e)) = io.map(|io| self.set_revision_on(idx, &io, revision)) {
             self.masks.store(
                 pack(healthy_of(m), rebuilding_of(m) & !bit, tracking_of(m)),
                 Ordering::SeqCst,
             );
+            if let SetRevisionError::Fenced(reason) = &e {
+                self.mark_fenced(reason);
+                return Err(EngineError::Fenced {
+                    volume: self.name.clone(),
+                });
+            }
             self.report_failure(
                 &mut messages,
                 idx,
                 format!("cannot persist revision {revision}: {e}"),
+            );
+            // The target may hold `revision` all the same while it misses
+            // every write from now on: the healthy set moves past it.
+            let _ = self.commit(
+                &mut messages,
+                healthy_of(m),
+                revision + 1,
+                Vec::new(),
+                false,
             );
             return Err(EngineError::RebuildAborted {
                 volume: self.name.clone(),
@@ -946,6 +1218,10 @@ impl VolumeIo {
                     tracing::warn!(volume = %self.name, replica = %name, error = %e, "salvage: cannot connect");
                     continue;
                 }
+            }
+            if let Err(e) = self.claim_slot(idx, &io, self.claim_for(idx, &name)) {
+                tracing::warn!(volume = %self.name, replica = %name, error = %e, "salvage: cannot claim");
+                continue;
             }
             let slot = &self.slots[idx];
             *slot.name.lock().unwrap_or_else(|p| p.into_inner()) = name.clone();

@@ -50,6 +50,10 @@ pub struct VolumeMeta {
     /// File name of the writable head layer.
     pub head: String,
     pub revision: u64,
+    /// The owner session generation (fencing; see `replica::fence`).
+    /// Absent in replicas written before fencing existed: 0.
+    #[serde(default)]
+    pub owner_generation: u64,
 }
 
 /// Contents of a layer's `<file>.meta`.
@@ -231,6 +235,7 @@ mod tests {
             sector_size: 4096,
             head: "volume-head-000.img".into(),
             revision: 7,
+            owner_generation: 3,
         }
     }
 

@@ -16,10 +16,12 @@
 mod blocking;
 mod chain_ops;
 pub mod extent;
+pub mod fence;
 pub mod meta;
 mod view;
 
 pub use chain_ops::{ChainChange, ChainOutcome, Removal};
+pub use fence::{Claim, FenceError, Session};
 pub(crate) use view::merge_bytes;
 pub use view::SnapshotView;
 
@@ -125,6 +127,8 @@ pub enum ReplicaError {
     SnapshotExists { dir: String, name: String },
     #[error("replica {dir}: no snapshot {name} (list them with `cairnctl snapshot list`)")]
     SnapshotNotFound { dir: String, name: String },
+    #[error(transparent)]
+    Fence(#[from] FenceError),
 }
 
 /// What a new replica is made of.
@@ -213,6 +217,8 @@ pub struct Replica {
     chain: ArcSwap<Chain>,
     /// Serializes chain changes.
     chain_ops: Mutex<()>,
+    /// Live owner sessions (see [`fence`]); claims serialize on its lock.
+    sessions: fence::Sessions,
 }
 
 /// What a new snapshot layer records.
@@ -284,6 +290,7 @@ impl Replica {
             sector_size: BLOCK_SIZE,
             head,
             revision: 0,
+            owner_generation: 0,
         };
         write_volume_meta(dir, &vm)?; // Commit point.
         Self::open(dir)
@@ -318,6 +325,7 @@ impl Replica {
             meta: Mutex::new(vm),
             chain: ArcSwap::from_pointee(chain),
             chain_ops: Mutex::new(()),
+            sessions: fence::Sessions::default(),
         })
     }
 
@@ -366,6 +374,45 @@ impl Replica {
         write_volume_meta(&self.dir, &next)?;
         *m = next;
         Ok(())
+    }
+
+    /// The owner generation stored in `volume.meta`.
+    pub fn owner_generation(&self) -> u64 {
+        self.lock_meta().owner_generation
+    }
+
+    /// Starts or joins an owner session (see [`fence`]). A new session
+    /// (`Takeover`, `Renew`) fences every older one, waits for what they
+    /// admitted to finish, and persists the new generation before it is
+    /// returned; `Join` only attaches to the current generation.
+    pub fn claim(&self, claim: Claim) -> Result<Arc<Session>, ReplicaError> {
+        let mut live = self.sessions.lock();
+        let stored = self.owner_generation();
+        let fenced = |asked| FenceError::Fenced {
+            replica: self.replica.clone(),
+            asked,
+            current: stored,
+        };
+        let generation = match claim {
+            Claim::Join { generation } if generation == stored => {
+                return Ok(fence::Sessions::add(&mut live, generation));
+            }
+            Claim::Join { generation } => return Err(fenced(generation).into()),
+            Claim::Observe => return Ok(fence::Session::observer(stored)),
+            Claim::Renew { expect } if expect != stored => return Err(fenced(expect).into()),
+            Claim::Renew { .. } | Claim::Takeover => stored + 1,
+        };
+        fail::fail_point!("replica::claim::before_fence");
+        fence::Sessions::fence_older(&mut live, generation, &self.replica)?;
+        {
+            let mut m = self.lock_meta();
+            let mut next = m.clone();
+            next.owner_generation = generation;
+            write_volume_meta(&self.dir, &next)?;
+            *m = next;
+        }
+        tracing::info!(replica = %self.replica, generation, ?claim, "owner session started");
+        Ok(fence::Sessions::add(&mut live, generation))
     }
 
     fn lock_meta(&self) -> MutexGuard<'_, VolumeMeta> {

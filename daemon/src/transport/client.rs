@@ -46,6 +46,12 @@ impl PeerError {
             _ => libc::EIO,
         }
     }
+
+    /// The peer refused because this owner session was fenced (or a claim
+    /// lost to a newer owner): the caller no longer owns the volume.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, PeerError::Remote { errno, .. } if *errno == super::wire::FENCED_ERRNO)
+    }
 }
 
 /// An authenticated connection, one request at a time.
@@ -55,6 +61,9 @@ pub struct PeerConn {
     writer: TcpStream,
     buf: Vec<u8>,
     next_id: u64,
+    /// A call failed mid-exchange (timeout, closed, garbled): the stream's
+    /// position is unknown, so the connection must not be used again.
+    broken: bool,
 }
 
 /// Resolves `addr` (host:port) to its first socket address.
@@ -162,11 +171,18 @@ impl PeerConn {
             writer,
             buf: Vec::new(),
             next_id: 2,
+            broken: false,
         })
     }
 
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Whether an earlier call broke the connection (see `broken`); the
+    /// owner must open a new one.
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 
     /// Sends `op` with `payload` and returns the answer; an `Error` answer is
@@ -178,6 +194,25 @@ impl PeerConn {
         payload: &[u8],
         data: &mut Vec<u8>,
     ) -> Result<Op, PeerError> {
+        if self.broken {
+            return Err(PeerError::Closed {
+                addr: self.addr.clone(),
+            });
+        }
+        let r = self.exchange(op, payload, data);
+        if matches!(
+            r,
+            Err(PeerError::Wire { .. } | PeerError::Closed { .. } | PeerError::Unexpected { .. })
+        ) {
+            // A late answer to this request would be read as the answer to
+            // the next one: never reuse the stream.
+            self.broken = true;
+            let _ = self.writer.shutdown(std::net::Shutdown::Both);
+        }
+        r
+    }
+
+    fn exchange(&mut self, op: Op, payload: &[u8], data: &mut Vec<u8>) -> Result<Op, PeerError> {
         let id = self.next_id;
         self.next_id += 1;
         let wire = |source| PeerError::Wire {
@@ -229,6 +264,25 @@ impl PeerConn {
     /// first answer is read (answers are tiny, so neither side can block the
     /// other), then each answer must be `Ok`.
     pub fn write_many(&mut self, chunks: &[(u64, &[u8])]) -> Result<(), PeerError> {
+        if self.broken {
+            return Err(PeerError::Closed {
+                addr: self.addr.clone(),
+            });
+        }
+        let r = self.write_many_inner(chunks);
+        if matches!(
+            r,
+            Err(PeerError::Wire { .. } | PeerError::Closed { .. } | PeerError::Unexpected { .. })
+        ) || r.is_err()
+        {
+            // Answers to the rest of the burst may still be on the way.
+            self.broken = true;
+            let _ = self.writer.shutdown(std::net::Shutdown::Both);
+        }
+        r
+    }
+
+    fn write_many_inner(&mut self, chunks: &[(u64, &[u8])]) -> Result<(), PeerError> {
         let first = self.next_id;
         for (offset, data) in chunks {
             let id = self.next_id;

@@ -15,7 +15,7 @@
 //! ```text
 //!  0       4          6        8            12        16
 //!  ┌───────┬──────────┬────────┬────────────┬─────────┬──────────────┬─────────────────┐
-//!  │ "CRN1"│header_len│ flags  │payload_len │ crc32c  │ header       │ payload         │
+//!  │ "CRN2"│header_len│ flags  │payload_len │ crc32c  │ header       │ payload         │
 //!  │ magic │   u16    │  u16   │    u32     │   u32   │ bincode 2,   │ raw bytes:      │
 //!  │       │ 1..=65535│ 0 only │ ≤ 8 MiB    │ of hdr  │ varint       │ write data or   │
 //!  │       │          │        │            │ +payload│ Header{id,op}│ read data       │
@@ -39,5 +39,6 @@ pub use client::{PeerConn, PeerError};
 pub use server::{ReplicaServer, ServerStats};
 pub use wire::{
     decode_frame, encode_frame, encode_frame_head, Decoded, DiskReport, FrameReader, Header,
-    NodeReport, Op, ReplicaReport, WireError, MAGIC, MAX_HEADER, MAX_PAYLOAD, PREFIX_LEN,
+    NodeReport, Op, ReplicaReport, WireError, FENCED_ERRNO, MAGIC, MAX_HEADER, MAX_PAYLOAD,
+    PREFIX_LEN,
 };

@@ -19,9 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::auth::{ClusterSecret, ServerHandshake};
-use super::wire::{encode_frame, encode_frame_head, FrameReader, Header, Op, WireError};
+use super::wire::{
+    encode_frame, encode_frame_head, FrameReader, Header, Op, WireError, FENCED_ERRNO,
+};
 use crate::disks::{disk_fits, NodeDisks};
-use crate::replica::Replica;
+use crate::replica::{Replica, ReplicaError, Session};
 
 /// How long a new connection may take to authenticate.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -53,12 +55,25 @@ pub struct ReplicaServer {
 type Conns = Arc<std::sync::Mutex<std::collections::HashMap<u64, TcpStream>>>;
 
 impl ReplicaServer {
-    /// Binds `listen` and starts serving `disks`' replicas.
+    /// Binds `listen` and starts serving `disks`' replicas, as this boot of
+    /// this node (see [`boot_instance`]).
     pub fn start(
         listen: SocketAddr,
         secret: ClusterSecret,
         disks: Arc<NodeDisks>,
     ) -> io::Result<ReplicaServer> {
+        Self::start_as(listen, secret, disks, boot_instance())
+    }
+
+    /// [`Self::start`] with an explicit instance name: tests stand a node's
+    /// power loss in with a new one.
+    pub fn start_as(
+        listen: SocketAddr,
+        secret: ClusterSecret,
+        disks: Arc<NodeDisks>,
+        instance: String,
+    ) -> io::Result<ReplicaServer> {
+        let instance: Arc<str> = instance.into();
         let listener = TcpListener::bind(listen)?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -67,7 +82,7 @@ impl ReplicaServer {
         let (stop2, stats2, conns2) = (stop.clone(), stats.clone(), conns.clone());
         let thread = std::thread::Builder::new()
             .name("replica-accept".into())
-            .spawn(move || accept_loop(listener, secret, disks, stop2, stats2, conns2))?;
+            .spawn(move || accept_loop(listener, secret, disks, instance, stop2, stats2, conns2))?;
         tracing::info!(%addr, "replica server listening");
         Ok(ReplicaServer {
             addr,
@@ -101,10 +116,21 @@ impl Drop for ReplicaServer {
     }
 }
 
+/// This node's boot: what a replica's unflushed writes live through. Read
+/// from the kernel's boot id; a replica server started after a reboot (or a
+/// power loss) has a new one, and an engine must not trust that replica's
+/// dirty map alone (see `VolumeIo::start_rebuild`).
+pub fn boot_instance() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 fn accept_loop(
     listener: TcpListener,
     secret: ClusterSecret,
     disks: Arc<NodeDisks>,
+    instance: Arc<str>,
     stop: Arc<AtomicBool>,
     stats: Arc<ServerStats>,
     conns: Conns,
@@ -141,9 +167,10 @@ fn accept_loop(
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(id, c);
         }
-        let (secret, disks, stats, live, conns) = (
+        let (secret, disks, instance, stats, live, conns) = (
             secret.clone(),
             disks.clone(),
+            instance.clone(),
             stats.clone(),
             live.clone(),
             conns.clone(),
@@ -151,7 +178,7 @@ fn accept_loop(
         let spawned = std::thread::Builder::new()
             .name("replica-conn".into())
             .spawn(move || {
-                match serve(stream, &secret, &disks, &stats) {
+                match serve(stream, &secret, &disks, &instance, &stats) {
                     Ok(()) => tracing::debug!(%peer, "replica connection closed"),
                     Err(ConnError::Rejected(reason)) => {
                         stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -242,6 +269,7 @@ fn serve(
     stream: TcpStream,
     secret: &ClusterSecret,
     disks: &NodeDisks,
+    instance: &str,
     stats: &ServerStats,
 ) -> Result<(), ConnError> {
     tune_socket(&stream);
@@ -299,7 +327,11 @@ fn serve(
     w.set_read_timeout(None)?;
     tracing::debug!(node = %hs.node, "replica peer authenticated");
 
-    let mut bound: Option<Arc<Replica>> = None;
+    let mut conn = Conn {
+        bound: None,
+        stream: w.try_clone()?,
+        instance,
+    };
     let mut data: Vec<u8> = Vec::new();
     out.clear();
     loop {
@@ -307,7 +339,7 @@ fn serve(
             return Ok(());
         };
         stats.requests.fetch_add(1, Ordering::Relaxed);
-        let (op, reply_data) = handle(disks, &mut bound, header.op, payload, &mut data);
+        let (op, reply_data) = handle(disks, &mut conn, header.op, payload, &mut data);
         let body: &[u8] = if reply_data { &data } else { &[] };
         encode_frame(
             &mut out,
@@ -333,6 +365,37 @@ fn io_err(e: io::Error) -> Op {
     }
 }
 
+fn fenced(session: &Session) -> Op {
+    Op::Error {
+        errno: FENCED_ERRNO,
+        message: format!(
+            "owner session {} was fenced: another engine claimed this replica",
+            session.generation()
+        ),
+    }
+}
+
+fn replica_err(e: ReplicaError) -> Op {
+    let errno = match &e {
+        ReplicaError::Fence(_) => FENCED_ERRNO,
+        ReplicaError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        _ => libc::EIO,
+    };
+    Op::Error {
+        errno,
+        message: e.to_string(),
+    }
+}
+
+/// What one connection is bound to.
+struct Conn<'a> {
+    /// The replica and the owner session `Open` claimed or joined.
+    bound: Option<(Arc<Replica>, Arc<Session>)>,
+    /// This connection's socket, shut when its session is fenced.
+    stream: TcpStream,
+    instance: &'a str,
+}
+
 fn not_bound() -> Op {
     Op::Error {
         errno: libc::EBADF,
@@ -344,7 +407,7 @@ fn not_bound() -> Op {
 /// payload.
 fn handle(
     disks: &NodeDisks,
-    bound: &mut Option<Arc<Replica>>,
+    conn: &mut Conn<'_>,
     op: Op,
     payload: &[u8],
     data: &mut Vec<u8>,
@@ -364,13 +427,35 @@ fn handle(
             },
             false,
         ),
-        Op::Open { volume, replica } => match disks.open(&volume, &replica) {
+        Op::Open {
+            volume,
+            replica,
+            claim,
+        } => match disks.open(&volume, &replica) {
             Ok(r) => {
+                // A connection binds once: a second Open ends its session.
+                if let Some((_, old)) = conn.bound.take() {
+                    old.release();
+                }
+                let session = match r.claim(claim) {
+                    Ok(s) => s,
+                    Err(e) => return (replica_err(e), false),
+                };
+                // Fenced by a newer claim: close this connection at once,
+                // so nothing it still has buffered or in the network is read.
+                let observer = matches!(claim, crate::replica::Claim::Observe);
+                if let (false, Ok(sock)) = (observer, conn.stream.try_clone()) {
+                    session.set_on_fence(Box::new(move || {
+                        let _ = sock.shutdown(std::net::Shutdown::Both);
+                    }));
+                }
                 let reply = Op::Opened {
                     size: r.size(),
                     revision: r.revision(),
+                    generation: session.generation(),
+                    instance: conn.instance.to_string(),
                 };
-                *bound = Some(r);
+                conn.bound = Some((r, session));
                 (reply, false)
             }
             Err(e) => (
@@ -420,8 +505,23 @@ fn handle(
             ),
         },
         op => {
-            let Some(r) = bound.as_ref() else {
+            let Some((r, session)) = conn.bound.as_ref() else {
                 return (not_bound(), false);
+            };
+            // Everything that reads or changes the replica's data or
+            // metadata runs admitted by the session, or not at all.
+            let _admitted = match op {
+                Op::Read { .. }
+                | Op::Write { .. }
+                | Op::Flush
+                | Op::Discard { .. }
+                | Op::WriteZeroes { .. }
+                | Op::SetRevision { .. }
+                | Op::ChangeChain { .. } => match session.enter() {
+                    Some(a) => Some(a),
+                    None => return (fenced(session), false),
+                },
+                _ => None,
             };
             match op {
                 Op::Read { offset, len } => {
@@ -440,7 +540,18 @@ fn handle(
                         Err(e) => (io_err(e), false),
                     }
                 }
-                Op::Write { offset, fua } => done(r.write_at(offset, payload, fua)),
+                Op::Write { offset, fua } => {
+                    fail::fail_point!("server::write::before", |_| (
+                        Op::Error {
+                            errno: libc::EIO,
+                            message: "failpoint server::write::before".into()
+                        },
+                        false
+                    ));
+                    let res = r.write_at(offset, payload, fua);
+                    fail::fail_point!("server::write::after");
+                    done(res)
+                }
                 Op::Flush => done(r.flush()),
                 Op::Discard { offset, len } => done(r.discard(offset, len as u64)),
                 Op::WriteZeroes { offset, len } => done(r.write_zeroes(offset, len as u64)),
@@ -451,7 +562,17 @@ fn handle(
                     false,
                 ),
                 Op::SetRevision { revision } => match r.set_revision(revision) {
-                    Ok(()) => (Op::Ok, false),
+                    Ok(()) => {
+                        // Applied, but the answer is lost: the ambiguous case.
+                        fail::fail_point!("server::set_revision::after_persist", |_| (
+                            Op::Error {
+                                errno: libc::EIO,
+                                message: "failpoint server::set_revision::after_persist".into()
+                            },
+                            false
+                        ));
+                        (Op::Ok, false)
+                    }
                     Err(e) => (
                         Op::Error {
                             errno: libc::EIO,

@@ -14,11 +14,12 @@ use std::io::{self, Read};
 
 use bincode::{Decode, Encode};
 
-use crate::replica::{ChainChange, LayerInfo};
+use crate::replica::{ChainChange, Claim, LayerInfo};
 
-/// The four bytes every frame starts with: ASCII `CRN1` (the `1` is the
-/// protocol version; an incompatible change takes a new magic).
-pub const MAGIC: [u8; 4] = *b"CRN1";
+/// The four bytes every frame starts with: ASCII `CRN2` (the `2` is the
+/// protocol version; an incompatible change takes a new magic). Version 2
+/// added owner sessions (fencing) to `Open`/`Opened`.
+pub const MAGIC: [u8; 4] = *b"CRN2";
 
 /// Bytes of the fixed prefix: magic, header_len, flags, payload_len, crc32c.
 pub const PREFIX_LEN: usize = 16;
@@ -161,15 +162,24 @@ pub enum Op {
     },
 
     // Node and replica management (the owner's control plane → a peer).
-    /// Binds this connection to one replica: every data op after it is on
-    /// that replica. Answered with `Opened`.
+    /// Binds this connection to one replica and an owner session of it
+    /// (`claim`, see `replica::fence`): every data op after it is on that
+    /// replica, admitted only while the session is the current one. A
+    /// refused claim or a fenced op is answered `Error { errno: ESTALE }`
+    /// ([`FENCED_ERRNO`]). Answered with `Opened`.
     Open {
         volume: String,
         replica: String,
+        claim: Claim,
     },
+    /// `generation` is the session's owner generation; `instance` names the
+    /// serving node's boot (its page cache): a replica whose instance
+    /// changed may have lost writes it acknowledged but had not flushed.
     Opened {
         size: u64,
         revision: u64,
+        generation: u64,
+        instance: String,
     },
     /// The node's name and disks. Answered with `Node`.
     NodeStatus,
@@ -225,6 +235,11 @@ pub enum Op {
         len: u32,
     },
 }
+
+/// The errno of every fencing refusal: the request came from an owner
+/// session that is no longer the replica's current one (or a claim lost).
+/// Never produced by replica file I/O, so it is unambiguous.
+pub const FENCED_ERRNO: i32 = libc::ESTALE;
 
 /// One node as it describes itself.
 #[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
@@ -604,10 +619,13 @@ mod tests {
             Op::Open {
                 volume: "v".into(),
                 replica: "v-r-0000abcd".into(),
+                claim: Claim::Renew { expect: 4 },
             },
             Op::Opened {
                 size: 1 << 30,
                 revision: 9,
+                generation: 5,
+                instance: "8a1f".into(),
             },
             Op::NodeStatus,
             Op::Node {
@@ -1070,8 +1088,19 @@ mod tests {
                 .prop_map(|extents| Op::Extents { extents }),
             Just(Op::Pong),
             (any::<i32>(), ".{0,40}").prop_map(|(errno, message)| Op::Error { errno, message }),
-            (".{0,20}", ".{0,20}").prop_map(|(volume, replica)| Op::Open { volume, replica }),
-            (any::<u64>(), any::<u64>()).prop_map(|(size, revision)| Op::Opened { size, revision }),
+            (".{0,20}", ".{0,20}", any::<u64>()).prop_map(|(volume, replica, g)| Op::Open {
+                volume,
+                replica,
+                claim: Claim::Join { generation: g }
+            }),
+            (any::<u64>(), any::<u64>(), any::<u64>(), ".{0,8}").prop_map(
+                |(size, revision, generation, instance)| Op::Opened {
+                    size,
+                    revision,
+                    generation,
+                    instance
+                }
+            ),
             Just(Op::NodeStatus),
             (
                 ".{0,20}",

@@ -1,0 +1,1 @@
+//! Failpoint-driven data-safety tests (see daemon/Cargo.toml `failpoints`).
