@@ -5,162 +5,21 @@
 //! garbage on the port.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cairn::disks::NodeDisks;
 use cairn::engine::{
-    rebuild, IoOp, IoRequest, QueueEngine, QueueLayout, RebuildProgress, RemoteReplica,
-    RemoteTarget, ReplicaHandle, ReplicaIo, ReplicaState, VolumeHealth, VolumeIo,
+    rebuild, IoOp, IoRequest, QueueEngine, RebuildProgress, RemoteReplica, ReplicaHandle,
+    ReplicaIo, ReplicaState, VolumeHealth,
 };
-use cairn::replica::{Claim, Replica, ReplicaSpec};
-use cairn::transport::{ClusterSecret, Op, PeerConn, PeerError, ReplicaServer};
+use cairn::replica::{Replica, ReplicaSpec};
+use cairn::transport::{ClusterSecret, Op, PeerConn, PeerError};
 
 mod common;
+use common::cluster::*;
 use common::TestRing;
-
-const MIB: u64 = 1 << 20;
-const SIZE: u64 = 16 * MIB;
-const LAYOUT: QueueLayout = QueueLayout {
-    queues: 1,
-    depth: 64,
-};
-
-fn secret() -> ClusterSecret {
-    ClusterSecret::from_bytes(b"0123456789abcdef-test-secret").expect("secret")
-}
-
-/// One node: disks under `root`, a replica server on 127.0.0.1.
-struct Node {
-    root: PathBuf,
-    disks: Arc<NodeDisks>,
-    server: Option<ReplicaServer>,
-    addr: String,
-}
-
-impl Node {
-    fn new(root: &Path, name: &str) -> Node {
-        let disk = root.join(name);
-        std::fs::create_dir_all(disk.join("replicas")).expect("disk");
-        let disks = Arc::new(NodeDisks::new(name, vec![disk]));
-        let server = ReplicaServer::start(
-            "127.0.0.1:0".parse().expect("addr"),
-            secret(),
-            disks.clone(),
-        )
-        .expect("server");
-        let addr = server.local_addr().to_string();
-        Node {
-            root: root.to_path_buf(),
-            disks,
-            server: Some(server),
-            addr,
-        }
-    }
-
-    /// Stops the server and closes its connections (a killed daemon).
-    fn kill(&mut self) {
-        self.server = None;
-    }
-
-    /// Starts it again on the same port.
-    fn restart(&mut self) {
-        let addr = self.addr.parse().expect("addr");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match ReplicaServer::start(addr, secret(), self.disks.clone()) {
-                Ok(s) => {
-                    self.server = Some(s);
-                    return;
-                }
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => panic!("restart {addr}: {e}"),
-            }
-        }
-    }
-
-    fn create(&self, replica: &str) {
-        self.disks
-            .create("vol", replica, SIZE, None, |_| true)
-            .expect("create replica");
-    }
-
-    fn target(&self, replica: &str, timeout: Duration) -> RemoteTarget {
-        RemoteTarget {
-            addr: self.addr.clone(),
-            volume: "vol".into(),
-            replica: replica.into(),
-            secret: secret(),
-            node: "engine".into(),
-            timeout,
-        }
-    }
-
-    fn remote(&self, replica: &str) -> ReplicaIo {
-        ReplicaIo::Remote(Arc::new(
-            RemoteReplica::connect(
-                self.target(replica, Duration::from_secs(2)),
-                Claim::Takeover,
-            )
-            .expect("connect"),
-        ))
-    }
-
-    /// A replica's whole content, read through its layer chain.
-    fn content(&self, replica: &str) -> Vec<u8> {
-        let r = self.disks.open("vol", replica).expect("open");
-        let mut buf = vec![0u8; SIZE as usize];
-        r.read_at(0, &mut buf).expect("read");
-        buf
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| ((i as u64).wrapping_mul(2654435761).wrapping_add(seed * 97) >> 3) as u8)
-        .collect()
-}
-
-fn write(ring: &mut TestRing, engine: &mut QueueEngine, offset: u64, data: &mut [u8]) -> i32 {
-    ring.one(
-        engine,
-        IoRequest {
-            op: IoOp::Write,
-            offset,
-            len: data.len() as u32,
-            fua: false,
-        },
-        data,
-    )
-}
-
-fn read(ring: &mut TestRing, engine: &mut QueueEngine, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    let r = ring.one(
-        engine,
-        IoRequest {
-            op: IoOp::Read,
-            offset,
-            len: len as u32,
-            fua: false,
-        },
-        &mut buf,
-    );
-    assert_eq!(r, len as i32, "read at {offset}");
-    buf
-}
-
-fn volume(handles: Vec<ReplicaHandle>) -> Arc<VolumeIo> {
-    let v = VolumeIo::new("vol", SIZE, handles, Box::new(|_| {}), LAYOUT).expect("volume");
-    v.begin_epoch().expect("epoch");
-    v
-}
 
 #[test]
 fn pipelined_writes_reach_every_replica_and_reads_come_back() {
@@ -398,42 +257,9 @@ fn a_silent_replica_times_out_and_leaves_the_io_set() {
     a.create("vol-r-a");
     h.create("vol-r-h");
     // The hung node: a real server for the handshake and Open, then it is
-    // frozen by SIGSTOP-like means: we point a proxy at it and stop relaying.
-    let proxy = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let proxy_addr = proxy.local_addr().expect("addr").to_string();
-    let upstream = h.addr.clone();
-    let frozen = Arc::new(AtomicBool::new(false));
-    let f2 = frozen.clone();
-    std::thread::spawn(move || {
-        for c in proxy.incoming().flatten() {
-            let up = TcpStream::connect(&upstream).expect("upstream");
-            for (mut from, mut to) in [
-                (c.try_clone().expect("c"), up.try_clone().expect("u")),
-                (up, c),
-            ] {
-                let f = f2.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 65536];
-                    while let Ok(n) = from.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                        while f.load(Ordering::SeqCst) {
-                            std::thread::sleep(Duration::from_millis(10));
-                        }
-                        if to.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        }
-    });
-    let mut t = h.target("vol-r-h", Duration::from_millis(800));
-    t.addr = proxy_addr;
-    let hung = ReplicaIo::Remote(Arc::new(
-        RemoteReplica::connect(t, Claim::Takeover).expect("connect"),
-    ));
+    // frozen: the proxy in front of it stops relaying.
+    let proxy = FreezingProxy::new(&h.addr);
+    let hung = proxy.remote(&h, "vol-r-h", Duration::from_millis(800));
     let v = volume(vec![
         ReplicaHandle {
             name: "vol-r-a".into(),
@@ -448,7 +274,7 @@ fn a_silent_replica_times_out_and_leaves_the_io_set() {
     let mut ring = TestRing::new();
     let mut d = pattern(1, 4096);
     assert_eq!(write(&mut ring, &mut engine, 0, &mut d), 4096);
-    frozen.store(true, Ordering::SeqCst);
+    proxy.freeze();
     let started = Instant::now();
     let mut d = pattern(2, 4096);
     assert_eq!(
@@ -741,4 +567,233 @@ fn snapshots_reach_remote_replicas_and_a_full_rebuild_copies_the_chain() {
     }
     // Chain changes are refused while a rebuild runs; a fresh epoch works.
     assert_eq!(v.health(), VolumeHealth::Healthy);
+}
+
+// ---- Data safety under faults (issue: fencing and the acknowledgement rule).
+
+/// Scenario 1: a write held in a stalled connection must not land on the
+/// replica after the replica was rebuilt and rejoined.
+#[test]
+fn a_stalled_connection_cannot_land_a_write_after_the_rebuild() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"));
+    a.create("vol-r-a");
+    b.create("vol-r-b");
+    let proxy = FreezingProxy::new(&b.addr);
+    let v = volume(vec![
+        ReplicaHandle {
+            name: "vol-r-a".into(),
+            io: Some(a.remote("vol-r-a")),
+        },
+        ReplicaHandle {
+            name: "vol-r-b".into(),
+            io: Some(proxy.remote(&b, "vol-r-b", Duration::from_millis(800))),
+        },
+    ]);
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    let mut d1 = pattern(1, 4096);
+    assert_eq!(write(&mut ring, &mut engine, 0, &mut d1), 4096);
+    proxy.freeze();
+    let mut d2 = pattern(2, 4096);
+    assert_eq!(
+        write(&mut ring, &mut engine, 0, &mut d2),
+        4096,
+        "acknowledged on A alone"
+    );
+    assert_eq!(v.replicas()[1].state, ReplicaState::Failed);
+    let mut d3 = pattern(3, 4096);
+    assert_eq!(write(&mut ring, &mut engine, 0, &mut d3), 4096);
+    // B comes back on a new connection; the stalled one still holds d2.
+    let back = ReplicaIo::Remote(Arc::new(
+        RemoteReplica::connect(
+            b.target("vol-r-b", Duration::from_secs(2)),
+            v.claim_for(1, "vol-r-b"),
+        )
+        .expect("reconnect"),
+    ));
+    let progress = RebuildProgress::new("vol-r-b");
+    let report =
+        rebuild(&v, 1, "vol-r-b", back, &progress, &AtomicBool::new(false)).expect("rebuild");
+    assert!(report.incremental);
+    assert_eq!(v.health(), VolumeHealth::Healthy);
+    assert_eq!(b.content("vol-r-b")[..4096], d3[..]);
+    // The stalled connection delivers d2 now: the server must refuse it.
+    proxy.thaw();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        b.content("vol-r-b")[..4096],
+        d3[..],
+        "a write from the dead session landed on a healthy replica"
+    );
+    for _ in 0..4 {
+        assert_eq!(read(&mut ring, &mut engine, 0, 4096), d3);
+    }
+}
+
+/// Scenario 2: a second engine takes the volume over; the first one's
+/// writes are refused, it reports itself fenced, and it moves no revision.
+#[test]
+fn a_second_owner_fences_the_first() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"));
+    a.create("vol-r-a");
+    b.create("vol-r-b");
+    let handles = || {
+        vec![
+            ReplicaHandle {
+                name: "vol-r-a".into(),
+                io: Some(a.remote("vol-r-a")),
+            },
+            ReplicaHandle {
+                name: "vol-r-b".into(),
+                io: Some(b.remote("vol-r-b")),
+            },
+        ]
+    };
+    let old = volume(handles());
+    let mut e_old = QueueEngine::new(old.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    let mut w1 = pattern(11, 8192);
+    assert_eq!(write(&mut ring, &mut e_old, 0, &mut w1), 8192);
+    // `volume adopt` on another node while this one still runs it.
+    let new = volume(handles());
+    let mut e_new = QueueEngine::new(new.clone(), 0, LAYOUT.depth);
+    let mut ring2 = TestRing::new();
+    let mut w2 = pattern(12, 8192);
+    assert!(
+        write(&mut ring, &mut e_old, 0, &mut w2) < 0,
+        "the old owner's write was acknowledged after the takeover"
+    );
+    assert!(
+        old.is_fenced(),
+        "the old owner does not know it lost the volume"
+    );
+    assert_eq!(read(&mut ring2, &mut e_new, 0, 8192), w1);
+    let mut w3 = pattern(13, 8192);
+    assert_eq!(write(&mut ring2, &mut e_new, 0, &mut w3), 8192);
+    assert!(write(&mut ring, &mut e_old, 8192, &mut w2) < 0);
+    for (n, r) in [(&a, "vol-r-a"), (&b, "vol-r-b")] {
+        assert_eq!(n.content(r)[..8192], w3[..]);
+        let rev = n.disks.open("vol", r).expect("open").revision();
+        assert_eq!(
+            rev,
+            new.revision(),
+            "{r}'s revision was moved by the fenced owner"
+        );
+    }
+    assert_eq!(new.health(), VolumeHealth::Healthy);
+}
+
+/// Scenario 3: a write is acknowledged only if every replica in the healthy
+/// set when it completes holds it.
+#[test]
+fn a_write_held_only_by_a_replica_that_left_is_not_acknowledged() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (g, h) = (Node::new(tmp.path(), "g"), Node::new(tmp.path(), "h"));
+    g.create("vol-r-g");
+    h.create("vol-r-h");
+    let proxy = FreezingProxy::new(&g.addr);
+    let v = volume(vec![
+        ReplicaHandle {
+            name: "vol-r-g".into(),
+            io: Some(proxy.remote(&g, "vol-r-g", Duration::from_millis(800))),
+        },
+        ReplicaHandle {
+            name: "vol-r-h".into(),
+            io: Some(h.remote("vol-r-h")),
+        },
+    ]);
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    let mut w0 = pattern(20, 4096);
+    assert_eq!(write(&mut ring, &mut engine, 0, &mut w0), 4096);
+    proxy.freeze();
+    // H answers W at once; while G's leg hangs, H leaves the set.
+    let v2 = v.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        v2.fail_replica("vol-r-h", "operator")
+    });
+    let mut w = pattern(21, 4096);
+    let res = write(&mut ring, &mut engine, 4096, &mut w);
+    t.join().expect("thread").expect("fail H");
+    assert!(
+        res < 0,
+        "W was acknowledged on the strength of H, which had left the set"
+    );
+    proxy.thaw();
+}
+
+/// Scenario 8: a replica whose node rebooted (page cache lost) is not
+/// resumed from the dirty map alone: it gets a full copy.
+#[test]
+fn a_replica_back_from_another_boot_is_not_resumed_incrementally() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, mut b) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"));
+    a.create("vol-r-a");
+    b.create("vol-r-b");
+    let v = volume(vec![
+        ReplicaHandle {
+            name: "vol-r-a".into(),
+            io: Some(a.remote("vol-r-a")),
+        },
+        ReplicaHandle {
+            name: "vol-r-b".into(),
+            io: Some(b.remote("vol-r-b")),
+        },
+    ]);
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    let mut d1 = pattern(31, 64 * 1024);
+    assert_eq!(write(&mut ring, &mut engine, 0, &mut d1), 64 * 1024);
+    b.kill();
+    let mut d2 = pattern(32, 4096);
+    assert_eq!(write(&mut ring, &mut engine, MIB, &mut d2), 4096);
+    // Power loss on B: d1 was acknowledged but never flushed there.
+    b.disks
+        .open("vol", "vol-r-b")
+        .expect("open")
+        .write_at(0, &vec![0u8; 64 * 1024], false)
+        .expect("lose d1");
+    b.restart_as("another-boot");
+    let back = ReplicaIo::Remote(Arc::new(
+        RemoteReplica::connect(
+            b.target("vol-r-b", Duration::from_secs(2)),
+            v.claim_for(1, "vol-r-b"),
+        )
+        .expect("reconnect"),
+    ));
+    assert!(
+        !v.would_resume(1, "vol-r-b", &back),
+        "a replica from another boot would be resumed from its dirty map"
+    );
+    let progress = RebuildProgress::new("vol-r-b");
+    let report =
+        rebuild(&v, 1, "vol-r-b", back, &progress, &AtomicBool::new(false)).expect("rebuild");
+    assert!(!report.incremental);
+    assert_eq!(a.content("vol-r-a"), b.content("vol-r-b"));
+}
+
+/// Scenario 14: a peer call that timed out leaves no late answer behind to
+/// be read as the answer to the next call.
+#[test]
+fn a_timed_out_peer_call_does_not_poison_the_next_one() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let a = Node::new(tmp.path(), "a");
+    a.create("vol-r-a");
+    let proxy = FreezingProxy::new(&a.addr);
+    let ReplicaIo::Remote(r) = proxy.remote(&a, "vol-r-a", Duration::from_millis(400)) else {
+        unreachable!()
+    };
+    let mut c = r.open_stream().expect("stream");
+    proxy.freeze();
+    assert!(c.call(Op::Ping).is_err(), "the frozen call times out");
+    proxy.thaw();
+    std::thread::sleep(Duration::from_millis(100));
+    // The late Pong must not answer this call; the connection is dropped.
+    assert!(c.is_broken());
+    assert!(c.call(Op::GetRevision).is_err());
+    let mut fresh = r.open_stream().expect("a new stream");
+    assert!(matches!(fresh.call(Op::Ping), Ok(Op::Pong)));
 }

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Cluster: seeded random faults. A 3-replica volume (one replica per node,
-# owner n1) is written by fio (crc32c headers, fsync every 16 writes) for a
+# owner n1) is written by fio (crc32c headers, fsync every 16 writes; each
+# pass over a region in another block size or alignment, so that a lost
+# write that left the previous pass's bytes fails verification) for a
 # whole schedule of faults drawn from a seeded PRNG: kill -9 a replica node
 # and restart it, cut a replica node's link for 2-5 s, kill -9 the owner and
 # restart it (ublk user recovery takes the same device back), SIGSTOP a
@@ -11,8 +13,10 @@
 # layers) must be byte-identical.
 #
 #   CAIRN_FAULT_SEED=N       replay a run (the seed is printed first)
-#   CAIRN_FAULT_ROUNDS=N     faults per schedule (default 8, with a 180 s
-#                            budget; setting it lifts the budget)
+#   CAIRN_FAULT_ROUNDS=N     faults per schedule (default 8 within a 150 s
+#                            budget, so a schedule with its last recovery
+#                            ends within ~3 min under TCG; setting it lifts
+#                            the budget)
 #   CAIRN_FAULT_SECONDS=N    stop drawing faults after N s (0: no limit)
 #   CAIRN_FAULT_SCHEDULES=N  run N schedules, seeds SEED, SEED+1, ...
 # From the host: VM_ENV="CAIRN_FAULT_SEED CAIRN_FAULT_ROUNDS" \
@@ -21,7 +25,7 @@ source "$(dirname "$0")/cluster-lib.sh"
 
 SEED=${CAIRN_FAULT_SEED:-$(date +%s)}
 ROUNDS=${CAIRN_FAULT_ROUNDS:-8}
-if [[ -n "${CAIRN_FAULT_ROUNDS:-}" ]]; then BUDGET=${CAIRN_FAULT_SECONDS:-0}; else BUDGET=${CAIRN_FAULT_SECONDS:-180}; fi
+if [[ -n "${CAIRN_FAULT_ROUNDS:-}" ]]; then BUDGET=${CAIRN_FAULT_SECONDS:-0}; else BUDGET=${CAIRN_FAULT_SECONDS:-150}; fi
 SCHEDULES=${CAIRN_FAULT_SCHEDULES:-1}
 [[ "$SEED$ROUNDS$BUDGET$SCHEDULES" =~ ^[0-9]+$ ]] || { echo "CAIRN_FAULT_* must be integers"; exit 2; }
 say "seed $SEED"
@@ -56,23 +60,33 @@ trap 'stop_writer_hard; cluster_cleanup' EXIT
 # shell (never in $(...)), so the draws are the same for the same seed.
 rnd() { R=$((RANDOM % $1)); }
 
+# Write geometries, block size and shift in KiB. fio's crc32c header names
+# a block's offset and length but not which pass wrote it, so a block that
+# kept the previous pass's bytes (a lost write) would verify as if it were
+# new. Each visit of a region therefore uses the next geometry: a block left
+# from any of the 13 visits before has its header elsewhere or another
+# length, and fails verification.
+GEOMS=("16 0" "8 0" "32 0" "16 4" "8 4" "32 8" "16 8" "32 16" "16 12" "32 4" "32 12" "32 20" "32 24" "32 28")
+
 # The background writer: pass p writes region (p-1) % REGIONS, every block
-# of it once (fio seed = base + p), and is logged in $WORK/passes when it
-# completed without an error. A pass is never cut short: at the end the
-# writer finishes the pass it is in, so each region holds exactly the
-# blocks of its last logged pass.
+# of it once (fio seed = base + p, geometry by the region's visit count),
+# and is logged in $WORK/passes ("seed region bs shift") when it completed
+# without an error. A pass is never cut short: at the end the writer
+# finishes the pass it is in, so each region holds exactly the blocks of
+# its last logged pass (except the edges a shifted pass leaves out).
 writer() {
-    local base=$1 p=0 r fseed
+    local base=$1 p=0 r fseed bs sh
     while [[ ! -e "$WORK/writer.stop" ]]; do
         p=$((p + 1))
         r=$(((p - 1) % REGIONS))
+        read -r bs sh <<<"${GEOMS[((p - 1) / REGIONS) % ${#GEOMS[@]}]}"
         fseed=$((base + p))
-        if ! fio_write "$DEV" "$((r * RMIB))M" "${RMIB}M" "$fseed" --fsync=16 ||
+        if ! fio_write "$DEV" "$((r * RMIB * 1024 + sh))k" "$((RMIB * 1024 - 32))k" "$fseed" --bs="${bs}k" --fsync=16 ||
             ! grep -q "err= 0" "$WORK/fio-w$fseed.txt"; then
-            { echo "fio pass $p (seed $fseed, region $r) failed:"; tail -n 15 "$WORK/fio-w$fseed.txt"; } >"$WORK/writer.failed"
+            { echo "fio pass $p (seed $fseed, region $r, bs ${bs}k, shift ${sh}k) failed:"; tail -n 15 "$WORK/fio-w$fseed.txt"; } >"$WORK/writer.failed"
             return 1
         fi
-        echo "$fseed $r" >>"$WORK/passes"
+        echo "$fseed $r $bs $sh" >>"$WORK/passes"
     done
 }
 check_writer() {
@@ -94,6 +108,16 @@ wait_healthy() {
         all_healthy && return 0
         ((SECONDS - t0 < 240)) || die "$V: replicas do not stay healthy after $FAULT"
     done
+}
+
+# What the owner logged since line $1: replicas failed, rebuilds.
+effects() {
+    local lines failed rebuilds
+    lines=$(tail -n +"$(($1 + 1))" "$WORK/n1/log")
+    failed=$(grep -c "replica failed, removed" <<<"$lines" || true)
+    rebuilds=$(grep -o "rebuild started.*incremental=[a-z]*" <<<"$lines" | sed 's/.*incremental=true/incremental/; s/.*incremental=false/full/' | tr '\n' ' ' || true)
+    rebuilds=${rebuilds% }
+    echo "replicas failed: $failed, rebuilds: ${rebuilds:-none}"
 }
 
 replica_node() { vfield 1 "$V" ".replicas[$1].node"; }
@@ -138,7 +162,7 @@ inject() { # KIND; FAULT describes it
         FAULT="snapshot $name under load"
         nctl 1 snapshot create "$V" --name "$name" >/dev/null || die "snapshot $name failed"
         live=$(nctl 1 -o json snapshot list "$V" | jq -r '[.[] | select((.isHead | not) and (.removed | not))] | .[].name')
-        if [[ $(wc -w <<<"$live") -gt 2 ]]; then
+        if [[ $(wc -w <<<"$live") -gt 1 ]]; then
             old=$(head -n1 <<<"$live")
             FAULT+=", delete $old"
             out=$(nctl 1 -o json snapshot delete "$V" "$old") || die "snapshot delete $old failed"
@@ -182,7 +206,7 @@ while ((SCHED < SCHEDULES)); do
     while ((n < ROUNDS)) && ((BUDGET == 0 || SECONDS - t0 < BUDGET)); do
         n=$((n + 1)) TOTAL=$((TOTAL + 1))
         rnd ${#KINDS[@]}
-        f0=$SECONDS
+        f0=$SECONDS l0=$(wc -l <"$WORK/n1/log")
         FAILED_NAME=""
         inject "${KINDS[R]}"
         check_writer
@@ -192,7 +216,7 @@ while ((SCHED < SCHEDULES)); do
             [[ "$(vfield 1 "$V" ".replicas[$FAILED_SLOT].name")" != "$FAILED_NAME" ]] ||
                 die "the failed replica $FAILED_NAME is healthy again instead of being replaced"
         fi
-        say "fault $TOTAL: healthy again after $((SECONDS - f0)) s"
+        say "fault $TOTAL: healthy again after $((SECONDS - f0)) s ($(effects "$l0"))"
     done
     FAULT="(end of schedule: stopping fio) after $FAULT"
     touch "$WORK/writer.stop"
@@ -205,11 +229,12 @@ while ((SCHED < SCHEDULES)); do
 
     lost=0 verified=0
     for r in $(seq 0 $((REGIONS - 1))); do
-        fseed=$(awk -v r="$r" '$2 == r { s = $1 } END { print s }' "$WORK/passes")
-        [[ -n "$fseed" ]] || continue
-        bad=$(fio_verify_count "$DEV" "$((r * RMIB))M" "${RMIB}M" "$fseed")
+        last=$(awk -v r="$r" '$2 == r { l = $0 } END { print l }' "$WORK/passes")
+        [[ -n "$last" ]] || continue
+        read -r fseed _ bs sh <<<"$last"
+        bad=$(fio_verify_count "$DEV" "$((r * RMIB * 1024 + sh))k" "$((RMIB * 1024 - 32))k" "$fseed" --bs="${bs}k")
         if ((bad > 0)); then
-            say "region $r (fio seed $fseed): $bad blocks fail verification:"
+            say "region $r (fio seed $fseed, bs ${bs}k, shift ${sh}k): $bad blocks fail verification:"
             grep -h -m 10 "requested block:\|err=" "$WORK/fio-v$fseed.txt" "$WORK/fio-v$fseed.txt.err" 2>/dev/null || true
         fi
         lost=$((lost + bad)) verified=$((verified + RMIB))

@@ -167,14 +167,17 @@ stall_node() {
     kill -CONT "${PIDS[i]}"
 }
 
-# fio_verify_count DEV REGION-OFFSET REGION-SIZE SEED: like fio_verify, but
-# reads the whole region even past bad blocks and prints how many blocks
-# failed verification (0 when clean). Output in $WORK/fio-v<SEED>.txt.
+# fio_verify_count DEV REGION-OFFSET REGION-SIZE SEED [fio args...]: like
+# fio_verify, but reads the whole region even past bad blocks and prints how
+# many blocks failed verification (0 when clean). The fio args must repeat
+# those given to fio_write (e.g. --bs). Output in $WORK/fio-v<SEED>.txt(.err).
 fio_verify_count() {
-    local out="$WORK/fio-v$4.txt" rc=0 bad
-    fio --name="w$4" --filename="$1" --ioengine=libaio --direct=1 --rw=randwrite --bs=16k --iodepth=16 \
-        --offset="$2" --size="$3" --verify=crc32c --verify_fatal=0 --continue_on_error=verify --eta=never \
-        --randrepeat=1 --randseed="$4" --verify_only --output="$out" 2>>"$out.err" || rc=$?
+    local dev=$1 off=$2 size=$3 seed=$4 rc=0 bad
+    shift 4
+    local out="$WORK/fio-v$seed.txt"
+    fio --name="w$seed" --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bs=16k --iodepth=16 \
+        --offset="$off" --size="$size" --verify=crc32c --verify_fatal=0 --continue_on_error=verify --eta=never \
+        --randrepeat=1 --randseed="$seed" --verify_only --output="$out" "$@" 2>>"$out.err" || rc=$?
     bad=$(cat "$out" "$out.err" 2>/dev/null | grep -c "requested block:" || true)
     # fio failing without naming a bad block (an I/O error, a bad option) still counts.
     [[ $rc -ne 0 && $bad -eq 0 ]] && bad=1

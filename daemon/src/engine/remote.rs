@@ -638,21 +638,25 @@ impl RemoteReplica {
     /// The control connection; one that an earlier call broke (a timeout
     /// leaves a late answer in the stream) is replaced by a new connection
     /// joining our session first.
-    fn control(&self) -> std::sync::MutexGuard<'_, PeerConn> {
+    fn control(&self) -> Result<std::sync::MutexGuard<'_, PeerConn>, PeerError> {
         let mut c = self.control.lock().unwrap_or_else(|p| p.into_inner());
         if c.is_broken() {
-            match self.open_stream() {
-                Ok(fresh) => *c = fresh,
-                Err(e) => {
-                    tracing::debug!(replica = %self.target.replica, error = %e, "control reconnect failed")
-                }
-            }
+            // Fails with the fencing refusal when a newer owner holds it.
+            *c = self.open_stream()?;
         }
-        c
+        Ok(c)
     }
 
     pub(crate) fn set_revision(&self, revision: u64) -> Result<(), PeerError> {
-        self.control().call_ok(Op::SetRevision { revision })?;
+        let first = self.control()?.call_ok(Op::SetRevision { revision });
+        if let Err(PeerError::Closed { .. } | PeerError::Wire { .. }) = first {
+            // The control stream died under us (the server closes a fenced
+            // session's connections): ask once more on a fresh one, which
+            // tells a fenced session from a failed node. Idempotent.
+            self.control()?.call_ok(Op::SetRevision { revision })?;
+        } else {
+            first?;
+        }
         self.revision.store(revision, Ordering::Release);
         Ok(())
     }
@@ -664,7 +668,8 @@ impl RemoteReplica {
                 return Err(format!("connection to {} lost", self.target.addr));
             }
         }
-        match self.control().call(Op::Ping) {
+        let mut c = self.control().map_err(|e| e.to_string())?;
+        match c.call(Op::Ping) {
             Ok(Op::Pong) => Ok(()),
             Ok(other) => Err(format!("{}: answered {other:?} to Ping", self.target.addr)),
             Err(e) => Err(e.to_string()),
@@ -672,12 +677,12 @@ impl RemoteReplica {
     }
 
     pub(crate) fn sync(&self) -> Result<(), PeerError> {
-        self.control().call_ok(Op::Flush)
+        self.control()?.call_ok(Op::Flush)
     }
 
     /// Applies a chain change on the peer's replica.
     pub(crate) fn change_chain(&self, change: &ChainChange) -> Result<ChainOutcome, PeerError> {
-        let mut c = self.control();
+        let mut c = self.control()?;
         match c.call(Op::ChangeChain {
             change: change.clone(),
         })? {
@@ -688,7 +693,7 @@ impl RemoteReplica {
 
     /// The peer replica's layer chain.
     pub(crate) fn chain(&self) -> Result<Vec<LayerInfo>, PeerError> {
-        let mut c = self.control();
+        let mut c = self.control()?;
         match c.call(Op::ListLayers)? {
             Op::Layers { layers } => Ok(layers),
             other => Err(c.unexpected("ListLayers".into(), other)),

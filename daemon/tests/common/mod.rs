@@ -2,6 +2,8 @@
 //! ublk queue ring's part, including the remote completion port.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use cairn::engine::{IoRequest, QueueEngine, SqeSink};
 use io_uring::{opcode, squeue, types, IoUring};
 
