@@ -1,1 +1,251 @@
-//! Failpoint-driven data-safety tests (see daemon/Cargo.toml `failpoints`).
+//! Data-safety scenarios driven by named failpoints (`fail` crate, compiled
+//! in only with the `failpoints` feature):
+//!
+//! `cargo test --release --features failpoints --test failpoints`
+//!
+//! Each test pins one interleaving the review found unsafe: a paused
+//! replica server, a write stalled inside the queue engine, a lost answer.
+//! Failpoints are process-global, so every test holds a `FailScenario`
+//! (which serializes them).
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn::engine::{rebuild, QueueEngine, RebuildProgress, ReplicaHandle, VolumeHealth};
+use cairn::replica::ChainChange;
+use fail::FailScenario;
+
+mod common;
+use common::cluster::*;
+use common::TestRing;
+
+/// A two-replica volume: A reachable, B absent (to be rebuilt), 4 MiB of
+/// data on A.
+fn one_of_two(tmp: &std::path::Path) -> (Node, Node, Arc<cairn::engine::VolumeIo>) {
+    let (a, b) = (Node::new(tmp, "a"), Node::new(tmp, "b"));
+    a.create("vol-r-a");
+    b.create("vol-r-b");
+    let v = volume(vec![
+        ReplicaHandle {
+            name: "vol-r-a".into(),
+            io: Some(a.remote("vol-r-a")),
+        },
+        ReplicaHandle {
+            name: "vol-r-b".into(),
+            io: None,
+        },
+    ]);
+    (a, b, v)
+}
+
+fn fill(engine: &mut QueueEngine, ring: &mut TestRing, mibs: u64) {
+    for i in 0..mibs {
+        let mut d = pattern(i, MIB as usize);
+        assert_eq!(write(ring, engine, i * MIB, &mut d), MIB as i32);
+    }
+}
+
+/// Scenario 4: the survivors' revision was persisted on A but the answer
+/// was lost, so A is dropped; B must end strictly above anything A holds.
+#[test]
+fn an_ambiguous_revision_answer_leaves_the_survivors_ahead() {
+    let scenario = FailScenario::setup();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let nodes: Vec<Node> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Node::new(tmp.path(), n))
+        .collect();
+    let handles = nodes
+        .iter()
+        .zip(["vol-r-a", "vol-r-b", "vol-r-c"])
+        .map(|(n, r)| {
+            n.create(r);
+            ReplicaHandle {
+                name: r.into(),
+                io: Some(n.remote(r)),
+            }
+        })
+        .collect();
+    let v = volume(handles);
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    fill(&mut engine, &mut ring, 1);
+    fail::cfg("server::set_revision::after_persist", "1*return").expect("cfg");
+    v.fail_replica("vol-r-c", "operator").expect("fail C");
+    fail::remove("server::set_revision::after_persist");
+    let rev = |n: &Node, r: &str| n.disks.open("vol", r).expect("open").revision();
+    let (ra, rb) = (rev(&nodes[0], "vol-r-a"), rev(&nodes[1], "vol-r-b"));
+    assert_eq!(v.replicas()[0].state, cairn::engine::ReplicaState::Failed);
+    assert_eq!(rb, v.revision());
+    assert!(
+        ra < rb,
+        "dropped replica A holds revision {ra}, as new as the survivor's {rb}"
+    );
+    scenario.teardown();
+}
+
+/// Scenario 5: a write in flight on the source (not yet on disk there, so
+/// not in its extent list) when a fresh target joins reaches the target.
+#[test]
+fn a_full_rebuild_gets_the_write_in_flight_when_the_target_joined() {
+    let scenario = FailScenario::setup();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b, v) = one_of_two(tmp.path());
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    fill(&mut engine, &mut ring, 2);
+    // Every replica server holds writes before its pwrite.
+    fail::cfg("server::write::before", "pause").expect("cfg");
+    let writer = std::thread::spawn(move || {
+        let mut w = pattern(77, 64 * 1024);
+        let res = write(&mut ring, &mut engine, 8 * MIB, &mut w);
+        (res, w)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let target = b.remote("vol-r-b");
+    let v2 = v.clone();
+    let rebuilder = std::thread::spawn(move || {
+        let progress = RebuildProgress::new("vol-r-b");
+        rebuild(
+            &v2,
+            1,
+            "vol-r-b",
+            target,
+            &progress,
+            &AtomicBool::new(false),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    fail::remove("server::write::before");
+    let (res, w) = writer.join().expect("writer");
+    assert_eq!(res, 64 * 1024);
+    rebuilder.join().expect("rebuild thread").expect("rebuild");
+    assert_eq!(v.health(), VolumeHealth::Healthy);
+    let content = b.content("vol-r-b");
+    assert_eq!(
+        content[8 * MIB as usize..8 * MIB as usize + w.len()],
+        w[..],
+        "the rebuilt replica lacks a write acknowledged while it joined"
+    );
+    assert_eq!(a.content("vol-r-a"), content);
+    scenario.teardown();
+}
+
+/// Scenario 6: a write stalled right after it counted itself (before it
+/// loads the replica set) is waited for by the rebuild and reaches the
+/// target. Before the fix it loaded the set first and counted later, so a
+/// rebuild could finish in between and miss it.
+#[test]
+fn a_write_stalled_before_loading_the_set_reaches_the_rebuilt_replica() {
+    let scenario = FailScenario::setup();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b, v) = one_of_two(tmp.path());
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    fill(&mut engine, &mut ring, 2);
+    fail::cfg("queue::submit::after_count", "pause").expect("cfg");
+    let writer = std::thread::spawn(move || {
+        let mut w = pattern(78, 16 * 1024);
+        let res = write(&mut ring, &mut engine, 5 * MIB, &mut w);
+        (res, w)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let target = b.remote("vol-r-b");
+    let v2 = v.clone();
+    let rebuilder = std::thread::spawn(move || {
+        let progress = RebuildProgress::new("vol-r-b");
+        rebuild(
+            &v2,
+            1,
+            "vol-r-b",
+            target,
+            &progress,
+            &AtomicBool::new(false),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !rebuilder.is_finished(),
+        "the rebuild finished while a counted write was still in flight"
+    );
+    fail::remove("queue::submit::after_count");
+    let (res, w) = writer.join().expect("writer");
+    assert_eq!(res, 16 * 1024);
+    rebuilder.join().expect("rebuild thread").expect("rebuild");
+    let content = b.content("vol-r-b");
+    assert_eq!(content[5 * MIB as usize..5 * MIB as usize + w.len()], w[..]);
+    assert_eq!(a.content("vol-r-a"), content);
+    scenario.teardown();
+}
+
+/// Scenario 9: a snapshot taken while a full rebuild joins never leaves the
+/// rebuilt replica healthy without the snapshot (or with its dirty map
+/// dropped): either the rebuild sees the change and stops, or the target
+/// has the same chain.
+#[test]
+fn a_snapshot_racing_a_rebuild_join_never_leaves_chains_apart() {
+    let scenario = FailScenario::setup();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b, v) = one_of_two(tmp.path());
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    fill(&mut engine, &mut ring, 1);
+    // The snapshot pauses after its checks, on its first replica.
+    fail::cfg("engine::change_chain::replica", "1*pause").expect("cfg");
+    let (v2, target) = (v.clone(), b.remote("vol-r-b"));
+    let racer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        let v3 = v2.clone();
+        let r = std::thread::spawn(move || {
+            let progress = RebuildProgress::new("vol-r-b");
+            rebuild(
+                &v3,
+                1,
+                "vol-r-b",
+                target,
+                &progress,
+                &AtomicBool::new(false),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        fail::remove("engine::change_chain::replica");
+        r.join().expect("rebuild thread")
+    });
+    let v4 = v.clone();
+    let snap = with_queue_pumped(&mut ring, &mut engine, move || {
+        v4.change_chain(
+            &ChainChange::Snapshot {
+                name: "s1".into(),
+                created: "2026-12-01T00:00:00Z".into(),
+                user_created: true,
+                labels: Default::default(),
+            },
+            Duration::from_secs(10),
+        )
+    });
+    let rebuilt = racer.join().expect("racer");
+    snap.expect("snapshot");
+    let chain_of = |n: &Node, r: &str| {
+        n.disks
+            .open("vol", r)
+            .expect("open")
+            .chain()
+            .into_iter()
+            .filter(|l| !l.is_head)
+            .map(|l| l.file)
+            .collect::<Vec<_>>()
+    };
+    if rebuilt.is_ok() {
+        assert_eq!(
+            chain_of(&a, "vol-r-a"),
+            chain_of(&b, "vol-r-b"),
+            "the rebuilt replica is healthy with another chain"
+        );
+    }
+    assert!(
+        rebuilt.is_ok() || v.replicas()[1].state != cairn::engine::ReplicaState::Healthy,
+        "a failed rebuild left its target healthy"
+    );
+    scenario.teardown();
+}

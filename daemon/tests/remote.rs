@@ -413,22 +413,6 @@ fn salvage_recovers_from_the_newest_replicas() {
     assert_eq!(read(&mut ring, &mut engine, 0, 65536), new);
 }
 
-/// Runs `f` on another thread while this one keeps the queue engine
-/// answering the pause handshake (as a ublk queue thread does).
-fn with_queue_pumped<T: Send + 'static>(
-    ring: &mut TestRing,
-    engine: &mut QueueEngine,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let t = std::thread::spawn(f);
-    while !t.is_finished() {
-        engine.poll_pause(ring, |_, _| {});
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    engine.poll_pause(ring, |_, _| {});
-    t.join().expect("thread")
-}
-
 #[test]
 fn snapshots_reach_remote_replicas_and_a_full_rebuild_copies_the_chain() {
     use cairn::replica::ChainChange;
@@ -796,4 +780,47 @@ fn a_timed_out_peer_call_does_not_poison_the_next_one() {
     assert!(c.call(Op::GetRevision).is_err());
     let mut fresh = r.open_stream().expect("a new stream");
     assert!(matches!(fresh.call(Op::Ping), Ok(Op::Pong)));
+}
+
+/// Scenario 2 with a local replica: the old owner writes its own replica
+/// through io_uring, not through a server. The new owner's claim (through
+/// that node's server) fences the old engine and waits for its writes.
+#[test]
+fn a_takeover_through_the_server_fences_the_old_owners_local_replica() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (n, a) = (Node::new(tmp.path(), "n"), Node::new(tmp.path(), "a"));
+    n.create("vol-r-l");
+    a.create("vol-r-a");
+    let local = n.disks.open("vol", "vol-r-l").expect("open local");
+    let old = volume(vec![
+        ReplicaHandle {
+            name: "vol-r-l".into(),
+            io: Some(ReplicaIo::Local(local.clone())),
+        },
+        ReplicaHandle {
+            name: "vol-r-a".into(),
+            io: Some(a.remote("vol-r-a")),
+        },
+    ]);
+    let mut e_old = QueueEngine::new(old.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    let mut w1 = pattern(41, 4096);
+    assert_eq!(write(&mut ring, &mut e_old, 0, &mut w1), 4096);
+    let new = volume(vec![
+        ReplicaHandle {
+            name: "vol-r-l".into(),
+            io: Some(n.remote("vol-r-l")),
+        },
+        ReplicaHandle {
+            name: "vol-r-a".into(),
+            io: Some(a.remote("vol-r-a")),
+        },
+    ]);
+    assert!(old.is_fenced(), "the claim did not fence the local engine");
+    let mut w2 = pattern(42, 4096);
+    assert!(write(&mut ring, &mut e_old, 0, &mut w2) < 0);
+    let mut e_new = QueueEngine::new(new.clone(), 0, LAYOUT.depth);
+    let mut ring2 = TestRing::new();
+    assert_eq!(read(&mut ring2, &mut e_new, 0, 4096), w1);
+    assert_eq!(local.revision(), new.revision());
 }

@@ -1,6 +1,6 @@
 //! Backups in Longhorn's backupstore format, on any `object_store` target.
 //!
-//! - [`format`]: the layout, the JSON configs, checksums, compression and
+//! - [`format`](mod@format): the layout, the JSON configs, checksums, compression and
 //!   `bak://` handles (see `docs/design/0004-backupstore-format.md`);
 //! - [`store`]: backup, restore, delete with garbage collection, listing and
 //!   Longhorn's lock files;

@@ -1329,6 +1329,8 @@ pub(super) struct AttachReplica {
     pub wanted: bool,
 }
 
+// The blocking half of one call: every argument is a piece of that call.
+#[allow(clippy::too_many_arguments)]
 fn attach_blocking(
     inner: &Inner,
     name: &str,

@@ -87,7 +87,7 @@ pub enum LayeredViewError {
     },
 }
 
-/// The volume as it was at one snapshot, read through [`LayerReader`]s.
+/// The volume as it was at one snapshot, read through `LayerReader`s.
 /// Reads may run from several threads: each takes a reader (a connection
 /// for a remote replica) from a small pool and puts it back.
 pub struct LayeredView {

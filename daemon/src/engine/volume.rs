@@ -1020,12 +1020,7 @@ impl VolumeIo {
         Ok(())
     }
 
-    /// Puts `io` (replica `name`) into failed slot `idx` and makes it a
-    /// write target. Returns whether its dirty map describes it exactly (the
-    /// same replica back at the revision it left at), so only the marked
-    /// blocks need copying. Otherwise the slot tracks from an empty map and
-    /// the caller copies everything the source holds.
-    /// Whether [`VolumeIo::start_rebuild`] would resume (incremental) for
+    /// Whether `VolumeIo::start_rebuild` would resume (incremental) for
     /// this replica, as things stand.
     pub fn would_resume(&self, idx: usize, name: &str, io: &ReplicaIo) -> bool {
         let Some(slot) = self.slots.get(idx) else {
@@ -1038,6 +1033,11 @@ impl VolumeIo {
             && *slot.instance.lock().unwrap_or_else(|p| p.into_inner()) == io.instance()
     }
 
+    /// Puts `io` (replica `name`) into failed slot `idx` and makes it a
+    /// write target. Returns whether its dirty map describes it exactly (the
+    /// same replica back at the revision it left at), so only the marked
+    /// blocks need copying. Otherwise the slot tracks from an empty map and
+    /// the caller copies everything the source holds.
     pub(crate) fn start_rebuild(
         &self,
         idx: usize,

@@ -202,7 +202,7 @@ impl Chain {
 
 /// An open replica. `Send + Sync`: the I/O threads share it through an `Arc`.
 ///
-/// Chain changes (snapshot, coalesce, revert) swap [`Chain`] atomically. The
+/// Chain changes (snapshot, coalesce, revert) swap `Chain` atomically. The
 /// raw fds the I/O path takes from the old chain stay valid only while that
 /// chain is alive, so the caller must quiesce I/O on the replica around a
 /// chain change (the engine does, see `VolumeIo::quiesce`).

@@ -240,3 +240,19 @@ pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     }
     cond()
 }
+
+/// Runs `f` on another thread while this one keeps the queue engine
+/// answering the pause handshake (as a ublk queue thread does).
+pub fn with_queue_pumped<T: Send + 'static>(
+    ring: &mut TestRing,
+    engine: &mut QueueEngine,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let t = std::thread::spawn(f);
+    while !t.is_finished() {
+        engine.poll_pause(ring, |_, _| {});
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    engine.poll_pause(ring, |_, _| {});
+    t.join().expect("thread")
+}
