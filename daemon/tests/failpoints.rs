@@ -249,3 +249,56 @@ fn a_snapshot_racing_a_rebuild_join_never_leaves_chains_apart() {
     );
     scenario.teardown();
 }
+
+/// Scenario 11: a chain change on a detached volume moves each replica it
+/// reaches to a revision above all of them, right after the change. A crash
+/// (here: a failure) between the change and the bump on one replica leaves
+/// that replica behind, never two chains at one revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detached_chain_changes_move_the_revision() {
+    use cairn::control::{NodeConfig, VolumeManager};
+    let scenario = FailScenario::setup();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut config = NodeConfig::new(tmp.path().join("data"));
+    config.node_id = "n1".into();
+    for i in 0..2 {
+        let d = tmp.path().join(format!("disk{i}"));
+        std::fs::create_dir_all(&d).expect("disk");
+        config.disks.push(d);
+    }
+    let m = VolumeManager::open(config).await.expect("manager");
+    let info = m.create("v", 16 * MIB, Some(2), "").await.expect("create");
+    let rev = |dir: &std::path::Path| cairn::replica::Replica::open(dir).expect("open").revision();
+    let dirs: Vec<_> = info.replicas.iter().map(|r| r.dir.clone()).collect();
+    let before: Vec<u64> = dirs.iter().map(|d| rev(d)).collect();
+    m.snapshot_create("v", Some("s1"), Default::default())
+        .await
+        .expect("snapshot");
+    let after: Vec<u64> = dirs.iter().map(|d| rev(d)).collect();
+    assert_eq!(after[0], after[1]);
+    assert!(
+        after[0] > before[0].max(before[1]),
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(m.get("v").await.expect("get").revision, after[0]);
+    // The first replica takes the change but not the revision.
+    fail::cfg("snapshots::detached::before_revision", "1*return").expect("cfg");
+    m.snapshot_create("v", Some("s2"), Default::default())
+        .await
+        .expect("snapshot on the other replica");
+    fail::remove("snapshots::detached::before_revision");
+    let now: Vec<u64> = dirs.iter().map(|d| rev(d)).collect();
+    assert!(
+        now[0] != now[1],
+        "replicas with different chains share revision {}",
+        now[0]
+    );
+    let info = m.get("v").await.expect("get");
+    let behind = if now[0] < now[1] { 0 } else { 1 };
+    assert_eq!(
+        info.replicas[behind].state,
+        cairn::engine::ReplicaState::Failed,
+        "the replica that missed the revision is not trusted"
+    );
+    scenario.teardown();
+}

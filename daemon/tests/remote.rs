@@ -824,3 +824,54 @@ fn a_takeover_through_the_server_fences_the_old_owners_local_replica() {
     assert_eq!(read(&mut ring2, &mut e_new, 0, 4096), w1);
     assert_eq!(local.revision(), new.revision());
 }
+
+/// Scenario 10: the replica set a failure leaves is persisted inside the
+/// commit (the epoch mark), before the write that exposed the failure is
+/// acknowledged; attach trusts no replica that mark left out.
+#[test]
+fn a_replica_failure_is_persisted_before_the_write_is_acknowledged() {
+    use cairn::control::store::EpochMark;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, mut b) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"));
+    a.create("vol-r-a");
+    b.create("vol-r-b");
+    let v = cairn::engine::VolumeIo::new(
+        "vol",
+        SIZE,
+        vec![
+            ReplicaHandle {
+                name: "vol-r-a".into(),
+                io: Some(a.remote("vol-r-a")),
+            },
+            ReplicaHandle {
+                name: "vol-r-b".into(),
+                io: Some(b.remote("vol-r-b")),
+            },
+        ],
+        Box::new(|_| {}),
+        LAYOUT,
+    )
+    .expect("volume");
+    let log: Arc<std::sync::Mutex<Vec<EpochMark>>> = Arc::default();
+    let l2 = log.clone();
+    v.set_epoch_log(Box::new(move |revision, healthy| {
+        l2.lock().expect("log").push(EpochMark {
+            revision,
+            healthy: healthy.to_vec(),
+        });
+        Ok(())
+    }));
+    v.begin_epoch().expect("epoch");
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    b.kill();
+    let mut d = pattern(51, 4096);
+    assert_eq!(write(&mut ring, &mut engine, 0, &mut d), 4096);
+    let last = log.lock().expect("log").last().cloned().expect("a mark");
+    assert_eq!(last.revision, v.revision());
+    assert_eq!(last.healthy, vec!["vol-r-a".to_string()]);
+    // What attach makes of it after a crash with only B reachable.
+    let b_rev = b.disks.open("vol", "vol-r-b").expect("open").revision();
+    assert!(!last.trusts("vol-r-b", b_rev), "B would be attached alone");
+    assert!(last.trusts("vol-r-a", v.revision()));
+}

@@ -1011,20 +1011,23 @@ impl Inner {
         // least the record's revision - 1 (the commit that faulted the
         // volume persisted its revision nowhere). Older ones alone would
         // drop writes acknowledged while the newest were the whole set.
-        let salvage_floor = none_healthy.then(|| v.record.revision.saturating_sub(1));
+        // The epoch mark knows of failures the record may not have learned
+        // before a crash; its revision is what the last healthy set held.
+        let mark = self.store.load_epoch(name);
+        let salvage_floor = none_healthy.then(|| {
+            v.record
+                .revision
+                .saturating_sub(1)
+                .max(mark.as_ref().map_or(0, |m| m.revision))
+        });
+        let check = AttachCheck {
+            salvage_floor,
+            mark: if none_healthy { None } else { mark },
+        };
         let vname = name.to_string();
         let me = self.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            attach_blocking(
-                &me,
-                &vname,
-                size,
-                replicas,
-                sink,
-                &opts,
-                recover,
-                salvage_floor,
-            )
+            attach_blocking(&me, &vname, size, replicas, sink, &opts, recover, check)
         })
         .await?;
         for (replica, reason) in &outcome.open_failed {
@@ -1329,6 +1332,14 @@ pub(super) struct AttachReplica {
     pub wanted: bool,
 }
 
+/// What attach must check before it trusts the replicas it opened.
+struct AttachCheck {
+    /// Salvaging: the revision the last healthy set held.
+    salvage_floor: Option<u64>,
+    /// Not salvaging: the engine's last committed replica set.
+    mark: Option<super::store::EpochMark>,
+}
+
 // The blocking half of one call: every argument is a piece of that call.
 #[allow(clippy::too_many_arguments)]
 fn attach_blocking(
@@ -1339,8 +1350,9 @@ fn attach_blocking(
     sink: EventSink,
     opts: &FrontendOptions,
     recover: Option<u32>,
-    salvage_floor: Option<u64>,
+    check: AttachCheck,
 ) -> AttachOutcome {
+    let salvage_floor = check.salvage_floor;
     let mut open_failed = Vec::new();
     let mut handles = Vec::new();
     for r in replicas {
@@ -1356,6 +1368,22 @@ fn attach_blocking(
                 open_failed.push((
                     r.name.clone(),
                     format!("replica holds {} bytes, the volume has {size}", io.size()),
+                ));
+                handles.push(ReplicaHandle {
+                    name: r.name,
+                    io: None,
+                });
+            }
+            Ok(io)
+                if check
+                    .mark
+                    .as_ref()
+                    .is_some_and(|m| !m.trusts(&r.name, io.revision())) =>
+            {
+                let rev = check.mark.as_ref().map_or(0, |m| m.revision);
+                open_failed.push((
+                    r.name.clone(),
+                    format!("left the healthy set at revision {rev} (it is at {}): it missed acknowledged writes and is rebuilt once a trusted replica is back", io.revision()),
                 ));
                 handles.push(ReplicaHandle {
                     name: r.name,
@@ -1395,7 +1423,7 @@ fn attach_blocking(
             .filter_map(|h| h.io.as_ref().map(ReplicaIo::revision))
             .max()
             .unwrap_or(0);
-        if best < floor && !open_failed.is_empty() {
+        if super::repair::salvage_must_wait(best, floor, open_failed.is_empty()) {
             let missing: Vec<&str> = open_failed.iter().map(|(n, _)| n.as_str()).collect();
             return fail(
                 open_failed.clone(),
@@ -1418,6 +1446,16 @@ fn attach_blocking(
         Ok(io) => io,
         Err(e) => return fail(open_failed, None, e.into()),
     };
+    let mark_path = inner.store.epoch_path(name);
+    io.set_epoch_log(Box::new(move |revision, healthy| {
+        super::store::write_epoch(
+            &mark_path,
+            &super::store::EpochMark {
+                revision,
+                healthy: healthy.to_vec(),
+            },
+        )
+    }));
     let revision = match io.begin_epoch() {
         Ok(r) => r,
         Err(_) => {

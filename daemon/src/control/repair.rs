@@ -302,6 +302,14 @@ fn start_rebuild(
     }
 }
 
+/// Whether an auto-salvage (at runtime or at attach) must wait: the best
+/// replica it could keep is older than `newest` (what the last healthy set
+/// held) while some replica is still missing, which may be that newer one.
+/// Salvaging now would drop every write acknowledged while it was alone.
+pub(super) fn salvage_must_wait(best: u64, newest: u64, all_back: bool) -> bool {
+    best < newest && !all_back
+}
+
 /// Every replica failed: reconnect to all and keep the newest.
 fn salvage(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: &[ReplicaRecord]) {
     let found: Vec<(usize, String, ReplicaIo)> = records
@@ -327,7 +335,7 @@ fn salvage(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: &[Repl
         .map(|(_, _, r)| r.revision())
         .max()
         .unwrap_or(0);
-    if best < newest && found.len() < records.len() {
+    if salvage_must_wait(best, newest, found.len() == records.len()) {
         tracing::info!(
             volume,
             best,
@@ -476,5 +484,24 @@ impl Inner {
                 r.remove(volume);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod salvage_tests {
+    use super::salvage_must_wait;
+
+    #[test]
+    fn salvage_waits_only_for_a_missing_newer_replica() {
+        assert!(
+            salvage_must_wait(4, 5, false),
+            "the newest may be the missing one"
+        );
+        assert!(
+            !salvage_must_wait(4, 5, true),
+            "every replica is back: keep the best"
+        );
+        assert!(!salvage_must_wait(5, 5, false), "the newest is here");
+        assert!(!salvage_must_wait(6, 5, false));
     }
 }

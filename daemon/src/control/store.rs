@@ -126,6 +126,34 @@ pub struct CorruptRecord {
     pub reason: String,
 }
 
+/// The healthy set and the revision it was given, as the engine committed
+/// them. The volume record learns of a replica failure asynchronously (an
+/// event, then a save behind the state lock); this mark is written inside
+/// the commit, before the smaller set is published and before the write
+/// that exposed the failure is acknowledged. Attach trusts no replica the
+/// mark left out, so a crash in that window cannot bring back a replica that
+/// missed acknowledged writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochMark {
+    pub revision: u64,
+    pub healthy: Vec<String>,
+}
+
+/// Writes an epoch mark to `path` (atomic).
+pub fn write_epoch(path: &Path, mark: &EpochMark) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(mark).map_err(std::io::Error::other)?;
+    fsutil::atomic_write(path, &bytes)
+}
+
+impl EpochMark {
+    /// Whether attach may trust replica `name` at `revision`: one the mark
+    /// left out of the healthy set, or one behind the mark's revision,
+    /// missed writes that were acknowledged.
+    pub fn trusts(&self, name: &str, revision: u64) -> bool {
+        revision >= self.revision && self.healthy.iter().any(|h| h == name)
+    }
+}
+
 /// The directory of volume records.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -176,7 +204,33 @@ impl Store {
     }
 
     /// Removes the record; a missing one is already removed.
+    /// `<name>.epoch`: the engine's last replica-set change, written
+    /// synchronously before that change is published (see [`EpochMark`]).
+    pub fn epoch_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.epoch"))
+    }
+
+    /// Persists `mark` (atomic; called from an I/O thread on the rare path).
+    pub fn save_epoch(&self, name: &str, mark: &EpochMark) -> std::io::Result<()> {
+        write_epoch(&self.epoch_path(name), mark)
+    }
+
+    /// The last epoch mark, if any; an unreadable one is logged and ignored
+    /// (the record and the replicas' revisions still decide).
+    pub fn load_epoch(&self, name: &str) -> Option<EpochMark> {
+        let path = self.epoch_path(name);
+        let bytes = std::fs::read(&path).ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable epoch mark");
+                None
+            }
+        }
+    }
+
     pub fn remove(&self, name: &str) -> Result<(), ControlError> {
+        let _ = std::fs::remove_file(self.epoch_path(name));
         let path = self.path(name);
         match std::fs::remove_file(&path) {
             Ok(()) => {}

@@ -43,8 +43,8 @@ pub use rebuild::{rebuild, BlockStore, RebuildError, RebuildProgress, RebuildRep
 pub use remote::{CompletionPort, RemoteReplica, RemoteTarget};
 pub use replica_io::ReplicaIo;
 pub use volume::{
-    EngineEvent, EventSink, IoStats, QueueLayout, ReplicaHandle, ReplicaState, ReplicaStatus,
-    VolumeHealth, VolumeIo,
+    EngineEvent, EpochLog, EventSink, IoStats, QueueLayout, ReplicaHandle, ReplicaState,
+    ReplicaStatus, VolumeHealth, VolumeIo,
 };
 
 /// Most replicas one volume can have (bits of the healthy mask, slots in the

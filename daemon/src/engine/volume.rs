@@ -78,6 +78,12 @@ pub enum EngineEvent {
 /// Receives engine events. Called from I/O threads: it must not block.
 pub type EventSink = Box<dyn Fn(EngineEvent) + Send + Sync>;
 
+/// Persists a replica-set change synchronously: `(revision, healthy
+/// replica names)`, called inside the commit before the new set is
+/// published (so before the write that exposed a failure is acknowledged).
+/// Rare path; it may block on an fsync.
+pub type EpochLog = Box<dyn Fn(u64, &[String]) -> std::io::Result<()> + Send + Sync>;
+
 /// Queue layout the volume is served with (the frontend's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueLayout {
@@ -157,6 +163,9 @@ pub struct VolumeIo {
     fenced: AtomicBool,
     /// Ourselves, for the fence hooks of local sessions.
     me: OnceLock<Weak<VolumeIo>>,
+    /// Where replica-set changes are persisted (the control plane's epoch
+    /// mark), if anywhere.
+    epoch_log: OnceLock<EpochLog>,
 }
 
 fn describe_change(c: &ChainChange) -> String {
@@ -305,9 +314,32 @@ impl VolumeIo {
             pausing: std::sync::atomic::AtomicBool::new(false),
             fenced: AtomicBool::new(false),
             me: OnceLock::new(),
+            epoch_log: OnceLock::new(),
         });
         let _ = volume.me.set(Arc::downgrade(&volume));
         Ok(volume)
+    }
+
+    /// Sets where replica-set changes are persisted (once, before
+    /// [`Self::begin_epoch`]).
+    pub fn set_epoch_log(&self, log: EpochLog) {
+        let _ = self.epoch_log.set(log);
+    }
+
+    /// Persists `(revision, the replicas in mask)` through the epoch log.
+    fn log_epoch(&self, revision: u64, mask: u32) {
+        let Some(log) = self.epoch_log.get() else {
+            return;
+        };
+        let names: Vec<String> = (0..self.slots.len())
+            .filter(|i| mask & (1 << i) != 0)
+            .map(|i| self.slot_name(i))
+            .collect();
+        if let Err(e) = log(revision, &names) {
+            // The replicas' revisions still order them; only the guard
+            // against a crash before the record is saved is lost.
+            tracing::error!(volume = %self.name, error = %e, "cannot persist the replica set");
+        }
     }
 
     /// Whether another engine fenced this one (see [`EngineEvent::Fenced`]).
@@ -939,6 +971,9 @@ impl VolumeIo {
             }
             revision += 1;
         }
+        if keep != 0 {
+            self.log_epoch(revision, keep);
+        }
         let m = self.masks();
         let mut tracking = tracking_of(m);
         if track {
@@ -1162,6 +1197,7 @@ impl VolumeIo {
                 replica: self.slot_name(idx),
             });
         }
+        self.log_epoch(revision, healthy_of(m) | bit);
         self.slots[idx].dirty.store(None);
         self.masks.store(
             pack(
