@@ -250,23 +250,103 @@ fn a_snapshot_racing_a_rebuild_join_never_leaves_chains_apart() {
     scenario.teardown();
 }
 
+/// A standalone manager with two disks under `tmp` (backups go to the
+/// default `file://` target in its data directory).
+async fn manager(tmp: &std::path::Path) -> cairn::control::VolumeManager {
+    let mut config = cairn::control::NodeConfig::new(tmp.join("data"));
+    config.node_id = "n1".into();
+    for i in 0..2 {
+        let d = tmp.join(format!("disk{i}"));
+        std::fs::create_dir_all(&d).expect("disk");
+        config.disks.push(d);
+    }
+    cairn::control::VolumeManager::open(config)
+        .await
+        .expect("manager")
+}
+
+/// Writes `data` at `off` on every replica of a detached volume.
+async fn write_detached(m: &cairn::control::VolumeManager, v: &str, off: u64, data: &[u8]) {
+    for r in m.get(v).await.expect("get").replicas {
+        let rep = cairn::replica::Replica::open(&r.dir).expect("open");
+        rep.write_at(off, data, false).expect("write");
+        rep.flush().expect("flush");
+    }
+}
+
+/// A detached volume's content through its first replica's chain.
+async fn content_of(m: &cairn::control::VolumeManager, v: &str) -> Vec<u8> {
+    let info = m.get(v).await.expect("get");
+    let rep = cairn::replica::Replica::open(&info.replicas[0].dir).expect("open");
+    let mut buf = vec![0u8; info.size as usize];
+    rep.read_at(0, &mut buf).expect("read");
+    buf
+}
+
+/// Scenario 12: a DR volume whose restore failed part-way holds a mix of
+/// two backups; the next backup must not be restored as a diff against
+/// the one restored last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dr_volume_after_an_interrupted_restore_restores_whole() {
+    let scenario = FailScenario::setup();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let m = manager(tmp.path()).await;
+    let blk = 2 * MIB as usize;
+    m.create("src", 8 * MIB, Some(1), "").await.expect("create");
+    write_detached(&m, "src", 0, &pattern(1, blk)).await;
+    m.backup_create("src", None, Default::default())
+        .await
+        .expect("b1");
+    m.create_from_backup("dr", None, Some(1), "bak://src", true, "")
+        .await
+        .expect("standby");
+    m.set_setting("restore-concurrent-limit", "1")
+        .await
+        .expect("setting");
+    // b2 changes block 0 (B) and block 1 (C); its restore fails after the
+    // first block every time, so the DR volume holds B at block 0.
+    write_detached(&m, "src", 0, &pattern(2, blk)).await;
+    write_detached(&m, "src", 2 * MIB, &pattern(3, blk)).await;
+    m.backup_create("src", None, Default::default())
+        .await
+        .expect("b2");
+    fail::cfg("backupstore::restore::after_block", "return").expect("cfg");
+    m.set_setting("backupstore-poll-interval", "1")
+        .await
+        .expect("poll");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // b3: block 0 back to A (as in b1), block 1 still C.
+    write_detached(&m, "src", 0, &pattern(1, blk)).await;
+    let b3 = m
+        .backup_create("src", None, Default::default())
+        .await
+        .expect("b3");
+    fail::remove("backupstore::restore::after_block");
+    let mut followed = false;
+    for _ in 0..100 {
+        if m.get("dr").await.expect("get").last_restored == b3.name {
+            followed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(followed, "the DR volume did not restore {}", b3.name);
+    assert!(
+        content_of(&m, "dr").await == content_of(&m, "src").await,
+        "the DR volume differs from its source after an interrupted restore"
+    );
+    scenario.teardown();
+}
+
 /// Scenario 11: a chain change on a detached volume moves each replica it
 /// reaches to a revision above all of them, right after the change. A crash
 /// (here: a failure) between the change and the bump on one replica leaves
 /// that replica behind, never two chains at one revision.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detached_chain_changes_move_the_revision() {
-    use cairn::control::{NodeConfig, VolumeManager};
     let scenario = FailScenario::setup();
     let tmp = tempfile::tempdir().expect("tmp");
-    let mut config = NodeConfig::new(tmp.path().join("data"));
-    config.node_id = "n1".into();
-    for i in 0..2 {
-        let d = tmp.path().join(format!("disk{i}"));
-        std::fs::create_dir_all(&d).expect("disk");
-        config.disks.push(d);
-    }
-    let m = VolumeManager::open(config).await.expect("manager");
+    let m = manager(tmp.path()).await;
     let info = m.create("v", 16 * MIB, Some(2), "").await.expect("create");
     let rev = |dir: &std::path::Path| cairn::replica::Replica::open(dir).expect("open").revision();
     let dirs: Vec<_> = info.replicas.iter().map(|r| r.dir.clone()).collect();

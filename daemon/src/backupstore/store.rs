@@ -860,6 +860,11 @@ impl BackupStore {
                     .await
                     .map_err(|e| BackupStoreError::Internal(e.to_string()))??;
                     progress.add_done(block);
+                    fail::fail_point!("backupstore::restore::after_block", |_| Err(
+                        BackupStoreError::Internal(
+                            "failpoint backupstore::restore::after_block".into()
+                        )
+                    ));
                     Ok((true, len))
                 }
             })

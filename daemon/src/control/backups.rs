@@ -623,14 +623,18 @@ impl Inner {
         base: Option<&BackupCfg>,
     ) -> Result<(), ControlError> {
         let targets: Vec<(String, String)> = {
-            let st = self.state.lock().await;
-            let v = st.volume(name)?;
+            let mut st = self.state.lock().await;
+            let v = st.volume_mut(name)?;
             if v.live.is_some() {
                 return Err(ControlError::MustDetach {
                     name: name.to_string(),
                     what: "restore into it",
                 });
             }
+            // Recorded before the first block is written: a restore that
+            // fails or is cut short leaves this behind.
+            v.record.restoring = Some(cfg.name.clone());
+            self.store.save(&v.record)?;
             v.record.healthy_targets()
         };
         let me = self.clone();
@@ -672,6 +676,7 @@ impl Inner {
         let mut st = self.state.lock().await;
         let v = st.volume_mut(name)?;
         v.record.last_restored = cfg.name.clone();
+        v.record.restoring = None;
         self.store.save(&v.record)?;
         self.publish(&st);
         Ok(())
@@ -680,25 +685,34 @@ impl Inner {
     /// Brings standby volume `name` to the latest backup of the volume it
     /// follows (incrementally from the one restored last).
     pub(super) async fn dr_sync(self: &Arc<Self>, name: &str) -> Result<(), ControlError> {
-        let (from, last) = {
+        let (from, last, interrupted) = {
             let st = self.state.lock().await;
             let v = st.volume(name)?;
-            (v.record.from_backup.clone(), v.record.last_restored.clone())
+            (
+                v.record.from_backup.clone(),
+                v.record.last_restored.clone(),
+                v.record.restoring.clone(),
+            )
         };
         let h = BackupHandle::parse(&from)?;
         let store = self.backup_store().await?;
         let Some(latest) = latest_backup(&store, &h.volume).await? else {
             return Ok(());
         };
-        if latest.name == last {
+        if latest.name == last && interrupted.is_none() {
             return Ok(());
         }
-        let base = if last.is_empty() {
+        // After an interrupted restore the replicas match no backup: the
+        // next one is restored whole, onto zeros.
+        let base = if last.is_empty() || interrupted.is_some() {
             None
         } else {
             store.get_backup(&h.volume, &last).await.ok()
         };
-        if base.is_none() && !last.is_empty() {
+        if let Some(b) = &interrupted {
+            tracing::warn!(volume = name, backup = %b, "the last restore did not finish; restoring the next backup whole");
+        }
+        if base.is_none() && (!last.is_empty() || interrupted.is_some()) {
             // The base is gone from the store: start from zeros.
             let size = { self.state.lock().await.volume(name)?.record.size };
             self.zero_volume(name, size).await?;

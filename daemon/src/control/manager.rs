@@ -496,6 +496,7 @@ impl VolumeManager {
             standby: false,
             from_backup: String::new(),
             last_restored: String::new(),
+            restoring: None,
             recurring_jobs: if jobs.is_empty() {
                 String::new()
             } else {
@@ -852,6 +853,7 @@ impl VolumeManager {
             standby: false,
             from_backup: String::new(),
             last_restored: String::new(),
+            restoring: None,
             recurring_jobs: String::new(),
             last_backup: String::new(),
             last_backup_snapshot: String::new(),

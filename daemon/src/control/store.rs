@@ -45,6 +45,11 @@ pub struct VolumeRecord {
     /// The last backup restored into this volume.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub last_restored: String,
+    /// A restore into this volume started and has not finished: its
+    /// replicas hold a mix of the old and the new backup, so the next
+    /// restore starts from zeros, not incrementally from `last_restored`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restoring: Option<String>,
     /// Recurring jobs attached to this volume (JSON of Longhorn's format).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub recurring_jobs: String,
@@ -316,6 +321,7 @@ mod tests {
             standby: false,
             from_backup: String::new(),
             last_restored: String::new(),
+            restoring: None,
             recurring_jobs: String::new(),
             last_backup: String::new(),
             last_backup_snapshot: String::new(),
