@@ -1458,7 +1458,12 @@ fn attach_blocking(
             },
         )
     }));
-    let revision = match io.begin_epoch() {
+    let epoch = if salvage_floor.is_some() {
+        io.begin_salvage_epoch()
+    } else {
+        io.begin_epoch()
+    };
+    let revision = match epoch {
         Ok(r) => r,
         Err(_) => {
             return fail(
