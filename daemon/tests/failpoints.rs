@@ -85,21 +85,21 @@ fn an_ambiguous_revision_answer_leaves_the_survivors_ahead() {
     scenario.teardown();
 }
 
-/// Scenario 5: a write in flight on the source (not yet on disk there, so
-/// not in its extent list) when a fresh target joins reaches the target.
-#[test]
-fn a_full_rebuild_gets_the_write_in_flight_when_the_target_joined() {
-    let scenario = FailScenario::setup();
+/// Writes `len` bytes at `off` on one thread while a failpoint (`point`,
+/// set to pause before this is called) holds it, starts a full rebuild of B
+/// on another, releases the failpoint, and checks that B ends up with the
+/// write and identical to A. `check_waits`: the rebuild must still be
+/// running while the write is held.
+fn rebuild_while_a_write_is_held(point: &str, off: u64, len: usize, check_waits: bool) {
     let tmp = tempfile::tempdir().expect("tmp");
     let (a, b, v) = one_of_two(tmp.path());
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
     fill(&mut engine, &mut ring, 2);
-    // Every replica server holds writes before its pwrite.
-    fail::cfg("server::write::before", "pause").expect("cfg");
+    fail::cfg(point, "pause").expect("cfg");
     let writer = std::thread::spawn(move || {
-        let mut w = pattern(77, 64 * 1024);
-        let res = write(&mut ring, &mut engine, 8 * MIB, &mut w);
+        let mut w = pattern(77, len);
+        let res = write(&mut ring, &mut engine, off, &mut w);
         (res, w)
     });
     std::thread::sleep(Duration::from_millis(300));
@@ -117,18 +117,33 @@ fn a_full_rebuild_gets_the_write_in_flight_when_the_target_joined() {
         )
     });
     std::thread::sleep(Duration::from_millis(300));
-    fail::remove("server::write::before");
+    if check_waits {
+        assert!(
+            !rebuilder.is_finished(),
+            "the rebuild finished while a counted write was still in flight"
+        );
+    }
+    fail::remove(point);
     let (res, w) = writer.join().expect("writer");
-    assert_eq!(res, 64 * 1024);
+    assert_eq!(res, len as i32);
     rebuilder.join().expect("rebuild thread").expect("rebuild");
     assert_eq!(v.health(), VolumeHealth::Healthy);
     let content = b.content("vol-r-b");
     assert_eq!(
-        content[8 * MIB as usize..8 * MIB as usize + w.len()],
+        content[off as usize..off as usize + len],
         w[..],
         "the rebuilt replica lacks a write acknowledged while it joined"
     );
     assert_eq!(a.content("vol-r-a"), content);
+}
+
+/// Scenario 5: a write in flight on the source (not yet on disk there, so
+/// not in its extent list) when a fresh target joins reaches the target.
+/// Every replica server holds writes before its pwrite.
+#[test]
+fn a_full_rebuild_gets_the_write_in_flight_when_the_target_joined() {
+    let scenario = FailScenario::setup();
+    rebuild_while_a_write_is_held("server::write::before", 8 * MIB, 64 * 1024, false);
     scenario.teardown();
 }
 
@@ -139,43 +154,7 @@ fn a_full_rebuild_gets_the_write_in_flight_when_the_target_joined() {
 #[test]
 fn a_write_stalled_before_loading_the_set_reaches_the_rebuilt_replica() {
     let scenario = FailScenario::setup();
-    let tmp = tempfile::tempdir().expect("tmp");
-    let (a, b, v) = one_of_two(tmp.path());
-    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
-    let mut ring = TestRing::new();
-    fill(&mut engine, &mut ring, 2);
-    fail::cfg("queue::submit::after_count", "pause").expect("cfg");
-    let writer = std::thread::spawn(move || {
-        let mut w = pattern(78, 16 * 1024);
-        let res = write(&mut ring, &mut engine, 5 * MIB, &mut w);
-        (res, w)
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    let target = b.remote("vol-r-b");
-    let v2 = v.clone();
-    let rebuilder = std::thread::spawn(move || {
-        let progress = RebuildProgress::new("vol-r-b");
-        rebuild(
-            &v2,
-            1,
-            "vol-r-b",
-            target,
-            &progress,
-            &AtomicBool::new(false),
-        )
-    });
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        !rebuilder.is_finished(),
-        "the rebuild finished while a counted write was still in flight"
-    );
-    fail::remove("queue::submit::after_count");
-    let (res, w) = writer.join().expect("writer");
-    assert_eq!(res, 16 * 1024);
-    rebuilder.join().expect("rebuild thread").expect("rebuild");
-    let content = b.content("vol-r-b");
-    assert_eq!(content[5 * MIB as usize..5 * MIB as usize + w.len()], w[..]);
-    assert_eq!(a.content("vol-r-a"), content);
+    rebuild_while_a_write_is_held("queue::submit::after_count", 5 * MIB, 16 * 1024, true);
     scenario.teardown();
 }
 

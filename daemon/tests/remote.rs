@@ -135,16 +135,7 @@ fn killed_replica_fails_fast_and_rebuilds_only_what_it_missed() {
     let (a, mut b) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"));
     a.create("vol-r-a");
     b.create("vol-r-b");
-    let v = volume(vec![
-        ReplicaHandle {
-            name: "vol-r-a".into(),
-            io: Some(a.remote("vol-r-a")),
-        },
-        ReplicaHandle {
-            name: "vol-r-b".into(),
-            io: Some(b.remote("vol-r-b")),
-        },
-    ]);
+    let v = pair_volume(&a, &b);
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
     // Fill 8 MiB while both are up.
@@ -376,16 +367,7 @@ fn salvage_recovers_from_the_newest_replicas() {
     let (mut a, mut b) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"));
     a.create("vol-r-a");
     b.create("vol-r-b");
-    let v = volume(vec![
-        ReplicaHandle {
-            name: "vol-r-a".into(),
-            io: Some(a.remote("vol-r-a")),
-        },
-        ReplicaHandle {
-            name: "vol-r-b".into(),
-            io: Some(b.remote("vol-r-b")),
-        },
-    ]);
+    let v = pair_volume(&a, &b);
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
     let mut old = pattern(1, 65536);
@@ -425,16 +407,7 @@ fn snapshots_reach_remote_replicas_and_a_full_rebuild_copies_the_chain() {
     a.create("vol-r-a");
     b.create("vol-r-b");
     c.create("vol-r-c");
-    let v = volume(vec![
-        ReplicaHandle {
-            name: "vol-r-a".into(),
-            io: Some(a.remote("vol-r-a")),
-        },
-        ReplicaHandle {
-            name: "vol-r-b".into(),
-            io: Some(b.remote("vol-r-b")),
-        },
-    ]);
+    let v = pair_volume(&a, &b);
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
     let snap = |name: &str| ChainChange::Snapshot {
@@ -717,16 +690,7 @@ fn a_replica_back_from_another_boot_is_not_resumed_incrementally() {
     let (a, mut b) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"));
     a.create("vol-r-a");
     b.create("vol-r-b");
-    let v = volume(vec![
-        ReplicaHandle {
-            name: "vol-r-a".into(),
-            io: Some(a.remote("vol-r-a")),
-        },
-        ReplicaHandle {
-            name: "vol-r-b".into(),
-            io: Some(b.remote("vol-r-b")),
-        },
-    ]);
+    let v = pair_volume(&a, &b);
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
     let mut d1 = pattern(31, 64 * 1024);
@@ -885,16 +849,7 @@ fn salvage_keeps_one_source_among_replicas_at_the_top_revision() {
     let (mut a, mut b) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"));
     a.create("vol-r-a");
     b.create("vol-r-b");
-    let v = volume(vec![
-        ReplicaHandle {
-            name: "vol-r-a".into(),
-            io: Some(a.remote("vol-r-a")),
-        },
-        ReplicaHandle {
-            name: "vol-r-b".into(),
-            io: Some(b.remote("vol-r-b")),
-        },
-    ]);
+    let v = pair_volume(&a, &b);
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
     let mut d = pattern(61, 4096);

@@ -161,11 +161,20 @@ fn repair_volume(
                 // files were deleted or truncated under it.
                 inner.disks.forget(&rec.name);
             }
-            match inner.open_replica(volume, &rec.name, &rec.addr, io.claim_for(slot, &rec.name)) {
+            let opened =
+                inner.open_replica(volume, &rec.name, &rec.addr, io.claim_for(slot, &rec.name));
+            if let Ok(r) = &opened {
+                io.note_claimed(slot, &rec.name, r);
+            }
+            match opened {
                 Ok(r) if io.would_resume(slot, &rec.name, &r) => Some(Plan::Resume { io: r }),
+                // Refused our renewal: another owner took it, or our own
+                // earlier claim's answer was lost. Not proof either way; a
+                // takeover shows on the data path (ESTALE) soon enough. Treat
+                // it as away: replaced after stale-replica-timeout.
                 Err(OpenError::Fenced(reason)) => {
-                    io.mark_fenced(&reason);
-                    return;
+                    tracing::warn!(volume, replica = %rec.name, %reason, "replica refused our session renewal");
+                    stale()
                 }
                 Ok(_) | Err(OpenError::Broken(_)) => {
                     replace(inner, volume, io, records, slot, size)

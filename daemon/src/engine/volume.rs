@@ -396,6 +396,20 @@ impl VolumeIo {
         }
     }
 
+    /// Records that this engine now holds the session `io` was opened with
+    /// on slot `idx`'s replica `name`, even if `io` is not installed (a
+    /// salvage that keeps another one, a resume check that leads to a
+    /// replacement): the next claim must renew that generation, not the
+    /// older one, or it would be refused as if another owner held it.
+    pub fn note_claimed(&self, idx: usize, name: &str, io: &ReplicaIo) {
+        let (Some(slot), ReplicaIo::Remote(rem)) = (self.slots.get(idx), io) else {
+            return;
+        };
+        if *slot.name.lock().unwrap_or_else(|p| p.into_inner()) == name {
+            slot.generation.store(rem.generation(), Ordering::SeqCst);
+        }
+    }
+
     /// Claims an owner session of a local replica for slot `idx` (a remote
     /// one was claimed by its connection) and records the generation.
     fn claim_slot(&self, idx: usize, io: &ReplicaIo, claim: Claim) -> Result<(), String> {
@@ -446,6 +460,20 @@ impl VolumeIo {
         if self.is_fenced() {
             return Err(SetRevisionError::Fenced("this engine was fenced".into()));
         }
+        self.in_session(idx, io, || io.set_revision(rev))
+            .unwrap_or_else(|e| Err(SetRevisionError::Fenced(e)))
+    }
+
+    /// Runs `f` on slot `idx`'s replica: for a local replica admitted by our
+    /// owner session (a newer claim waits for it, and refuses it once
+    /// fenced); a remote one's server admits it itself. `Err` when the
+    /// local session is gone or fenced.
+    fn in_session<T>(
+        &self,
+        idx: usize,
+        io: &ReplicaIo,
+        f: impl FnOnce() -> T,
+    ) -> Result<T, String> {
         if let ReplicaIo::Local(_) = io {
             let session = self.slots[idx]
                 .session
@@ -453,19 +481,14 @@ impl VolumeIo {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             let Some(session) = session else {
-                return Err(SetRevisionError::Failed(
-                    "no owner session on this replica".into(),
-                ));
+                return Err("no owner session on this replica".into());
             };
             let Some(_admitted) = session.enter() else {
-                return Err(SetRevisionError::Fenced(format!(
-                    "owner session {} was fenced",
-                    session.generation()
-                )));
+                return Err(format!("owner session {} was fenced", session.generation()));
             };
-            return io.set_revision(rev);
+            return Ok(f());
         }
-        io.set_revision(rev)
+        Ok(f())
     }
 
     pub fn name(&self) -> &str {
@@ -612,19 +635,7 @@ impl VolumeIo {
         io: &ReplicaIo,
         change: &ChainChange,
     ) -> Result<ChainOutcome, String> {
-        if let ReplicaIo::Local(_) = io {
-            let session = self.slots[idx]
-                .session
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            let admitted = session.as_ref().and_then(|s| s.enter());
-            if admitted.is_none() {
-                return Err("our owner session on this replica was fenced".into());
-            }
-            return io.change_chain(change);
-        }
-        io.change_chain(change)
+        self.in_session(idx, io, || io.change_chain(change))?
     }
 
     /// The healthy replicas, local ones first.
@@ -1274,6 +1285,9 @@ impl VolumeIo {
         // never acknowledged (in flight when the last ones failed): reads
         // would flip between them. One becomes the source, a local one if
         // any; the others stay out and are rebuilt from it.
+        for (idx, name, io) in &found {
+            self.note_claimed(*idx, name, io);
+        }
         let mut found: Vec<_> = found
             .into_iter()
             .filter(|(idx, _, io)| {

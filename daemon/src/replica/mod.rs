@@ -129,6 +129,13 @@ pub enum ReplicaError {
     SnapshotNotFound { dir: String, name: String },
     #[error(transparent)]
     Fence(#[from] FenceError),
+    #[error("replica {dir}: the filesystem tracks allocation in units coarser than 4 KiB (a 4 KiB block written at {at} shows data from {data} to {hole}); Cairn's extent maps need 4 KiB: put disks on ext4 without bigalloc, xfs or tmpfs")]
+    CoarseExtents {
+        dir: String,
+        data: u64,
+        hole: u64,
+        at: u64,
+    },
 }
 
 /// What a new replica is made of.
@@ -270,6 +277,7 @@ impl Replica {
             fsutil::fsync_dir(parent).map_err(io_err(parent))?;
         }
 
+        check_extent_granularity(dir)?;
         let head = meta::head_file_name(0);
         let head_path = dir.join(&head);
         create_sparse(&head_path, spec.size).map_err(io_err(&head_path))?;
@@ -818,6 +826,51 @@ fn resolve_in(
 }
 
 /// Creates (or truncates) a sparse file of `size` bytes and makes it durable.
+/// Extent maps are built with `SEEK_DATA`/`SEEK_HOLE` and trusted at 4 KiB.
+/// A filesystem that allocates in larger units (ext4 bigalloc, some CoW
+/// filesystems) would report unwritten neighbours of a written block as
+/// data, and a rebuild or backup would copy them as if written: refuse it.
+/// Probes with one 4 KiB write in the middle of a sparse file.
+fn check_extent_granularity(dir: &Path) -> Result<(), ReplicaError> {
+    use std::os::unix::fs::FileExt;
+    let probe = dir.join("extent-probe.tmp");
+    let io_err = |source| ReplicaError::Io {
+        path: disp(&probe),
+        source,
+    };
+    let at = 256 * 1024u64;
+    let found = (|| -> io::Result<(i64, i64)> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&probe)?;
+        f.set_len(2 * at)?;
+        f.write_all_at(&[0xa5u8; BLOCK_SIZE as usize], at)?;
+        f.sync_all()?;
+        // SAFETY: lseek on an fd owned by `f`, alive for the call.
+        let data = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(f.as_raw_fd(), at as i64, libc::SEEK_HOLE) };
+        if data < 0 || hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((data, hole))
+    })();
+    let _ = std::fs::remove_file(&probe);
+    let (data, hole) = found.map_err(io_err)?;
+    if data as u64 != at || hole as u64 != at + BLOCK_SIZE {
+        return Err(ReplicaError::CoarseExtents {
+            dir: disp(dir),
+            data: data as u64,
+            hole: hole as u64,
+            at,
+        });
+    }
+    Ok(())
+}
+
 fn create_sparse(path: &Path, size: u64) -> io::Result<()> {
     let f = OpenOptions::new()
         .read(true)

@@ -229,6 +229,21 @@ impl FreezingProxy {
     }
 }
 
+/// A volume on replica `vol-r-a` of node `a` and `vol-r-b` of node `b`,
+/// both reached over TCP, its first epoch begun.
+pub fn pair_volume(a: &Node, b: &Node) -> Arc<VolumeIo> {
+    volume(vec![
+        ReplicaHandle {
+            name: "vol-r-a".into(),
+            io: Some(a.remote("vol-r-a")),
+        },
+        ReplicaHandle {
+            name: "vol-r-b".into(),
+            io: Some(b.remote("vol-r-b")),
+        },
+    ])
+}
+
 /// Waits up to `secs` for `cond`.
 pub fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
