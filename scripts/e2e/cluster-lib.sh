@@ -25,7 +25,8 @@ die() {
 }
 
 addr() { echo "10.77.0.$1:9500"; }
-nctl() { local i=$1; shift; "$BIN/cairnctl" --socket "$WORK/n$i/sock" "$@"; }
+# Every call is bounded: a hung daemon fails the case with its logs, never hangs it.
+nctl() { local i=$1; shift; timeout 120 "$BIN/cairnctl" --socket "$WORK/n$i/sock" "$@"; }
 
 net_up() {
     head -c 32 /dev/urandom | base64 >"$SECRET"
@@ -150,7 +151,7 @@ fio_write() { # DEV REGION-OFFSET REGION-SIZE SEED [fio args...]
         --randseed="$seed" --do_verify=0 --output="$WORK/fio-w$seed.txt" "$@"
 }
 fio_verify() { # DEV REGION-OFFSET REGION-SIZE SEED
-    fio --name="w$4" --filename="$1" --ioengine=libaio --direct=1 --rw=randwrite --bs=16k --iodepth=16 \
+    timeout 600 fio --name="w$4" --filename="$1" --ioengine=libaio --direct=1 --rw=randwrite --bs=16k --iodepth=16 \
         --offset="$2" --size="$3" --verify=crc32c --verify_fatal=1 --eta=never --randrepeat=1 \
         --randseed="$4" --verify_only --output="$WORK/fio-v$4.txt" ||
         { tail -n 20 "$WORK/fio-v$4.txt"; die "verify of seed $4 over $2+$3 failed"; }
