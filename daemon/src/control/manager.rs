@@ -1458,12 +1458,7 @@ fn attach_blocking(
             },
         )
     }));
-    let epoch = if salvage_floor.is_some() {
-        io.begin_salvage_epoch()
-    } else {
-        io.begin_epoch()
-    };
-    let revision = match epoch {
+    let revision = match io.begin_epoch() {
         Ok(r) => r,
         Err(_) => {
             return fail(

@@ -883,33 +883,6 @@ impl VolumeIo {
         self.commit(&mut messages, healthy & !stale, newest + 1, failed, false)
     }
 
-    /// [`Self::begin_epoch`] for a salvage at attach (every replica had
-    /// failed): of the replicas at the top revision only one stays in the
-    /// set, the source the others are rebuilt from, since they may differ
-    /// in writes that were never acknowledged.
-    pub fn begin_salvage_epoch(&self) -> Result<u64, EngineError> {
-        let revision = self.begin_epoch()?;
-        let mut messages = self.lock();
-        let healthy = self.healthy_mask();
-        let local = healthy & self.local_mask();
-        let pool = if local != 0 { local } else { healthy };
-        let source = 1u32 << pool.trailing_zeros();
-        let others: Vec<(usize, String)> = (0..self.slots.len())
-            .filter(|i| healthy & !source & (1 << i) != 0)
-            .map(|i| {
-                (
-                    i,
-                    "salvage: may differ from the source in unacknowledged writes; rebuilt from it"
-                        .to_string(),
-                )
-            })
-            .collect();
-        if others.is_empty() {
-            return Ok(revision);
-        }
-        self.commit(&mut messages, source, revision + 1, others, false)
-    }
-
     /// Takes replica `idx` out of the I/O set (an I/O on it failed, or its
     /// files changed under it, or its node stopped answering). Idempotent.
     pub(crate) fn fail_index(&self, idx: usize, reason: &str) {
@@ -1281,25 +1254,14 @@ impl VolumeIo {
                 volume: self.name.clone(),
             });
         };
-        // Replicas at the top revision may still differ in writes that were
-        // never acknowledged (in flight when the last ones failed): reads
-        // would flip between them. One becomes the source, a local one if
-        // any; the others stay out and are rebuilt from it.
         for (idx, name, io) in &found {
             self.note_claimed(*idx, name, io);
         }
-        let mut found: Vec<_> = found
-            .into_iter()
-            .filter(|(idx, _, io)| {
-                *idx < self.slots.len() && io.revision() == newest && io.size() == self.size
-            })
-            .collect();
-        found.sort_by_key(|(_, _, io)| !matches!(io, ReplicaIo::Local(_)));
         let mut keep = 0u32;
         let mut kept = Vec::new();
         for (idx, name, io) in found {
-            if keep != 0 {
-                break;
+            if idx >= self.slots.len() || io.revision() != newest || io.size() != self.size {
+                continue;
             }
             if let ReplicaIo::Remote(r) = &io {
                 if let Err(e) = r.start_queues(&self.ports, self.layout.depth, idx as u8) {
