@@ -325,10 +325,12 @@ fn salvage(inner: &Arc<Inner>, volume: &str, io: &Arc<VolumeIo>, records: &[Repl
         .iter()
         .enumerate()
         .filter_map(|(i, r)| {
-            inner
+            let opened = inner
                 .open_replica(volume, &r.name, &r.addr, io.claim_for(i, &r.name))
-                .ok()
-                .map(|io| (i, r.name.clone(), io))
+                .ok()?;
+            // Renewed even if salvage waits: the next claim renews this one.
+            io.note_claimed(i, &r.name, &opened);
+            Some((i, r.name.clone(), opened))
         })
         .collect();
     if found.is_empty() {
