@@ -12,6 +12,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn::engine::intent::{IntentLog, Leftover};
 use cairn::engine::{rebuild, QueueEngine, RebuildProgress, ReplicaHandle, VolumeHealth};
 use cairn::replica::ChainChange;
 use fail::FailScenario;
@@ -358,6 +359,49 @@ async fn detached_chain_changes_move_the_revision() {
         info.replicas[behind].state,
         cairn::engine::ReplicaState::Failed,
         "the replica that missed the revision is not trusted"
+    );
+    scenario.teardown();
+}
+
+/// Scenario 13's log: a write that starts in a chunk after the settle
+/// found it quiet (and flushed) must keep the chunk logged, or a crash right
+/// after would resync without it.
+#[test]
+fn a_write_racing_the_intent_settle_keeps_its_chunk_logged() {
+    let scenario = FailScenario::setup();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"));
+    a.create("vol-r-a");
+    b.create("vol-r-b");
+    let log_path = tmp.path().join("vol.intent");
+    let v = pair_volume(&a, &b);
+    v.set_intent_log(IntentLog::create(&log_path, SIZE).expect("log"));
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    assert_eq!(
+        write(&mut ring, &mut engine, 0, &mut pattern(91, 4096)),
+        4096
+    );
+    assert_eq!(v.settle_intent(), 0, "first look");
+    // The settle finds the chunk quiet, flushes, then stops before clearing.
+    fail::cfg("intent::clear::before", "pause").expect("cfg");
+    let settler = {
+        let v = v.clone();
+        std::thread::spawn(move || v.settle_intent())
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    // The bit is still set: this write goes out without touching the log.
+    assert_eq!(
+        write(&mut ring, &mut engine, 4096, &mut pattern(92, 4096)),
+        4096
+    );
+    fail::cfg("intent::clear::before", "off").expect("cfg");
+    let cleared = settler.join().expect("settler");
+    assert_eq!(cleared, 0, "a write started in the chunk meanwhile");
+    assert_eq!(
+        IntentLog::leftover(&log_path, SIZE),
+        Leftover::Chunks(vec![(0, SIZE)]),
+        "the chunk a write just went to is logged"
     );
     scenario.teardown();
 }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cairn::engine::intent::{IntentLog, Leftover};
 use cairn::engine::{
     rebuild, IoOp, IoRequest, QueueEngine, RebuildProgress, RemoteReplica, ReplicaHandle,
     ReplicaIo, ReplicaState, VolumeHealth,
@@ -838,4 +839,154 @@ fn a_replica_failure_is_persisted_before_the_write_is_acknowledged() {
     let b_rev = b.disks.open("vol", "vol-r-b").expect("open").revision();
     assert!(!last.trusts("vol-r-b", b_rev), "B would be attached alone");
     assert!(last.trusts("vol-r-a", v.revision()));
+}
+
+/// Scenario 13 (salvage): replicas at one revision that differ in a write
+/// never acknowledged (in flight when the volume faulted) are not all kept:
+/// reads would flip between old and new data. One is the source; the other
+/// resumes from it, copying only what may differ.
+#[test]
+fn salvage_keeps_one_source_and_resyncs_the_others_at_its_revision() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (mut a, mut b) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"));
+    a.create("vol-r-a");
+    b.create("vol-r-b");
+    let v = pair_volume(&a, &b);
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    for i in 0..4u64 {
+        let mut d = pattern(60 + i, MIB as usize);
+        assert_eq!(write(&mut ring, &mut engine, i * MIB, &mut d), MIB as i32);
+    }
+    a.kill();
+    b.kill();
+    assert!(write(&mut ring, &mut engine, 0, &mut pattern(62, 4096)) < 0);
+    // The failed write reached B only.
+    b.disks
+        .open("vol", "vol-r-b")
+        .expect("open")
+        .write_at(0, &pattern(63, 4096), false)
+        .expect("stray write");
+    a.restart();
+    b.restart();
+    let (ra, rb) = (a.remote("vol-r-a"), b.remote("vol-r-b"));
+    assert_eq!(ra.revision(), rb.revision(), "both left in one commit");
+    let kept = v
+        .salvage(vec![(0, "vol-r-a".into(), ra), (1, "vol-r-b".into(), rb)])
+        .expect("salvage");
+    assert_eq!(kept, vec!["vol-r-a".to_string()], "one source, the first");
+    let first = read(&mut ring, &mut engine, 0, 4096);
+    for _ in 0..8 {
+        assert_eq!(read(&mut ring, &mut engine, 0, 4096), first, "reads flip");
+    }
+    let back = b.remote("vol-r-b");
+    assert!(
+        v.would_resume(1, "vol-r-b", &back),
+        "B resumes from the source, not a full rebuild"
+    );
+    let progress = RebuildProgress::new("vol-r-b");
+    let report =
+        rebuild(&v, 1, "vol-r-b", back, &progress, &AtomicBool::new(false)).expect("resync");
+    assert!(report.incremental);
+    assert!(
+        report.copied <= 64 * 1024,
+        "copies what may differ, not the volume: {}",
+        report.copied
+    );
+    assert_eq!(a.content("vol-r-a"), b.content("vol-r-b"), "replicas agree");
+    assert_eq!(v.health(), VolumeHealth::Healthy);
+}
+
+/// Scenario 13 (unclean stop): the engine dies with a write in flight that
+/// reached only B; both replicas stay at one revision. The next engine
+/// finds the chunk in the write-intent log, serves from one replica and
+/// resyncs only the logged chunks onto the other.
+#[test]
+fn an_unclean_stop_serves_one_replica_and_resyncs_the_logged_chunks() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"));
+    a.create("vol-r-a");
+    b.create("vol-r-b");
+    let log_path = tmp.path().join("vol.intent");
+    let v = pair_volume(&a, &b);
+    v.set_intent_log(IntentLog::create(&log_path, SIZE).expect("log"));
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    let mut d1 = pattern(71, 4096);
+    assert_eq!(write(&mut ring, &mut engine, 0, &mut d1), 4096);
+    b.disks
+        .open("vol", "vol-r-b")
+        .expect("open")
+        .write_at(0, &pattern(72, 4096), false)
+        .expect("in flight at the crash");
+    // The crash: no flush, no close.
+    drop(engine);
+    drop(v);
+    let Leftover::Chunks(ranges) = IntentLog::leftover(&log_path, SIZE) else {
+        panic!("the log lost the written chunk");
+    };
+    assert_eq!(ranges, vec![(0, SIZE)]);
+    let v = volume(vec![
+        ReplicaHandle {
+            name: "vol-r-a".into(),
+            io: Some(a.remote("vol-r-a")),
+        },
+        ReplicaHandle {
+            name: "vol-r-b".into(),
+            io: Some(b.remote("vol-r-b")),
+        },
+    ]);
+    v.resync_after_unclean_stop(Some(&ranges)).expect("resync");
+    assert_eq!(v.health(), VolumeHealth::Degraded);
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    for _ in 0..8 {
+        assert_eq!(read(&mut ring, &mut engine, 0, 4096), d1, "reads flip");
+    }
+    let back = b.remote("vol-r-b");
+    assert!(v.would_resume(1, "vol-r-b", &back));
+    let progress = RebuildProgress::new("vol-r-b");
+    let report =
+        rebuild(&v, 1, "vol-r-b", back, &progress, &AtomicBool::new(false)).expect("resync");
+    assert!(report.incremental);
+    assert_eq!(a.content("vol-r-a"), b.content("vol-r-b"), "replicas agree");
+    assert_eq!(v.health(), VolumeHealth::Healthy);
+}
+
+/// A chunk that stays quiet through a settle interval is flushed and
+/// cleared; a clean close removes the log, so the next attach trusts every
+/// replica at the top revision.
+#[test]
+fn quiet_chunks_settle_and_a_clean_close_leaves_no_resync() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"));
+    a.create("vol-r-a");
+    b.create("vol-r-b");
+    let log_path = tmp.path().join("vol.intent");
+    let v = pair_volume(&a, &b);
+    v.set_intent_log(IntentLog::create(&log_path, SIZE).expect("log"));
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    assert_eq!(
+        write(&mut ring, &mut engine, 0, &mut pattern(81, 4096)),
+        4096
+    );
+    assert_eq!(v.settle_intent(), 0, "first look: just written");
+    assert_eq!(
+        write(&mut ring, &mut engine, MIB, &mut pattern(82, 4096)),
+        4096
+    );
+    assert_eq!(v.settle_intent(), 0, "written since the last look");
+    assert_eq!(v.settle_intent(), 1, "quiet for a whole interval");
+    assert_eq!(IntentLog::leftover(&log_path, SIZE), Leftover::Clean);
+    assert_eq!(
+        write(&mut ring, &mut engine, 0, &mut pattern(83, 4096)),
+        4096
+    );
+    assert!(matches!(
+        IntentLog::leftover(&log_path, SIZE),
+        Leftover::Chunks(_)
+    ));
+    v.flush_and_close().expect("close");
+    assert!(!log_path.exists());
 }

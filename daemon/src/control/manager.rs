@@ -19,6 +19,7 @@ use super::settings::{self, Settings};
 use super::store::{RecordState, ReplicaRecord, Store, VolumeRecord, RECORD_FORMAT};
 use super::{ControlError, NodeConfig};
 use crate::disks::{disk_fits, NodeDisks};
+use crate::engine::intent::{IntentLog, Leftover};
 use crate::engine::{
     EngineEvent, EventSink, QueueLayout, RebuildProgress, RemoteReplica, RemoteTarget,
     ReplicaHandle, ReplicaIo, ReplicaState, VolumeHealth, VolumeIo, MAX_REPLICAS,
@@ -30,6 +31,8 @@ use crate::transport::{ClusterSecret, Op, PeerError, ReplicaReport, ReplicaServe
 
 /// How often attached volumes' replica files are health-checked.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Write-intent chunks quiet for this many checks are flushed and cleared.
+const SETTLE_EVERY: u64 = 5;
 
 /// Message on a replica the operator failed.
 pub(super) const OPERATOR_FAILED: &str = "failed by operator";
@@ -858,6 +861,11 @@ impl VolumeManager {
             last_backup: String::new(),
             last_backup_snapshot: String::new(),
         };
+        // Its last owner's write-intent log is on another node (if it is
+        // anywhere): where the replicas may differ is unknown.
+        let intent = self.inner.store.intent_path(name);
+        IntentLog::write_unknown(&intent, size)
+            .map_err(|e| ControlError::Internal(format!("volume {name}: {e}")))?;
         self.inner.store.save(&record)?;
         tracing::info!(
             volume = name,
@@ -1099,7 +1107,13 @@ impl Inner {
             let io2 = io.clone();
             let (stopped, flushed) = tokio::task::spawn_blocking(move || {
                 let stopped = device.stop();
-                let flushed = io2.flush();
+                // Clean only if the device is gone: a request may still
+                // arrive otherwise, and the intent log must stay.
+                let flushed = if stopped.is_ok() {
+                    io2.flush_and_close()
+                } else {
+                    io2.flush()
+                };
                 (stopped, flushed)
             })
             .await?;
@@ -1458,7 +1472,21 @@ fn attach_blocking(
             },
         )
     }));
-    let revision = match io.begin_epoch() {
+    // What the last engine left: after an unclean stop the replicas may
+    // differ in writes never acknowledged, so one serves while the others
+    // resync. Read before the epoch, replaced only once the resync is
+    // committed (a crash in between finds the old log again).
+    let intent_path = inner.store.intent_path(name);
+    let leftover = IntentLog::leftover(&intent_path, size);
+    let epoch = io.begin_epoch().and_then(|r| match &leftover {
+        Leftover::Clean => Ok(r),
+        Leftover::Chunks(ranges) => io.resync_after_unclean_stop(Some(ranges)),
+        Leftover::Unknown(why) => {
+            tracing::warn!(volume = name, reason = %why, "the last stop was unclean and where the replicas may differ is unknown");
+            io.resync_after_unclean_stop(None)
+        }
+    });
+    let revision = match epoch {
         Ok(r) => r,
         Err(_) => {
             return fail(
@@ -1470,6 +1498,16 @@ fn attach_blocking(
             )
         }
     };
+    match IntentLog::create(&intent_path, size) {
+        Ok(log) => io.set_intent_log(log),
+        Err(e) => {
+            return fail(
+                open_failed,
+                Some(revision),
+                ControlError::Internal(format!("volume {name}: {e}")),
+            )
+        }
+    }
     match UblkDevice::start(io.clone(), opts, recover) {
         Ok(dev) => AttachOutcome {
             open_failed,
@@ -1531,6 +1569,7 @@ async fn event_loop(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<(String,
 
 async fn check_loop(inner: Weak<Inner>) {
     let mut tick = tokio::time::interval(CHECK_INTERVAL);
+    let mut ticks = 0u64;
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -1547,9 +1586,18 @@ async fn check_loop(inner: Weak<Inner>) {
         if ios.is_empty() {
             continue;
         }
+        ticks += 1;
+        let settle = ticks % SETTLE_EVERY == 0;
         // Failures found here reach the record through the event channel.
-        let _ = tokio::task::spawn_blocking(move || ios.iter().for_each(|io| io.check_replicas()))
-            .await;
+        let _ = tokio::task::spawn_blocking(move || {
+            for io in &ios {
+                io.check_replicas();
+                if settle {
+                    io.settle_intent();
+                }
+            }
+        })
+        .await;
     }
 }
 

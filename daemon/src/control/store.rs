@@ -234,8 +234,15 @@ impl Store {
         }
     }
 
+    /// `<name>.intent`: the attached engine's write-intent log (see
+    /// [`crate::engine::intent`]); absent after a clean stop.
+    pub fn intent_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.intent"))
+    }
+
     pub fn remove(&self, name: &str) -> Result<(), ControlError> {
         let _ = std::fs::remove_file(self.epoch_path(name));
+        let _ = std::fs::remove_file(self.intent_path(name));
         let path = self.path(name);
         match std::fs::remove_file(&path) {
             Ok(()) => {}

@@ -30,6 +30,7 @@
 //! completion port. A failed replica is brought back by `rebuild`, which
 //! copies only what it missed while the volume keeps serving I/O.
 
+pub mod intent;
 mod layered_view;
 mod queue;
 pub mod rebuild;

@@ -16,11 +16,13 @@
 //! ever started: a rebuild uses that to copy a region only when no write
 //! raced with the copy (see `rebuild.rs`).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use arc_swap::{ArcSwapOption, Guard};
 
+use super::intent::{IntentLog, CHUNK_SHIFT};
 use super::queue::QueueStats;
 use super::remote::CompletionPort;
 use super::replica_io::SetRevisionError;
@@ -166,6 +168,10 @@ pub struct VolumeIo {
     /// Where replica-set changes are persisted (the control plane's epoch
     /// mark), if anywhere.
     epoch_log: OnceLock<EpochLog>,
+    /// Chunks that may hold writes not yet on every healthy replica.
+    intent: OnceLock<IntentLog>,
+    /// Per set intent chunk, the writes started in it at the last settle.
+    settle_seen: Mutex<HashMap<u64, u64>>,
 }
 
 fn describe_change(c: &ChainChange) -> String {
@@ -315,6 +321,8 @@ impl VolumeIo {
             fenced: AtomicBool::new(false),
             me: OnceLock::new(),
             epoch_log: OnceLock::new(),
+            intent: OnceLock::new(),
+            settle_seen: Mutex::new(HashMap::new()),
         });
         let _ = volume.me.set(Arc::downgrade(&volume));
         Ok(volume)
@@ -324,6 +332,142 @@ impl VolumeIo {
     /// [`Self::begin_epoch`]).
     pub fn set_epoch_log(&self, log: EpochLog) {
         let _ = self.epoch_log.set(log);
+    }
+
+    /// Sets the write-intent log (once, before the device serves I/O):
+    /// from then on every write persists its chunk's bit before its legs.
+    pub fn set_intent_log(&self, log: IntentLog) {
+        let _ = self.intent.set(log);
+    }
+
+    /// A clean stop (no request can arrive any more): flushes every healthy
+    /// replica and, if that succeeded, removes the write-intent log, so the
+    /// next attach knows the replicas agree.
+    pub fn flush_and_close(&self) -> Result<(), EngineError> {
+        self.flush()?;
+        if let Some(log) = self.intent.get() {
+            log.remove().map_err(|e| EngineError::Setup {
+                volume: self.name.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Writes started so far in intent chunk `chunk`, and whether one is in
+    /// flight.
+    fn chunk_writes(&self, chunk: u64) -> (u64, bool) {
+        let per = 1usize << (CHUNK_SHIFT - REGION_SHIFT);
+        let first = chunk as usize * per;
+        let mut started = 0u64;
+        let mut busy = false;
+        for reg in self.regions.iter().skip(first).take(per) {
+            started = started.wrapping_add(u64::from(reg.started.load(Ordering::SeqCst)));
+            busy |= reg.inflight.load(Ordering::SeqCst) != 0;
+        }
+        (started, busy)
+    }
+
+    /// Clears the intent bits of chunks that settled: no write started
+    /// there since the last call and none is in flight. Flushes the healthy
+    /// set first (only then do its replicas agree there on disk). Called
+    /// every few seconds off the I/O path; returns how many it cleared.
+    pub fn settle_intent(&self) -> usize {
+        let Some(log) = self.intent.get() else {
+            return 0;
+        };
+        let mut seen = self.settle_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut quiet = Vec::new();
+        let mut next = HashMap::new();
+        for chunk in log.set_chunks() {
+            let (started, busy) = self.chunk_writes(chunk);
+            if !busy && seen.get(&chunk) == Some(&started) {
+                quiet.push((chunk, started));
+            } else {
+                next.insert(chunk, started);
+            }
+        }
+        *seen = next;
+        if quiet.is_empty() || self.is_fenced() || self.flush().is_err() {
+            return 0;
+        }
+        log.clear_settled(&quiet, |c| self.chunk_writes(c).0)
+    }
+
+    /// The byte ranges the write-intent log names now (empty without one).
+    pub fn intent_ranges(&self) -> Vec<(u64, u64)> {
+        self.intent
+            .get()
+            .map(IntentLog::dirty_ranges)
+            .unwrap_or_default()
+    }
+
+    /// After an unclean stop, the replicas of the new epoch may differ in
+    /// writes never acknowledged. One stays in the set, a local one if any
+    /// (the source); the others leave it. With `ranges` (from the last
+    /// write-intent log) they track a dirty map of those ranges, so their
+    /// resync copies only those; with `None` nothing is known and they are
+    /// rebuilt whole. Call right after [`Self::begin_epoch`], before I/O.
+    /// Returns the revision.
+    pub fn resync_after_unclean_stop(
+        &self,
+        ranges: Option<&[(u64, u64)]>,
+    ) -> Result<u64, EngineError> {
+        let mut messages = self.lock();
+        let m = self.masks();
+        let healthy = healthy_of(m);
+        let revision = self.revision();
+        let local = healthy & self.local_mask();
+        let pool = if local != 0 { local } else { healthy };
+        if pool == 0 {
+            return Err(EngineError::Faulted {
+                volume: self.name.clone(),
+            });
+        }
+        let source = 1u32 << pool.trailing_zeros();
+        let others: Vec<usize> = (0..self.slots.len())
+            .filter(|i| healthy & !source & (1 << i) != 0)
+            .collect();
+        if others.is_empty() {
+            return Ok(revision);
+        }
+        let reason = match ranges {
+            Some(_) => "resync after an unclean stop: may differ from the source in writes never acknowledged; the chunks written last are copied from it",
+            None => "resync after an unclean stop: may differ from the source in writes never acknowledged, and where is unknown; rebuilt whole from it",
+        };
+        if let Some(ranges) = ranges {
+            for &i in &others {
+                self.seed_dirty(i, ranges, revision);
+            }
+        }
+        let failed = others.iter().map(|&i| (i, reason.to_string())).collect();
+        tracing::warn!(volume = %self.name, source = %self.slot_name(source.trailing_zeros() as usize), chunks = ?ranges, "unclean stop: serving from one replica while the others resync");
+        self.commit(
+            &mut messages,
+            source,
+            revision + 1,
+            failed,
+            ranges.is_some(),
+        )
+    }
+
+    /// Gives slot `idx` (about to leave the set at `revision`) a dirty map
+    /// holding `ranges` (bytes) and whatever it tracked already.
+    fn seed_dirty(&self, idx: usize, ranges: &[(u64, u64)], revision: u64) {
+        let slot = &self.slots[idx];
+        let map = HeadBitmap::new(self.size.div_ceil(BLOCK_SIZE));
+        if let Some(old) = slot.dirty.load_full() {
+            if slot.left_at.load(Ordering::SeqCst) == revision {
+                for (s, e) in old.ranges() {
+                    map.set_range(s, e);
+                }
+            }
+        }
+        for &(s, e) in ranges {
+            map.set_range(s / BLOCK_SIZE, e.div_ceil(BLOCK_SIZE));
+        }
+        slot.dirty.store(Some(Arc::new(map)));
+        slot.left_at.store(revision, Ordering::SeqCst);
     }
 
     /// Persists `(revision, the replicas in mask)` through the epoch log.
@@ -747,6 +891,9 @@ impl VolumeIo {
                 reg.inflight.fetch_add(1, Ordering::SeqCst);
                 reg.started.fetch_add(1, Ordering::SeqCst);
             }
+        }
+        if let Some(log) = self.intent.get() {
+            log.mark(offset, len);
         }
     }
 
@@ -1257,10 +1404,24 @@ impl VolumeIo {
         for (idx, name, io) in &found {
             self.note_claimed(*idx, name, io);
         }
+        // Replicas at the top revision may still differ in writes never
+        // acknowledged (in flight when the last ones failed): reads would
+        // flip between them. One becomes the source, a local one if any; the
+        // others track what may differ (the write-intent chunks, and what
+        // either side missed since it left) and resync from it.
+        let mut found: Vec<_> = found
+            .into_iter()
+            .filter(|(idx, _, io)| {
+                *idx < self.slots.len() && io.revision() == newest && io.size() == self.size
+            })
+            .collect();
+        found.sort_by_key(|(_, _, io)| !matches!(io, ReplicaIo::Local(_)));
         let mut keep = 0u32;
         let mut kept = Vec::new();
+        let mut resync = Vec::new();
         for (idx, name, io) in found {
-            if idx >= self.slots.len() || io.revision() != newest || io.size() != self.size {
+            if keep != 0 {
+                resync.push((idx, name));
                 continue;
             }
             if let ReplicaIo::Remote(r) = &io {
@@ -1277,7 +1438,6 @@ impl VolumeIo {
             *slot.name.lock().unwrap_or_else(|p| p.into_inner()) = name.clone();
             self.set_local(idx, &io);
             slot.io.store(Some(Arc::new(io)));
-            slot.dirty.store(None);
             messages[idx].clear();
             keep |= 1 << idx;
             kept.push(name);
@@ -1287,11 +1447,35 @@ impl VolumeIo {
                 volume: self.name.clone(),
             });
         }
+        let source = keep.trailing_zeros() as usize;
+        let mut differ = self.intent_ranges();
+        if let Some(map) = self.slots[source].dirty.load_full() {
+            if self.slots[source].left_at.load(Ordering::SeqCst) == newest {
+                differ.extend(
+                    map.ranges()
+                        .into_iter()
+                        .map(|(s, e)| (s * BLOCK_SIZE, (e * BLOCK_SIZE).min(self.size))),
+                );
+            }
+        }
+        let mut tracking = tracking_of(m) & !keep;
+        for (idx, name) in resync {
+            *self.slots[idx]
+                .name
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = name;
+            self.seed_dirty(idx, &differ, newest);
+            tracking |= 1 << idx;
+            messages[idx] =
+                "salvage: may differ from the source in writes never acknowledged; resyncs from it"
+                    .into();
+        }
+        self.slots[source].dirty.store(None);
         self.masks.store(
-            pack(0, rebuilding_of(m) & !keep, tracking_of(m) & !keep),
+            pack(0, rebuilding_of(m) & !keep, tracking),
             Ordering::SeqCst,
         );
-        tracing::warn!(volume = %self.name, revision = newest, replicas = ?kept, "auto-salvage: recovering from the newest replicas");
+        tracing::warn!(volume = %self.name, revision = newest, resync = ?differ, replicas = ?kept, "auto-salvage: recovering from the newest replica; the others at its revision resync from it");
         self.commit(&mut messages, keep, newest + 1, Vec::new(), false)?;
         Ok(kept)
     }
