@@ -27,6 +27,18 @@ cargo clippy --release --workspace --all-targets --features failpoints --locked 
 echo "clippy: $(grep -c '^warning' target/clippy.log || true) warnings (see target/clippy.log)"
 RUSTDOCFLAGS="-D warnings" cargo doc --release --workspace --no-deps --locked >target/doc.log 2>&1 || { echo "cargo doc: FAILED"; grep -E "^(error|warning)" -A8 target/doc.log | head -n 40; lint_failed=1; }
 
+# Thin clients link no storage code: the API crate and cairnctl (and later
+# the CSI driver and the CRD controller) must not depend on these.
+for pkg in cairn-api cairnctl; do
+    heavy=$(cargo tree -p "$pkg" -e normal --prefix none --locked 2>/dev/null | grep -E "^(cairn |libublk|io-uring|object_store) " | sort -u | tr '\n' ' ' || true)
+    if [[ -n "$heavy" ]]; then
+        echo "thin client $pkg links storage crates: $heavy"
+        lint_failed=1
+    else
+        echo "thin client $pkg: links no engine, libublk, io-uring or object_store"
+    fi
+done
+
 echo "== unit and integration tests"
 cargo test --release --workspace --locked 2>&1 | tee target/host-tests.log | grep -E "^(test result|running|error|failures:|---- )|panicked" || true
 host_failed=0

@@ -23,7 +23,7 @@ pub mod frontend;
 pub mod fsutil;
 pub mod jobs;
 pub mod metrics;
-pub mod name;
 pub mod replica;
-pub mod size;
 pub mod transport;
+
+pub use cairn_api::{name, size};

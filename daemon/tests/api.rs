@@ -108,8 +108,8 @@ async fn volume_lifecycle() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        (v.name.as_str(), v.state.as_str(), v.size, v.device.as_str()),
-        ("db", "detached", 8 << 20, "")
+        (v.name.as_str(), v.state(), v.size, v.device.as_str()),
+        ("db", pb::VolumeState::Detached, 8 << 20, "")
     );
     assert_eq!(v.replicas.len(), 2);
     assert_ne!(
@@ -117,7 +117,10 @@ async fn volume_lifecycle() {
         "replicas share a disk"
     );
     for r in &v.replicas {
-        assert_eq!((r.node.as_str(), r.state.as_str()), ("node-a", "healthy"));
+        assert_eq!(
+            (r.node.as_str(), r.state()),
+            ("node-a", pb::ReplicaState::Healthy)
+        );
         assert!(Path::new(&r.disk)
             .join("replicas")
             .join(&r.name)
@@ -191,7 +194,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
         (create("u", 1000, 1), Code::InvalidArgument, "size 1000 is not a multiple of 4096 bytes: round it to e.g. 4KiB/1MiB"),
         (
             create("many", 1 << 20, 3),
-            Code::InvalidArgument,
+            Code::ResourceExhausted,
             "volume \"many\" wants 3 replicas but this node has 2 disks: lower --replicas or start cairnd with more --disk",
         ),
     ];
@@ -241,8 +244,8 @@ async fn bad_requests_are_refused_and_change_nothing() {
         );
         let v = c.get_volume(vref("db")).await.unwrap().into_inner();
         assert_eq!(
-            (v.state.as_str(), v.device.as_str(), v.revision),
-            ("detached", "", 0)
+            (v.state(), v.device.as_str(), v.revision),
+            (pb::VolumeState::Detached, "", 0)
         );
     }
     assert_eq!(
@@ -272,9 +275,9 @@ async fn failed_replica_and_records_survive_restart() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(v.replicas[1].state, "failed");
-    assert_eq!(v.replicas[0].state, "healthy");
-    assert_eq!(v.state, "detached");
+    assert_eq!(v.replicas[1].state(), pb::ReplicaState::Failed);
+    assert_eq!(v.replicas[0].state(), pb::ReplicaState::Healthy);
+    assert_eq!(v.state(), pb::VolumeState::Detached);
     let e = c
         .fail_replica(FailReplicaRequest {
             volume: "db".into(),

@@ -6,6 +6,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// The `cairnctl` binary: another package of the workspace (`daemon/cli`),
+/// built next to this test's own binaries by `cargo test --workspace`.
+fn cairnctl_bin() -> PathBuf {
+    let cairnd = PathBuf::from(env!("CARGO_BIN_EXE_cairnd"));
+    let bin = cairnd.with_file_name("cairnctl");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (it builds cairnctl)",
+        bin.display()
+    );
+    bin
+}
+
 /// A running cairnd, killed when dropped (also when a test panics).
 struct Cairnd {
     child: Child,
@@ -55,7 +68,7 @@ impl Cairnd {
     }
 
     fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_cairnctl"))
+        Command::new(cairnctl_bin())
             .arg("--socket")
             .arg(&self.socket)
             .args(args)
@@ -214,7 +227,7 @@ fn bad_input_is_one_line_error() {
 fn unreachable_daemon() {
     let tmp = tempfile::tempdir().unwrap();
     let sock = tmp.path().join("none.sock");
-    let out = Command::new(env!("CARGO_BIN_EXE_cairnctl"))
+    let out = Command::new(cairnctl_bin())
         .arg("--socket")
         .arg(&sock)
         .args(["volume", "list"])

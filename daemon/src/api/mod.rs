@@ -2,16 +2,13 @@
 //! served on cairnd's Unix socket, and the client side used by `cairnctl`.
 //!
 //! Owns the one mapping from [`crate::control::ControlError`] to
-//! `tonic::Status` ([`server`]) and the Unix-socket connector ([`client`]).
+//! `tonic::Status` ([`server`]). The protocol itself and the client side
+//! live in the `cairn-api` crate (`daemon/api`), which thin clients use
+//! without linking the daemon.
 
-pub mod client;
 pub mod server;
 
-/// Generated messages, client and server of `cairn.v1`.
-pub mod pb {
-    #![allow(clippy::all)]
-    tonic::include_proto!("cairn.v1");
-}
+pub use cairn_api::{client, pb};
 
 use std::path::PathBuf;
 
@@ -25,8 +22,4 @@ pub enum ApiError {
     },
     #[error("serving the API: {0}")]
     Serve(#[from] tonic::transport::Error),
-    #[error(
-        "cannot reach cairnd at {path}: is it running? (start it with cairnd, or pass --socket)"
-    )]
-    Unreachable { path: PathBuf },
 }

@@ -13,9 +13,10 @@ use tonic::{Code, Request, Response, Status};
 use super::pb;
 use super::pb::cairn_server::{Cairn, CairnServer};
 use super::ApiError;
-use crate::control::backups::BackupInfo;
+use crate::control::backups::{BackupInfo, BackupState};
 use crate::control::snapshots::SnapshotInfo;
-use crate::control::{ControlError, NodeInfo, ReplicaInfo, VolumeInfo, VolumeManager};
+use crate::control::{ControlError, NodeInfo, ReplicaInfo, VolumeInfo, VolumeManager, VolumeState};
+use crate::disks::DiskError;
 use crate::engine::{EngineError, ReplicaState};
 use crate::frontend::FrontendError;
 
@@ -27,8 +28,6 @@ pub fn status(e: ControlError) -> Status {
         E::InvalidName(_)
         | E::ZeroSize
         | E::UnalignedSize { .. }
-        | E::NotEnoughDisks { .. }
-        | E::NotEnoughNodes { .. }
         | E::ZeroReplicas { .. }
         | E::TooManyReplicas { .. }
         | E::BadLabel { .. }
@@ -43,15 +42,23 @@ pub fn status(e: ControlError) -> Status {
         E::BackupStore(e) if e.is_not_found() => Code::NotFound,
         E::BackupStore(_) => Code::FailedPrecondition,
         E::UnknownSnapshot { .. } => Code::NotFound,
-        E::Standby { .. }
-        | E::Restoring { .. }
+        // No room: no disk or node can take the replicas.
+        E::NotEnoughDisks { .. }
+        | E::NotEnoughNodes { .. }
+        | E::Disk(DiskError::NoSpace { .. }) => Code::ResourceExhausted,
+        // Another operation on the volume is running: retry after it.
+        E::Restoring { .. }
         | E::BackupInProgress { .. }
+        | E::SnapshotBusy { .. }
+        | E::Engine(EngineError::Rebuilding { .. }) => Code::Aborted,
+        E::Standby { .. }
         | E::NotStandby { .. }
         | E::MustDetach { .. }
-        | E::SnapshotBusy { .. }
         | E::NoHealthyReplicaFor { .. } => Code::FailedPrecondition,
         E::SnapshotRead(_) => Code::Unavailable,
-        E::Engine(EngineError::Rebuilding { .. }) => Code::FailedPrecondition,
+        E::Disk(DiskError::Exists { .. }) => Code::AlreadyExists,
+        E::Disk(DiskError::UnknownReplica { .. }) => Code::NotFound,
+        E::Disk(DiskError::InUse { .. }) => Code::FailedPrecondition,
         E::AlreadyExists { .. } | E::SnapshotExists { .. } => Code::AlreadyExists,
         E::NotFound { .. } | E::UnknownReplica { .. } => Code::NotFound,
         E::AlreadyAttached { .. }
@@ -494,7 +501,11 @@ fn cluster_node(
         name: n.name,
         addr: n.addr,
         local: n.local,
-        up,
+        state: if up {
+            pb::NodeState::Up
+        } else {
+            pb::NodeState::Down
+        } as i32,
         message: n.message,
         disks: n
             .report
@@ -514,10 +525,20 @@ fn cluster_node(
     }
 }
 
+fn volume_state(s: VolumeState) -> pb::VolumeState {
+    match s {
+        VolumeState::Detached => pb::VolumeState::Detached,
+        VolumeState::Healthy => pb::VolumeState::Healthy,
+        VolumeState::Degraded => pb::VolumeState::Degraded,
+        VolumeState::Faulted => pb::VolumeState::Faulted,
+        VolumeState::Fenced => pb::VolumeState::Fenced,
+    }
+}
+
 fn volume(v: VolumeInfo) -> pb::Volume {
     pb::Volume {
         name: v.name,
-        state: v.state.as_str().to_string(),
+        state: volume_state(v.state) as i32,
         size: v.size,
         device: v
             .device
@@ -552,7 +573,11 @@ fn backup(b: BackupInfo) -> pb::Backup {
         created: b.created,
         size: b.size,
         labels: b.labels.into_iter().collect(),
-        state: b.state.to_string(),
+        state: match b.state {
+            BackupState::InProgress => pb::BackupState::InProgress,
+            BackupState::Completed => pb::BackupState::Completed,
+            BackupState::Error => pb::BackupState::Error,
+        } as i32,
         progress: b.progress.map(|p| pb::Progress {
             percent: p.percent,
             done_bytes: p.done,
@@ -588,11 +613,10 @@ fn replica(r: ReplicaInfo) -> pb::Replica {
         node: r.node,
         disk: r.disk.display().to_string(),
         state: match r.state {
-            ReplicaState::Healthy => "healthy",
-            ReplicaState::Failed => "failed",
-            ReplicaState::Rebuilding => "rebuilding",
-        }
-        .to_string(),
+            ReplicaState::Healthy => pb::ReplicaState::Healthy,
+            ReplicaState::Failed => pb::ReplicaState::Failed,
+            ReplicaState::Rebuilding => pb::ReplicaState::Rebuilding,
+        } as i32,
         message: r.message,
         addr: r.addr,
         dir: r.dir.display().to_string(),
@@ -626,5 +650,106 @@ fn node(n: NodeInfo) -> pb::Node {
             })
             .collect(),
         ublk_status: n.ublk_status.unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod code_tests {
+    //! One case per gRPC code a client must be able to act on: what it
+    //! means, and an error that carries it.
+    use super::*;
+    use crate::control::cluster::ClusterError;
+    use crate::disks::DiskError;
+
+    fn code(e: ControlError) -> Code {
+        status(e).code()
+    }
+
+    #[test]
+    fn not_found_names_what_is_missing() {
+        assert_eq!(
+            code(ControlError::NotFound { name: "db".into() }),
+            Code::NotFound
+        );
+    }
+
+    #[test]
+    fn already_exists_for_a_taken_name() {
+        assert_eq!(
+            code(ControlError::AlreadyExists { name: "db".into() }),
+            Code::AlreadyExists
+        );
+    }
+
+    #[test]
+    fn invalid_argument_for_bad_input() {
+        assert_eq!(code(ControlError::ZeroSize), Code::InvalidArgument);
+        assert_eq!(
+            code(ControlError::UnalignedSize { size: 1000 }),
+            Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn failed_precondition_when_the_volume_is_in_the_wrong_state() {
+        assert_eq!(
+            code(ControlError::Attached { name: "db".into() }),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(ControlError::MustDetach {
+                name: "db".into(),
+                what: "revert"
+            }),
+            Code::FailedPrecondition
+        );
+    }
+
+    #[test]
+    fn resource_exhausted_when_no_disk_or_node_has_room() {
+        assert_eq!(
+            code(ControlError::Disk(DiskError::NoSpace {
+                node: "n1".into(),
+                size: 1 << 30
+            })),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            code(ControlError::NotEnoughNodes {
+                volume: "db".into(),
+                wanted: 3,
+                eligible: 2,
+                soft: false
+            }),
+            Code::ResourceExhausted
+        );
+    }
+
+    #[test]
+    fn unavailable_when_a_peer_or_the_driver_is_away_retryable() {
+        assert_eq!(
+            code(ControlError::Frontend(FrontendError::DriverMissing)),
+            Code::Unavailable
+        );
+        assert_eq!(
+            code(ControlError::Cluster(ClusterError::Unreachable(
+                "n2".into()
+            ))),
+            Code::Unavailable
+        );
+    }
+
+    #[test]
+    fn aborted_when_another_operation_on_the_volume_runs() {
+        assert_eq!(
+            code(ControlError::Restoring { name: "db".into() }),
+            Code::Aborted
+        );
+        assert_eq!(
+            code(ControlError::BackupInProgress {
+                handle: "bak://db/b1".into()
+            }),
+            Code::Aborted
+        );
     }
 }

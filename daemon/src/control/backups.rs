@@ -40,7 +40,7 @@ pub struct BackupInfo {
     pub created: String,
     pub size: u64,
     pub labels: BTreeMap<String, String>,
-    pub state: &'static str,
+    pub state: BackupState,
     pub progress: Option<RebuildInfo>,
     pub message: String,
     pub incremental: bool,
@@ -49,6 +49,32 @@ pub struct BackupInfo {
     pub existing_blocks: u64,
     pub total_blocks: u64,
     pub uploaded_bytes: u64,
+}
+
+/// Where a backup stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupState {
+    /// Uploading (its config has no creation time yet).
+    InProgress,
+    Completed,
+    /// The upload failed; the message says why.
+    Error,
+}
+
+impl BackupState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupState::InProgress => "in-progress",
+            BackupState::Completed => "completed",
+            BackupState::Error => "error",
+        }
+    }
+}
+
+impl std::fmt::Display for BackupState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl BackupInfo {
@@ -453,7 +479,7 @@ impl VolumeManager {
             .iter()
             .find(|b| b.volume == info.volume && b.name == info.name)
         {
-            info.state = "in-progress";
+            info.state = BackupState::InProgress;
             info.progress = Some(progress_info(&b.progress));
         }
         info
@@ -595,9 +621,9 @@ fn backup_info(cfg: &BackupCfg) -> BackupInfo {
         size: cfg.size,
         labels: cfg.labels.clone(),
         state: if cfg.created_time.is_empty() {
-            "in-progress"
+            BackupState::InProgress
         } else {
-            "completed"
+            BackupState::Completed
         },
         progress: None,
         message: String::new(),

@@ -192,7 +192,10 @@ impl VolumeManager {
             .backup_list(Some(volume))
             .await?
             .into_iter()
-            .filter(|b| b.state == "completed" && b.labels.get(JOB_LABEL) == Some(&job.name))
+            .filter(|b| {
+                b.state == super::backups::BackupState::Completed
+                    && b.labels.get(JOB_LABEL) == Some(&job.name)
+            })
             .map(|b| OwnedItem {
                 name: b.name,
                 created: parse_time(&b.created),

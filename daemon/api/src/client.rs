@@ -6,17 +6,23 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 
-use super::pb::cairn_client::CairnClient;
-use super::ApiError;
+use crate::pb::cairn_client::CairnClient;
 
 /// Where cairnd listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/cairn/cairnd.sock";
 
+/// Nothing answers on the socket.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach cairnd at {}: is it running? (start it with cairnd, or pass --socket)", path.display())]
+pub struct ConnectError {
+    pub path: PathBuf,
+}
+
 /// Connects to cairnd on `socket`. Fails at once, with a message saying what
 /// to check, when nothing answers there.
-pub async fn connect(socket: &Path) -> Result<CairnClient<Channel>, ApiError> {
+pub async fn connect(socket: &Path) -> Result<CairnClient<Channel>, ConnectError> {
     let path: PathBuf = socket.to_path_buf();
-    let unreachable = || ApiError::Unreachable { path: path.clone() };
+    let unreachable = || ConnectError { path: path.clone() };
     // The URI is required by the HTTP/2 layer but never resolved: the
     // connector below ignores it and dials the socket.
     let endpoint = Endpoint::try_from("http://[::]:50051").map_err(|_| unreachable())?;

@@ -9,9 +9,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
-use cairn::api::client::{connect, DEFAULT_SOCKET};
-use cairn::api::pb;
-use cairn::size::{parse_size, HumanSize};
+use cairn_api::client::{connect, DEFAULT_SOCKET};
+use cairn_api::pb;
+use cairn_api::size::{parse_size, HumanSize};
 
 /// Manage Cairn volumes on this node.
 #[derive(Debug, Parser)]
@@ -716,7 +716,7 @@ fn backups_table(list: &[pb::Backup]) -> String {
                 b.created.clone()
             },
             HumanSize(b.size).to_string(),
-            b.state.clone(),
+            backup_state(b).to_string(),
             match &b.progress {
                 Some(p) => format!("{}% {}/s", p.percent, HumanSize(p.bytes_per_second)),
                 None => "-".into(),
@@ -735,7 +735,7 @@ fn backup_json(b: &pb::Backup) -> serde_json::Value {
     json!({
         "name": b.name, "volume": b.volume, "handle": b.handle, "snapshot": b.snapshot,
         "snapshotCreated": b.snapshot_created, "created": b.created, "size": b.size, "labels": b.labels,
-        "state": b.state, "message": b.message, "incremental": b.incremental, "compression": b.compression,
+        "state": backup_state(b), "message": b.message, "incremental": b.incremental, "compression": b.compression,
         "uploadedBlocks": b.uploaded_blocks, "existingBlocks": b.existing_blocks, "totalBlocks": b.total_blocks,
         "uploadedBytes": b.uploaded_bytes,
         "progress": b.progress.as_ref().map(|p| json!({"percent": p.percent, "doneBytes": p.done_bytes, "totalBytes": p.total_bytes, "bytesPerSecond": p.bytes_per_second})),
@@ -759,7 +759,7 @@ fn to_json(v: &serde_json::Value) -> String {
 fn volume_json(v: &pb::Volume) -> serde_json::Value {
     json!({
         "name": v.name,
-        "state": v.state,
+        "state": volume_state(v),
         "size": v.size,
         "device": v.device,
         "replicas": v.replicas.iter().map(|r| json!({
@@ -768,7 +768,7 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
             "addr": r.addr,
             "disk": r.disk,
             "dir": r.dir,
-            "state": r.state,
+            "state": replica_state(r),
             "message": r.message,
             "last_rebuild": r.last_rebuild.as_ref().map(|l| json!({
                 "incremental": l.incremental,
@@ -821,7 +821,11 @@ fn or_dash(s: &str) -> &str {
 }
 
 fn healthy_of(v: &pb::Volume) -> String {
-    let healthy = v.replicas.iter().filter(|r| r.state == "healthy").count();
+    let healthy = v
+        .replicas
+        .iter()
+        .filter(|r| r.state() == pb::ReplicaState::Healthy)
+        .count();
     format!("{healthy}/{}", v.replicas.len())
 }
 
@@ -830,7 +834,7 @@ fn list_table(vs: &[pb::Volume]) -> String {
     for v in vs {
         rows.push(vec![
             v.name.clone(),
-            v.state.clone(),
+            volume_state(v).to_string(),
             HumanSize(v.size).to_string(),
             healthy_of(v),
             or_dash(&v.device).to_string(),
@@ -894,7 +898,7 @@ fn volume_table(v: &pb::Volume) -> String {
             r.name.clone(),
             r.node.clone(),
             r.disk.clone(),
-            r.state.clone(),
+            replica_state(r).to_string(),
             rebuild,
             or_dash(&r.message).to_string(),
         ]);
@@ -931,7 +935,7 @@ fn cluster_node_json(n: &pb::ClusterNode) -> serde_json::Value {
         "name": n.name,
         "addr": n.addr,
         "local": n.local,
-        "up": n.up,
+        "up": n.state() == pb::NodeState::Up,
         "message": n.message,
         "disks": n.disks.iter().map(|d| json!({
             "path": d.path,
@@ -959,7 +963,11 @@ fn nodes_table(nodes: &[pb::ClusterNode]) -> String {
         "SCHEDULABLE",
     ])];
     for n in nodes {
-        let state = if n.up { "up" } else { "down" };
+        let state = if n.state() == pb::NodeState::Up {
+            "up"
+        } else {
+            "down"
+        };
         let name = if n.local {
             format!("{} (this node)", n.name)
         } else {
@@ -1041,4 +1049,35 @@ fn table(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The words `cairnctl` prints for the API's state enums (the same in the
+/// table and in JSON, which scripts match on).
+fn volume_state(v: &pb::Volume) -> &'static str {
+    match v.state() {
+        pb::VolumeState::Detached => "detached",
+        pb::VolumeState::Healthy => "healthy",
+        pb::VolumeState::Degraded => "degraded",
+        pb::VolumeState::Faulted => "faulted",
+        pb::VolumeState::Fenced => "fenced",
+        pb::VolumeState::Unspecified => "unknown",
+    }
+}
+
+fn replica_state(r: &pb::Replica) -> &'static str {
+    match r.state() {
+        pb::ReplicaState::Healthy => "healthy",
+        pb::ReplicaState::Rebuilding => "rebuilding",
+        pb::ReplicaState::Failed => "failed",
+        pb::ReplicaState::Unspecified => "unknown",
+    }
+}
+
+fn backup_state(b: &pb::Backup) -> &'static str {
+    match b.state() {
+        pb::BackupState::InProgress => "in-progress",
+        pb::BackupState::Completed => "completed",
+        pb::BackupState::Error => "error",
+        pb::BackupState::Unspecified => "unknown",
+    }
 }
