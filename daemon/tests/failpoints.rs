@@ -405,3 +405,82 @@ fn a_write_racing_the_intent_settle_keeps_its_chunk_logged() {
     );
     scenario.teardown();
 }
+
+/// Scenario 9, the other window: a rebuild that joins while a snapshot
+/// waits to quiesce is seen by the snapshot (its check is after the
+/// quiesce, under the membership lock): it refuses, or both chains agree.
+#[test]
+fn a_rebuild_joining_while_a_snapshot_quiesces_is_seen() {
+    let scenario = FailScenario::setup();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b, v) = one_of_two(tmp.path());
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    fill(&mut engine, &mut ring, 1);
+    fail::cfg("engine::change_chain::before_quiesce", "1*pause").expect("cfg");
+    fail::cfg("rebuild::before_listing", "1*pause").expect("cfg");
+    let (v2, target) = (v.clone(), b.remote("vol-r-b"));
+    let rebuilder = std::thread::spawn(move || {
+        // The snapshot is waiting before its quiesce by now.
+        std::thread::sleep(Duration::from_millis(300));
+        let progress = RebuildProgress::new("vol-r-b");
+        rebuild(
+            &v2,
+            1,
+            "vol-r-b",
+            target,
+            &progress,
+            &AtomicBool::new(false),
+        )
+    });
+    let releaser = std::thread::spawn(|| {
+        // The rebuild has joined (paused before its listing): the snapshot
+        // goes on, then the rebuild.
+        std::thread::sleep(Duration::from_millis(900));
+        fail::remove("engine::change_chain::before_quiesce");
+        std::thread::sleep(Duration::from_millis(600));
+        fail::remove("rebuild::before_listing");
+    });
+    let v4 = v.clone();
+    let snap = with_queue_pumped(&mut ring, &mut engine, move || {
+        v4.change_chain(
+            &ChainChange::Snapshot {
+                name: "s1".into(),
+                created: "2026-12-01T00:00:00Z".into(),
+                user_created: true,
+                labels: Default::default(),
+            },
+            Duration::from_secs(10),
+        )
+    });
+    releaser.join().expect("releaser");
+    let rebuilt = rebuilder.join().expect("rebuilder");
+    let chain_of = |n: &Node, r: &str| {
+        n.disks
+            .open("vol", r)
+            .expect("open")
+            .chain()
+            .into_iter()
+            .filter(|l| !l.is_head)
+            .map(|l| l.file)
+            .collect::<Vec<_>>()
+    };
+    match &snap {
+        Err(cairn::engine::EngineError::Rebuilding { .. }) => {}
+        other => {
+            other.as_ref().expect("snapshot");
+            if rebuilt.is_ok() {
+                assert_eq!(
+                    chain_of(&a, "vol-r-a"),
+                    chain_of(&b, "vol-r-b"),
+                    "the rebuilt replica is healthy with another chain"
+                );
+            }
+        }
+    }
+    assert!(
+        rebuilt.is_ok() || v.replicas()[1].state != cairn::engine::ReplicaState::Healthy,
+        "a failed rebuild left its target healthy"
+    );
+    scenario.teardown();
+}

@@ -711,6 +711,7 @@ impl VolumeIo {
         change: &ChainChange,
         timeout: std::time::Duration,
     ) -> Result<ChainOutcome, EngineError> {
+        fail::fail_point!("engine::change_chain::before_quiesce");
         let _quiet = self.quiesce(timeout)?;
         // The membership lock is held from the rebuild check to the end, so
         // no rebuild can start in between (its target would miss the change
