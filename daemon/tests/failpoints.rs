@@ -12,6 +12,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn::control::backups::BackupState;
 use cairn::engine::intent::{IntentLog, Leftover};
 use cairn::engine::{rebuild, QueueEngine, RebuildProgress, ReplicaHandle, VolumeHealth};
 use cairn::replica::ChainChange;
@@ -482,5 +483,102 @@ fn a_rebuild_joining_while_a_snapshot_quiesces_is_seen() {
         rebuilt.is_ok() || v.replicas()[1].state != cairn::engine::ReplicaState::Healthy,
         "a failed rebuild left its target healthy"
     );
+    scenario.teardown();
+}
+
+/// Asynchronous backups (`backup create --no-wait`): the call returns the
+/// backup in progress with its final handle; `backup get` follows it to
+/// `completed`, or to `error` with the reason when the upload fails.
+#[test]
+fn an_async_backup_reports_progress_then_completed_or_the_error() {
+    let scenario = FailScenario::setup();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let mut config = cairn::control::NodeConfig::new(tmp.path().join("data"));
+        config.node_id = "n1".into();
+        let disk = tmp.path().join("disk");
+        std::fs::create_dir_all(&disk).expect("disk");
+        config.disks.push(disk);
+        let m = cairn::control::VolumeManager::open(config)
+            .await
+            .expect("manager");
+        let target = tmp.path().join("target");
+        std::fs::create_dir_all(&target).expect("target");
+        m.set_setting("backup-target", &format!("file://{}", target.display()))
+            .await
+            .expect("target");
+        m.create("v", 8 * MIB, Some(1), "").await.expect("create");
+        // Data in the replica's head (the volume is detached), a new 1 MiB
+        // before each backup so each has a block to upload.
+        let dir = m.get("v").await.expect("get").replicas[0].dir.clone();
+        let put = |seed: u64| {
+            let r = cairn::replica::Replica::open(&dir).expect("replica");
+            r.write_at(seed * MIB, &pattern(seed, MIB as usize), false)
+                .expect("write");
+            r.flush().expect("flush");
+        };
+        put(1);
+        let get = |h: String| {
+            let m = &m;
+            async move { m.backup_get(&h).await.expect("get") }
+        };
+        let wait_for = |h: String, want: BackupState| {
+            let get = &get;
+            async move {
+                for _ in 0..200 {
+                    let b = get(h.clone()).await;
+                    if b.state == want {
+                        return b;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                panic!("backup {h} never became {want}");
+            }
+        };
+
+        // Held after its first block: in progress, with a handle.
+        fail::cfg("backupstore::backup::after_block", "pause").expect("cfg");
+        let b = m
+            .backup_start("v", None, Default::default())
+            .await
+            .expect("start");
+        assert_eq!(b.state, BackupState::InProgress);
+        assert!(b.handle().starts_with("bak://v/backup-"), "{}", b.handle());
+        let seen = get(b.handle()).await;
+        assert_eq!(seen.state, BackupState::InProgress);
+        assert!(seen.progress.is_some(), "progress while running");
+        fail::cfg("backupstore::backup::after_block", "off").expect("cfg");
+        let done = wait_for(b.handle(), BackupState::Completed).await;
+        assert!(done.progress.is_none());
+
+        // A failing upload ends in error, saying why; nothing stays locked.
+        put(2);
+        fail::cfg("backupstore::backup::after_block", "return").expect("cfg");
+        let b = m
+            .backup_start("v", None, Default::default())
+            .await
+            .expect("start");
+        let failed = wait_for(b.handle(), BackupState::Error).await;
+        assert!(failed.message.contains("failpoint"), "{}", failed.message);
+        let listed = m.backup_list(Some("v")).await.expect("list");
+        assert!(
+            listed
+                .iter()
+                .any(|x| x.name == b.name && x.state == BackupState::Error),
+            "the failed backup is listed"
+        );
+        fail::cfg("backupstore::backup::after_block", "off").expect("cfg");
+        let again = m
+            .backup_create("v", None, Default::default())
+            .await
+            .expect("backup after a failure");
+        assert_eq!(again.state, BackupState::Completed);
+        m.shutdown().await;
+    });
     scenario.teardown();
 }

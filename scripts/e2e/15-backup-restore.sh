@@ -65,6 +65,12 @@ ctl backup delete "bak://src-file/$(ctl -o json backup list src-file | jq -r 'so
 after=$(nblk)
 say "file: deleting the third backup removed $((before - after)) block(s) ($before -> $after)"
 [[ $((before - after)) -eq 1 ]] || die "delete removed $((before - after)) blocks, expected its 1 unique block"
+# --no-wait: the handle at once, then backup get follows it to completed.
+j=$(ctl -o json backup create src-file --no-wait)
+h=$(jq -r .handle <<<"$j")
+[[ $(jq -r .state <<<"$j") == in-progress ]] || die "--no-wait answered state $(jq -r .state <<<"$j")"
+wait_for 60 "async backup $h completed" '[[ "$(ctl -o json backup get "$h" | jq -r .state)" == completed ]]'
+say "file: backup create --no-wait returned $h in progress; it completed"
 # Corrupt one block: the restore fails naming it and leaves no volume.
 blk=$(find "$store" -name '*.blk' | sort | sed -n 1p)
 printf 'garbage' | dd of="$blk" bs=1 seek=100 conv=notrunc status=none

@@ -66,6 +66,10 @@ enum BackupCmd {
         /// A label, key=value; repeatable.
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Print the backup's handle as soon as it started; follow it with
+        /// `backup get HANDLE` (in-progress, then completed or error).
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Backups of one volume, or of every volume in the target.
     List { volume: Option<String> },
@@ -630,15 +634,22 @@ async fn backup_cmd(client: &mut Client, cmd: BackupCmd, json: bool) -> Result<S
             volume,
             snapshot,
             labels,
+            no_wait,
         } => {
             let req = pb::CreateBackupRequest {
                 volume,
                 snapshot: snapshot.unwrap_or_default(),
                 labels: labels.into_iter().collect(),
+                no_wait,
             };
             let b = client.create_backup(req).await.map_err(msg)?.into_inner();
             Ok(if json {
                 to_json(&backup_json(&b))
+            } else if no_wait {
+                format!(
+                    "backup {} started from snapshot {}: follow it with `cairnctl backup get {}`\n",
+                    b.handle, b.snapshot, b.handle
+                )
             } else {
                 format!(
                     "backup {} complete: {} of {} blocks uploaded ({}), {} already in the target\n",

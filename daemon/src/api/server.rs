@@ -407,11 +407,13 @@ impl Cairn for CairnService {
     ) -> Result<Response<pb::Backup>, Status> {
         let r = req.into_inner();
         let snap = (!r.snapshot.is_empty()).then_some(r.snapshot.as_str());
-        let b = self
-            .manager
-            .backup_create(&r.volume, snap, r.labels.into_iter().collect())
-            .await
-            .map_err(status)?;
+        let labels = r.labels.into_iter().collect();
+        let b = if r.no_wait {
+            self.manager.backup_start(&r.volume, snap, labels).await
+        } else {
+            self.manager.backup_create(&r.volume, snap, labels).await
+        }
+        .map_err(status)?;
         Ok(Response::new(backup(b)))
     }
 

@@ -620,6 +620,11 @@ impl BackupStore {
                         .await
                         .map_err(|e| BackupStoreError::Internal(e.to_string()))??;
                         progress.add_done(block);
+                        fail::fail_point!("backupstore::backup::after_block", |_| Err(
+                            BackupStoreError::Internal(
+                                "failpoint backupstore::backup::after_block".into()
+                            )
+                        ));
                         let Some(sum) = sum else {
                             return Ok((off, None, false, 0));
                         };

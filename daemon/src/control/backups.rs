@@ -83,12 +83,50 @@ impl BackupInfo {
     }
 }
 
-/// A backup running on this node.
+/// A backup started on this node: running, or failed (kept so `backup
+/// get` can say why; the newest [`FAILED_KEPT`] per node, until restart).
 pub(super) struct RunningBackup {
     pub volume: String,
     pub name: String,
     pub snapshot: String,
+    pub snapshot_created: String,
+    pub size: u64,
+    pub labels: BTreeMap<String, String>,
+    pub incremental: bool,
+    pub compression: String,
     pub progress: Arc<Progress>,
+    /// Why the upload failed; `None` while it runs.
+    pub failed: Option<String>,
+}
+
+/// Failed backups remembered for `backup get`/`list`.
+const FAILED_KEPT: usize = 16;
+
+impl RunningBackup {
+    fn info(&self) -> BackupInfo {
+        BackupInfo {
+            name: self.name.clone(),
+            volume: self.volume.clone(),
+            snapshot: self.snapshot.clone(),
+            snapshot_created: self.snapshot_created.clone(),
+            created: String::new(),
+            size: self.size,
+            labels: self.labels.clone(),
+            state: if self.failed.is_some() {
+                BackupState::Error
+            } else {
+                BackupState::InProgress
+            },
+            progress: self.failed.is_none().then(|| progress_info(&self.progress)),
+            message: self.failed.clone().unwrap_or_default(),
+            incremental: self.incremental,
+            compression: self.compression.clone(),
+            uploaded_blocks: 0,
+            existing_blocks: 0,
+            total_blocks: 0,
+            uploaded_bytes: 0,
+        }
+    }
 }
 
 fn progress_info(p: &Progress) -> RebuildInfo {
@@ -303,6 +341,42 @@ impl VolumeManager {
         snapshot: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<BackupInfo, ControlError> {
+        let (_, upload) = self.backup_begin(volume, snapshot, labels).await?;
+        upload.await
+    }
+
+    /// [`Self::backup_create`] without waiting: checks everything and takes
+    /// the snapshot, then returns the backup in progress (its handle is
+    /// final) while the upload goes on. `backup_get` follows it to
+    /// `completed`, or to `error` with the reason.
+    pub async fn backup_start(
+        &self,
+        volume: &str,
+        snapshot: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<BackupInfo, ControlError> {
+        let (info, upload) = self.backup_begin(volume, snapshot, labels).await?;
+        // The upload records its own outcome (and logs it).
+        tokio::spawn(async move {
+            let _ = upload.await;
+        });
+        Ok(info)
+    }
+
+    /// Everything before the upload (checks, the snapshot, the plan), and
+    /// the upload to run.
+    async fn backup_begin(
+        &self,
+        volume: &str,
+        snapshot: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<
+        (
+            BackupInfo,
+            impl std::future::Future<Output = Result<BackupInfo, ControlError>> + Send + 'static,
+        ),
+        ControlError,
+    > {
         validate_labels("backup", &labels)?;
         let inner = &self.inner;
         let store = inner.backup_store().await?;
@@ -391,48 +465,83 @@ impl VolumeManager {
         } else {
             2 << 20
         };
+        let incremental = matches!(plan, BackupPlan::Incremental { .. });
         let req = BackupRequest {
             volume: volume.to_string(),
             volume_size: size,
             backup_name: name.clone(),
             snapshot_name: snap.clone(),
             snapshot_created: snap_info.created.clone(),
-            labels,
+            labels: labels.clone(),
             compression,
             block_size,
             plan,
             concurrency: inner.settings.u64(settings::BACKUP_CONCURRENCY).max(1) as usize,
         };
         let progress = Arc::new(Progress::new());
-        inner.running_backups().push(RunningBackup {
+        let running = RunningBackup {
             volume: volume.into(),
             name: name.clone(),
             snapshot: snap.clone(),
+            snapshot_created: snap_info.created.clone(),
+            size,
+            labels,
+            incremental,
+            compression: compression.as_str().to_string(),
             progress: progress.clone(),
-        });
+            failed: None,
+        };
+        let started = running.info();
+        inner.running_backups().push(running);
         tracing::info!(volume, backup = %name, snapshot = %snap, "backup started");
-        let result = store.create_backup(req, source, progress.clone()).await;
-        inner
-            .running_backups()
-            .retain(|b| !(b.volume == volume && b.name == name));
-        let report = result?;
-        tracing::info!(volume, backup = %name, uploaded = report.uploaded_blocks, existing = report.existing_blocks,
-            total = report.total_blocks, "backup complete");
-        {
-            let mut st = inner.state.lock().await;
-            if let Ok(v) = st.volume_mut(volume) {
-                v.record.last_backup = name.clone();
-                v.record.last_backup_snapshot = snap.clone();
-                inner.store.save(&v.record)?;
+        let inner = inner.clone();
+        let volume = volume.to_string();
+        let upload = async move {
+            let result = store.create_backup(req, source, progress).await;
+            let report = match result {
+                Ok(r) => {
+                    inner
+                        .running_backups()
+                        .retain(|b| !(b.volume == volume && b.name == name));
+                    r
+                }
+                Err(e) => {
+                    tracing::error!(volume, backup = %name, error = %e, "backup failed");
+                    let mut list = inner.running_backups();
+                    if let Some(b) = list
+                        .iter_mut()
+                        .find(|b| b.volume == volume && b.name == name)
+                    {
+                        b.failed = Some(e.to_string());
+                    }
+                    let failed: Vec<usize> = (0..list.len())
+                        .filter(|&i| list[i].failed.is_some())
+                        .collect();
+                    if failed.len() > FAILED_KEPT {
+                        list.remove(failed[0]);
+                    }
+                    return Err(e.into());
+                }
+            };
+            tracing::info!(volume, backup = %name, uploaded = report.uploaded_blocks, existing = report.existing_blocks,
+                total = report.total_blocks, "backup complete");
+            {
+                let mut st = inner.state.lock().await;
+                if let Ok(v) = st.volume_mut(&volume) {
+                    v.record.last_backup = name.clone();
+                    v.record.last_backup_snapshot = snap.clone();
+                    inner.store.save(&v.record)?;
+                }
             }
-        }
-        let cfg = store.get_backup(volume, &name).await?;
-        let mut info = backup_info(&cfg);
-        info.uploaded_blocks = report.uploaded_blocks;
-        info.existing_blocks = report.existing_blocks;
-        info.total_blocks = report.total_blocks;
-        info.uploaded_bytes = report.uploaded_bytes;
-        Ok(info)
+            let cfg = store.get_backup(&volume, &name).await?;
+            let mut info = backup_info(&cfg);
+            info.uploaded_blocks = report.uploaded_blocks;
+            info.existing_blocks = report.existing_blocks;
+            info.total_blocks = report.total_blocks;
+            info.uploaded_bytes = report.uploaded_bytes;
+            Ok(info)
+        };
+        Ok((started, upload))
     }
 
     /// Backups in the target (of one volume, or all), with those running
@@ -449,9 +558,17 @@ impl VolumeManager {
                 .collect(),
         };
         let mut out = Vec::new();
-        for v in volumes {
-            for cfg in store.list_backups(&v).await? {
+        for v in &volumes {
+            for cfg in store.list_backups(v).await? {
                 out.push(self.with_progress(backup_info(&cfg)));
+            }
+        }
+        // Started here but not (or not yet) in the target: running before
+        // its config is written, or failed.
+        for b in self.inner.running_backups().iter() {
+            let wanted = volume.is_none_or(|v| v == b.volume);
+            if wanted && !out.iter().any(|i| i.volume == b.volume && i.name == b.name) {
+                out.push(b.info());
             }
         }
         Ok(out)
@@ -460,7 +577,16 @@ impl VolumeManager {
     pub async fn backup_get(&self, handle: &str) -> Result<BackupInfo, ControlError> {
         let (h, backup) = one_backup(handle)?;
         let store = self.inner.backup_store().await?;
-        Ok(self.with_progress(backup_info(&store.get_backup(&h.volume, &backup).await?)))
+        match store.get_backup(&h.volume, &backup).await {
+            Ok(cfg) => Ok(self.with_progress(backup_info(&cfg))),
+            Err(e) => self
+                .inner
+                .running_backups()
+                .iter()
+                .find(|b| b.volume == h.volume && b.name == backup)
+                .map(RunningBackup::info)
+                .ok_or(e.into()),
+        }
     }
 
     /// Deletes a backup and the blocks no other backup of its volume uses.
@@ -479,8 +605,10 @@ impl VolumeManager {
             .iter()
             .find(|b| b.volume == info.volume && b.name == info.name)
         {
-            info.state = BackupState::InProgress;
-            info.progress = Some(progress_info(&b.progress));
+            let run = b.info();
+            info.state = run.state;
+            info.progress = run.progress;
+            info.message = run.message;
         }
         info
     }

@@ -1870,7 +1870,7 @@ impl Inner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .any(|b| b.volume == volume && b.snapshot == snapshot)
+            .any(|b| b.failed.is_none() && b.volume == volume && b.snapshot == snapshot)
     }
 
     pub(super) fn backup_running(&self, volume: &str) -> bool {
@@ -1878,7 +1878,7 @@ impl Inner {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .any(|b| b.volume == volume)
+            .any(|b| b.failed.is_none() && b.volume == volume)
     }
 
     pub(super) fn cancel_rebuilds(&self, volume: &str) {
