@@ -162,6 +162,7 @@ impl NodeDisks {
         NodeReport {
             node: self.node.clone(),
             disks,
+            volumes: Vec::new(),
         }
     }
 

@@ -67,7 +67,7 @@ wait_cluster 3
 stop_node 1
 rm -f "$WORK/n1/data/volumes/spread.json"
 start_node 1
-[[ -z "$(nctl 1 -o json volume list | jq -r '.[].name')" ]] || die "n1 still knows volumes"
+[[ -z "$(nctl 1 -o json volume list | jq -r '.[] | select(.owner == "n1") | .name')" ]] || die "n1 still owns volumes"
 wait_cluster 2
 nctl 2 volume adopt spread >/dev/null || die "adopt failed"
 [[ "$(vfield 2 spread '.replicas | length')" -eq 3 && "$(healthy_count 2 spread)" -eq 3 ]] ||

@@ -770,6 +770,7 @@ fn to_json(v: &serde_json::Value) -> String {
 fn volume_json(v: &pb::Volume) -> serde_json::Value {
     json!({
         "name": v.name,
+        "owner": v.owner,
         "state": volume_state(v),
         "size": v.size,
         "device": v.device,
@@ -841,7 +842,9 @@ fn healthy_of(v: &pb::Volume) -> String {
 }
 
 fn list_table(vs: &[pb::Volume]) -> String {
-    let mut rows = vec![row(&["NAME", "STATE", "SIZE", "REPLICAS", "DEVICE"])];
+    let mut rows = vec![row(&[
+        "NAME", "STATE", "SIZE", "REPLICAS", "DEVICE", "OWNER",
+    ])];
     for v in vs {
         rows.push(vec![
             v.name.clone(),
@@ -849,6 +852,7 @@ fn list_table(vs: &[pb::Volume]) -> String {
             HumanSize(v.size).to_string(),
             healthy_of(v),
             or_dash(&v.device).to_string(),
+            or_dash(&v.owner).to_string(),
         ]);
     }
     table(&rows)

@@ -14,11 +14,14 @@ use super::pb;
 use super::pb::cairn_server::{Cairn, CairnServer};
 use super::ApiError;
 use crate::control::backups::{BackupInfo, BackupState};
+use crate::control::forward::{ForwardError, Owner, PeerRef};
 use crate::control::snapshots::SnapshotInfo;
 use crate::control::{ControlError, NodeInfo, ReplicaInfo, VolumeInfo, VolumeManager, VolumeState};
 use crate::disks::DiskError;
 use crate::engine::{EngineError, ReplicaState};
 use crate::frontend::FrontendError;
+use crate::transport::PeerControl;
+use prost::Message;
 
 /// The one mapping from control-plane errors to gRPC statuses. The message is
 /// the error's display text: it is what `cairnctl` prints.
@@ -131,11 +134,152 @@ pub async fn serve(
     manager: Arc<VolumeManager>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiError> {
+    PeerApi::install(&manager);
     tonic::transport::Server::builder()
         .add_service(CairnServer::new(CairnService::new(manager)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
+}
+
+/// Marks a request a peer forwarded to this node, its volume's owner: it
+/// runs here, never forwarded again.
+#[derive(Debug, Clone, Copy)]
+struct Forwarded;
+
+/// Carries a volume call to its owner when that is another node.
+macro_rules! route {
+    ($svc:expr, $req:ident, $name:expr, $method:literal) => {
+        if let Some(to) = $svc.route(&$req, $name).await? {
+            return $svc.forward(&to, $method, $req.into_inner()).await;
+        }
+    };
+}
+
+impl CairnService {
+    /// The peer that owns volume `name`, when that is not this node and the
+    /// request was not forwarded here already. An owner that does not
+    /// answer is an error (`Unavailable`): nothing is changed.
+    async fn route<T>(&self, req: &Request<T>, name: &str) -> Result<Option<PeerRef>, Status> {
+        if req.extensions().get::<Forwarded>().is_some() {
+            return Ok(None);
+        }
+        match self.manager.owner(name).await {
+            Owner::Local | Owner::Unknown => Ok(None),
+            Owner::Peer(p) => Ok(Some(p)),
+            Owner::Away { node, reason } => Err(Status::unavailable(format!(
+                "owner {node} unreachable: {reason}; nothing was changed (retry when it is back)"
+            ))),
+        }
+    }
+
+    /// The node other than this one that owns `name`, if any.
+    async fn owner_elsewhere<T>(&self, req: &Request<T>, name: &str) -> Option<String> {
+        if req.extensions().get::<Forwarded>().is_some() {
+            return None;
+        }
+        match self.manager.owner(name).await {
+            Owner::Peer(p) => Some(p.node),
+            Owner::Away { node, .. } => Some(node),
+            Owner::Local | Owner::Unknown => None,
+        }
+    }
+
+    /// Runs `method` on peer `to` and answers exactly what it answered.
+    async fn forward<Q: Message, R: Message + Default>(
+        &self,
+        to: &PeerRef,
+        method: &str,
+        msg: Q,
+    ) -> Result<Response<R>, Status> {
+        match self.manager.forward(to, method, msg.encode_to_vec()).await {
+            Ok(body) => R::decode(body.as_slice()).map(Response::new).map_err(|e| {
+                Status::internal(format!("owner {}: undecodable answer: {e}", to.node))
+            }),
+            Err(ForwardError::Refused { code, message }) => {
+                Err(Status::new(Code::from_i32(code), message))
+            }
+            Err(e @ ForwardError::Unreachable { .. }) => Err(Status::unavailable(e.to_string())),
+        }
+    }
+
+    /// Runs a call a peer forwarded (`method` is the RPC name).
+    async fn run_forwarded(&self, method: &str, body: &[u8]) -> Result<Vec<u8>, Status> {
+        macro_rules! local {
+            ($m:ident, $t:ty) => {{
+                let msg = <$t>::decode(body).map_err(|e| {
+                    Status::invalid_argument(format!("forwarded {method} request: {e}"))
+                })?;
+                let mut r = Request::new(msg);
+                r.extensions_mut().insert(Forwarded);
+                Ok(Cairn::$m(self, r).await?.into_inner().encode_to_vec())
+            }};
+        }
+        match method {
+            "ListVolumes" => local!(list_volumes, pb::ListVolumesRequest),
+            "GetVolume" => local!(get_volume, pb::VolumeRef),
+            "DetachVolume" => local!(detach_volume, pb::VolumeRef),
+            "DeleteVolume" => local!(delete_volume, pb::DeleteVolumeRequest),
+            "FailReplica" => local!(fail_replica, pb::FailReplicaRequest),
+            "CreateSnapshot" => local!(create_snapshot, pb::CreateSnapshotRequest),
+            "ListSnapshots" => local!(list_snapshots, pb::VolumeRef),
+            "DeleteSnapshot" => local!(delete_snapshot, pb::SnapshotRef),
+            "RevertSnapshot" => local!(revert_snapshot, pb::SnapshotRef),
+            "PurgeSnapshots" => local!(purge_snapshots, pb::VolumeRef),
+            "CreateBackup" => local!(create_backup, pb::CreateBackupRequest),
+            "ActivateVolume" => local!(activate_volume, pb::VolumeRef),
+            "SetRecurringJobs" => local!(set_recurring_jobs, pb::SetRecurringJobsRequest),
+            other => Err(Status::unimplemented(format!(
+                "{other} cannot be forwarded to a volume's owner"
+            ))),
+        }
+    }
+}
+
+/// This node's side of the peer protocol's control calls: the volumes it
+/// owns, and forwarded API calls run on its own service. Holds the manager
+/// weakly (the manager's replica server holds this).
+pub struct PeerApi {
+    manager: std::sync::Weak<VolumeManager>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl PeerApi {
+    /// Installs the peer side of `manager`'s API on its replica server.
+    /// Call inside the runtime that serves the API.
+    pub fn install(manager: &Arc<VolumeManager>) {
+        manager.set_peer_control(Arc::new(PeerApi {
+            manager: Arc::downgrade(manager),
+            runtime: tokio::runtime::Handle::current(),
+        }));
+    }
+}
+
+impl PeerControl for PeerApi {
+    fn volumes(&self) -> Vec<String> {
+        self.manager
+            .upgrade()
+            .map(|m| m.owned_volumes())
+            .unwrap_or_default()
+    }
+
+    fn forward(&self, method: &str, request: &[u8]) -> (i32, String, Vec<u8>) {
+        let Some(manager) = self.manager.upgrade() else {
+            return (
+                Code::Unavailable as i32,
+                "the node is shutting down".into(),
+                Vec::new(),
+            );
+        };
+        let service = CairnService::new(manager);
+        match self
+            .runtime
+            .block_on(service.run_forwarded(method, request))
+        {
+            Ok(body) => (0, String::new(), body),
+            Err(s) => (s.code() as i32, s.message().to_string(), Vec::new()),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -144,6 +288,12 @@ impl Cairn for CairnService {
         &self,
         req: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
+        if let Some(owner) = self.owner_elsewhere(&req, &req.get_ref().name).await {
+            return Err(Status::already_exists(format!(
+                "volume {:?} already exists (owner {owner}): pick another name or delete it there first",
+                req.get_ref().name
+            )));
+        }
         let r = req.into_inner();
         // proto3 has no "unset": 0 replicas means the node's default.
         let replicas = (r.replicas != 0).then_some(r.replicas);
@@ -170,9 +320,39 @@ impl Cairn for CairnService {
 
     async fn list_volumes(
         &self,
-        _req: Request<pb::ListVolumesRequest>,
+        req: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        let volumes = self.manager.list().await.into_iter().map(volume).collect();
+        let mut volumes: Vec<pb::Volume> =
+            self.manager.list().await.into_iter().map(volume).collect();
+        if req.extensions().get::<Forwarded>().is_none() {
+            // Every node's volumes: each peer's own list, and what peers
+            // that do not answer last said they own.
+            for peer in self.manager.peers_up() {
+                let body = pb::ListVolumesRequest {}.encode_to_vec();
+                match self.manager.forward(&peer, "ListVolumes", body).await {
+                    Ok(b) => match pb::ListVolumesResponse::decode(b.as_slice()) {
+                        Ok(l) => volumes.extend(l.volumes),
+                        Err(e) => {
+                            tracing::warn!(node = %peer.node, error = %e, "undecodable volume list")
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(node = %peer.node, error = %e, "cannot list a peer's volumes")
+                    }
+                }
+            }
+            for (node, names, reason) in self.manager.peers_away() {
+                for name in names {
+                    volumes.push(pb::Volume {
+                        name,
+                        owner: node.clone(),
+                        message: format!("owner {node} unreachable: {reason}"),
+                        ..Default::default()
+                    });
+                }
+            }
+            volumes.sort_by(|a, b| a.name.cmp(&b.name));
+        }
         Ok(Response::new(pb::ListVolumesResponse { volumes }))
     }
 
@@ -180,6 +360,7 @@ impl Cairn for CairnService {
         &self,
         req: Request<pb::VolumeRef>,
     ) -> Result<Response<pb::Volume>, Status> {
+        route!(self, req, &req.get_ref().name, "GetVolume");
         let v = self
             .manager
             .get(&req.into_inner().name)
@@ -192,6 +373,13 @@ impl Cairn for CairnService {
         &self,
         req: Request<pb::VolumeRef>,
     ) -> Result<Response<pb::Volume>, Status> {
+        if let Some(to) = self.route(&req, &req.get_ref().name).await? {
+            return Err(Status::failed_precondition(format!(
+                "volume {:?} is owned by {}: attach it there (moving a volume to another node is not built yet)",
+                req.get_ref().name,
+                to.node
+            )));
+        }
         let v = self
             .manager
             .attach(&req.into_inner().name)
@@ -204,6 +392,7 @@ impl Cairn for CairnService {
         &self,
         req: Request<pb::VolumeRef>,
     ) -> Result<Response<pb::Volume>, Status> {
+        route!(self, req, &req.get_ref().name, "DetachVolume");
         let v = self
             .manager
             .detach(&req.into_inner().name)
@@ -216,6 +405,7 @@ impl Cairn for CairnService {
         &self,
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        route!(self, req, &req.get_ref().name, "DeleteVolume");
         let r = req.into_inner();
         self.manager
             .delete(&r.name, r.force)
@@ -228,6 +418,7 @@ impl Cairn for CairnService {
         &self,
         req: Request<pb::FailReplicaRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
+        route!(self, req, &req.get_ref().volume, "FailReplica");
         let r = req.into_inner();
         let v = self
             .manager
@@ -339,6 +530,7 @@ impl Cairn for CairnService {
         &self,
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::Snapshot>, Status> {
+        route!(self, req, &req.get_ref().volume, "CreateSnapshot");
         let r = req.into_inner();
         let name = (!r.name.is_empty()).then_some(r.name.as_str());
         let s = self
@@ -353,6 +545,7 @@ impl Cairn for CairnService {
         &self,
         req: Request<pb::VolumeRef>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        route!(self, req, &req.get_ref().name, "ListSnapshots");
         let list = self
             .manager
             .snapshot_list(&req.into_inner().name)
@@ -367,6 +560,7 @@ impl Cairn for CairnService {
         &self,
         req: Request<pb::SnapshotRef>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        route!(self, req, &req.get_ref().volume, "DeleteSnapshot");
         let r = req.into_inner();
         let coalesced = self
             .manager
@@ -380,6 +574,7 @@ impl Cairn for CairnService {
         &self,
         req: Request<pb::SnapshotRef>,
     ) -> Result<Response<pb::RevertSnapshotResponse>, Status> {
+        route!(self, req, &req.get_ref().volume, "RevertSnapshot");
         let r = req.into_inner();
         let dropped = self
             .manager
@@ -393,6 +588,7 @@ impl Cairn for CairnService {
         &self,
         req: Request<pb::VolumeRef>,
     ) -> Result<Response<pb::PurgeSnapshotsResponse>, Status> {
+        route!(self, req, &req.get_ref().name, "PurgeSnapshots");
         let merged = self
             .manager
             .snapshot_purge(&req.into_inner().name)
@@ -405,6 +601,7 @@ impl Cairn for CairnService {
         &self,
         req: Request<pb::CreateBackupRequest>,
     ) -> Result<Response<pb::Backup>, Status> {
+        route!(self, req, &req.get_ref().volume, "CreateBackup");
         let r = req.into_inner();
         let snap = (!r.snapshot.is_empty()).then_some(r.snapshot.as_str());
         let labels = r.labels.into_iter().collect();
@@ -460,6 +657,7 @@ impl Cairn for CairnService {
         &self,
         req: Request<pb::VolumeRef>,
     ) -> Result<Response<pb::Volume>, Status> {
+        route!(self, req, &req.get_ref().name, "ActivateVolume");
         let v = self
             .manager
             .activate(&req.into_inner().name)
@@ -472,6 +670,7 @@ impl Cairn for CairnService {
         &self,
         req: Request<pb::SetRecurringJobsRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
+        route!(self, req, &req.get_ref().volume, "SetRecurringJobs");
         let r = req.into_inner();
         let v = self
             .manager
@@ -562,6 +761,7 @@ fn volume(v: VolumeInfo) -> pb::Volume {
             bytes_per_second: r.rate,
         }),
         last_backup: v.last_backup,
+        owner: v.owner,
     }
 }
 

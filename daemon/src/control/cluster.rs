@@ -215,6 +215,29 @@ impl Cluster {
         Ok(c.call(op)?)
     }
 
+    /// [`Self::call`] with a request payload and the answer's, on a
+    /// connection whose calls may take up to `timeout` (a forwarded API call
+    /// can attach a volume or upload a backup).
+    pub fn call_data(
+        &self,
+        addr: &str,
+        op: Op,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<(Op, Vec<u8>), ClusterError> {
+        let secret = self.secret.as_ref().ok_or(ClusterError::Standalone)?;
+        let mut c = PeerConn::connect(addr, secret, &self.node, timeout)?;
+        let mut data = Vec::new();
+        let op = c.call_data(op, payload, &mut data)?;
+        Ok((op, data))
+    }
+
+    /// Asks peer `addr` for its status now (not the last poll's) and
+    /// records the answer.
+    pub fn refresh(&self, addr: &str) {
+        self.poll_one(addr);
+    }
+
     fn poll_one(&self, addr: &str) {
         let result = self.call(addr, Op::NodeStatus);
         let mut peers = self.lock();

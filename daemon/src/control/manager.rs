@@ -89,6 +89,8 @@ pub struct VolumeInfo {
     pub last_backup: String,
     /// A restore into this volume in progress.
     pub restore: Option<RebuildInfo>,
+    /// The node holding the record (this one).
+    pub owner: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,7 +146,7 @@ pub struct VolumeManager {
     pub(super) inner: Arc<Inner>,
     tasks: Vec<JoinHandle<()>>,
     /// Serves this node's replicas to peers (cluster mode).
-    _server: Option<ReplicaServer>,
+    pub(super) server: Option<ReplicaServer>,
 }
 
 pub(super) struct Inner {
@@ -356,7 +358,7 @@ impl VolumeManager {
         Ok(VolumeManager {
             inner,
             tasks,
-            _server: server,
+            server,
         })
     }
 
@@ -366,13 +368,13 @@ impl VolumeManager {
         VolumeManager {
             inner,
             tasks: Vec::new(),
-            _server: None,
+            server: None,
         }
     }
 
     /// The replica server's address (cluster mode).
     pub fn replica_addr(&self) -> Option<std::net::SocketAddr> {
-        self._server.as_ref().map(ReplicaServer::local_addr)
+        self.server.as_ref().map(ReplicaServer::local_addr)
     }
 
     /// Replicas a volume gets when the request does not say: 1 on a one-disk
@@ -695,6 +697,7 @@ impl VolumeManager {
             .unwrap_or_else(|_| crate::transport::NodeReport {
                 node: String::new(),
                 disks: Vec::new(),
+                volumes: Vec::new(),
             });
         NodeInfo {
             name: self.inner.node_id.clone(),
@@ -1171,6 +1174,16 @@ impl Inner {
         self.publish(st);
     }
 
+    /// Names of the volumes whose records are here (from the last publish).
+    pub(super) fn owned_names(&self) -> Vec<String> {
+        self.view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
     pub(super) fn publish(&self, st: &State) {
         let entries = st
             .volumes
@@ -1326,6 +1339,7 @@ impl Volume {
             last_restored: self.record.last_restored.clone(),
             recurring_jobs: self.record.recurring_jobs.clone(),
             last_backup: self.record.last_backup.clone(),
+            owner: inner.node_id.clone(),
             restore: inner.restore_info(&self.record.name),
         }
     }

@@ -30,6 +30,7 @@
 pub mod backups;
 pub mod cluster;
 mod error;
+pub mod forward;
 mod manager;
 pub mod placement;
 pub mod recurring;

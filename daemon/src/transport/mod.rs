@@ -36,7 +36,7 @@ pub mod wire;
 
 pub use auth::{AuthError, ClientHandshake, ClusterSecret, ServerHandshake};
 pub use client::{PeerConn, PeerError};
-pub use server::{ReplicaServer, ServerStats};
+pub use server::{PeerControl, ReplicaServer, ServerStats};
 pub use wire::{
     decode_frame, encode_frame, encode_frame_head, Decoded, DiskReport, FrameReader, Header,
     NodeReport, Op, ReplicaReport, WireError, FENCED_ERRNO, MAGIC, MAX_HEADER, MAX_PAYLOAD,

@@ -43,8 +43,25 @@ pub struct ServerStats {
     pub requests: AtomicU64,
 }
 
+/// What a node's control plane answers for its peers: the volumes it owns
+/// (reported with `NodeStatus`) and API calls forwarded to it, the owner
+/// (`Op::Forward`). Installed once the control plane is up
+/// ([`ReplicaServer::set_control`]); until then peers see no volumes and
+/// forwarded calls are refused as unavailable.
+pub trait PeerControl: Send + Sync {
+    /// Names of the volumes this node owns.
+    fn volumes(&self) -> Vec<String>;
+    /// Runs API method `method` (`cairn.v1.Cairn`'s RPC name) on the
+    /// protobuf-encoded `request`: the gRPC code (0 = OK), the error
+    /// message, and the encoded response.
+    fn forward(&self, method: &str, request: &[u8]) -> (i32, String, Vec<u8>);
+}
+
+type ControlSlot = Arc<std::sync::OnceLock<Arc<dyn PeerControl>>>;
+
 pub struct ReplicaServer {
     addr: SocketAddr,
+    control: ControlSlot,
     stop: Arc<AtomicBool>,
     stats: Arc<ServerStats>,
     conns: Conns,
@@ -79,13 +96,20 @@ impl ReplicaServer {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(ServerStats::default());
         let conns: Conns = Arc::default();
+        let control: ControlSlot = Arc::default();
         let (stop2, stats2, conns2) = (stop.clone(), stats.clone(), conns.clone());
+        let served = Served {
+            disks,
+            instance,
+            control: control.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("replica-accept".into())
-            .spawn(move || accept_loop(listener, secret, disks, instance, stop2, stats2, conns2))?;
+            .spawn(move || accept_loop(listener, secret, served, stop2, stats2, conns2))?;
         tracing::info!(%addr, "replica server listening");
         Ok(ReplicaServer {
             addr,
+            control,
             stop,
             stats,
             conns,
@@ -95,6 +119,11 @@ impl ReplicaServer {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Installs the control plane's side of the peer protocol (once).
+    pub fn set_control(&self, control: Arc<dyn PeerControl>) {
+        let _ = self.control.set(control);
     }
 
     pub fn stats(&self) -> &ServerStats {
@@ -126,11 +155,19 @@ pub fn boot_instance() -> String {
         .unwrap_or_default()
 }
 
+/// What every connection serves: this node's replicas, as this boot, and
+/// its control plane.
+#[derive(Clone)]
+struct Served {
+    disks: Arc<NodeDisks>,
+    instance: Arc<str>,
+    control: ControlSlot,
+}
+
 fn accept_loop(
     listener: TcpListener,
     secret: ClusterSecret,
-    disks: Arc<NodeDisks>,
-    instance: Arc<str>,
+    served: Served,
     stop: Arc<AtomicBool>,
     stats: Arc<ServerStats>,
     conns: Conns,
@@ -167,10 +204,9 @@ fn accept_loop(
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(id, c);
         }
-        let (secret, disks, instance, stats, live, conns) = (
+        let (secret, served, stats, live, conns) = (
             secret.clone(),
-            disks.clone(),
-            instance.clone(),
+            served.clone(),
             stats.clone(),
             live.clone(),
             conns.clone(),
@@ -178,7 +214,7 @@ fn accept_loop(
         let spawned = std::thread::Builder::new()
             .name("replica-conn".into())
             .spawn(move || {
-                match serve(stream, &secret, &disks, &instance, &stats) {
+                match serve(stream, &secret, &served, &stats) {
                     Ok(()) => tracing::debug!(%peer, "replica connection closed"),
                     Err(ConnError::Rejected(reason)) => {
                         stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -268,8 +304,7 @@ pub(crate) fn tune_socket(s: &TcpStream) {
 fn serve(
     stream: TcpStream,
     secret: &ClusterSecret,
-    disks: &NodeDisks,
-    instance: &str,
+    served: &Served,
     stats: &ServerStats,
 ) -> Result<(), ConnError> {
     tune_socket(&stream);
@@ -330,7 +365,8 @@ fn serve(
     let mut conn = Conn {
         bound: None,
         stream: w.try_clone()?,
-        instance,
+        instance: &served.instance,
+        control: served.control.get(),
     };
     let mut data: Vec<u8> = Vec::new();
     out.clear();
@@ -339,7 +375,7 @@ fn serve(
             return Ok(());
         };
         stats.requests.fetch_add(1, Ordering::Relaxed);
-        let (op, reply_data) = handle(disks, &mut conn, header.op, payload, &mut data);
+        let (op, reply_data) = handle(&served.disks, &mut conn, header.op, payload, &mut data);
         let body: &[u8] = if reply_data { &data } else { &[] };
         encode_frame(
             &mut out,
@@ -394,6 +430,7 @@ struct Conn<'a> {
     /// This connection's socket, shut when its session is fenced.
     stream: TcpStream,
     instance: &'a str,
+    control: Option<&'a Arc<dyn PeerControl>>,
 }
 
 fn not_bound() -> Op {
@@ -415,12 +452,28 @@ fn handle(
     let done = |r: io::Result<()>| (r.map_or_else(io_err, |()| Op::Ok), false);
     match op {
         Op::Ping => (Op::Pong, false),
-        Op::NodeStatus => (
-            Op::Node {
-                report: disks.report(),
-            },
-            false,
-        ),
+        Op::NodeStatus => {
+            let mut report = disks.report();
+            if let Some(c) = conn.control {
+                report.volumes = c.volumes();
+            }
+            (Op::Node { report }, false)
+        }
+        Op::Forward { method } => match conn.control {
+            Some(c) => {
+                let (code, message, response) = c.forward(&method, payload);
+                *data = response;
+                (Op::Forwarded { code, message }, true)
+            }
+            None => (
+                Op::Forwarded {
+                    // gRPC UNAVAILABLE: the peer's control plane is starting.
+                    code: 14,
+                    message: "the node's control plane is not up yet: try again".into(),
+                },
+                false,
+            ),
+        },
         Op::ListReplicas => (
             Op::Replicas {
                 replicas: disks.list(),

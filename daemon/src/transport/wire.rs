@@ -234,6 +234,18 @@ pub enum Op {
         offset: u64,
         len: u32,
     },
+    /// An API call for a volume this node owns, from a node that does not:
+    /// `method` is the `cairn.v1.Cairn` RPC name, the payload its encoded
+    /// request. Answered with `Forwarded`.
+    Forward {
+        method: String,
+    },
+    /// `code` is the gRPC status code (0 = OK) and `message` its text; the
+    /// payload is the encoded response when OK.
+    Forwarded {
+        code: i32,
+        message: String,
+    },
 }
 
 /// The errno of every fencing refusal: the request came from an owner
@@ -246,6 +258,8 @@ pub const FENCED_ERRNO: i32 = libc::ESTALE;
 pub struct NodeReport {
     pub node: String,
     pub disks: Vec<DiskReport>,
+    /// The volumes this node owns (their records are here).
+    pub volumes: Vec<String>,
 }
 
 /// One disk of a node: filesystem size and free space, and the bytes of
@@ -638,7 +652,15 @@ mod tests {
                         allocated: 4,
                         replicas: 1,
                     }],
+                    volumes: vec!["db".into()],
                 },
+            },
+            Op::Forward {
+                method: "GetVolume".into(),
+            },
+            Op::Forwarded {
+                code: 5,
+                message: "volume \"db\" not found".into(),
             },
             Op::CreateReplica {
                 volume: "v".into(),
@@ -729,7 +751,9 @@ mod tests {
                 | Op::ListAllocated
                 | Op::ChangeChain { .. }
                 | Op::ChainChanged { .. }
-                | Op::ReadLayer { .. } => {}
+                | Op::ReadLayer { .. }
+                | Op::Forward { .. }
+                | Op::Forwarded { .. } => {}
             }
         }
         ops
@@ -1128,6 +1152,7 @@ mod tests {
                                 replicas
                             })
                             .collect(),
+                        volumes: Vec::new(),
                     },
                 }),
             (".{0,20}", ".{0,20}", any::<u64>(), any::<u32>()).prop_map(
