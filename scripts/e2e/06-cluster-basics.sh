@@ -25,6 +25,17 @@ nodes=$(vfield 1 spread '[.replicas[].node] | sort | join(",")')
 err=$(nctl 1 volume create four --size 64MiB --replicas 4 2>&1) && die "4 replicas on 3 nodes accepted"
 grep -q "wants 4 replicas but only 3 nodes can take one (hard anti-affinity" <<<"$err" || die "unexpected error: $err"
 [[ -z "$(nctl 1 -o json volume list | jq -r '.[] | select(.name == "four") | .name')" ]] || die "failed create left a volume"
+# Every node answers for every volume: n1 owns "spread"; n2 and n3 list it
+# with its owner, get it as n1 does, take a snapshot through it, and refuse
+# its name.
+wait_for 10 "n3 lists spread (owner n1)" '[[ "$(nctl 3 -o json volume list | jq -r ".[] | select(.name == \"spread\") | .owner")" == n1 ]]'
+[[ "$(nctl 2 -o json volume get spread | jq -c 'del(.replicas[].rebuild)')" == "$(nctl 1 -o json volume get spread | jq -c 'del(.replicas[].rebuild)')" ]] ||
+    die "get on n2 differs from the owner's"
+nctl 2 snapshot create spread --name s-from-n2 >/dev/null || die "snapshot through a non-owner"
+nctl 1 -o json snapshot list spread | jq -e '.[] | select(.name == "s-from-n2")' >/dev/null || die "the owner lacks the snapshot"
+err=$(nctl 3 volume create spread --size 64MiB 2>&1) && die "a taken name was created on n3"
+grep -q 'already exists (owner n1)' <<<"$err" || die "unexpected error: $err"
+say "n2 and n3 answer for n1's volume; its name is taken cluster-wide"
 # Peers' figures refresh with the membership poll (every 2 s).
 wait_for 10 "3 x 64 MiB allocated" '[[ "$(nctl 1 -o json node list | jq "[.[].disks[0].allocated] | add")" -eq $((3 * 64 << 20)) ]]'
 
