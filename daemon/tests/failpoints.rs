@@ -41,6 +41,38 @@ fn one_of_two(tmp: &std::path::Path) -> (Node, Node, Arc<cairn::engine::VolumeIo
     (a, b, v)
 }
 
+/// The snapshot files of replica `r` on node `n`, oldest first.
+fn chain_of(n: &Node, r: &str) -> Vec<String> {
+    n.disks
+        .open("vol", r)
+        .expect("open")
+        .chain()
+        .into_iter()
+        .filter(|l| !l.is_head)
+        .map(|l| l.file)
+        .collect()
+}
+
+/// Takes snapshot `s1` while this thread answers the queue's pause.
+fn snapshot_s1(
+    v: &Arc<cairn::engine::VolumeIo>,
+    ring: &mut TestRing,
+    engine: &mut QueueEngine,
+) -> Result<cairn::replica::ChainOutcome, cairn::engine::EngineError> {
+    let v = v.clone();
+    with_queue_pumped(ring, engine, move || {
+        v.change_chain(
+            &ChainChange::Snapshot {
+                name: "s1".into(),
+                created: "2026-12-01T00:00:00Z".into(),
+                user_created: true,
+                labels: Default::default(),
+            },
+            Duration::from_secs(10),
+        )
+    })
+}
+
 fn fill(engine: &mut QueueEngine, ring: &mut TestRing, mibs: u64) {
     for i in 0..mibs {
         let mut d = pattern(i, MIB as usize);
@@ -193,30 +225,9 @@ fn a_snapshot_racing_a_rebuild_join_never_leaves_chains_apart() {
         fail::remove("engine::change_chain::replica");
         r.join().expect("rebuild thread")
     });
-    let v4 = v.clone();
-    let snap = with_queue_pumped(&mut ring, &mut engine, move || {
-        v4.change_chain(
-            &ChainChange::Snapshot {
-                name: "s1".into(),
-                created: "2026-12-01T00:00:00Z".into(),
-                user_created: true,
-                labels: Default::default(),
-            },
-            Duration::from_secs(10),
-        )
-    });
+    let snap = snapshot_s1(&v, &mut ring, &mut engine);
     let rebuilt = racer.join().expect("racer");
     snap.expect("snapshot");
-    let chain_of = |n: &Node, r: &str| {
-        n.disks
-            .open("vol", r)
-            .expect("open")
-            .chain()
-            .into_iter()
-            .filter(|l| !l.is_head)
-            .map(|l| l.file)
-            .collect::<Vec<_>>()
-    };
     if rebuilt.is_ok() {
         assert_eq!(
             chain_of(&a, "vol-r-a"),
@@ -371,12 +382,7 @@ async fn detached_chain_changes_move_the_revision() {
 fn a_write_racing_the_intent_settle_keeps_its_chunk_logged() {
     let scenario = FailScenario::setup();
     let tmp = tempfile::tempdir().expect("tmp");
-    let (a, b) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"));
-    a.create("vol-r-a");
-    b.create("vol-r-b");
-    let log_path = tmp.path().join("vol.intent");
-    let v = pair_volume(&a, &b);
-    v.set_intent_log(IntentLog::create(&log_path, SIZE).expect("log"));
+    let (_a, _b, v, log_path) = logged_pair(tmp.path());
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
     assert_eq!(
@@ -442,30 +448,9 @@ fn a_rebuild_joining_while_a_snapshot_quiesces_is_seen() {
         std::thread::sleep(Duration::from_millis(600));
         fail::remove("rebuild::before_listing");
     });
-    let v4 = v.clone();
-    let snap = with_queue_pumped(&mut ring, &mut engine, move || {
-        v4.change_chain(
-            &ChainChange::Snapshot {
-                name: "s1".into(),
-                created: "2026-12-01T00:00:00Z".into(),
-                user_created: true,
-                labels: Default::default(),
-            },
-            Duration::from_secs(10),
-        )
-    });
+    let snap = snapshot_s1(&v, &mut ring, &mut engine);
     releaser.join().expect("releaser");
     let rebuilt = rebuilder.join().expect("rebuilder");
-    let chain_of = |n: &Node, r: &str| {
-        n.disks
-            .open("vol", r)
-            .expect("open")
-            .chain()
-            .into_iter()
-            .filter(|l| !l.is_head)
-            .map(|l| l.file)
-            .collect::<Vec<_>>()
-    };
     match &snap {
         Err(cairn::engine::EngineError::Rebuilding { .. }) => {}
         other => {

@@ -904,12 +904,7 @@ fn salvage_keeps_one_source_and_resyncs_the_others_at_its_revision() {
 #[test]
 fn an_unclean_stop_serves_one_replica_and_resyncs_the_logged_chunks() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let (a, b) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"));
-    a.create("vol-r-a");
-    b.create("vol-r-b");
-    let log_path = tmp.path().join("vol.intent");
-    let v = pair_volume(&a, &b);
-    v.set_intent_log(IntentLog::create(&log_path, SIZE).expect("log"));
+    let (a, b, v, log_path) = logged_pair(tmp.path());
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
     let mut d1 = pattern(71, 4096);
@@ -926,16 +921,7 @@ fn an_unclean_stop_serves_one_replica_and_resyncs_the_logged_chunks() {
         panic!("the log lost the written chunk");
     };
     assert_eq!(ranges, vec![(0, SIZE)]);
-    let v = volume(vec![
-        ReplicaHandle {
-            name: "vol-r-a".into(),
-            io: Some(a.remote("vol-r-a")),
-        },
-        ReplicaHandle {
-            name: "vol-r-b".into(),
-            io: Some(b.remote("vol-r-b")),
-        },
-    ]);
+    let v = pair_volume(&a, &b);
     v.resync_after_unclean_stop(Some(&ranges)).expect("resync");
     assert_eq!(v.health(), VolumeHealth::Degraded);
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
@@ -959,12 +945,7 @@ fn an_unclean_stop_serves_one_replica_and_resyncs_the_logged_chunks() {
 #[test]
 fn quiet_chunks_settle_and_a_clean_close_leaves_no_resync() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let (a, b) = (Node::new(tmp.path(), "a"), Node::new(tmp.path(), "b"));
-    a.create("vol-r-a");
-    b.create("vol-r-b");
-    let log_path = tmp.path().join("vol.intent");
-    let v = pair_volume(&a, &b);
-    v.set_intent_log(IntentLog::create(&log_path, SIZE).expect("log"));
+    let (_a, _b, v, log_path) = logged_pair(tmp.path());
     let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
     let mut ring = TestRing::new();
     assert_eq!(

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn::disks::NodeDisks;
+use cairn::engine::intent::IntentLog;
 use cairn::engine::{
     IoOp, IoRequest, QueueEngine, QueueLayout, RemoteReplica, RemoteTarget, ReplicaHandle,
     ReplicaIo, VolumeIo,
@@ -242,6 +243,18 @@ pub fn pair_volume(a: &Node, b: &Node) -> Arc<VolumeIo> {
             io: Some(b.remote("vol-r-b")),
         },
     ])
+}
+
+/// Two fresh nodes `a` and `b` holding `vol-r-a` and `vol-r-b`, the pair
+/// volume on them with a write-intent log at the returned path.
+pub fn logged_pair(tmp: &Path) -> (Node, Node, Arc<VolumeIo>, PathBuf) {
+    let (a, b) = (Node::new(tmp, "a"), Node::new(tmp, "b"));
+    a.create("vol-r-a");
+    b.create("vol-r-b");
+    let log_path = tmp.join("vol.intent");
+    let v = pair_volume(&a, &b);
+    v.set_intent_log(IntentLog::create(&log_path, SIZE).expect("log"));
+    (a, b, v, log_path)
 }
 
 /// Waits up to `secs` for `cond`.
