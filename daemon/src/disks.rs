@@ -32,6 +32,13 @@ pub enum DiskError {
     InUse { node: String, replica: String },
     #[error("node {node} has no disk with room for a {size}-byte replica that holds no other replica of the volume (see `cairnctl node list`)")]
     NoSpace { node: String, size: u64 },
+    #[error("disk {disk} of node {node} has no room for replica {replica} to grow by {by} bytes (over-provisioning / minimal-available rules; see `cairnctl node list`)")]
+    NoRoomToGrow {
+        node: String,
+        replica: String,
+        disk: String,
+        by: u64,
+    },
     #[error("bad replica name {0:?}")]
     BadName(String),
     #[error(transparent)]
@@ -47,7 +54,7 @@ impl DiskError {
             DiskError::UnknownReplica { .. } => libc::ENOENT,
             DiskError::Exists { .. } => libc::EEXIST,
             DiskError::InUse { .. } => libc::EBUSY,
-            DiskError::NoSpace { .. } => libc::ENOSPC,
+            DiskError::NoSpace { .. } | DiskError::NoRoomToGrow { .. } => libc::ENOSPC,
             DiskError::BadName(_) | DiskError::WrongVolume { .. } => libc::EINVAL,
             DiskError::Replica(_) | DiskError::Io { .. } => libc::EIO,
         }
@@ -221,6 +228,57 @@ impl NodeDisks {
             });
         }
         Ok(r)
+    }
+
+    /// Grows replica `replica` (open nowhere) to `size` bytes if its disk
+    /// `fits` the growth (the caller's placement rules, given the disk and
+    /// the bytes added). With `check_only`, only says whether it would.
+    pub fn expand(
+        &self,
+        replica: &str,
+        size: u64,
+        check_only: bool,
+        fits: impl Fn(&DiskReport, u64) -> bool,
+    ) -> Result<(), DiskError> {
+        let mut open = self.lock();
+        if open.get(replica).is_some_and(|w| w.strong_count() > 0) {
+            return Err(DiskError::InUse {
+                node: self.node.clone(),
+                replica: replica.to_string(),
+            });
+        }
+        open.remove(replica);
+        let found = self
+            .find(replica)
+            .ok_or_else(|| DiskError::UnknownReplica {
+                node: self.node.clone(),
+                replica: replica.to_string(),
+            })?;
+        let current = Replica::open(&found.dir)?.size();
+        if size > current {
+            let disk = found.disk.display().to_string();
+            let by = size - current;
+            let report = self.report();
+            let room = report
+                .disks
+                .iter()
+                .find(|d| d.path == disk)
+                .is_some_and(|d| fits(d, by));
+            if !room {
+                return Err(DiskError::NoRoomToGrow {
+                    node: self.node.clone(),
+                    replica: replica.to_string(),
+                    disk,
+                    by,
+                });
+            }
+        }
+        if check_only {
+            return Ok(());
+        }
+        Replica::expand(&found.dir, size)?;
+        tracing::info!(replica, size, dir = %found.dir.display(), "replica expanded");
+        Ok(())
     }
 
     /// Forgets an open replica object so the next `open` reads the files

@@ -325,3 +325,71 @@ async fn unreachable_socket_says_what_to_do() {
         )
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_volume_expands_and_bad_sizes_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path()).await;
+    let mut c = d.client().await;
+    c.create_volume(create("db", 8 << 20, 2)).await.unwrap();
+    let before = snapshot(tmp.path());
+    let expand = |size: u64| pb::ExpandVolumeRequest {
+        name: "db".into(),
+        size,
+    };
+    let cases = [
+        (
+            expand(4 << 20),
+            Code::InvalidArgument,
+            "expand grows a volume",
+        ),
+        (
+            expand(8 << 20),
+            Code::InvalidArgument,
+            "give a size larger than that",
+        ),
+        (
+            expand((16 << 20) + 1),
+            Code::InvalidArgument,
+            "not a multiple of 4096",
+        ),
+        (
+            expand(1 << 60),
+            Code::ResourceExhausted,
+            "has no room for replica",
+        ),
+        (
+            pb::ExpandVolumeRequest {
+                name: "nope".into(),
+                size: 16 << 20,
+            },
+            Code::NotFound,
+            "not found",
+        ),
+    ];
+    for (req, code, msg) in cases {
+        let size = req.size;
+        let e = c.expand_volume(req).await.unwrap_err();
+        assert_eq!(e.code(), code, "{size}: {e:?}");
+        assert!(e.message().contains(msg), "{size}: {}", e.message());
+    }
+    assert_eq!(
+        snapshot(tmp.path()),
+        before,
+        "a refused expand changed files"
+    );
+
+    let v = c
+        .expand_volume(expand(16 << 20))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.size, 16 << 20);
+    for r in &v.replicas {
+        let rep = cairn::replica::Replica::open(Path::new(&r.dir)).unwrap();
+        assert_eq!(rep.size(), 16 << 20, "replica {} grew", r.name);
+    }
+    let again = c.get_volume(vref("db")).await.unwrap().into_inner();
+    assert_eq!(again.size, 16 << 20);
+    d.stop().await;
+}

@@ -175,6 +175,38 @@ async fn every_volume_command_works_from_every_node() {
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(e.message().contains("owned by n0"), "{}", e.message());
 
+    // Expand from the non-owner: the owner grows both replicas, one of them
+    // on n1 over the peer protocol.
+    let mut two = create("wide");
+    two.replicas = 2;
+    c0.create_volume(two).await.unwrap();
+    let grown = c1
+        .expand_volume(pb::ExpandVolumeRequest {
+            name: "wide".into(),
+            size: 16 << 20,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.size, 16 << 20);
+    assert_eq!(grown.replicas.len(), 2);
+    for r in &grown.replicas {
+        let rep = cairn::replica::Replica::open(Path::new(&r.dir)).unwrap();
+        assert_eq!(
+            rep.size(),
+            16 << 20,
+            "replica {} on {} grew",
+            r.name,
+            r.node
+        );
+    }
+    c1.delete_volume(pb::DeleteVolumeRequest {
+        name: "wide".into(),
+        force: false,
+    })
+    .await
+    .unwrap();
+
     // Detach and delete from the non-owner.
     c1.detach_volume(vref("db")).await.unwrap();
     c1.delete_volume(pb::DeleteVolumeRequest {

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Case 2: ext4 and xfs on a volume: write files, record sha256s, unmount,
-# detach, re-attach, mount, sums match.
+# detach, re-attach, mount, sums match. Then offline expansion: an attached
+# volume is refused, the detached one grows, the filesystem grows into it
+# (resize2fs / xfs_growfs) and every file still verifies.
 source "$(dirname "$0")/lib.sh"
 
 start_cairnd
@@ -26,9 +28,24 @@ for fs in ext4 xfs; do
     DEV=$(ctl volume attach "$vol")
     mount "$DEV" "$mnt"
     (cd "$mnt" && sha256sum -c --quiet "$WORK/sums-$fs") || die "$fs: checksums differ after re-attach"
+    if out=$(ctl volume expand "$vol" --size 640MiB 2>&1); then die "$fs: expanded while attached"; fi
+    grep -q "detach it before you expand it" <<<"$out" || die "$fs: unexpected refusal: $out"
     umount "$mnt"
     ctl volume detach "$vol" >/dev/null
     say "$fs: $(wc -l <"$WORK/sums-$fs") files verified after detach/attach"
+    ctl volume expand "$vol" --size 640MiB >/dev/null || die "$fs: offline expansion failed"
+    DEV=$(ctl volume attach "$vol")
+    [[ $(blockdev --getsize64 "$DEV") -eq $((640 << 20)) ]] || die "$fs: device is $(blockdev --getsize64 "$DEV") bytes after expansion"
+    mount "$DEV" "$mnt"
+    case $fs in
+        ext4) resize2fs -f "$DEV" >/dev/null 2>&1 || die "resize2fs failed" ;;
+        xfs) xfs_growfs "$mnt" >/dev/null || die "xfs_growfs failed" ;;
+    esac
+    dd if=/dev/urandom of="$mnt/after" bs=1M count=400 status=none || die "$fs: cannot use the grown space"
+    (cd "$mnt" && sha256sum -c --quiet "$WORK/sums-$fs") || die "$fs: checksums differ after expansion"
+    umount "$mnt"
+    ctl volume detach "$vol" >/dev/null
+    say "$fs: expanded offline 320 MiB -> 640 MiB, filesystem grown, files intact"
 done
 stop_cairnd
 say PASS

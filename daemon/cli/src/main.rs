@@ -162,6 +162,13 @@ enum VolumeCmd {
     Attach { name: String },
     /// Remove a volume's device (data is kept).
     Detach { name: String },
+    /// Grow a detached volume: every replica, then the volume.
+    Expand {
+        name: String,
+        /// The new size, e.g. 20GiB: larger than now, a multiple of 4KiB.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
     /// Delete a volume and its replicas' data.
     Delete {
         name: String,
@@ -327,6 +334,16 @@ async fn run(cli: Cli) -> Result<String, String> {
                     .map_err(msg)?
                     .into_inner();
                 Ok(show(&v, |v| format!("volume {} detached\n", v.name)))
+            }
+            VolumeCmd::Expand { name, size } => {
+                let v = client
+                    .expand_volume(pb::ExpandVolumeRequest { name, size })
+                    .await
+                    .map_err(msg)?
+                    .into_inner();
+                Ok(show(&v, |v| {
+                    format!("volume {} expanded to {}\n", v.name, HumanSize(v.size))
+                }))
             }
             VolumeCmd::Delete { name, force } => {
                 client

@@ -48,7 +48,10 @@ pub fn status(e: ControlError) -> Status {
         // No room: no disk or node can take the replicas.
         E::NotEnoughDisks { .. }
         | E::NotEnoughNodes { .. }
-        | E::Disk(DiskError::NoSpace { .. }) => Code::ResourceExhausted,
+        | E::Disk(DiskError::NoSpace { .. } | DiskError::NoRoomToGrow { .. })
+        | E::CannotGrow { no_room: true, .. } => Code::ResourceExhausted,
+        E::CannotGrow { .. } => Code::FailedPrecondition,
+        E::NotLarger { .. } => Code::InvalidArgument,
         // Another operation on the volume is running: retry after it.
         E::Restoring { .. }
         | E::BackupInProgress { .. }
@@ -229,6 +232,7 @@ impl CairnService {
             "CreateBackup" => local!(create_backup, pb::CreateBackupRequest),
             "ActivateVolume" => local!(activate_volume, pb::VolumeRef),
             "SetRecurringJobs" => local!(set_recurring_jobs, pb::SetRecurringJobsRequest),
+            "ExpandVolume" => local!(expand_volume, pb::ExpandVolumeRequest),
             other => Err(Status::unimplemented(format!(
                 "{other} cannot be forwarded to a volume's owner"
             ))),
@@ -385,6 +389,16 @@ impl Cairn for CairnService {
             .attach(&req.into_inner().name)
             .await
             .map_err(status)?;
+        Ok(Response::new(volume(v)))
+    }
+
+    async fn expand_volume(
+        &self,
+        req: Request<pb::ExpandVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        route!(self, req, &req.get_ref().name, "ExpandVolume");
+        let r = req.into_inner();
+        let v = self.manager.expand(&r.name, r.size).await.map_err(status)?;
         Ok(Response::new(volume(v)))
     }
 

@@ -54,6 +54,21 @@ pub enum ControlError {
     },
     #[error("volume {name:?} already exists: pick another name or delete it first")]
     AlreadyExists { name: String },
+    #[error("volume {name:?} holds {current} bytes: expand grows a volume, give a size larger than that (not {size})")]
+    NotLarger {
+        name: String,
+        size: u64,
+        current: u64,
+    },
+    #[error("volume {volume:?}: replica {replica} on node {node} cannot grow: {reason}")]
+    CannotGrow {
+        volume: String,
+        replica: String,
+        node: String,
+        reason: String,
+        /// The replica's disk has no room (the node said ENOSPC).
+        no_room: bool,
+    },
     #[error("volume {name:?} not found: see `cairnctl volume list`")]
     NotFound { name: String },
     #[error("volume {name:?} is already attached at {device}: detach it first")]

@@ -30,6 +30,7 @@
 pub mod backups;
 pub mod cluster;
 mod error;
+mod expand;
 pub mod forward;
 mod manager;
 pub mod placement;

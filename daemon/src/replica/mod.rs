@@ -58,6 +58,8 @@ pub enum ReplicaError {
     AlreadyExists { dir: String },
     #[error("replica size {size} must be a nonzero multiple of {BLOCK_SIZE} bytes")]
     InvalidSize { size: u64 },
+    #[error("replica {dir} holds {size} bytes: it can grow, not shrink to {wanted}")]
+    Shrink { dir: String, size: u64, wanted: u64 },
     #[error("{0}")]
     InvalidName(#[from] NameError),
     #[error("replica {dir}: {file} is not valid metadata: {reason}")]
@@ -374,6 +376,49 @@ impl Replica {
         self.lock_meta().revision
     }
 
+    /// Grows the replica in `dir`, open nowhere, to `new_size` bytes. Every
+    /// layer file is extended (sparse: the new range reads as zeros) and
+    /// synced, then `volume.meta` commits the new size. A crash before the
+    /// commit leaves layers longer than the size, which [`Replica::open`]
+    /// accepts (the tail is past the volume's end); the next expansion
+    /// completes it. The current size is a no-op; shrinking is refused.
+    pub fn expand(dir: &Path, new_size: u64) -> Result<(), ReplicaError> {
+        let r = Replica::open(dir)?;
+        if new_size == r.size {
+            return Ok(());
+        }
+        if new_size == 0 || new_size % BLOCK_SIZE != 0 {
+            return Err(ReplicaError::InvalidSize { size: new_size });
+        }
+        if new_size < r.size {
+            return Err(ReplicaError::Shrink {
+                dir: disp(dir),
+                size: r.size,
+                wanted: new_size,
+            });
+        }
+        for l in &r.chain_now().layers {
+            let path = dir.join(&l.file);
+            let grown = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(new_size).and_then(|()| f.sync_all()));
+            grown.map_err(|source| ReplicaError::Io {
+                path: disp(&path),
+                source,
+            })?;
+        }
+        fail::fail_point!("replica::expand::before_commit", |_| Err(
+            ReplicaError::Io {
+                path: disp(dir),
+                source: io::Error::other("failpoint replica::expand::before_commit"),
+            }
+        ));
+        let mut next = r.lock_meta().clone();
+        next.size = new_size;
+        write_volume_meta(dir, &next)
+    }
+
     /// Persists a new revision (atomic rewrite of `volume.meta`).
     pub fn set_revision(&self, rev: u64) -> Result<(), ReplicaError> {
         let mut m = self.lock_meta();
@@ -506,7 +551,8 @@ impl Replica {
                 file: head.file.clone(),
             });
         }
-        if open.len() != self.size {
+        // Longer is an expansion interrupted before its commit.
+        if open.len() < self.size {
             return Err(ReplicaError::HeadTruncated {
                 dir: d,
                 file: head.file.clone(),
@@ -966,7 +1012,9 @@ fn open_layer(
             source,
         })?
         .len();
-    if len != size {
+    // Longer is an expansion interrupted before its commit: the tail is
+    // past the volume's end and never read.
+    if len < size {
         return Err(ReplicaError::LayerSizeMismatch {
             dir: d,
             file: file.into(),

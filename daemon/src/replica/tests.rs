@@ -486,3 +486,53 @@ fn changed_between_lists_newer_layers_only() {
     write(&r, 0, &[9u8; 4096]);
     assert!(r.head_has_data());
 }
+
+#[test]
+fn expand_grows_every_layer_keeps_data_and_survives_an_interrupted_commit() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("r");
+    let r = Replica::create(&dir, &spec(4 * MIB)).unwrap();
+    write(&r, 0, &[1u8; 4096]);
+    r.snapshot("s1", true, BTreeMap::new()).unwrap();
+    write(&r, 4096, &[2u8; 4096]);
+    drop(r);
+    // Refusals change nothing.
+    assert!(matches!(
+        Replica::expand(&dir, 2 * MIB),
+        Err(ReplicaError::Shrink { .. })
+    ));
+    assert!(matches!(
+        Replica::expand(&dir, 8 * MIB + 1),
+        Err(ReplicaError::InvalidSize { .. })
+    ));
+    assert_eq!(Replica::open(&dir).unwrap().size(), 4 * MIB);
+
+    Replica::expand(&dir, 8 * MIB).unwrap();
+    let r = Replica::open(&dir).unwrap();
+    assert_eq!(r.size(), 8 * MIB);
+    assert_eq!(read(&r, 0, 4096), vec![1u8; 4096], "snapshot data");
+    assert_eq!(read(&r, 4096, 4096), vec![2u8; 4096], "head data");
+    assert_eq!(read(&r, 6 * MIB, 4096), vec![0u8; 4096], "the new range");
+    write(&r, 7 * MIB, &[3u8; 4096]);
+    assert_eq!(read(&r, 7 * MIB, 4096), vec![3u8; 4096]);
+    r.check_files().unwrap();
+    drop(r);
+    Replica::expand(&dir, 8 * MIB).unwrap();
+
+    // Interrupted before the commit: layers longer than the size; it opens
+    // at the old size and the next expansion completes.
+    for l in Replica::open(&dir).unwrap().chain() {
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.join(&l.file))
+            .unwrap();
+        f.set_len(12 * MIB).unwrap();
+    }
+    let r = Replica::open(&dir).unwrap();
+    assert_eq!(r.size(), 8 * MIB);
+    r.check_files().unwrap();
+    assert_eq!(read(&r, 7 * MIB, 4096), vec![3u8; 4096]);
+    drop(r);
+    Replica::expand(&dir, 12 * MIB).unwrap();
+    assert_eq!(Replica::open(&dir).unwrap().size(), 12 * MIB);
+}

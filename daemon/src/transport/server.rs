@@ -547,6 +547,24 @@ fn handle(
                 ),
             }
         }
+        Op::ExpandReplica {
+            replica,
+            size,
+            over_provisioning,
+            min_available,
+            check_only,
+        } => match disks.expand(&replica, size, check_only, |d, by| {
+            disk_fits(d, by, over_provisioning, min_available)
+        }) {
+            Ok(()) => (Op::Ok, false),
+            Err(e) => (
+                Op::Error {
+                    errno: e.errno(),
+                    message: e.to_string(),
+                },
+                false,
+            ),
+        },
         Op::DeleteReplica { replica } => match disks.delete(&replica) {
             Ok(()) => (Op::Ok, false),
             Err(e) => (

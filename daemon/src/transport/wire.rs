@@ -234,6 +234,16 @@ pub enum Op {
         offset: u64,
         len: u32,
     },
+    /// Grows a replica (of a detached volume) to `size` bytes, if its disk
+    /// takes the growth under the owner's placement rules (percent).
+    /// `check_only`: only whether it would. Answered with `Ok`.
+    ExpandReplica {
+        replica: String,
+        size: u64,
+        over_provisioning: u32,
+        min_available: u32,
+        check_only: bool,
+    },
     /// An API call for a volume this node owns, from a node that does not:
     /// `method` is the `cairn.v1.Cairn` RPC name, the payload its encoded
     /// request. Answered with `Forwarded`.
@@ -658,6 +668,13 @@ mod tests {
             Op::Forward {
                 method: "GetVolume".into(),
             },
+            Op::ExpandReplica {
+                replica: "v-r-1".into(),
+                size: 1 << 30,
+                over_provisioning: 100,
+                min_available: 25,
+                check_only: true,
+            },
             Op::Forwarded {
                 code: 5,
                 message: "volume \"db\" not found".into(),
@@ -753,7 +770,8 @@ mod tests {
                 | Op::ChainChanged { .. }
                 | Op::ReadLayer { .. }
                 | Op::Forward { .. }
-                | Op::Forwarded { .. } => {}
+                | Op::Forwarded { .. }
+                | Op::ExpandReplica { .. } => {}
             }
         }
         ops
