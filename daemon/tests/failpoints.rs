@@ -567,3 +567,44 @@ fn an_async_backup_reports_progress_then_completed_or_the_error() {
     });
     scenario.teardown();
 }
+
+/// A write that lands between a full rebuild's listing and its copy (on
+/// data the listing did not see) reaches the rebuilt replica: the target is
+/// a write target from its join on, and its map is re-read each pass.
+#[test]
+fn a_write_between_the_rebuild_listing_and_the_copy_reaches_the_target() {
+    let scenario = FailScenario::setup();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b, v) = one_of_two(tmp.path());
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    fill(&mut engine, &mut ring, 2);
+    fail::cfg("rebuild::after_listing", "pause").expect("cfg");
+    let target = b.remote("vol-r-b");
+    let v2 = v.clone();
+    let rebuilder = std::thread::spawn(move || {
+        let progress = RebuildProgress::new("vol-r-b");
+        rebuild(
+            &v2,
+            1,
+            "vol-r-b",
+            target,
+            &progress,
+            &AtomicBool::new(false),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // Listed already: 0..2 MiB. This lands at 9 MiB, and over listed data.
+    let mut fresh = pattern(88, 64 * 1024);
+    assert_eq!(write(&mut ring, &mut engine, 9 * MIB, &mut fresh), 64 * 1024);
+    let mut over = pattern(89, 4096);
+    assert_eq!(write(&mut ring, &mut engine, MIB, &mut over), 4096);
+    fail::remove("rebuild::after_listing");
+    rebuilder.join().expect("rebuild thread").expect("rebuild");
+    assert_eq!(v.health(), VolumeHealth::Healthy);
+    let content = b.content("vol-r-b");
+    assert_eq!(content[9 * MIB as usize..9 * MIB as usize + 64 * 1024], fresh[..]);
+    assert_eq!(content[MIB as usize..MIB as usize + 4096], over[..]);
+    assert_eq!(a.content("vol-r-a"), content);
+    scenario.teardown();
+}

@@ -523,6 +523,9 @@ impl Copier<'_> {
             for (off, len) in ranges {
                 map.set_range(off / BLOCK_SIZE, (off + len).div_ceil(BLOCK_SIZE));
             }
+            // Between the listing and the copy: writes landing now mark
+            // the target's map (it is a write target already).
+            fail::fail_point!("rebuild::after_listing");
         }
         let mut bufs: Vec<Vec<u8>> = (0..WINDOW).map(|_| vec![0u8; CHUNK as usize]).collect();
         let mut quiet_seen = false;
