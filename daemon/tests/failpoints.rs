@@ -596,14 +596,20 @@ fn a_write_between_the_rebuild_listing_and_the_copy_reaches_the_target() {
     std::thread::sleep(Duration::from_millis(300));
     // Listed already: 0..2 MiB. This lands at 9 MiB, and over listed data.
     let mut fresh = pattern(88, 64 * 1024);
-    assert_eq!(write(&mut ring, &mut engine, 9 * MIB, &mut fresh), 64 * 1024);
+    assert_eq!(
+        write(&mut ring, &mut engine, 9 * MIB, &mut fresh),
+        64 * 1024
+    );
     let mut over = pattern(89, 4096);
     assert_eq!(write(&mut ring, &mut engine, MIB, &mut over), 4096);
     fail::remove("rebuild::after_listing");
     rebuilder.join().expect("rebuild thread").expect("rebuild");
     assert_eq!(v.health(), VolumeHealth::Healthy);
     let content = b.content("vol-r-b");
-    assert_eq!(content[9 * MIB as usize..9 * MIB as usize + 64 * 1024], fresh[..]);
+    assert_eq!(
+        content[9 * MIB as usize..9 * MIB as usize + 64 * 1024],
+        fresh[..]
+    );
     assert_eq!(content[MIB as usize..MIB as usize + 4096], over[..]);
     assert_eq!(a.content("vol-r-a"), content);
     scenario.teardown();
