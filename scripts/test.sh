@@ -30,7 +30,12 @@ RUSTDOCFLAGS="-D warnings" cargo doc --release --workspace --no-deps --locked >t
 # Thin clients link no storage code: the API crate and cairnctl (and later
 # the CSI driver and the CRD controller) must not depend on these.
 for pkg in cairn-api cairnctl; do
-    heavy=$(cargo tree -p "$pkg" -e normal --prefix none --locked 2>/dev/null | grep -E "^(cairn |libublk|io-uring|object_store) " | sort -u | tr '\n' ' ' || true)
+    if ! tree=$(cargo tree -p "$pkg" -e normal --prefix none --locked 2>&1); then
+        echo "cargo tree -p $pkg failed: $tree"
+        lint_failed=1
+        continue
+    fi
+    heavy=$(grep -E "^(cairn |libublk|io-uring|object_store) " <<<"$tree" | sort -u | tr '\n' ' ' || true)
     if [[ -n "$heavy" ]]; then
         echo "thin client $pkg links storage crates: $heavy"
         lint_failed=1

@@ -90,6 +90,19 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> IntentError + '_ {
     }
 }
 
+/// Ascending chunk indexes as merged byte ranges of a `size`-byte volume.
+fn byte_ranges(chunks: impl Iterator<Item = u64>, size: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for c in chunks {
+        let (s, e) = (c << CHUNK_SHIFT, ((c + 1) << CHUNK_SHIFT).min(size));
+        match out.last_mut() {
+            Some(last) if last.1 == s => last.1 = e,
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
 fn image(size: u64, state: u32, words: &[u64]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + words.len() * 8);
     out.extend_from_slice(MAGIC);
@@ -140,19 +153,9 @@ impl IntentLog {
             }
             other => return bad(&format!("unknown state {other}")),
         }
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for c in 0..chunks_of(size) {
-            let w = word(HEADER + (c / 64) as usize * 8);
-            if w >> (c % 64) & 1 == 0 {
-                continue;
-            }
-            let start = c << CHUNK_SHIFT;
-            let end = ((c + 1) << CHUNK_SHIFT).min(size);
-            match ranges.last_mut() {
-                Some(last) if last.1 == start => last.1 = end,
-                _ => ranges.push((start, end)),
-            }
-        }
+        let set = (0..chunks_of(size))
+            .filter(|&c| word(HEADER + (c / 64) as usize * 8) >> (c % 64) & 1 == 1);
+        let ranges = byte_ranges(set, size);
         if ranges.is_empty() {
             Leftover::Clean
         } else {
@@ -190,7 +193,7 @@ impl IntentLog {
 
     /// The chunk indexes `[offset, offset+len)` touches.
     #[inline]
-    pub fn chunk_range(offset: u64, len: u32) -> std::ops::RangeInclusive<u64> {
+    fn chunk_range(offset: u64, len: u32) -> std::ops::RangeInclusive<u64> {
         let last = (offset + u64::from(len.max(1)) - 1) >> CHUNK_SHIFT;
         (offset >> CHUNK_SHIFT)..=last
     }
@@ -231,7 +234,6 @@ impl IntentLog {
         if !changed {
             return;
         }
-        fail::fail_point!("intent::mark::before_persist");
         if let Err(e) = self.persist(&file, &words) {
             self.report(&e);
         }
@@ -268,15 +270,7 @@ impl IntentLog {
 
     /// The set chunks as byte ranges of the volume.
     pub fn dirty_ranges(&self) -> Vec<(u64, u64)> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for c in self.set_chunks() {
-            let (s, e) = (c << CHUNK_SHIFT, ((c + 1) << CHUNK_SHIFT).min(self.size));
-            match out.last_mut() {
-                Some(last) if last.1 == s => last.1 = e,
-                _ => out.push((s, e)),
-            }
-        }
-        out
+        byte_ranges(self.set_chunks().into_iter(), self.size)
     }
 
     /// Clears the bits of `quiet` chunks — each with the count of writes

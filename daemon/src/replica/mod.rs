@@ -408,12 +408,6 @@ impl Replica {
                 source,
             })?;
         }
-        fail::fail_point!("replica::expand::before_commit", |_| Err(
-            ReplicaError::Io {
-                path: disp(dir),
-                source: io::Error::other("failpoint replica::expand::before_commit"),
-            }
-        ));
         let mut next = r.lock_meta().clone();
         next.size = new_size;
         write_volume_meta(dir, &next)
