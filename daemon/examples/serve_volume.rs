@@ -4,7 +4,10 @@
 //! `serve_volume [--recover DEV_ID] SIZE_BYTES DIR...` creates (or opens) a
 //! replica in each DIR, attaches them as one ublk device (taking over device
 //! DEV_ID if a killed server left it), prints its path, and serves it until
-//! stdin closes or reads a line.
+//! stdin closes or reads a line. A line `size BYTES` instead resizes the live
+//! device (`UblkDevice::update_size`, Linux 6.16+; the replicas keep their
+//! size, so only the kernel's view changes) and prints `size ok` or
+//! `size error: ...`.
 
 use std::io::BufRead;
 use std::path::Path;
@@ -68,7 +71,19 @@ fn main() -> anyhow::Result<()> {
     let dev = UblkDevice::start(volume.clone(), &opts, recover)?;
     println!("{}", dev.path().display());
     let mut line = String::new();
-    let _ = std::io::stdin().lock().read_line(&mut line);
+    while std::io::stdin().lock().read_line(&mut line).unwrap_or(0) > 0 {
+        let Some(bytes) = line.trim().strip_prefix("size ") else {
+            break;
+        };
+        match bytes.parse::<u64>() {
+            Ok(bytes) => match dev.update_size(bytes) {
+                Ok(()) => println!("size ok"),
+                Err(e) => println!("size error: {e}"),
+            },
+            Err(e) => println!("size error: {e}"),
+        }
+        line.clear();
+    }
     dev.stop()?;
     eprintln!("stats: {:?} health: {:?}", volume.stats(), volume.health());
     Ok(())

@@ -170,6 +170,7 @@ impl NodeDisks {
             node: self.node.clone(),
             disks,
             volumes: Vec::new(),
+            placements: Vec::new(),
         }
     }
 
@@ -178,9 +179,15 @@ impl NodeDisks {
         self.scan()
             .into_iter()
             .map(|f| {
-                let (volume, size, revision, error) = match &f.meta {
-                    Ok(m) => (m.volume.clone(), m.size, m.revision, String::new()),
-                    Err(e) => (String::new(), 0, 0, e.clone()),
+                let (volume, size, revision, owner_term, error) = match &f.meta {
+                    Ok(m) => (
+                        m.volume.clone(),
+                        m.size,
+                        m.revision,
+                        m.owner_term,
+                        String::new(),
+                    ),
+                    Err(e) => (String::new(), 0, 0, 0, e.clone()),
                 };
                 ReplicaReport {
                     volume,
@@ -190,6 +197,7 @@ impl NodeDisks {
                     disk: f.disk.display().to_string(),
                     dir: f.dir.display().to_string(),
                     error,
+                    owner_term,
                 }
             })
             .collect()

@@ -75,6 +75,13 @@ fn vref(name: &str) -> VolumeRef {
     VolumeRef { name: name.into() }
 }
 
+fn attach_req(name: &str) -> cairn::api::pb::AttachVolumeRequest {
+    cairn::api::pb::AttachVolumeRequest {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
 /// Every path under `root` with file contents.
 fn snapshot(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
@@ -207,7 +214,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
     let not_found = "volume \"nope\" not found: see `cairnctl volume list`";
     let e = c.get_volume(vref("nope")).await.unwrap_err();
     assert_eq!((e.code(), e.message()), (Code::NotFound, not_found));
-    let e = c.attach_volume(vref("nope")).await.unwrap_err();
+    let e = c.attach_volume(attach_req("nope")).await.unwrap_err();
     assert_eq!((e.code(), e.message()), (Code::NotFound, not_found));
     let e = c.detach_volume(vref("nope")).await.unwrap_err();
     assert_eq!((e.code(), e.message()), (Code::NotFound, not_found));
@@ -236,7 +243,7 @@ async fn bad_requests_are_refused_and_change_nothing() {
     if Path::new("/dev/ublk-control").exists() {
         eprintln!("this host has ublk: the driver-missing refusal is not checked here");
     } else {
-        let e = c.attach_volume(vref("db")).await.unwrap_err();
+        let e = c.attach_volume(attach_req("db")).await.unwrap_err();
         assert_eq!(e.code(), Code::Unavailable);
         assert_eq!(
             e.message(),

@@ -702,3 +702,120 @@ async fn backups_and_restores_of_a_volume_that_grew() {
     assert!(old[..4 * MIB as usize] == pattern(7, 4 * MIB as usize)[..]);
     assert!(old[4 * MIB as usize..].iter().all(|&b| b == 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_from_snapshots_and_clones_hold_their_snapshot_point() {
+    use cairn::control::clone::CloneSource;
+    let f = fixture().await;
+    let m = &f.m;
+    m.create("src", 16 * MIB, Some(2), "")
+        .await
+        .expect("create");
+    let a = pattern(7, 8 * MIB as usize);
+    write(m, "src", 0, &a).await;
+    m.snapshot_create("src", Some("s1"), BTreeMap::new())
+        .await
+        .expect("snapshot");
+    // The source keeps changing after the snapshot.
+    let b = pattern(8, 4 * MIB as usize);
+    write(m, "src", 2 * MIB, &b).await;
+    let mut at_s1 = a.clone();
+    at_s1.resize(16 * MIB as usize, 0);
+    let mut now = at_s1.clone();
+    now[2 * MIB as usize..6 * MIB as usize].copy_from_slice(&b);
+
+    let from_s1 = CloneSource::parse("src/s1", "")
+        .expect("parse")
+        .expect("a source");
+    let made = m
+        .create_clone("from-s1", 0, Some(2), &from_s1)
+        .await
+        .expect("from snapshot");
+    assert_eq!(made.size, 16 * MIB, "the source's size by default");
+    assert!(
+        content(m, "from-s1").await == at_s1,
+        "the copy holds s1, not the head"
+    );
+
+    // A clone: a snapshot of the source now, into a bigger volume.
+    let clone = m
+        .create_clone(
+            "clone",
+            32 * MIB,
+            None,
+            &CloneSource::Volume {
+                volume: "src".into(),
+            },
+        )
+        .await
+        .expect("clone");
+    assert_eq!(clone.size, 32 * MIB);
+    let got = content(m, "clone").await;
+    assert!(
+        got[..16 * MIB as usize] == now[..],
+        "the clone holds the source's data now"
+    );
+    assert!(got[16 * MIB as usize..].iter().all(|&x| x == 0));
+    let snaps = m.snapshot_list("src").await.expect("snapshots");
+    assert!(
+        snaps
+            .iter()
+            .any(|s| s.labels.get("cairn.io/clone").map(String::as_str) == Some("clone")),
+        "the clone's snapshot of the source is labelled: {snaps:?}"
+    );
+
+    // Bad input: a clear error, and no volume made.
+    let before = m.list().await.len();
+    let e = m
+        .create_clone("small", 8 * MIB, None, &from_s1)
+        .await
+        .expect_err("smaller than the source");
+    assert!(
+        e.to_string().contains("smaller than the source volume"),
+        "{e}"
+    );
+    let nope = CloneSource::parse("src/nope", "")
+        .expect("parse")
+        .expect("a source");
+    let e = m
+        .create_clone("x", 0, None, &nope)
+        .await
+        .expect_err("unknown snapshot");
+    assert!(e.to_string().contains("nope"), "{e}");
+    let e = m
+        .create_clone(
+            "x",
+            0,
+            None,
+            &CloneSource::Volume {
+                volume: "ghost".into(),
+            },
+        )
+        .await
+        .expect_err("unknown source");
+    assert!(e.to_string().contains("ghost"), "{e}");
+    let e = m
+        .create_clone("from-s1", 0, None, &from_s1)
+        .await
+        .expect_err("taken name");
+    assert!(e.to_string().contains("already exists"), "{e}");
+    for bad in [("src", ""), ("src/s1/x", ""), ("src/s1", "src")] {
+        assert!(CloneSource::parse(bad.0, bad.1).is_err(), "{bad:?}");
+    }
+    assert_eq!(
+        m.list().await.len(),
+        before,
+        "a refused clone made a volume"
+    );
+
+    // A copy that fails (the snapshot's files are gone from every replica
+    // of the source) leaves no volume behind.
+    for r in m.get("src").await.expect("get").replicas {
+        std::fs::remove_file(Path::new(&r.dir).join("volume-snap-s1.img")).expect("remove layer");
+    }
+    m.create_clone("broken", 0, None, &from_s1)
+        .await
+        .expect_err("the copy cannot read its source");
+    assert_eq!(m.list().await.len(), before, "a failed copy left a volume");
+    assert!(m.get("broken").await.is_err());
+}

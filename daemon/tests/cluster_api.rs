@@ -81,6 +81,14 @@ fn vref(name: &str) -> VolumeRef {
     VolumeRef { name: name.into() }
 }
 
+fn attach(name: &str, node: &str) -> pb::AttachVolumeRequest {
+    pb::AttachVolumeRequest {
+        name: name.into(),
+        node: node.into(),
+        force: false,
+    }
+}
+
 fn create(name: &str) -> CreateVolumeRequest {
     CreateVolumeRequest {
         name: name.into(),
@@ -170,10 +178,16 @@ async fn every_volume_command_works_from_every_node() {
     assert_eq!((e1.code(), e1.message()), (e0.code(), e0.message()));
     assert_eq!(e1.code(), Code::NotFound);
 
-    // Attach stays on the owner until volumes can move.
-    let e = c1.attach_volume(vref("db")).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(e.message().contains("owned by n0"), "{}", e.message());
+    // Attach on a node moves the volume there, but not on a host without
+    // the ublk driver: the refusal comes before anything moves.
+    let e = c1.attach_volume(attach("db", "")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    let e = c0.attach_volume(attach("db", "n1")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert_eq!(n0.manager.owned_volumes(), vec!["db".to_string()]);
+    assert!(n1.manager.owned_volumes().is_empty());
+    let e = c0.attach_volume(attach("db", "n9")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
 
     // Expand from the non-owner: the owner grows both replicas, one of them
     // on n1 over the peer protocol.
@@ -261,5 +275,164 @@ async fn every_volume_command_works_from_every_node() {
         "{}",
         gone.message
     );
+    n1.stop().await;
+}
+
+/// The record file of volume `name` on node `node` under `root`.
+fn record_file(root: &Path, node: &str, name: &str) -> PathBuf {
+    root.join(node).join("volumes").join(format!("{name}.json"))
+}
+
+fn record_json(root: &Path, node: &str, name: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(record_file(root, node, name)).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_handed_over_moves_its_record_and_term_and_the_replicas_follow_the_new_owner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port()];
+    let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let n0 = Node::start(tmp.path(), "n0", ports[0], &peers).await;
+    let n1 = Node::start(tmp.path(), "n1", ports[1], &peers).await;
+    let mut c1 = n1.client().await;
+    wait_until("both nodes up", async || {
+        n0.manager.nodes().await.iter().filter(|n| n.up).count() == 2
+            && n1.manager.nodes().await.iter().filter(|n| n.up).count() == 2
+    })
+    .await;
+    let mut two = create("db");
+    two.replicas = 2;
+    n0.client().await.create_volume(two).await.unwrap();
+    assert_eq!(record_json(tmp.path(), "n0", "db")["owner_term"], 1);
+
+    n1.manager.acquire("db", false).await.unwrap();
+    assert_eq!(n1.manager.owned_volumes(), vec!["db".to_string()]);
+    assert!(n0.manager.owned_volumes().is_empty(), "n0 still reports db");
+    assert!(
+        !record_file(tmp.path(), "n0", "db").exists(),
+        "the old owner forgot its record"
+    );
+    let rec = record_json(tmp.path(), "n1", "db");
+    assert_eq!(rec["owner_term"], 2, "{rec}");
+    for r in rec["replicas"].as_array().unwrap() {
+        let local = r["addr"].as_str().unwrap().is_empty();
+        assert_eq!(
+            local,
+            r["node"] == "n1",
+            "addresses seen from the new owner: {r}"
+        );
+    }
+    let v = c1.get_volume(vref("db")).await.unwrap().into_inner();
+    assert_eq!(v.owner, "n1");
+    assert!(v
+        .replicas
+        .iter()
+        .all(|r| r.state == pb::ReplicaState::Healthy as i32));
+
+    // The new owner claims the replicas at its term (a detached snapshot
+    // claims the remote one; the local one is used directly); from then on
+    // a claim at the old term is refused.
+    c1.create_snapshot(pb::CreateSnapshotRequest {
+        volume: "db".into(),
+        name: "s1".into(),
+        labels: Default::default(),
+    })
+    .await
+    .unwrap();
+    for r in v.replicas.iter().filter(|r| r.node == "n0") {
+        let rep = cairn::replica::Replica::open(Path::new(&r.dir)).unwrap();
+        assert_eq!(rep.owner_term(), cairn::replica::OwnerTerm::new(2, "n1"));
+        let old = cairn::replica::Claim::Takeover {
+            owner: cairn::replica::OwnerTerm::new(1, "n0"),
+        };
+        let e = rep.claim(old).unwrap_err().to_string();
+        assert!(e.contains("taken over by node n1 at term 2"), "{e}");
+    }
+
+    // Moving back works the same way and goes one term up again.
+    n0.manager.acquire("db", false).await.unwrap();
+    assert_eq!(record_json(tmp.path(), "n0", "db")["owner_term"], 3);
+    assert!(n1.manager.owned_volumes().is_empty());
+    n0.stop().await;
+    n1.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_takeover_fails_the_old_owners_replica_and_the_old_owner_drops_its_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port()];
+    let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let n0 = Node::start(tmp.path(), "n0", ports[0], &peers).await;
+    let n1 = Node::start(tmp.path(), "n1", ports[1], &peers).await;
+    let mut c1 = n1.client().await;
+    wait_until("both nodes up", async || {
+        n0.manager.nodes().await.iter().filter(|n| n.up).count() == 2
+            && n1.manager.nodes().await.iter().filter(|n| n.up).count() == 2
+    })
+    .await;
+    let mut two = create("db");
+    two.replicas = 2;
+    n0.client().await.create_volume(two).await.unwrap();
+    wait_until("n1 knows where db's replicas are", async || {
+        n1.manager.owner("db").await != cairn::control::forward::Owner::Unknown
+    })
+    .await;
+    n0.stop().await;
+    wait_until("n1 sees n0 down", async || {
+        n1.manager
+            .nodes()
+            .await
+            .iter()
+            .any(|n| n.name == "n0" && !n.up)
+    })
+    .await;
+
+    // Without --force: refused as unavailable, nothing changed.
+    let e = c1.attach_volume(attach("db", "")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    let e = n1
+        .manager
+        .acquire("db", false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("owner n0 unreachable"), "{e}");
+    assert!(e.contains("--force"), "{e}");
+    assert!(n1.manager.owned_volumes().is_empty());
+
+    n1.manager.acquire("db", true).await.unwrap();
+    let v = c1.get_volume(vref("db")).await.unwrap().into_inner();
+    assert_eq!(v.owner, "n1");
+    assert_eq!(
+        v.replicas.len(),
+        2,
+        "the old owner's replica is known: {v:?}"
+    );
+    for r in &v.replicas {
+        let want = if r.node == "n1" {
+            pb::ReplicaState::Healthy
+        } else {
+            pb::ReplicaState::Failed
+        };
+        assert_eq!(r.state, want as i32, "{r:?}");
+    }
+    assert_eq!(record_json(tmp.path(), "n1", "db")["owner_term"], 2);
+
+    // The old owner comes back with its record of term 1: it sees n1 own
+    // the volume at term 2 and drops its record instead of claiming.
+    let n0 = Node::start(tmp.path(), "n0", ports[0], &peers).await;
+    wait_until("n0 drops its stale record", async || {
+        n0.manager.owned_volumes().is_empty() && !record_file(tmp.path(), "n0", "db").exists()
+    })
+    .await;
+    let v0 = n0
+        .client()
+        .await
+        .get_volume(vref("db"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v0.owner, "n1");
+    n0.stop().await;
     n1.stop().await;
 }

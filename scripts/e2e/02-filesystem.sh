@@ -29,7 +29,7 @@ for fs in ext4 xfs; do
     mount "$DEV" "$mnt"
     (cd "$mnt" && sha256sum -c --quiet "$WORK/sums-$fs") || die "$fs: checksums differ after re-attach"
     if out=$(ctl volume expand "$vol" --size 640MiB 2>&1); then die "$fs: expanded while attached"; fi
-    grep -q "detach it before you expand it" <<<"$out" || die "$fs: unexpected refusal: $out"
+    grep -qE "detach it before you expand it|detach the volume first" <<<"$out" || die "$fs: unexpected refusal: $out"
     umount "$mnt"
     ctl volume detach "$vol" >/dev/null
     say "$fs: $(wc -l <"$WORK/sums-$fs") files verified after detach/attach"

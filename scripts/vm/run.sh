@@ -4,7 +4,8 @@
 # Boots a QEMU guest on Debian's linux-image-6.12-amd64 kernel (it ships
 # ublk_drv; bookworm's default 6.1 kernel does not, and the host kernel here
 # has none and cannot load modules) and runs SCRIPT in it as root. Prints the
-# script's output (stdout+stderr) and exits with its status.
+# script's output (stdout+stderr) and exits with its status. VM_KERNEL=7.3
+# boots trixie-backports' 7.3 kernel instead (ublk with UPDATE_SIZE etc.).
 #
 # The guest sees the host's root read-only over 9p and runs the host's own
 # dynamically linked programs (bash, fio, mkfs.*, target/release/*) in a chroot
@@ -14,6 +15,8 @@
 #
 # Environment:
 #   VM_MEM (3G)  VM_CPUS (2)  VM_TIMEOUT (1800 s)  VM_SCRATCH_SIZE (8G)
+#   VM_KERNEL    6.12 (default: bookworm's linux-image-6.12-amd64) or 7.3
+#                (trixie-backports' linux-image-7.3.4+deb13-amd64)
 #   VM_ACCEL     kvm or tcg; default: probe KVM once (verdict cached), else TCG
 #   VM_ENV       space-separated names of host variables to export to SCRIPT
 #   VM_VERBOSE   1: also show the boot (kernel, init) on stderr
@@ -23,7 +26,28 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=$repo/target/vm
-kernel_meta=linux-image-6.12-amd64
+VM_KERNEL=${VM_KERNEL:-6.12}
+
+# Each kernel has its own cache: target/vm/kernel<sfx>/ and
+# target/vm/initramfs<sfx>.cpio.gz (6.12 keeps the unsuffixed names).
+case "$VM_KERNEL" in
+    6.12)
+        kernel_sfx=
+        kernel_meta=linux-image-6.12-amd64 # from the host's own apt sources
+        ;;
+    7.3)
+        kernel_sfx=-7.3
+        # trixie-backports splits the image: vmlinuz, the modules, and the
+        # base (config, System.map, modules.builtin and modules.order: 1 MB).
+        kernel_pkgs=(linux-binary-7.3.4+deb13-amd64 linux-modules-7.3.4+deb13-amd64 linux-base-7.3.4+deb13-amd64)
+        kernel_suite=trixie-backports
+        ;;
+    *)
+        printf 'vm: error: VM_KERNEL must be 6.12 or 7.3, not %s\n' "$VM_KERNEL" >&2
+        exit 125
+        ;;
+esac
+kdir=$cache/kernel$kernel_sfx
 
 VM_MEM=${VM_MEM:-3G}
 VM_CPUS=${VM_CPUS:-2}
@@ -39,13 +63,17 @@ VM_VERBOSE=${VM_VERBOSE:-0}
 # the background while init builds the new root (xfs alone takes ~1 s under
 # TCG), so they must not share a dependency outside the first group.
 guest_module_groups=(
-    "virtio_blk netfs 9pnet 9pnet_virtio 9p crc32c_generic crc32c-intel"
+    "virtio_blk netfs 9pnet 9pnet_virtio 9p crc32c_generic crc32c-intel crc32c-cryptoapi"
     "crc16 mbcache jbd2 ext4"
     "libcrc32c xfs"
     "loop ublk_drv"
     "llc stp bridge veth"
     "sunrpc grace lockd dns_resolver nfs nfsv4"
 )
+# Names above that are absent are skipped (6.12 and 7.3 differ: 7.3 has
+# crc32c-cryptoapi and no libcrc32c, crc32c_generic or crc32c-intel). These
+# must be there, as a module or built in, or the initramfs is not built.
+required_modules="virtio_blk 9pnet_virtio 9p ext4 xfs loop ublk_drv bridge veth"
 
 log() { printf 'vm: %s\n' "$*" >&2; }
 die() {
@@ -72,38 +100,77 @@ ensure_packages() {
 }
 
 # --- kernel ------------------------------------------------------------------
-# The meta package only depends on the versioned image package; download both
-# (never install: the host must keep its own kernel) and extract the image.
-# The package leaves modules.dep to its postinst, so run depmod on the copy.
-# Sets $kver.
+# Downloads the kernel packages (never installs them: the host keeps its own
+# kernel), extracts them into $kdir, and runs depmod on the copy (the
+# packages leave modules.dep to their postinst). Sets $kver and $vmlinuz.
+#
+# 6.12: the meta package from the host's apt sources names the versioned
+# image package. 7.3: the two packages from trixie-backports, through a
+# private apt state in target/vm/apt-<suite>/ (its own sources list, lists and
+# cache), so the host's apt configuration and lists are untouched.
 ensure_kernel() {
-    local kdir=$cache/kernel
     if [[ -f $kdir/.ready ]]; then
         kver=$(cat "$kdir/.ready")
+        find_vmlinuz
         return 0
     fi
-    log "fetching the guest kernel ($kernel_meta)"
-    local dl=$cache/dl
+    local dl=$cache/dl$kernel_sfx
     rm -rf "$kdir" "$dl"
     mkdir -p "$dl" "$kdir"
     # apt-get download writes into the current directory, as _apt if it can.
     chmod 0777 "$dl"
-    fetch_pkg() { (cd "$dl" && apt-get download -q "$1" >/dev/null 2>&1); }
-    if ! fetch_pkg "$kernel_meta"; then
-        apt-get update -qq >/dev/null || true
-        fetch_pkg "$kernel_meta" || die "apt-get download $kernel_meta failed (is it in the apt sources?)"
+    local apt_opts=() p
+    if [[ -n ${kernel_meta:-} ]]; then
+        log "fetching the guest kernel ($kernel_meta)"
+        fetch_pkg() { (cd "$dl" && apt-get download -q "$1" >/dev/null 2>&1); }
+        if ! fetch_pkg "$kernel_meta"; then
+            apt-get update -qq >/dev/null || true
+            fetch_pkg "$kernel_meta" || die "apt-get download $kernel_meta failed (is it in the apt sources?)"
+        fi
+        local image
+        image=$(dpkg-deb -f "$dl"/"$kernel_meta"_*.deb Depends | tr ',' '\n' |
+            sed -n 's/^ *\(linux-image-[0-9][^ ]*\).*/\1/p' | head -n1)
+        [[ -n $image ]] || die "cannot find the image package $kernel_meta depends on"
+        fetch_pkg "$image" || die "apt-get download $image failed"
+        dpkg-deb -x "$dl/${image}"_*.deb "$kdir"
+    else
+        log "fetching the guest kernel (${kernel_pkgs[*]} from $kernel_suite)"
+        local astate=$cache/apt-$kernel_suite
+        mkdir -p "$astate/lists/partial" "$astate/cache/archives/partial"
+        # The same Debian mirror the host's own sources name.
+        local mirror
+        mirror=$(grep -hoE 'https?://[^ ]*/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+            /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1 | tr -d ' ' || true)
+        mirror=${mirror:-http://deb.debian.org/debian}
+        echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${mirror%/} $kernel_suite main" \
+            >"$astate/sources.list"
+        apt_opts=(-o "Dir::Etc::sourcelist=$astate/sources.list" -o "Dir::Etc::sourceparts=-"
+            -o "Dir::State::Lists=$astate/lists" -o "Dir::Cache=$astate/cache")
+        apt-get -qq "${apt_opts[@]}" update >/dev/null 2>"$dl/apt.err" ||
+            die "apt-get update for $kernel_suite failed: $(tail -n 3 "$dl/apt.err")"
+        (cd "$dl" && apt-get download -q "${apt_opts[@]}" "${kernel_pkgs[@]}" >/dev/null 2>"$dl/apt.err") ||
+            die "apt-get download ${kernel_pkgs[*]} failed: $(tail -n 3 "$dl/apt.err")"
+        for p in "${kernel_pkgs[@]}"; do
+            dpkg-deb -x "$dl/${p}"_*.deb "$kdir"
+        done
+        # Trixie's packages are merged-/usr (usr/lib/modules); depmod -b and
+        # the code below look in lib/modules.
+        [[ -e $kdir/lib ]] || ln -s usr/lib "$kdir/lib"
     fi
-    local image
-    image=$(dpkg-deb -f "$dl"/"$kernel_meta"_*.deb Depends | tr ',' '\n' |
-        sed -n 's/^ *\(linux-image-6\.12[^ ]*\).*/\1/p' | head -n1)
-    [[ -n $image ]] || die "cannot find the image package $kernel_meta depends on"
-    fetch_pkg "$image" || die "apt-get download $image failed"
-    dpkg-deb -x "$dl/${image}"_*.deb "$kdir"
     kver=$(ls "$kdir/lib/modules")
-    [[ -f $kdir/boot/vmlinuz-$kver ]] || die "no vmlinuz in $image"
+    [[ -n $kver && $kver != *$'\n'* ]] || die "expected one kernel in $kdir/lib/modules, found: $kver"
+    find_vmlinuz
     depmod -b "$kdir" "$kver" || die "depmod failed"
     rm -rf "$dl"
     echo "$kver" >"$kdir/.ready"
+}
+
+# Sets $vmlinuz: /boot/vmlinuz-KVER (bookworm) or lib/modules/KVER/vmlinuz (trixie).
+find_vmlinuz() {
+    for vmlinuz in "$kdir/boot/vmlinuz-$kver" "$kdir/lib/modules/$kver/vmlinuz"; do
+        [[ -f $vmlinuz ]] && return 0
+    done
+    die "no vmlinuz for $kver in $kdir (rm -rf $kdir to fetch it again)"
 }
 
 # --- initramfs ---------------------------------------------------------------
@@ -120,18 +187,20 @@ module_closure() {
     echo "${line%%:*}"
 }
 
-# Rebuilds target/vm/initramfs.cpio.gz when any input changed: this script,
-# init.sh, stage2.sh, busybox, the kernel version or the module list.
+# Rebuilds target/vm/initramfs<sfx>.cpio.gz when any input changed: this
+# script, init.sh, stage2.sh, busybox, the kernel version or the module list.
+# Sets $initramfs.
 ensure_initramfs() {
-    local kmods=$cache/kernel/lib/modules/$kver
-    local hash
+    local kmods=$kdir/lib/modules/$kver
+    initramfs=$cache/initramfs$kernel_sfx.cpio.gz
+    local hash hash_file=$cache/initramfs$kernel_sfx.hash
     hash=$( (cat "$here/run.sh" "$here/init.sh" "$here/stage2.sh" /bin/busybox
         echo "$kver ${guest_module_groups[*]}") | sha256sum | cut -c1-16)
-    if [[ -f $cache/initramfs.cpio.gz && "$(cat "$cache/initramfs.hash" 2>/dev/null)" == "$hash" ]]; then
+    if [[ -f $initramfs && "$(cat "$hash_file" 2>/dev/null)" == "$hash" ]]; then
         return 0
     fi
-    log "building the initramfs"
-    local root=$cache/initramfs
+    log "building the initramfs ($kver)"
+    local root=$cache/initramfs$kernel_sfx
     rm -rf "$root"
     mkdir -p "$root"/{bin,modules}
     cp /bin/busybox "$root/bin/busybox"
@@ -154,6 +223,8 @@ ensure_initramfs() {
                 seen+="$out "
                 case "$p" in
                     *.xz) xz -dc "$kmods/$p" >"$root/modules/$out" ;;
+                    *.zst) zstd -qdc "$kmods/$p" >"$root/modules/$out" || die "cannot decompress $p (zstd installed?)" ;;
+                    *.gz) gzip -dc "$kmods/$p" >"$root/modules/$out" ;;
                     *) cp "$kmods/$p" "$root/modules/$out" ;;
                 esac
                 echo "$out" >>"$root/modules/group$g"
@@ -161,9 +232,14 @@ ensure_initramfs() {
         done
     done
     cat "$root"/modules/group* | grep -qx ublk_drv.ko || die "the guest kernel has no ublk_drv module"
-    (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) >"$cache/initramfs.cpio.gz.new"
-    mv "$cache/initramfs.cpio.gz.new" "$cache/initramfs.cpio.gz"
-    echo "$hash" >"$cache/initramfs.hash"
+    for m in $required_modules; do
+        cat "$root"/modules/group* | tr - _ | grep -qx "${m//-/_}.ko" ||
+            grep -qE "/${m}\.ko\$" "$kmods/modules.builtin" 2>/dev/null ||
+            die "the guest kernel $kver has no module $m (neither packed nor built in)"
+    done
+    (cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) >"$initramfs.new"
+    mv "$initramfs.new" "$initramfs"
+    echo "$hash" >"$hash_file"
 }
 
 # --- acceleration ------------------------------------------------------------
@@ -325,7 +401,7 @@ main() {
         timeout -k 10 "$VM_TIMEOUT" qemu-system-x86_64 $accel \
             -machine pc -smp "$VM_CPUS" -m "$VM_MEM" \
             -nodefaults -no-reboot -display none -serial stdio \
-            -kernel "$cache/kernel/boot/vmlinuz-$kver" -initrd "$cache/initramfs.cpio.gz" \
+            -kernel "$vmlinuz" -initrd "$initramfs" \
             -append "$kernel_args cairn.run=$rundir cairn.nonce=$nonce cairn.repo=$repo" \
             -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
             -drive file="$scratch",if=virtio,format=raw,cache=unsafe,discard=unmap \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Host-side test of scripts/vm/run.sh: the guest self-test passes, a script's
 # exit status comes back, arguments, the start directory and VM_ENV variables
-# arrive intact, and a script that hangs is stopped by VM_TIMEOUT.
+# arrive intact, a script that hangs is stopped by VM_TIMEOUT, and an
+# unknown VM_KERNEL is refused. (The 7.3 kernel is exercised by scripts/test.sh.)
 # Prints 'N passed, N failed' and exits non-zero if anything failed.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -90,6 +91,11 @@ timeout_ok() {
     VM_TIMEOUT=20 expect_status 124 "$hang" && grep -q 'timed out' "$out"
 }
 check "VM_TIMEOUT stops a hung script with 124" timeout_ok
+
+bad_kernel_ok() { # refused before anything is fetched or booted
+    VM_KERNEL=5.10 expect_status 125 "$here/exit-with.sh" 0 && grep -q 'VM_KERNEL must be 6.12 or 7.3' "$out"
+}
+check "an unknown VM_KERNEL exits 125" bad_kernel_ok
 
 echo "$passed passed, $failed failed"
 [[ $failed -eq 0 ]]

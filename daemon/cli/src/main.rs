@@ -147,6 +147,13 @@ enum VolumeCmd {
         /// Recurring jobs, a JSON array in Longhorn's format.
         #[arg(long)]
         recurring_jobs: Option<String>,
+        /// Copy a snapshot into the new volume: VOLUME/SNAPSHOT. The volume
+        /// can be attached once the copy is complete (`volume get` shows it).
+        #[arg(long, conflicts_with_all = ["from_backup", "from_volume"])]
+        from_snapshot: Option<String>,
+        /// Clone a volume: a snapshot of it is taken, then copied.
+        #[arg(long, conflicts_with = "from_backup")]
+        from_volume: Option<String>,
     },
     /// Turn a DR standby volume into a normal volume (restores the latest
     /// backup first).
@@ -158,8 +165,20 @@ enum VolumeCmd {
     List,
     /// Show a volume and its replicas.
     Get { name: String },
-    /// Attach a volume as /dev/ublkbN and print the device path.
-    Attach { name: String },
+    /// Attach a volume as /dev/ublkbN and print the device path. The node
+    /// that attaches becomes the volume's owner: its old owner hands it
+    /// over (refused while the device is in use there).
+    Attach {
+        name: String,
+        /// The node to attach on (default: the node asked).
+        #[arg(long)]
+        node: Option<String>,
+        /// Take the volume over when its owner does not answer: from the
+        /// replicas that do. Writes the old owner acknowledged while cut off
+        /// from all of them are lost.
+        #[arg(long)]
+        force: bool,
+    },
     /// Remove a volume's device (data is kept).
     Detach { name: String },
     /// Grow a detached volume: every replica, then the volume.
@@ -283,6 +302,8 @@ async fn run(cli: Cli) -> Result<String, String> {
                 from_backup,
                 standby,
                 recurring_jobs,
+                from_snapshot,
+                from_volume,
             } => {
                 let req = pb::CreateVolumeRequest {
                     name,
@@ -291,6 +312,8 @@ async fn run(cli: Cli) -> Result<String, String> {
                     from_backup: from_backup.unwrap_or_default(),
                     standby,
                     recurring_jobs: recurring_jobs.unwrap_or_default(),
+                    from_snapshot: from_snapshot.unwrap_or_default(),
+                    from_volume: from_volume.unwrap_or_default(),
                 };
                 let v = client.create_volume(req).await.map_err(msg)?.into_inner();
                 Ok(show(&v, volume_table))
@@ -318,9 +341,13 @@ async fn run(cli: Cli) -> Result<String, String> {
                     .into_inner();
                 Ok(show(&v, volume_table))
             }
-            VolumeCmd::Attach { name } => {
+            VolumeCmd::Attach { name, node, force } => {
                 let v = client
-                    .attach_volume(pb::VolumeRef { name })
+                    .attach_volume(pb::AttachVolumeRequest {
+                        name,
+                        node: node.unwrap_or_default(),
+                        force,
+                    })
                     .await
                     .map_err(msg)?
                     .into_inner();

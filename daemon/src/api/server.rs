@@ -60,6 +60,7 @@ pub fn status(e: ControlError) -> Status {
         E::Standby { .. }
         | E::NotStandby { .. }
         | E::MustDetach { .. }
+        | E::OnlineExpandUnsupported { .. }
         | E::NoHealthyReplicaFor { .. } => Code::FailedPrecondition,
         E::SnapshotRead(_) => Code::Unavailable,
         E::Disk(DiskError::Exists { .. }) => Code::AlreadyExists,
@@ -67,6 +68,12 @@ pub fn status(e: ControlError) -> Status {
         E::Disk(DiskError::InUse { .. }) => Code::FailedPrecondition,
         E::AlreadyExists { .. } | E::SnapshotExists { .. } => Code::AlreadyExists,
         E::NotFound { .. } | E::UnknownReplica { .. } => Code::NotFound,
+        E::TakenOver { .. } | E::InUse { .. } => Code::FailedPrecondition,
+        E::OwnerUnreachable { .. } | E::NodeUnreachable { .. } => Code::Unavailable,
+        E::HandingOver { .. } => Code::Aborted,
+        E::BadCloneSource(_) | E::CloneTooSmall { .. } => Code::InvalidArgument,
+        E::Unfinished { .. } => Code::FailedPrecondition,
+        E::Peer { code, .. } => Code::from_i32(*code),
         E::AlreadyAttached { .. }
         | E::Attached { .. }
         | E::LastHealthyReplica { .. }
@@ -233,6 +240,22 @@ impl CairnService {
             "ActivateVolume" => local!(activate_volume, pb::VolumeRef),
             "SetRecurringJobs" => local!(set_recurring_jobs, pb::SetRecurringJobsRequest),
             "ExpandVolume" => local!(expand_volume, pb::ExpandVolumeRequest),
+            "AttachVolume" => local!(attach_volume, pb::AttachVolumeRequest),
+            "CreateVolume" => local!(create_volume, pb::CreateVolumeRequest),
+            crate::control::RELEASE_METHOD
+            | crate::control::FORGET_METHOD
+            | crate::control::RECLAIM_METHOD => {
+                let req: crate::control::HandoverRequest = serde_json::from_slice(body)
+                    .map_err(|e| Status::invalid_argument(format!("{method} request: {e}")))?;
+                match method {
+                    crate::control::RELEASE_METHOD => self.manager.release(&req).await,
+                    crate::control::FORGET_METHOD => {
+                        self.manager.forget(&req).await.map(|()| Vec::new())
+                    }
+                    _ => self.manager.reclaim(&req).await.map(|()| Vec::new()),
+                }
+                .map_err(status)
+            }
             other => Err(Status::unimplemented(format!(
                 "{other} cannot be forwarded to a volume's owner"
             ))),
@@ -267,6 +290,13 @@ impl PeerControl for PeerApi {
             .unwrap_or_default()
     }
 
+    fn placements(&self) -> Vec<crate::transport::VolumePlacement> {
+        self.manager
+            .upgrade()
+            .map(|m| m.placements())
+            .unwrap_or_default()
+    }
+
     fn forward(&self, method: &str, request: &[u8]) -> (i32, String, Vec<u8>) {
         let Some(manager) = self.manager.upgrade() else {
             return (
@@ -298,10 +328,28 @@ impl Cairn for CairnService {
                 req.get_ref().name
             )));
         }
+        let from = crate::control::clone::CloneSource::parse(
+            &req.get_ref().from_snapshot,
+            &req.get_ref().from_volume,
+        )
+        .map_err(status)?;
+        if let Some(src) = &from {
+            if !req.get_ref().from_backup.is_empty() {
+                return Err(Status::invalid_argument(
+                    "give one source: --from-backup, --from-snapshot or --from-volume",
+                ));
+            }
+            // The copy is made where the source is.
+            route!(self, req, src.volume(), "CreateVolume");
+        }
         let r = req.into_inner();
         // proto3 has no "unset": 0 replicas means the node's default.
         let replicas = (r.replicas != 0).then_some(r.replicas);
-        let v = if r.from_backup.is_empty() {
+        let v = if let Some(src) = &from {
+            self.manager
+                .create_clone(&r.name, r.size, replicas, src)
+                .await
+        } else if r.from_backup.is_empty() {
             self.manager
                 .create(&r.name, r.size, replicas, &r.recurring_jobs)
                 .await
@@ -346,7 +394,12 @@ impl Cairn for CairnService {
                 }
             }
             for (node, names, reason) in self.manager.peers_away() {
+                // A volume taken over from a node that is away is listed
+                // once: where it is now.
                 for name in names {
+                    if volumes.iter().any(|v| v.name == name) {
+                        continue;
+                    }
                     volumes.push(pb::Volume {
                         name,
                         owner: node.clone(),
@@ -375,18 +428,24 @@ impl Cairn for CairnService {
 
     async fn attach_volume(
         &self,
-        req: Request<pb::VolumeRef>,
+        req: Request<pb::AttachVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
-        if let Some(to) = self.route(&req, &req.get_ref().name).await? {
-            return Err(Status::failed_precondition(format!(
-                "volume {:?} is owned by {}: attach it there (moving a volume to another node is not built yet)",
-                req.get_ref().name,
-                to.node
-            )));
+        let forwarded = req.extensions().get::<Forwarded>().is_some();
+        let r = req.into_inner();
+        if !r.node.is_empty() && r.node != self.manager.node_id() {
+            if forwarded {
+                return Err(Status::invalid_argument(format!(
+                    "attach forwarded to {} for node {}: each node attaches only on itself",
+                    self.manager.node_id(),
+                    r.node
+                )));
+            }
+            let to = self.manager.peer_named(&r.node).map_err(status)?;
+            return self.forward(&to, "AttachVolume", r).await;
         }
         let v = self
             .manager
-            .attach(&req.into_inner().name)
+            .attach_here(&r.name, r.force)
             .await
             .map_err(status)?;
         Ok(Response::new(volume(v)))
@@ -492,12 +551,18 @@ impl Cairn for CairnService {
         &self,
         req: Request<pb::VolumeRef>,
     ) -> Result<Response<pb::Volume>, Status> {
-        let v = self
-            .manager
-            .adopt(&req.into_inner().name)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(volume(v)))
+        let name = req.into_inner().name;
+        let v = match self.manager.owner(&name).await {
+            Owner::Peer(p) => return Err(Status::already_exists(format!(
+                "volume {name:?} already exists (owner {}): `volume attach {name}` moves it here",
+                p.node
+            ))),
+            // Its owner is gone: the same as `volume attach --force`
+            // without the attach.
+            Owner::Away { node, .. } => self.manager.take_over(&name, Some(&node)).await,
+            Owner::Local | Owner::Unknown => self.manager.adopt(&name).await,
+        };
+        Ok(Response::new(volume(v.map_err(status)?)))
     }
 
     async fn list_settings(

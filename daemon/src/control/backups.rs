@@ -159,7 +159,7 @@ impl BlockSource for LayeredView {
 }
 
 /// Every replica of a volume being restored into, written alike.
-struct ReplicaSink {
+pub(super) struct ReplicaSink {
     stores: Vec<Mutex<Box<dyn BlockStore>>>,
 }
 
@@ -183,7 +183,7 @@ impl BlockSink for ReplicaSink {
 }
 
 impl ReplicaSink {
-    fn flush(&self) -> io::Result<()> {
+    pub(super) fn flush(&self) -> io::Result<()> {
         for s in &self.stores {
             s.lock().unwrap_or_else(|p| p.into_inner()).flush()?;
         }
@@ -243,7 +243,10 @@ impl Inner {
     /// A healthy replica of `volume` to read a backup from: one on this node
     /// when there is one (read through open descriptors, no network), else
     /// a healthy replica on another node, read over the wire.
-    async fn backup_reader(self: &Arc<Self>, volume: &str) -> Result<BackupReader, ControlError> {
+    pub(super) async fn backup_reader(
+        self: &Arc<Self>,
+        volume: &str,
+    ) -> Result<BackupReader, ControlError> {
         let st = self.state.lock().await;
         let v = st.volume(volume)?;
         let info = v.info(self);
@@ -293,10 +296,19 @@ fn one_backup(handle: &str) -> Result<(BackupHandle, String), ControlError> {
 }
 
 /// Where a backup reads the snapshot from.
-enum BackupReader {
+pub(super) enum BackupReader {
     Local(Arc<Replica>),
     /// A replica on another node (or one not opened here), read layer by layer.
     Layers(ReplicaIo),
+}
+
+/// Snapshot `snapshot` as `reader` reads it, and its data ranges (what a
+/// copy into a new volume reads). Blocking.
+pub(super) fn open_snapshot_source(
+    reader: BackupReader,
+    snapshot: &str,
+) -> Result<(Arc<dyn BlockSource>, Vec<(u64, u64)>), ControlError> {
+    open_backup_source(reader, snapshot, None).map(|(s, r, _)| (s, r))
 }
 
 /// The snapshot a backup reads, its data ranges and, for an incremental
@@ -776,7 +788,7 @@ impl Inner {
         cfg: &BackupCfg,
         base: Option<&BackupCfg>,
     ) -> Result<(), ControlError> {
-        let targets: Vec<(String, String)> = {
+        let (targets, owner): (Vec<(String, String)>, _) = {
             let mut st = self.state.lock().await;
             let v = st.volume_mut(name)?;
             if v.live.is_some() {
@@ -789,25 +801,9 @@ impl Inner {
             // fails or is cut short leaves this behind.
             v.record.restoring = Some(cfg.name.clone());
             self.store.save(&v.record)?;
-            v.record.healthy_targets()
+            (v.record.healthy_targets(), self.ownership(&v.record))
         };
-        let me = self.clone();
-        let vname = name.to_string();
-        let sink = tokio::task::spawn_blocking(move || -> Result<ReplicaSink, ControlError> {
-            let mut stores = Vec::new();
-            for (r, addr) in targets {
-                let io = me
-                    .open_replica(&vname, &r, &addr, Claim::Takeover)
-                    .map_err(|e| ControlError::Internal(format!("replica {r}: {e}")))?;
-                stores
-                    .push(Mutex::new(store_for(&io).map_err(|e| {
-                        ControlError::Internal(format!("replica {r}: {e}"))
-                    })?));
-            }
-            Ok(ReplicaSink { stores })
-        })
-        .await??;
-        let sink = Arc::new(sink);
+        let sink = Arc::new(self.open_sink(name, targets, owner).await?);
         let progress = Arc::new(Progress::new());
         self.restores
             .lock()
@@ -834,6 +830,50 @@ impl Inner {
         self.store.save(&v.record)?;
         self.publish(&st);
         Ok(())
+    }
+
+    /// Every healthy replica of volume `name`, to write into alike.
+    pub(super) async fn replica_sink(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<ReplicaSink, ControlError> {
+        let (targets, owner) = {
+            let st = self.state.lock().await;
+            let v = st.volume(name)?;
+            (v.record.healthy_targets(), self.ownership(&v.record))
+        };
+        self.open_sink(name, targets, owner).await
+    }
+
+    async fn open_sink(
+        self: &Arc<Self>,
+        name: &str,
+        targets: Vec<(String, String)>,
+        owner: crate::replica::OwnerTerm,
+    ) -> Result<ReplicaSink, ControlError> {
+        let me = self.clone();
+        let vname = name.to_string();
+        tokio::task::spawn_blocking(move || -> Result<ReplicaSink, ControlError> {
+            let mut stores = Vec::new();
+            for (r, addr) in targets {
+                let io = me
+                    .open_replica(
+                        &vname,
+                        &r,
+                        &addr,
+                        Claim::Takeover {
+                            owner: owner.clone(),
+                        },
+                    )
+                    .map_err(|e| ControlError::Internal(format!("replica {r}: {e}")))?;
+                stores
+                    .push(Mutex::new(store_for(&io).map_err(|e| {
+                        ControlError::Internal(format!("replica {r}: {e}"))
+                    })?));
+            }
+            Ok(ReplicaSink { stores })
+        })
+        .await?
     }
 
     /// Brings standby volume `name` to the latest backup of the volume it
@@ -877,21 +917,30 @@ impl Inner {
     }
 
     async fn zero_volume(self: &Arc<Self>, name: &str, size: u64) -> Result<(), ControlError> {
-        let targets: Vec<(String, String)> = {
+        let (targets, owner): (Vec<(String, String)>, _) = {
             let st = self.state.lock().await;
-            st.volume(name)?
-                .record
+            let record = &st.volume(name)?.record;
+            let owner = self.ownership(record);
+            let targets = record
                 .replicas
                 .iter()
                 .map(|r| (r.name.clone(), r.addr.clone()))
-                .collect()
+                .collect();
+            (targets, owner)
         };
         let me = self.clone();
         let vname = name.to_string();
         tokio::task::spawn_blocking(move || -> Result<(), ControlError> {
             for (r, addr) in targets {
                 let io = me
-                    .open_replica(&vname, &r, &addr, Claim::Takeover)
+                    .open_replica(
+                        &vname,
+                        &r,
+                        &addr,
+                        Claim::Takeover {
+                            owner: owner.clone(),
+                        },
+                    )
                     .map_err(|e| ControlError::Internal(format!("replica {r}: {e}")))?;
                 let mut s = store_for(&io).map_err(|e| ControlError::Internal(e.to_string()))?;
                 s.write_zeroes(0, size)

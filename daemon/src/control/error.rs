@@ -52,6 +52,32 @@ pub enum ControlError {
         wanted: u32,
         max: usize,
     },
+    #[error("volume {volume:?} was taken over by another node ({reason}); this node dropped its record of it: use the volume where it is now (`cairnctl volume list`); its replica here is rebuilt by the new owner")]
+    TakenOver { volume: String, reason: String },
+    #[error("volume {name:?} is attached on {node} and in use ({user}); detach it there first")]
+    InUse {
+        name: String,
+        node: String,
+        user: String,
+    },
+    #[error("owner {node} unreachable: {reason}; nothing was changed (retry when it is back, or `volume attach --force` to take the volume over from the replicas that answer: writes {node} acknowledged while cut off from them are lost)")]
+    OwnerUnreachable { node: String, reason: String },
+    #[error("{message}")]
+    Peer { code: i32, message: String },
+    #[error("{0}")]
+    BadCloneSource(String),
+    #[error("size {size} is smaller than the source volume {from:?} ({from_size} bytes): give at least that, or no size")]
+    CloneTooSmall {
+        size: u64,
+        from: String,
+        from_size: u64,
+    },
+    #[error("volume {name:?}: {what} did not finish (cairnd stopped during it); delete the volume and make it again")]
+    Unfinished { name: String, what: String },
+    #[error("node {node} unreachable: {reason}; nothing was changed (retry when it is back)")]
+    NodeUnreachable { node: String, reason: String },
+    #[error("volume {name:?} is being handed over to {node}; try again in a moment")]
+    HandingOver { name: String, node: String },
     #[error("volume {name:?} already exists: pick another name or delete it first")]
     AlreadyExists { name: String },
     #[error("volume {name:?} holds {current} bytes: expand grows a volume, give a size larger than that (not {size})")]
@@ -119,6 +145,10 @@ pub enum ControlError {
     SnapshotExists { volume: String, snapshot: String },
     #[error("volume {name:?} is attached: detach it before you {what}")]
     MustDetach { name: String, what: &'static str },
+    /// An attached volume cannot grow: the kernel's ublk driver lacks
+    /// `UBLK_F_UPDATE_SIZE` (`release` is `uname -r`).
+    #[error("online expansion needs Linux 6.16 or newer (this kernel: {release}); detach the volume first")]
+    OnlineExpandUnsupported { name: String, release: String },
     #[error("volume {name:?} is being restored from a backup: wait until `cairnctl volume get {name}` shows no restore")]
     Restoring { name: String },
     #[error("reading the snapshot to back up: {0}")]

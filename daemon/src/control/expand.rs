@@ -1,7 +1,10 @@
 //! `volume expand`: growing a detached volume (every replica, then the
 //! record). Online expansion (resizing a live `/dev/ublkbN` with
 //! `UBLK_CMD_UPDATE_SIZE`, Linux 6.16+) is not built: an attached volume is
-//! refused with a message saying to detach it.
+//! refused, changing nothing. The refusal depends on the running kernel,
+//! read at run time ([`KernelFeatures`]): without `UBLK_F_UPDATE_SIZE` it
+//! says which Linux is needed ([`ControlError::OnlineExpandUnsupported`]);
+//! with it, that online expansion is not built yet. Both say to detach.
 //!
 //! Every replica is checked first (reachable, not open, its disk takes the
 //! growth under the placement rules); only then does any grow, so a refusal
@@ -13,14 +16,16 @@
 use super::store::ReplicaRecord;
 use super::{ControlError, VolumeInfo, VolumeManager};
 use crate::disks::disk_fits;
+use crate::frontend::KernelFeatures;
 use crate::replica::BLOCK_SIZE;
 use crate::transport::Op;
 
 impl VolumeManager {
     /// Grows detached volume `name` to `size` bytes.
     pub async fn expand(&self, name: &str, size: u64) -> Result<VolumeInfo, ControlError> {
-        let mut st = self.inner.state.lock().await;
-        let v = st.volume_mut(name)?;
+        let _op = self.inner.volume_lock(name).await;
+        let st = self.inner.state.lock().await;
+        let v = st.volume(name)?;
         if size == 0 {
             return Err(ControlError::ZeroSize);
         }
@@ -28,10 +33,9 @@ impl VolumeManager {
             return Err(ControlError::UnalignedSize { size });
         }
         if v.live.is_some() {
-            return Err(ControlError::MustDetach {
-                name: name.to_string(),
-                what: "expand it (online expansion is not built yet)",
-            });
+            // One control command to the ublk driver (and uname).
+            let kernel = tokio::task::spawn_blocking(KernelFeatures::detect).await?;
+            return Err(online_refusal(name, &kernel));
         }
         if v.record.standby {
             return Err(ControlError::Standby {
@@ -54,6 +58,7 @@ impl VolumeManager {
         let replicas = v.record.replicas.clone();
         let inner = self.inner.clone();
         let volume = name.to_string();
+        drop(st);
         tokio::task::spawn_blocking(move || {
             // Every replica must take it before any grows.
             for r in &replicas {
@@ -65,6 +70,7 @@ impl VolumeManager {
             Ok::<(), ControlError>(())
         })
         .await??;
+        let mut st = self.inner.state.lock().await;
         let v = st.volume_mut(name)?;
         let old = v.record.size;
         v.record.size = size;
@@ -76,6 +82,22 @@ impl VolumeManager {
         let info = v.info(&self.inner);
         self.inner.publish(&st);
         Ok(info)
+    }
+}
+
+/// Why attached volume `name` cannot grow on this kernel: it lacks
+/// `UBLK_F_UPDATE_SIZE`, or it has it and online expansion is not built.
+fn online_refusal(name: &str, kernel: &KernelFeatures) -> ControlError {
+    if kernel.online_resize() {
+        ControlError::MustDetach {
+            name: name.to_string(),
+            what: "expand it (online expansion is not built yet, also on kernels with UBLK_F_UPDATE_SIZE like this one)",
+        }
+    } else {
+        ControlError::OnlineExpandUnsupported {
+            name: name.to_string(),
+            release: kernel.release.clone(),
+        }
     }
 }
 
@@ -131,5 +153,37 @@ impl super::manager::Inner {
                 Err(refused(e.to_string(), no_room))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusal_follows_the_kernel() {
+        let k = |ublk| KernelFeatures {
+            release: "6.12.57+deb12-amd64".to_string(),
+            ublk,
+        };
+        let no_resize = (libublk::sys::UBLK_F_USER_RECOVERY
+            | libublk::sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+        for kernel in [k(None), k(Some(no_resize))] {
+            let e = online_refusal("v1", &kernel);
+            assert!(matches!(e, ControlError::OnlineExpandUnsupported { .. }));
+            let msg = "online expansion needs Linux 6.16 or newer (this kernel: 6.12.57+deb12-amd64); detach the volume first";
+            assert_eq!(e.to_string(), msg);
+            let st = crate::api::server::status(e);
+            assert_eq!(st.code(), tonic::Code::FailedPrecondition);
+            assert_eq!(st.message(), msg);
+        }
+        let e = online_refusal(
+            "v1",
+            &k(Some(no_resize | libublk::sys::UBLK_F_UPDATE_SIZE as u64)),
+        );
+        assert!(matches!(e, ControlError::MustDetach { .. }));
+        let msg = e.to_string();
+        assert!(msg.contains("detach it before you expand it"), "{msg}");
+        assert!(msg.contains("not built yet"), "{msg}");
     }
 }

@@ -66,6 +66,11 @@ impl VolumeManager {
         self.inner.owned_names()
     }
 
+    /// Where the replicas of the volumes this node owns are.
+    pub fn placements(&self) -> Vec<crate::transport::VolumePlacement> {
+        self.inner.placements()
+    }
+
     /// Installs what this node answers to its peers' `NodeStatus` and
     /// forwarded calls (the API service; cairnd does this at start).
     pub fn set_peer_control(&self, control: Arc<dyn PeerControl>) {
@@ -77,7 +82,10 @@ impl VolumeManager {
     /// Which node owns volume `name`. Asks every peer again when none is
     /// known to own it (a volume created a moment ago elsewhere).
     pub async fn owner(&self, name: &str) -> Owner {
-        if self.inner.owned_names().iter().any(|n| n == name) {
+        // A record here counts even when its engine was fenced: calls made
+        // on this node act on this node's (stale) copy until it is detached
+        // and dropped; peers are not told about it.
+        if self.inner.has_record(name) {
             return Owner::Local;
         }
         let cluster = self.inner.cluster.clone();
@@ -112,6 +120,30 @@ impl VolumeManager {
         .await
         .unwrap_or_default();
         found(nodes).unwrap_or(Owner::Unknown)
+    }
+
+    /// Peer node `name`, to carry a call to it: unknown and unreachable
+    /// nodes are errors.
+    pub fn peer_named(&self, name: &str) -> Result<PeerRef, super::ControlError> {
+        let found = self
+            .inner
+            .cluster
+            .nodes()
+            .into_iter()
+            .find(|n| n.report.as_ref().is_some_and(|r| r.node == name));
+        match found {
+            Some(n) if n.up => Ok(PeerRef {
+                node: n.name,
+                addr: n.addr,
+            }),
+            Some(n) => Err(super::ControlError::NodeUnreachable {
+                node: n.name,
+                reason: n.message,
+            }),
+            None => Err(super::ControlError::Cluster(
+                super::cluster::ClusterError::UnknownNode(name.to_string()),
+            )),
+        }
     }
 
     /// Peers that answer now.

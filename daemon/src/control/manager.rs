@@ -26,8 +26,10 @@ use crate::engine::{
 };
 use crate::frontend::{ublk_available, FrontendOptions, UblkDevice};
 use crate::metrics::VolumeSample;
-use crate::replica::{Claim, BLOCK_SIZE};
-use crate::transport::{ClusterSecret, Op, PeerError, ReplicaReport, ReplicaServer};
+use crate::replica::{Claim, OwnerTerm, BLOCK_SIZE};
+use crate::transport::{
+    ClusterSecret, Op, PeerError, ReplicaPlace, ReplicaReport, ReplicaServer, VolumePlacement,
+};
 
 /// How often attached volumes' replica files are health-checked.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -173,6 +175,12 @@ pub(super) struct Inner {
     pub(super) backups: std::sync::Mutex<Vec<super::backups::RunningBackup>>,
     /// Restores running now (into new or DR volumes), by volume.
     pub(super) restores: std::sync::Mutex<HashMap<String, Arc<crate::backupstore::Progress>>>,
+    /// Records handed over to another node, until it confirms.
+    pub(super) handing: std::sync::Mutex<BTreeMap<String, super::handover::Handing>>,
+    /// One lock per volume name (see [`Inner::volume_lock`]).
+    locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Snapshots being copied into new volumes: (volume, snapshot).
+    copying: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 pub(super) struct RunningRebuild {
@@ -201,8 +209,19 @@ pub(super) struct Live {
     device: UblkDevice,
 }
 
+impl Live {
+    pub(super) fn device_path(&self) -> PathBuf {
+        self.device.path()
+    }
+
+    pub(super) fn dev_id(&self) -> u32 {
+        self.device.dev_id()
+    }
+}
+
 struct ViewEntry {
     name: String,
+    placement: VolumePlacement,
     size: u64,
     replicas: u32,
     healthy_in_record: u32,
@@ -263,7 +282,19 @@ impl VolumeManager {
             _ => None,
         };
         let mut state = State::default();
+        let mut handing = BTreeMap::new();
         for record in records {
+            if let Some(to) = &record.handed_to {
+                tracing::info!(volume = %record.name, %to, "volume handed over; waiting for the new owner to confirm");
+                handing.insert(
+                    record.name.clone(),
+                    super::handover::Handing {
+                        record,
+                        since: std::time::Instant::now(),
+                    },
+                );
+                continue;
+            }
             tracing::info!(
                 volume = %record.name,
                 size = %crate::size::HumanSize(record.size),
@@ -296,6 +327,9 @@ impl VolumeManager {
             rebuilds: std::sync::Mutex::new(HashMap::new()),
             repair_done: repair_tx,
             restores: std::sync::Mutex::new(HashMap::new()),
+            handing: std::sync::Mutex::new(handing),
+            locks: std::sync::Mutex::new(HashMap::new()),
+            copying: std::sync::Mutex::new(Vec::new()),
             clock: config
                 .clock
                 .clone()
@@ -304,34 +338,10 @@ impl VolumeManager {
             scheduler: std::sync::Mutex::new(crate::jobs::Scheduler::new()),
             backups: std::sync::Mutex::new(Vec::new()),
         });
-        {
+        if let Ok(st) = inner.state.try_lock() {
             // Recurring jobs from the records (validated when they were set).
-            let now = inner.clock.now();
-            let mut sched = inner.scheduler.lock().unwrap_or_else(|p| p.into_inner());
-            for v in inner
-                .state
-                .try_lock()
-                .map(|st| {
-                    st.volumes
-                        .values()
-                        .map(|v| (v.record.name.clone(), v.record.recurring_jobs.clone()))
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default()
-            {
-                if v.1.is_empty() {
-                    continue;
-                }
-                match crate::jobs::parse_jobs(&v.1) {
-                    Ok(jobs) => {
-                        if let Err(e) = sched.set_jobs(&v.0, &jobs, now) {
-                            tracing::error!(volume = %v.0, error = %e, "recurring jobs not scheduled");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(volume = %v.0, error = %e, "recurring jobs in the record are invalid")
-                    }
-                }
+            for v in st.volumes.values() {
+                inner.schedule_jobs(&v.record);
             }
         }
         // The first poll, before restore, so remote replicas' nodes are known.
@@ -339,12 +349,23 @@ impl VolumeManager {
             let c = inner.cluster.clone();
             let _ = tokio::task::spawn_blocking(move || c.poll()).await;
         }
-        // Taken before any API call can be served, so nothing sees the
-        // volumes before the restore below has had its turn.
-        let guard = inner.state.clone().lock_owned().await;
-        inner.publish(&guard);
+        // The locks of the volumes to attach again are taken before any API
+        // call can be served, so calls on them wait for the restore below;
+        // calls on other volumes do not.
+        let restoring: Vec<(String, OwnedMutexGuard<()>)> = {
+            let st = inner.state.lock().await;
+            inner.publish(&st);
+            st.volumes
+                .values()
+                .filter(|v| v.record.attached)
+                .filter_map(|v| {
+                    let name = v.record.name.clone();
+                    inner.try_volume_lock(&name).map(|g| (name, g))
+                })
+                .collect()
+        };
         let mut tasks = vec![
-            tokio::spawn(restore(inner.clone(), guard)),
+            tokio::spawn(restore(inner.clone(), restoring)),
             tokio::spawn(event_loop(Arc::downgrade(&inner), rx)),
             tokio::spawn(check_loop(Arc::downgrade(&inner))),
             tokio::spawn(repair::repair_loop(Arc::downgrade(&inner))),
@@ -406,6 +427,21 @@ impl VolumeManager {
         replicas: Option<u32>,
         recurring_jobs: &str,
     ) -> Result<VolumeInfo, ControlError> {
+        // The name's lock, not the state's: creating replicas on peers may
+        // take a while and other volumes' operations go on meanwhile.
+        let _op = self.inner.volume_lock(name).await;
+        self.create_locked(name, size, replicas, recurring_jobs)
+            .await
+    }
+
+    /// [`VolumeManager::create`] with the name's volume lock held.
+    pub(super) async fn create_locked(
+        &self,
+        name: &str,
+        size: u64,
+        replicas: Option<u32>,
+        recurring_jobs: &str,
+    ) -> Result<VolumeInfo, ControlError> {
         crate::name::validate_volume_name(name)?;
         let jobs = if recurring_jobs.trim().is_empty() {
             Vec::new()
@@ -432,27 +468,28 @@ impl VolumeManager {
             });
         }
         let inner = &self.inner;
-        let mut st = inner.state.lock().await;
+        let st = inner.state.lock().await;
         if st.volumes.contains_key(name) {
             return Err(ControlError::AlreadyExists {
                 name: name.to_string(),
             });
         }
+        let loads: Vec<DiskLoad> = inner
+            .disks
+            .disks()
+            .iter()
+            .map(|d| DiskLoad {
+                path: d.clone(),
+                replicas: st.replicas_on(d),
+            })
+            .collect();
+        drop(st);
         let replicas = if inner.cluster.enabled() {
             let i = self.inner.clone();
             let vname = name.to_string();
             tokio::task::spawn_blocking(move || i.create_replicas(&vname, count, size, &[], None))
                 .await??
         } else {
-            let loads: Vec<DiskLoad> = inner
-                .disks
-                .disks()
-                .iter()
-                .map(|d| DiskLoad {
-                    path: d.clone(),
-                    replicas: st.replicas_on(d),
-                })
-                .collect();
             let chosen = placement::place(name, count, &loads)?;
             let disks = inner.disks.clone();
             let vname = name.to_string();
@@ -509,6 +546,8 @@ impl VolumeManager {
             },
             last_backup: String::new(),
             last_backup_snapshot: String::new(),
+            owner_term: 1,
+            handed_to: None,
         };
         if let Err(e) = inner.store.save(&record) {
             let i = self.inner.clone();
@@ -532,6 +571,7 @@ impl VolumeManager {
             }
         }
         tracing::info!(volume = name, size = %crate::size::HumanSize(size), replicas = count, "volume created");
+        let mut st = inner.state.lock().await;
         let v = Volume {
             record,
             live: None,
@@ -556,7 +596,8 @@ impl VolumeManager {
 
     /// Attaches a volume as `/dev/ublkbN` (the returned info's `device`).
     pub async fn attach(&self, name: &str) -> Result<VolumeInfo, ControlError> {
-        let mut st = self.inner.state.lock().await;
+        let _op = self.inner.volume_lock(name).await;
+        let st = self.inner.state.lock().await;
         let v = st.volume(name)?;
         if v.record.standby {
             return Err(ControlError::Standby {
@@ -569,13 +610,29 @@ impl VolumeManager {
                 name: name.to_string(),
             });
         }
+        if let Some(what) = &v.record.restoring {
+            // A copy or restore into it was cut short: its data is partial.
+            return Err(ControlError::Unfinished {
+                name: name.to_string(),
+                what: if what.starts_with("copy of ") {
+                    what.clone()
+                } else {
+                    format!("the restore of backup {what}")
+                },
+            });
+        }
         if let Some(live) = &v.live {
             return Err(ControlError::AlreadyAttached {
                 name: name.to_string(),
                 device: live.device.path().display().to_string(),
             });
         }
-        let result = self.inner.attach_locked(&mut st, name).await;
+        drop(st);
+        let result = self.inner.attach_volume(name).await;
+        let mut st = self.inner.state.lock().await;
+        if let Err(ControlError::TakenOver { reason, .. }) = &result {
+            self.inner.retire(&mut st, name, reason);
+        }
         self.inner.publish(&st);
         result?;
         Ok(st.volume(name)?.info(&self.inner))
@@ -584,32 +641,50 @@ impl VolumeManager {
     /// Removes the device, flushes the replicas, and records that the volume
     /// should stay detached. Detaching a detached volume is not an error.
     pub async fn detach(&self, name: &str) -> Result<VolumeInfo, ControlError> {
+        let _op = self.inner.volume_lock(name).await;
+        let (fenced, term) = {
+            let st = self.inner.state.lock().await;
+            let v = st.volume(name)?;
+            (
+                v.live.as_ref().is_some_and(|l| l.io.is_fenced()),
+                v.record.owner_term,
+            )
+        };
+        let result = self.inner.detach_volume(name, false).await;
         let mut st = self.inner.state.lock().await;
-        st.volume(name)?;
-        let result = self.inner.detach_locked(&mut st, name, false).await;
+        let info = st.volume(name)?.info(&self.inner);
+        // A fenced engine lost the volume to a newer owner: once its device
+        // is gone, the record here is stale.
+        if let Some(node) = fenced.then(|| self.inner.newer_owner(name, term)).flatten() {
+            let why = format!("{node} owns it at a later term");
+            self.inner.retire(&mut st, name, &why);
+        }
         self.inner.publish(&st);
         result?;
-        Ok(st.volume(name)?.info(&self.inner))
+        Ok(info)
     }
 
     /// Deletes a volume and its replicas. An attached volume needs `force`,
     /// which detaches it first.
     pub async fn delete(&self, name: &str, force: bool) -> Result<(), ControlError> {
         let inner = &self.inner;
-        let mut st = inner.state.lock().await;
-        let v = st.volume(name)?;
-        if v.live.is_some() {
+        let _op = inner.volume_lock(name).await;
+        let attached = inner.state.lock().await.volume(name)?.live.is_some();
+        if attached {
             if !force {
                 return Err(ControlError::Attached {
                     name: name.to_string(),
                 });
             }
-            let r = inner.detach_locked(&mut st, name, false).await;
-            inner.publish(&st);
+            let r = inner.detach_volume(name, false).await;
+            inner.publish(&*inner.state.lock().await);
             r?;
         }
-        let v = st.volume(name)?;
-        let replicas: Vec<(String, String)> = v
+        let replicas: Vec<(String, String)> = inner
+            .state
+            .lock()
+            .await
+            .volume(name)?
             .record
             .replicas
             .iter()
@@ -630,12 +705,9 @@ impl VolumeManager {
             Ok(())
         })
         .await??;
+        let mut st = inner.state.lock().await;
         inner.store.remove(name)?;
-        inner
-            .scheduler
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove_volume(name);
+        inner.unschedule(name);
         st.volumes.remove(name);
         inner.publish(&st);
         tracing::info!(volume = name, "volume deleted");
@@ -698,6 +770,7 @@ impl VolumeManager {
                 node: String::new(),
                 disks: Vec::new(),
                 volumes: Vec::new(),
+                placements: Vec::new(),
             });
         NodeInfo {
             name: self.inner.node_id.clone(),
@@ -779,130 +852,34 @@ impl VolumeManager {
     }
 
     /// Rebuilds the record of volume `name` from its replicas on this node
-    /// and every reachable peer (after the owner's record was lost). The
+    /// and every reachable peer (after the owner's record was lost): a
+    /// forced takeover without an old owner (see `control::handover`). The
     /// replicas at the highest revision are healthy; older ones are failed
     /// and get rebuilt once the volume is attached.
     pub async fn adopt(&self, name: &str) -> Result<VolumeInfo, ControlError> {
-        crate::name::validate_volume_name(name)?;
-        let mut st = self.inner.state.lock().await;
-        if st.volumes.contains_key(name) {
-            return Err(ControlError::AlreadyExists {
-                name: name.to_string(),
-            });
-        }
-        let i = self.inner.clone();
-        let found = tokio::task::spawn_blocking(move || i.find_replicas()).await?;
-        let mine: Vec<(NodeView, ReplicaReport)> = found
-            .into_iter()
-            .filter(|(_, r)| r.volume == name && r.error.is_empty())
-            .collect();
-        let Some(newest) = mine.iter().map(|(_, r)| r.revision).max() else {
-            return Err(ControlError::NothingToAdopt {
-                volume: name.to_string(),
-            });
-        };
-        let size = mine
-            .iter()
-            .find(|(_, r)| r.revision == newest)
-            .map(|(_, r)| r.size)
-            .unwrap_or(0);
-        if mine.len() > MAX_REPLICAS {
-            return Err(ControlError::TooManyReplicas {
-                volume: name.to_string(),
-                wanted: mine.len() as u32,
-                max: MAX_REPLICAS,
-            });
-        }
-        let replicas: Vec<ReplicaRecord> = mine
-            .iter()
-            .map(|(node, r)| {
-                let ok = r.revision == newest && r.size == size;
-                ReplicaRecord {
-                    name: r.replica.clone(),
-                    node: node.name.clone(),
-                    disk: PathBuf::from(&r.disk),
-                    dir: PathBuf::from(&r.dir),
-                    state: if ok {
-                        RecordState::Healthy
-                    } else {
-                        RecordState::Failed
-                    },
-                    message: if ok {
-                        String::new()
-                    } else {
-                        format!(
-                            "adopted behind the newest replica (revision {} < {newest})",
-                            r.revision
-                        )
-                    },
-                    addr: if node.local {
-                        String::new()
-                    } else {
-                        node.addr.clone()
-                    },
-                    failed_at: (!ok).then(unix_now),
-                    last_rebuild: None,
-                }
-            })
-            .collect();
-        let record = VolumeRecord {
-            format: RECORD_FORMAT,
-            name: name.to_string(),
-            size,
-            replica_count: replicas.len() as u32,
-            queues: self.inner.frontend.queues,
-            queue_depth: self.inner.frontend.queue_depth,
-            attached: false,
-            dev_id: None,
-            revision: newest,
-            replicas,
-            standby: false,
-            from_backup: String::new(),
-            last_restored: String::new(),
-            restoring: None,
-            recurring_jobs: String::new(),
-            last_backup: String::new(),
-            last_backup_snapshot: String::new(),
-        };
-        // Its last owner's write-intent log is on another node (if it is
-        // anywhere): where the replicas may differ is unknown.
-        let intent = self.inner.store.intent_path(name);
-        IntentLog::write_unknown(&intent, size)
-            .map_err(|e| ControlError::Internal(format!("volume {name}: {e}")))?;
-        self.inner.store.save(&record)?;
-        tracing::info!(
-            volume = name,
-            replicas = record.replicas.len(),
-            revision = newest,
-            "volume adopted"
-        );
-        let v = Volume {
-            record,
-            live: None,
-            message: String::new(),
-        };
-        let info = v.info(&self.inner);
-        st.volumes.insert(name.to_string(), v);
-        self.inner.publish(&st);
-        Ok(info)
+        self.take_over(name, None).await
     }
 
     /// Removes every device and flushes its replicas, but keeps each volume's
     /// wish to be attached, so the next cairnd attaches them again.
     pub async fn shutdown(&self) {
-        let mut st = self.inner.state.lock().await;
-        let names: Vec<String> = st
+        let names: Vec<String> = self
+            .inner
+            .state
+            .lock()
+            .await
             .volumes
             .iter()
             .filter(|(_, v)| v.live.is_some())
             .map(|(n, _)| n.clone())
             .collect();
         for name in names {
-            if let Err(e) = self.inner.detach_locked(&mut st, &name, true).await {
+            let _op = self.inner.volume_lock(&name).await;
+            if let Err(e) = self.inner.detach_volume(&name, true).await {
                 tracing::error!(volume = %name, error = %e, "stopping volume at shutdown");
             }
         }
-        self.inner.publish(&st);
+        self.inner.publish(&*self.inner.state.lock().await);
         if let Ok(target) = self.inner.settings.get(settings::BACKUP_TARGET) {
             self.inner.release_backup_target(&target).await;
         }
@@ -958,17 +935,18 @@ impl Drop for VolumeManager {
 }
 
 impl Inner {
-    /// Attaches volume `name` (known to exist and be detached) with the state
-    /// lock held. On error the record keeps what was learned (replicas that
-    /// would not open are failed) but the volume stays detached.
-    pub(super) async fn attach_locked(
-        self: &Arc<Self>,
-        st: &mut State,
-        name: &str,
-    ) -> Result<(), ControlError> {
+    /// Attaches volume `name` (known to exist and be detached); the caller
+    /// holds the volume's lock. The state lock is held only to read the
+    /// record and to apply the outcome, not while replicas are opened and
+    /// the device starts (up to minutes), so other volumes' operations go
+    /// on meanwhile. On error the record keeps what was learned (replicas
+    /// that would not open are failed) but the volume stays detached.
+    pub(super) async fn attach_volume(self: &Arc<Self>, name: &str) -> Result<(), ControlError> {
         // Before touching any replica file: opening replicas and starting an
         // epoch change them, and without the driver attach must change nothing.
         ublk_available()?;
+        let mut guard = self.state.lock().await;
+        let st = &mut *guard;
         let used: HashSet<u32> = st
             .volumes
             .values()
@@ -1034,15 +1012,19 @@ impl Inner {
                 .max(mark.as_ref().map_or(0, |m| m.revision))
         });
         let check = AttachCheck {
+            owner: self.ownership(&v.record),
             salvage_floor,
             mark: if none_healthy { None } else { mark },
         };
         let vname = name.to_string();
         let me = self.clone();
+        drop(guard);
         let outcome = tokio::task::spawn_blocking(move || {
             attach_blocking(&me, &vname, size, replicas, sink, &opts, recover, check)
         })
         .await?;
+        let mut guard = self.state.lock().await;
+        let v = guard.volume_mut(name)?;
         for (replica, reason) in &outcome.open_failed {
             tracing::warn!(volume = name, %replica, %reason, "replica cannot be opened; marked failed");
             v.record.set_failed(replica, reason);
@@ -1095,31 +1077,48 @@ impl Inner {
     /// Stops the device and flushes. `keep_wanted` (shutdown) keeps the
     /// record's wish to be attached; a clean stop always forgets the device
     /// id, since the device is gone and its id may be reused by anyone.
-    async fn detach_locked(
+    ///
+    /// The caller holds the volume's lock; the state lock is held only to
+    /// take the device out and to record the result, not while the device
+    /// stops and the replicas flush.
+    pub(super) async fn detach_volume(
         &self,
-        st: &mut State,
         name: &str,
         keep_wanted: bool,
     ) -> Result<(), ControlError> {
         self.cancel_rebuilds(name);
-        let v = st.volume_mut(name)?;
-        let live = v.live.take();
+        let live = {
+            let mut st = self.state.lock().await;
+            let live = st.volume_mut(name)?.live.take();
+            if live.is_some() {
+                self.publish(&st);
+            }
+            live
+        };
         let was_live = live.is_some();
         let mut stop_err = None;
-        if let Some(Live { io, device }) = live {
-            let io2 = io.clone();
-            let (stopped, flushed) = tokio::task::spawn_blocking(move || {
-                let stopped = device.stop();
-                // Clean only if the device is gone: a request may still
-                // arrive otherwise, and the intent log must stay.
-                let flushed = if stopped.is_ok() {
-                    io2.flush_and_close()
-                } else {
-                    io2.flush()
-                };
-                (stopped, flushed)
-            })
-            .await?;
+        let stopped_io = match live {
+            Some(Live { io, device }) => {
+                let io2 = io.clone();
+                let (stopped, flushed) = tokio::task::spawn_blocking(move || {
+                    let stopped = device.stop();
+                    // Clean only if the device is gone: a request may still
+                    // arrive otherwise, and the intent log must stay.
+                    let flushed = if stopped.is_ok() {
+                        io2.flush_and_close()
+                    } else {
+                        io2.flush()
+                    };
+                    (stopped, flushed)
+                })
+                .await?;
+                Some((io, stopped, flushed))
+            }
+            None => None,
+        };
+        let mut st = self.state.lock().await;
+        let v = st.volume_mut(name)?;
+        if let Some((io, stopped, flushed)) = stopped_io {
             v.record.sync_from(&io);
             v.message.clear();
             if let Err(e) = flushed {
@@ -1174,13 +1173,35 @@ impl Inner {
         self.publish(st);
     }
 
-    /// Names of the volumes whose records are here (from the last publish).
+    /// Names of the volumes whose records are here (from the last publish),
+    /// but for those another engine fenced: they are another node's now.
     pub(super) fn owned_names(&self) -> Vec<String> {
         self.view
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
+            .filter(|e| !e.io.as_ref().is_some_and(|io| io.is_fenced()))
             .map(|e| e.name.clone())
+            .collect()
+    }
+
+    /// Whether volume `name` has a record here (fenced or not).
+    pub(super) fn has_record(&self, name: &str) -> bool {
+        self.view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|e| e.name == name)
+    }
+
+    /// Where the replicas of the volumes in [`Inner::owned_names`] are.
+    pub(super) fn placements(&self) -> Vec<VolumePlacement> {
+        self.view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|e| !e.io.as_ref().is_some_and(|io| io.is_fenced()))
+            .map(|e| e.placement.clone())
             .collect()
     }
 
@@ -1190,6 +1211,20 @@ impl Inner {
             .values()
             .map(|v| ViewEntry {
                 name: v.record.name.clone(),
+                placement: VolumePlacement {
+                    volume: v.record.name.clone(),
+                    owner_term: v.record.owner_term,
+                    size: v.record.size,
+                    replicas: v
+                        .record
+                        .replicas
+                        .iter()
+                        .map(|r| ReplicaPlace {
+                            replica: r.name.clone(),
+                            node: r.node.clone(),
+                        })
+                        .collect(),
+                },
                 size: v.record.size,
                 replicas: v.record.replicas.len() as u32,
                 healthy_in_record: v
@@ -1368,6 +1403,8 @@ struct AttachCheck {
     salvage_floor: Option<u64>,
     /// Not salvaging: the engine's last committed replica set.
     mark: Option<super::store::EpochMark>,
+    /// The ownership the replicas are claimed with.
+    owner: OwnerTerm,
 }
 
 // The blocking half of one call: every argument is a piece of that call.
@@ -1393,7 +1430,24 @@ fn attach_blocking(
             });
             continue;
         }
-        match inner.open_replica(name, &r.name, &r.addr, Claim::Takeover) {
+        let claim = Claim::Takeover {
+            owner: check.owner.clone(),
+        };
+        match inner.open_replica(name, &r.name, &r.addr, claim) {
+            // The volume moved: another node took it over at a later term.
+            // Nothing here may claim any of its replicas again.
+            Err(OpenError::Fenced(reason)) => {
+                return fail_taken_over(open_failed, name, reason);
+            }
+            Ok(ReplicaIo::Local(l)) if !check.owner.may_take_over(&l.owner_term()) => {
+                let reason = format!(
+                    "local replica {} was taken over by {} (this node claims {})",
+                    r.name,
+                    l.owner_term(),
+                    check.owner
+                );
+                return fail_taken_over(open_failed, name, reason);
+            }
             Ok(io) if io.size() != size => {
                 open_failed.push((
                     r.name.clone(),
@@ -1476,6 +1530,7 @@ fn attach_blocking(
         Ok(io) => io,
         Err(e) => return fail(open_failed, None, e.into()),
     };
+    io.set_owner(check.owner.clone());
     let mark_path = inner.store.epoch_path(name);
     io.set_epoch_log(Box::new(move |revision, healthy| {
         super::store::write_epoch(
@@ -1532,15 +1587,24 @@ fn attach_blocking(
     }
 }
 
-/// Startup: attaches every volume whose record wants it, holding the state
-/// lock taken in `open` so API calls queue behind it.
-async fn restore(inner: Arc<Inner>, mut st: OwnedMutexGuard<State>) {
-    let wanted: Vec<String> = st
-        .volumes
-        .values()
-        .filter(|v| v.record.attached)
-        .map(|v| v.record.name.clone())
-        .collect();
+fn fail_taken_over(
+    open_failed: Vec<(String, String)>,
+    volume: &str,
+    reason: String,
+) -> AttachOutcome {
+    AttachOutcome {
+        open_failed,
+        revision: None,
+        result: Err(ControlError::TakenOver {
+            volume: volume.to_string(),
+            reason,
+        }),
+    }
+}
+
+/// Startup: attaches every volume whose record wants it, one at a time,
+/// each under its volume lock taken in `open` (API calls on it wait).
+async fn restore(inner: Arc<Inner>, wanted: Vec<(String, OwnedMutexGuard<()>)>) {
     if wanted.is_empty() {
         return;
     }
@@ -1550,7 +1614,8 @@ async fn restore(inner: Arc<Inner>, mut st: OwnedMutexGuard<State>) {
             "{e}; {} volume(s) stay detached until cairnd restarts with the driver loaded",
             wanted.len()
         );
-        for name in &wanted {
+        let mut st = inner.state.lock().await;
+        for (name, _) in &wanted {
             if let Ok(v) = st.volume_mut(name) {
                 v.message = format!("not attached: {e}");
             }
@@ -1558,9 +1623,12 @@ async fn restore(inner: Arc<Inner>, mut st: OwnedMutexGuard<State>) {
         inner.publish(&st);
         return;
     }
-    for name in wanted {
-        match inner.attach_locked(&mut st, &name).await {
+    for (name, _op) in wanted {
+        let result = inner.attach_volume(&name).await;
+        let mut st = inner.state.lock().await;
+        match result {
             Ok(()) => {}
+            Err(ControlError::TakenOver { reason, .. }) => inner.retire(&mut st, &name, &reason),
             Err(e) => {
                 tracing::error!(volume = %name, error = %e, "cannot re-attach volume");
                 if let Ok(v) = st.volume_mut(&name) {
@@ -1568,8 +1636,8 @@ async fn restore(inner: Arc<Inner>, mut st: OwnedMutexGuard<State>) {
                 }
             }
         }
+        inner.publish(&st);
     }
-    inner.publish(&st);
 }
 
 async fn event_loop(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<(String, EngineEvent)>) {
@@ -1590,6 +1658,12 @@ async fn check_loop(inner: Weak<Inner>) {
         let Some(state) = inner.upgrade().map(|i| i.state.clone()) else {
             return;
         };
+        if let Some(i) = inner.upgrade() {
+            if i.cluster.enabled() {
+                i.settle_handovers().await;
+                i.settle_ownership().await;
+            }
+        }
         let ios: Vec<Arc<VolumeIo>> = state
             .lock()
             .await
@@ -1693,6 +1767,62 @@ pub(crate) fn unix_now() -> u64 {
 
 impl Inner {
     /// The placement settings now.
+    /// Serializes the operations on volume `name` (attach, detach, delete,
+    /// snapshot, expand, handover, ...): one at a time per volume, while
+    /// operations on other volumes go on. The state lock is taken only for
+    /// short sections inside; it is never held across replica connections
+    /// or a device start or stop.
+    pub(super) async fn volume_lock(&self, name: &str) -> OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            // Locks nobody holds or waits for are dropped.
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry(name.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    /// The volume lock of `name` if nobody holds it now.
+    pub(super) fn try_volume_lock(&self, name: &str) -> Option<OwnedMutexGuard<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+            .try_lock_owned()
+            .ok()
+    }
+
+    /// Schedules the recurring jobs in `record` (validated when they were
+    /// set; an invalid one is logged and skipped).
+    pub(super) fn schedule_jobs(&self, record: &VolumeRecord) {
+        if record.recurring_jobs.is_empty() {
+            return;
+        }
+        let now = self.clock.now();
+        match crate::jobs::parse_jobs(&record.recurring_jobs) {
+            Ok(jobs) => {
+                if let Err(e) = self.scheduler().set_jobs(&record.name, &jobs, now) {
+                    tracing::error!(volume = %record.name, error = %e, "recurring jobs not scheduled");
+                }
+            }
+            Err(e) => {
+                tracing::error!(volume = %record.name, error = %e, "recurring jobs in the record are invalid")
+            }
+        }
+    }
+
+    /// Stops the recurring jobs of volume `name`.
+    pub(super) fn unschedule(&self, name: &str) {
+        self.scheduler().remove_volume(name);
+    }
+
+    /// The ownership this node claims volume `record`'s replicas with.
+    pub(super) fn ownership(&self, record: &VolumeRecord) -> OwnerTerm {
+        OwnerTerm::new(record.owner_term, &self.node_id)
+    }
+
     pub(super) fn rules(&self) -> Rules {
         Rules {
             soft_anti_affinity: self.settings.bool(settings::REPLICA_SOFT_ANTI_AFFINITY),
@@ -1879,7 +2009,18 @@ impl Inner {
             .is_some_and(|v| !v.is_empty())
     }
 
+    pub(super) fn copying(&self) -> std::sync::MutexGuard<'_, Vec<(String, String)>> {
+        self.copying.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(super) fn snapshot_in_use(&self, volume: &str, snapshot: &str) -> bool {
+        if self
+            .copying()
+            .iter()
+            .any(|(v, s)| v == volume && s == snapshot)
+        {
+            return true;
+        }
         self.backups
             .lock()
             .unwrap_or_else(|p| p.into_inner())

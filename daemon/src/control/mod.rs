@@ -3,7 +3,7 @@
 //! replica), kept across restarts.
 //!
 //! ```text
-//!  api::server ──▶ VolumeManager ──(one tokio Mutex: lifecycle ops run one at a time)
+//!  api::server ──▶ VolumeManager ──(a lock per volume: its ops run one at a time)
 //!                   │   │   └─ store: <data-dir>/volumes/<name>.json (atomic writes)
 //!                   │   └─ placement: replicas on distinct disks
 //!                   ▼
@@ -18,20 +18,26 @@
 //! In a cluster (`--replica-listen`, `--cluster-secret`, `--peer`), the node
 //! that creates a volume owns it: it runs the engine and keeps the record;
 //! replicas live on peers (placement) and are created, opened and deleted
-//! through their replica servers.
+//! through their replica servers. Attach on another node moves the
+//! ownership there (`handover`).
 //!
-//! Concurrency rules: every lifecycle operation holds the manager's state
-//! mutex for its whole duration, including the blocking ublk start/stop (run
-//! on `spawn_blocking`), so two operations on one volume never interleave.
-//! This is the rare path; the I/O path never touches it. Engine events are
-//! sent from I/O threads on an unbounded channel and applied by a task that
-//! takes the same mutex, so an I/O thread never waits for the control plane.
+//! Concurrency rules: every operation on a volume holds that volume's lock
+//! (`Inner::volume_lock`) for its whole duration, including the blocking
+//! replica connections and ublk start/stop (run on `spawn_blocking`), so two
+//! operations on one volume never interleave while operations on different
+//! volumes never wait for each other. The state mutex (the map of records)
+//! is held only for short sections that do not block. This is the rare
+//! path; the I/O path never touches either. Engine events are sent from I/O
+//! threads on an unbounded channel and applied by a task that takes the
+//! state mutex, so an I/O thread never waits for the control plane.
 
 pub mod backups;
+pub mod clone;
 pub mod cluster;
 mod error;
 mod expand;
 pub mod forward;
+mod handover;
 mod manager;
 pub mod placement;
 pub mod recurring;
@@ -44,6 +50,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use error::ControlError;
+pub(crate) use handover::{HandoverRequest, FORGET_METHOD, RECLAIM_METHOD, RELEASE_METHOD};
 pub use manager::{
     DiskInfo, NodeInfo, RebuildInfo, ReplicaInfo, VolumeInfo, VolumeManager, VolumeState,
 };

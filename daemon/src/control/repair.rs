@@ -30,7 +30,6 @@ use super::store::{LastRebuild, RecordState, ReplicaRecord};
 use crate::engine::{
     rebuild, RebuildProgress, RebuildReport, ReplicaIo, ReplicaState, VolumeHealth, VolumeIo,
 };
-use crate::replica::Claim;
 
 pub const REPAIR_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -174,6 +173,14 @@ fn repair_volume(
                 // it as away: replaced after stale-replica-timeout.
                 Err(OpenError::Fenced(reason)) => {
                     tracing::warn!(volume, replica = %rec.name, %reason, "replica refused our session renewal");
+                    if let Some(node) = inner.newer_owner(volume, io.owner_term()) {
+                        // Proof: the volume moved. Stop serving it here.
+                        io.mark_fenced(&format!(
+                            "{node} took the volume over at a later owner term (replica {} refused this node)",
+                            rec.name
+                        ));
+                        return;
+                    }
                     stale()
                 }
                 Ok(_) | Err(OpenError::Broken(_)) => {
@@ -203,7 +210,7 @@ fn repair_volume(
 fn replace(
     inner: &Arc<Inner>,
     volume: &str,
-    _io: &Arc<VolumeIo>,
+    io: &Arc<VolumeIo>,
     records: &[ReplicaRecord],
     slot: usize,
     size: u64,
@@ -250,7 +257,7 @@ fn replace(
             return None;
         }
     };
-    match inner.open_replica(volume, &record.name, &record.addr, Claim::Takeover) {
+    match inner.open_replica(volume, &record.name, &record.addr, io.takeover()) {
         Ok(io) => Some(Plan::Replace { io, record }),
         Err(e) => {
             tracing::warn!(volume, replica = %record.name, error = %e, "cannot open the new replica");

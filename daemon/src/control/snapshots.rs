@@ -114,14 +114,17 @@ pub(crate) fn validate_labels(
 }
 
 impl Inner {
-    /// Applies `change` to the volume's healthy replicas. Holds the state
-    /// lock (no attach, detach or repair decision meanwhile).
+    /// Applies `change` to the volume's healthy replicas. Holds the
+    /// volume's lock (no attach or detach of it meanwhile); the state lock
+    /// only while reading and recording, not during the quiesce or the
+    /// replicas' changes.
     pub(super) async fn apply_chain(
         self: &Arc<Self>,
         volume: &str,
         change: ChainChange,
         detached_only: bool,
     ) -> Result<ChainOutcome, ControlError> {
+        let _op = self.volume_lock(volume).await;
         let mut st = self.state.lock().await;
         let v = st.volume_mut(volume)?;
         if v.record.standby {
@@ -138,10 +141,13 @@ impl Inner {
                 });
             }
             let io = live.io.clone();
+            drop(st);
+            let io2 = io.clone();
             let outcome =
-                tokio::task::spawn_blocking(move || io.change_chain(&change, QUIESCE_TIMEOUT))
+                tokio::task::spawn_blocking(move || io2.change_chain(&change, QUIESCE_TIMEOUT))
                     .await??;
-            let io = live.io.clone();
+            let mut st = self.state.lock().await;
+            let v = st.volume_mut(volume)?;
             v.record.sync_from(&io);
             self.store.save(&v.record)?;
             return Ok(outcome);
@@ -158,14 +164,23 @@ impl Inner {
         // (or an adopt) finds the changed ones newer than the rest, never
         // two different chains at one revision.
         let next = v.record.revision + 1;
+        let owner = self.ownership(&v.record);
         let me = self.clone();
         let vname = volume.to_string();
+        drop(st);
         let results = tokio::task::spawn_blocking(move || {
             let opened: Vec<_> = targets
                 .into_iter()
                 .map(|(name, addr)| {
                     let io = me
-                        .open_replica(&vname, &name, &addr, Claim::Takeover)
+                        .open_replica(
+                            &vname,
+                            &name,
+                            &addr,
+                            Claim::Takeover {
+                                owner: owner.clone(),
+                            },
+                        )
                         .map_err(|e| e.to_string());
                     (name, io)
                 })
@@ -192,6 +207,8 @@ impl Inner {
         })
         .await?;
         let (results, next) = results;
+        let mut st = self.state.lock().await;
+        let v = st.volume_mut(volume)?;
         if results.iter().any(|(_, r)| r.is_ok()) {
             v.record.revision = next;
         }
@@ -381,7 +398,11 @@ impl VolumeManager {
         Ok(o.names)
     }
 
-    async fn check_snapshot(&self, volume: &str, name: &str) -> Result<(), ControlError> {
+    pub(super) async fn check_snapshot(
+        &self,
+        volume: &str,
+        name: &str,
+    ) -> Result<(), ControlError> {
         let list = self.snapshot_list(volume).await?;
         if !list.iter().any(|s| !s.is_head && s.name == name) {
             return Err(ControlError::UnknownSnapshot {

@@ -59,6 +59,16 @@ pub struct VolumeRecord {
     /// The snapshot the last backup was taken from.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub last_backup_snapshot: String,
+    /// The owner term: 1 at creation, one more at every handover or forced
+    /// takeover (see `replica::fence::OwnerTerm`). 0 in records from before
+    /// volumes could move.
+    #[serde(default)]
+    pub owner_term: u64,
+    /// The node that handed this volume over to `node` and has not yet
+    /// heard that `node` holds it (see `control::handover`). A record in
+    /// this state is not this node's any more: not attached, not reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed_to: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,6 +342,8 @@ mod tests {
             recurring_jobs: String::new(),
             last_backup: String::new(),
             last_backup_snapshot: String::new(),
+            owner_term: 0,
+            handed_to: None,
         }
     }
 

@@ -29,7 +29,7 @@ use super::replica_io::SetRevisionError;
 use super::{EngineError, ReplicaIo, MAX_REPLICAS};
 use crate::replica::extent::HeadBitmap;
 use crate::replica::BLOCK_SIZE;
-use crate::replica::{ChainChange, ChainOutcome, Claim, Session};
+use crate::replica::{ChainChange, ChainOutcome, Claim, OwnerTerm, Session};
 
 /// A replica handed to the engine at attach. `io: None` is a replica the
 /// volume has but cannot reach now (failed, or its node is down): it holds
@@ -163,6 +163,9 @@ pub struct VolumeIo {
     pausing: std::sync::atomic::AtomicBool,
     /// Another engine claimed a replica of this volume: no more I/O.
     fenced: AtomicBool,
+    /// The volume's ownership this engine claims replicas with (set once by
+    /// the control plane before the epoch; default: term 0, no check).
+    owner: OnceLock<OwnerTerm>,
     /// Ourselves, for the fence hooks of local sessions.
     me: OnceLock<Weak<VolumeIo>>,
     /// Where replica-set changes are persisted (the control plane's epoch
@@ -319,6 +322,7 @@ impl VolumeIo {
             pause: AtomicU64::new(0),
             pausing: std::sync::atomic::AtomicBool::new(false),
             fenced: AtomicBool::new(false),
+            owner: OnceLock::new(),
             me: OnceLock::new(),
             epoch_log: OnceLock::new(),
             intent: OnceLock::new(),
@@ -530,13 +534,31 @@ impl VolumeIo {
     /// a replica it never claimed (attach, adopt, a new replica).
     pub fn claim_for(&self, idx: usize, name: &str) -> Claim {
         let Some(slot) = self.slots.get(idx) else {
-            return Claim::Takeover;
+            return self.takeover();
         };
         let held = slot.generation.load(Ordering::SeqCst);
         if held != 0 && *slot.name.lock().unwrap_or_else(|p| p.into_inner()) == name {
             Claim::Renew { expect: held }
         } else {
-            Claim::Takeover
+            self.takeover()
+        }
+    }
+
+    /// Sets the ownership this engine claims replicas with (see
+    /// [`OwnerTerm`]); once, before the epoch begins.
+    pub fn set_owner(&self, owner: OwnerTerm) {
+        let _ = self.owner.set(owner);
+    }
+
+    /// The owner term this engine claims with (0 when never set).
+    pub fn owner_term(&self) -> u64 {
+        self.owner.get().map_or(0, |o| o.term)
+    }
+
+    /// The claim that takes a replica over for this engine's owner.
+    pub fn takeover(&self) -> Claim {
+        Claim::Takeover {
+            owner: self.owner.get().cloned().unwrap_or_default(),
         }
     }
 
@@ -995,7 +1017,7 @@ impl VolumeIo {
                 continue;
             }
             if let Some(io) = self.slots[i].io.load_full() {
-                if let Err(e) = self.claim_slot(i, &io, Claim::Takeover) {
+                if let Err(e) = self.claim_slot(i, &io, self.takeover()) {
                     healthy &= !(1 << i);
                     unclaimed.push((i, format!("cannot claim an owner session: {e}")));
                 }

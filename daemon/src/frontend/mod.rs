@@ -3,4 +3,7 @@
 
 mod ublk;
 
-pub use ublk::{ublk_available, FrontendError, FrontendOptions, UblkDevice};
+pub use ublk::{
+    kernel_release, remove_leftover_device, ublk_available, ublk_driver_features, FrontendError,
+    FrontendOptions, KernelFeatures, UblkDevice,
+};

@@ -50,6 +50,9 @@ pub enum FrontendError {
     Thread { volume: String, reason: String },
     #[error("bad frontend options: {0}")]
     Options(String),
+    /// The kernel's ublk driver cannot resize a live device.
+    #[error("online resize needs Linux 6.16 or newer (this kernel: {release})")]
+    NoOnlineResize { release: String },
 }
 
 /// Queue layout of a ublk device.
@@ -99,6 +102,60 @@ pub fn ublk_available() -> Result<(), FrontendError> {
     } else {
         Err(FrontendError::DriverMissing)
     }
+}
+
+/// What the running kernel offers the ublk frontend, read at run time (the
+/// same binary runs on 6.12, which lacks `UBLK_F_UPDATE_SIZE`, and on 7.x).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelFeatures {
+    /// `uname -r`, e.g. `6.12.57+deb12-amd64`.
+    pub release: String,
+    /// The ublk driver's `UBLK_F_*` bits from `UBLK_U_CMD_GET_FEATURES`;
+    /// `None` without the driver or on a kernel older than 6.5 (no command).
+    pub ublk: Option<u64>,
+}
+
+impl KernelFeatures {
+    /// Asks the kernel (uname, then the ublk driver). Blocks briefly: it opens
+    /// `/dev/ublk-control` and sends one control command.
+    pub fn detect() -> KernelFeatures {
+        KernelFeatures {
+            release: kernel_release(),
+            ublk: ublk_driver_features(),
+        }
+    }
+
+    /// The driver resizes a live device (`UBLK_U_CMD_UPDATE_SIZE`, Linux 6.16+).
+    pub fn online_resize(&self) -> bool {
+        self.has(sys::UBLK_F_UPDATE_SIZE as u64)
+    }
+
+    /// Parked I/O of a dead server is reissued on recovery (Linux 6.0+).
+    pub fn user_recovery_reissue(&self) -> bool {
+        self.has(sys::UBLK_F_USER_RECOVERY_REISSUE as u64)
+    }
+
+    fn has(&self, bit: u64) -> bool {
+        self.ublk.is_some_and(|f| f & bit == bit)
+    }
+}
+
+/// The ublk driver's feature bits (`UBLK_F_*`), or `None` when the driver is
+/// not loaded or does not answer `UBLK_U_CMD_GET_FEATURES` (before 6.5).
+pub fn ublk_driver_features() -> Option<u64> {
+    ublk_available().ok()?;
+    UblkCtrl::get_features()
+}
+
+/// The running kernel's release (`uname -r`), or `unknown`.
+pub fn kernel_release() -> String {
+    // SAFETY: uname fills the zeroed struct; `release` is NUL-terminated.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return "unknown".to_string();
+    }
+    let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
+    release.to_string_lossy().into_owned()
 }
 
 /// A running ublk device serving one volume.
@@ -175,6 +232,31 @@ impl UblkDevice {
         PathBuf::from(format!("/dev/ublkb{}", self.dev_id))
     }
 
+    /// Changes the live device's capacity to `bytes` (a multiple of 4 KiB)
+    /// with `UBLK_U_CMD_UPDATE_SIZE`: the kernel sees the new size at once,
+    /// so a mounted filesystem can grow into it. Refused, changing nothing,
+    /// when the driver lacks `UBLK_F_UPDATE_SIZE` (before Linux 6.16). The
+    /// caller must have made the volume serve the new range first: this only
+    /// tells the kernel.
+    pub fn update_size(&self, bytes: u64) -> Result<(), FrontendError> {
+        let kernel = KernelFeatures::detect();
+        if !kernel.online_resize() {
+            return Err(FrontendError::NoOnlineResize {
+                release: kernel.release,
+            });
+        }
+        let ublk = |op, source| FrontendError::Ublk {
+            volume: self.volume.clone(),
+            op,
+            source,
+        };
+        let ctrl = UblkCtrl::new_simple(self.dev_id as i32).map_err(|e| ublk("open control", e))?;
+        ctrl.update_size(bytes)
+            .map_err(|e| ublk("update size", e))?;
+        tracing::info!(volume = %self.volume, dev_id = self.dev_id, bytes, "ublk device resized");
+        Ok(())
+    }
+
     /// Stops and deletes the device; returns when its threads are gone.
     pub fn stop(mut self) -> Result<(), FrontendError> {
         self.shutdown()
@@ -231,6 +313,12 @@ fn recoverable(id: u32) -> bool {
         }
         Err(_) => false,
     }
+}
+
+/// Deletes device `id` if it still exists: a crashed run's device, parked
+/// for a recovery that will not come (its volume was taken over elsewhere).
+pub fn remove_leftover_device(volume: &str, id: u32) {
+    remove_stale(volume, id);
 }
 
 /// Deletes device `id` if it still exists (a previous run's device that cannot
@@ -460,3 +548,37 @@ fn serve_queue(qid: u16, dev: &UblkDev, volume: Arc<VolumeIo>) {
 /// Op code (in the SQE user_data) of the completion-port eventfd read; data
 /// legs use op 0.
 const PORT_OP: u32 = 0x7f;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_features_bits() {
+        let k = |ublk| KernelFeatures {
+            release: "6.12.0".into(),
+            ublk,
+        };
+        assert!(!k(None).online_resize());
+        // 6.12: recovery + reissue + user copy, no UPDATE_SIZE.
+        let f612 = (sys::UBLK_F_USER_RECOVERY
+            | sys::UBLK_F_USER_RECOVERY_REISSUE
+            | sys::UBLK_F_USER_COPY) as u64;
+        assert!(!k(Some(f612)).online_resize());
+        assert!(k(Some(f612)).user_recovery_reissue());
+        assert!(k(Some(f612 | sys::UBLK_F_UPDATE_SIZE as u64)).online_resize());
+        assert_eq!(sys::UBLK_F_UPDATE_SIZE, 1 << 10);
+    }
+
+    #[test]
+    fn kernel_release_is_uname() {
+        let r = kernel_release();
+        assert!(!r.is_empty() && r != "unknown");
+        assert_eq!(
+            r,
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .expect("/proc/sys/kernel/osrelease")
+                .trim()
+        );
+    }
+}

@@ -27,12 +27,56 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
+/// Which node owns a volume, and since which move. Every replica persists
+/// the ownership of the last claim that took it over; a takeover claim is
+/// accepted only from the same node at the same term or from a later term
+/// (see [`OwnerTerm::may_take_over`]). A volume's term goes up by one at
+/// every handover and forced takeover, so an old owner that comes back
+/// (restarted, or healed from a partition) cannot take back a replica the
+/// new owner holds: the term it claims with is behind the replica's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub struct OwnerTerm {
+    /// 0 for replicas and engines from before ownership moved (no check).
+    pub term: u64,
+    /// The owner node's name; empty when unknown (term 0).
+    pub node: String,
+}
+
+impl OwnerTerm {
+    pub fn new(term: u64, node: &str) -> OwnerTerm {
+        OwnerTerm {
+            term,
+            node: node.to_string(),
+        }
+    }
+
+    /// Whether a takeover claim by `self` may replace the ownership
+    /// `stored` a replica persisted: a later term, or the same term from
+    /// the same node (or from nobody known).
+    pub fn may_take_over(&self, stored: &OwnerTerm) -> bool {
+        self.term > stored.term
+            || (self.term == stored.term && (stored.node.is_empty() || stored.node == self.node))
+    }
+}
+
+impl std::fmt::Display for OwnerTerm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.node.is_empty() {
+            write!(f, "term {}", self.term)
+        } else {
+            write!(f, "node {} at term {}", self.node, self.term)
+        }
+    }
+}
+
 /// How a caller wants to become (or join) a replica's owner session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+#[derive(Debug, Clone, PartialEq, Eq, bincode::Encode, bincode::Decode)]
 pub enum Claim {
     /// A new owner takes the replica over whatever session held it (attach,
-    /// adopt, a forced takeover): the stored generation + 1.
-    Takeover,
+    /// adopt, a forced takeover): the stored generation + 1. Refused when
+    /// the replica was taken over at a later term (or by another node at
+    /// the same term): that owner holds it now.
+    Takeover { owner: OwnerTerm },
     /// The owner that holds generation `expect` starts a new session (a
     /// rebuild or reconnect after the replica left the set). Refused when
     /// the stored generation is not `expect`: someone else took it over.
@@ -53,6 +97,12 @@ pub enum FenceError {
         replica: String,
         asked: u64,
         current: u64,
+    },
+    #[error("replica {replica}: taken over by {stored} (this claim: {asked}); the volume moved to another node, so this node must not use it")]
+    TakenOver {
+        replica: String,
+        asked: OwnerTerm,
+        stored: OwnerTerm,
     },
     #[error("replica {replica}: the previous owner session still has requests in flight after {waited:?}; try again")]
     Draining { replica: String, waited: Duration },
@@ -232,6 +282,26 @@ impl Sessions {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_later_term_or_the_same_owner_takes_over() {
+        let n1 = OwnerTerm::new(2, "n1");
+        assert!(
+            n1.may_take_over(&OwnerTerm::default()),
+            "an unowned replica"
+        );
+        assert!(
+            n1.may_take_over(&OwnerTerm::new(2, "n1")),
+            "its own owner again"
+        );
+        assert!(n1.may_take_over(&OwnerTerm::new(1, "n2")), "an older term");
+        assert!(
+            !n1.may_take_over(&OwnerTerm::new(2, "n2")),
+            "another node, same term"
+        );
+        assert!(!n1.may_take_over(&OwnerTerm::new(3, "n2")), "a later term");
+        assert!(!OwnerTerm::default().may_take_over(&OwnerTerm::new(1, "n1")));
+    }
 
     #[test]
     fn fenced_session_admits_nothing_and_runs_its_hook_once() {

@@ -54,6 +54,13 @@ pub struct VolumeMeta {
     /// Absent in replicas written before fencing existed: 0.
     #[serde(default)]
     pub owner_generation: u64,
+    /// The ownership (volume owner node and term) of the last takeover
+    /// claim (see `replica::fence::OwnerTerm`). Absent before volumes
+    /// could move: 0 and "".
+    #[serde(default)]
+    pub owner_term: u64,
+    #[serde(default)]
+    pub owner_node: String,
 }
 
 /// Contents of a layer's `<file>.meta`.
@@ -236,6 +243,8 @@ mod tests {
             head: "volume-head-000.img".into(),
             revision: 7,
             owner_generation: 3,
+            owner_term: 2,
+            owner_node: "n1".into(),
         }
     }
 

@@ -21,7 +21,7 @@ pub mod meta;
 mod view;
 
 pub use chain_ops::{ChainChange, ChainOutcome, Removal};
-pub use fence::{Claim, FenceError, Session};
+pub use fence::{Claim, FenceError, OwnerTerm, Session};
 pub(crate) use view::merge_bytes;
 pub use view::SnapshotView;
 
@@ -301,6 +301,8 @@ impl Replica {
             head,
             revision: 0,
             owner_generation: 0,
+            owner_term: 0,
+            owner_node: String::new(),
         };
         write_volume_meta(dir, &vm)?; // Commit point.
         Self::open(dir)
@@ -428,6 +430,12 @@ impl Replica {
         self.lock_meta().owner_generation
     }
 
+    /// The ownership of the last takeover claim stored in `volume.meta`.
+    pub fn owner_term(&self) -> OwnerTerm {
+        let m = self.lock_meta();
+        OwnerTerm::new(m.owner_term, &m.owner_node)
+    }
+
     /// Starts or joins an owner session (see [`fence`]). A new session
     /// (`Takeover`, `Renew`) fences every older one, waits for what they
     /// admitted to finish, and persists the new generation before it is
@@ -435,6 +443,7 @@ impl Replica {
     pub fn claim(&self, claim: Claim) -> Result<Arc<Session>, ReplicaError> {
         let mut live = self.sessions.lock();
         let stored = self.owner_generation();
+        let owned_by = self.owner_term();
         let fenced = |asked| FenceError::Fenced {
             replica: self.replica.clone(),
             asked,
@@ -447,7 +456,15 @@ impl Replica {
             Claim::Join { generation } => return Err(fenced(generation).into()),
             Claim::Observe => return Ok(fence::Session::observer(stored)),
             Claim::Renew { expect } if expect != stored => return Err(fenced(expect).into()),
-            Claim::Renew { .. } | Claim::Takeover => stored + 1,
+            Claim::Takeover { ref owner } if !owner.may_take_over(&owned_by) => {
+                return Err(FenceError::TakenOver {
+                    replica: self.replica.clone(),
+                    asked: owner.clone(),
+                    stored: owned_by,
+                }
+                .into());
+            }
+            Claim::Renew { .. } | Claim::Takeover { .. } => stored + 1,
         };
         fail::fail_point!("replica::claim::before_fence");
         fence::Sessions::fence_older(&mut live, generation, &self.replica)?;
@@ -455,6 +472,10 @@ impl Replica {
             let mut m = self.lock_meta();
             let mut next = m.clone();
             next.owner_generation = generation;
+            if let Claim::Takeover { owner } = &claim {
+                next.owner_term = owner.term;
+                next.owner_node = owner.node.clone();
+            }
             write_volume_meta(&self.dir, &next)?;
             *m = next;
         }

@@ -536,3 +536,44 @@ fn expand_grows_every_layer_keeps_data_and_survives_an_interrupted_commit() {
     Replica::expand(&dir, 12 * MIB).unwrap();
     assert_eq!(Replica::open(&dir).unwrap().size(), 12 * MIB);
 }
+
+#[test]
+fn a_takeover_at_an_older_term_is_refused_and_changes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("r");
+    let r = Replica::create(&dir, &spec(MIB)).unwrap();
+    let n1 = |term| Claim::Takeover {
+        owner: OwnerTerm::new(term, "n1"),
+    };
+    let first = r.claim(n1(1)).unwrap();
+    // The volume moves to n2 at term 2: n1's session is fenced.
+    let n2 = r
+        .claim(Claim::Takeover {
+            owner: OwnerTerm::new(2, "n2"),
+        })
+        .unwrap();
+    assert!(first.is_fenced());
+    let before = std::fs::read(dir.join("volume.meta")).unwrap();
+    // n1 comes back with the term it had: refused, n2's session lives on,
+    // and the stored ownership is n2's (also after a reopen).
+    let e = r.claim(n1(1)).unwrap_err().to_string();
+    assert!(e.contains("taken over by node n2 at term 2"), "{e}");
+    assert!(!n2.is_fenced());
+    assert_eq!(std::fs::read(dir.join("volume.meta")).unwrap(), before);
+    drop(r);
+    let r = Replica::open(&dir).unwrap();
+    assert_eq!(r.owner_term(), OwnerTerm::new(2, "n2"));
+    // The same term from another node is refused too; n2 itself may claim
+    // again (its own restart), and a later term from anyone may.
+    assert!(r
+        .claim(Claim::Takeover {
+            owner: OwnerTerm::new(2, "n3")
+        })
+        .is_err());
+    r.claim(Claim::Takeover {
+        owner: OwnerTerm::new(2, "n2"),
+    })
+    .unwrap();
+    r.claim(n1(3)).unwrap();
+    assert_eq!(r.owner_term(), OwnerTerm::new(3, "n1"));
+}

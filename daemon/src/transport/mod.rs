@@ -39,6 +39,6 @@ pub use client::{PeerConn, PeerError};
 pub use server::{PeerControl, ReplicaServer, ServerStats};
 pub use wire::{
     decode_frame, encode_frame, encode_frame_head, Decoded, DiskReport, FrameReader, Header,
-    NodeReport, Op, ReplicaReport, WireError, FENCED_ERRNO, MAGIC, MAX_HEADER, MAX_PAYLOAD,
-    PREFIX_LEN,
+    NodeReport, Op, ReplicaPlace, ReplicaReport, VolumePlacement, WireError, FENCED_ERRNO, MAGIC,
+    MAX_HEADER, MAX_PAYLOAD, PREFIX_LEN,
 };

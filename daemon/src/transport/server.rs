@@ -51,6 +51,10 @@ pub struct ServerStats {
 pub trait PeerControl: Send + Sync {
     /// Names of the volumes this node owns.
     fn volumes(&self) -> Vec<String>;
+    /// Where those volumes' replicas are.
+    fn placements(&self) -> Vec<super::wire::VolumePlacement> {
+        Vec::new()
+    }
     /// Runs API method `method` (`cairn.v1.Cairn`'s RPC name) on the
     /// protobuf-encoded `request`: the gRPC code (0 = OK), the error
     /// message, and the encoded response.
@@ -456,6 +460,7 @@ fn handle(
             let mut report = disks.report();
             if let Some(c) = conn.control {
                 report.volumes = c.volumes();
+                report.placements = c.placements();
             }
             (Op::Node { report }, false)
         }
@@ -490,13 +495,13 @@ fn handle(
                 if let Some((_, old)) = conn.bound.take() {
                     old.release();
                 }
+                let observer = matches!(claim, crate::replica::Claim::Observe);
                 let session = match r.claim(claim) {
                     Ok(s) => s,
                     Err(e) => return (replica_err(e), false),
                 };
                 // Fenced by a newer claim: close this connection at once,
                 // so nothing it still has buffered or in the network is read.
-                let observer = matches!(claim, crate::replica::Claim::Observe);
                 if let (false, Ok(sock)) = (observer, conn.stream.try_clone()) {
                     session.set_on_fence(Box::new(move || {
                         let _ = sock.shutdown(std::net::Shutdown::Both);

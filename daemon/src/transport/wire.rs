@@ -270,6 +270,26 @@ pub struct NodeReport {
     pub disks: Vec<DiskReport>,
     /// The volumes this node owns (their records are here).
     pub volumes: Vec<String>,
+    /// Where the replicas of each of those volumes are, and the volume's
+    /// owner term: what a peer needs to take a volume over if this node
+    /// dies (its replicas here are then known, and rebuilt when it is back).
+    pub placements: Vec<VolumePlacement>,
+}
+
+/// One owned volume's replicas, as its owner last described them.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct VolumePlacement {
+    pub volume: String,
+    pub owner_term: u64,
+    pub size: u64,
+    pub replicas: Vec<ReplicaPlace>,
+}
+
+/// A replica's name and the node that holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub struct ReplicaPlace {
+    pub replica: String,
+    pub node: String,
 }
 
 /// One disk of a node: filesystem size and free space, and the bytes of
@@ -294,6 +314,8 @@ pub struct ReplicaReport {
     pub dir: String,
     /// Why the replica cannot be opened; empty when it can.
     pub error: String,
+    /// The owner term of the last takeover claim (`replica::OwnerTerm`).
+    pub owner_term: u64,
 }
 
 /// Result of [`decode_frame`].
@@ -663,6 +685,15 @@ mod tests {
                         replicas: 1,
                     }],
                     volumes: vec!["db".into()],
+                    placements: vec![VolumePlacement {
+                        volume: "db".into(),
+                        owner_term: 3,
+                        size: 4096,
+                        replicas: vec![ReplicaPlace {
+                            replica: "db-r-1".into(),
+                            node: "n2".into(),
+                        }],
+                    }],
                 },
             },
             Op::Forward {
@@ -704,6 +735,7 @@ mod tests {
                     disk: "/d".into(),
                     dir: "/d/replicas/v-r-1".into(),
                     error: String::new(),
+                    owner_term: 2,
                 }],
             },
             Op::ListAllocated,
@@ -1171,6 +1203,7 @@ mod tests {
                             })
                             .collect(),
                         volumes: Vec::new(),
+                        placements: Vec::new(),
                     },
                 }),
             (".{0,20}", ".{0,20}", any::<u64>(), any::<u32>()).prop_map(

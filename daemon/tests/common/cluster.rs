@@ -111,7 +111,9 @@ impl Node {
         ReplicaIo::Remote(Arc::new(
             RemoteReplica::connect(
                 self.target(replica, Duration::from_secs(2)),
-                Claim::Takeover,
+                Claim::Takeover {
+                    owner: Default::default(),
+                },
             )
             .expect("connect"),
         ))
@@ -225,7 +227,13 @@ impl FreezingProxy {
         let mut t = node.target(replica, timeout);
         t.addr = self.addr.clone();
         ReplicaIo::Remote(Arc::new(
-            RemoteReplica::connect(t, Claim::Takeover).expect("connect through the proxy"),
+            RemoteReplica::connect(
+                t,
+                Claim::Takeover {
+                    owner: Default::default(),
+                },
+            )
+            .expect("connect through the proxy"),
         ))
     }
 }
