@@ -287,14 +287,13 @@ fn record_json(root: &Path, node: &str, name: &str) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(record_file(root, node, name)).unwrap()).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_volume_handed_over_moves_its_record_and_term_and_the_replicas_follow_the_new_owner() {
+/// Two nodes up, and n0 owning "db" with a replica on each.
+async fn two_nodes_with_db() -> (tempfile::TempDir, [u16; 2], Vec<String>, Node, Node) {
     let tmp = tempfile::tempdir().unwrap();
     let ports = [free_port(), free_port()];
     let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let n0 = Node::start(tmp.path(), "n0", ports[0], &peers).await;
     let n1 = Node::start(tmp.path(), "n1", ports[1], &peers).await;
-    let mut c1 = n1.client().await;
     wait_until("both nodes up", async || {
         n0.manager.nodes().await.iter().filter(|n| n.up).count() == 2
             && n1.manager.nodes().await.iter().filter(|n| n.up).count() == 2
@@ -303,6 +302,13 @@ async fn a_volume_handed_over_moves_its_record_and_term_and_the_replicas_follow_
     let mut two = create("db");
     two.replicas = 2;
     n0.client().await.create_volume(two).await.unwrap();
+    (tmp, ports, peers, n0, n1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_handed_over_moves_its_record_and_term_and_the_replicas_follow_the_new_owner() {
+    let (tmp, _, _, n0, n1) = two_nodes_with_db().await;
+    let mut c1 = n1.client().await;
     assert_eq!(record_json(tmp.path(), "n0", "db")["owner_term"], 1);
 
     n1.manager.acquire("db", false).await.unwrap();
@@ -359,20 +365,8 @@ async fn a_volume_handed_over_moves_its_record_and_term_and_the_replicas_follow_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_takeover_fails_the_old_owners_replica_and_the_old_owner_drops_its_record() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ports = [free_port(), free_port()];
-    let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let n0 = Node::start(tmp.path(), "n0", ports[0], &peers).await;
-    let n1 = Node::start(tmp.path(), "n1", ports[1], &peers).await;
+    let (tmp, ports, peers, n0, n1) = two_nodes_with_db().await;
     let mut c1 = n1.client().await;
-    wait_until("both nodes up", async || {
-        n0.manager.nodes().await.iter().filter(|n| n.up).count() == 2
-            && n1.manager.nodes().await.iter().filter(|n| n.up).count() == 2
-    })
-    .await;
-    let mut two = create("db");
-    two.replicas = 2;
-    n0.client().await.create_volume(two).await.unwrap();
     wait_until("n1 knows where db's replicas are", async || {
         n1.manager.owner("db").await != cairn::control::forward::Owner::Unknown
     })

@@ -6,7 +6,6 @@
 # make nothing. Prints the copy's throughput beside a plain dd of the same
 # bytes between two devices in the same run.
 source "$(dirname "$0")/lib.sh"
-trap cleanup EXIT
 start_cairnd
 
 now() { date +%s.%N; }
@@ -15,8 +14,8 @@ dev_sum() { sha256sum <"$1" | cut -d' ' -f1; }
 
 ctl volume create src --size 64MiB --replicas 2 >/dev/null
 SRC=$(ctl volume attach src)
-head -c 48M /dev/urandom >"$WORK/data"
-dd if="$WORK/data" of="$SRC" bs=1M oflag=direct status=none
+head -c 48M /dev/urandom >"$WORK/src.bytes"
+dd if="$WORK/src.bytes" of="$SRC" bs=1M oflag=direct status=none
 ctl snapshot create src --name s1 >/dev/null
 S1=$(dev_sum "$SRC")
 

@@ -78,6 +78,11 @@ wait_for() { # wait_for SECONDS DESCRIPTION 'SHELL CONDITION' (single-quoted: ev
 }
 
 cleanup() {
+    # A case that failed may leave fio or a writer running on a device.
+    local j
+    for j in $(jobs -p); do
+        [[ "$j" == "$CAIRND_PID" ]] || kill "$j" 2>/dev/null || true
+    done
     if [[ -n "$CAIRND_PID" ]]; then
         kill -TERM "$CAIRND_PID" 2>/dev/null || true
         wait "$CAIRND_PID" 2>/dev/null || true

@@ -96,6 +96,11 @@ mount -t devtmpfs dev $r/dev
 mkdir -p $r/dev/pts $r/dev/shm
 mount -t devpts -o gid=5,mode=620 devpts $r/dev/pts
 mount -t tmpfs -o mode=1777 shm $r/dev/shm
+# What udev or systemd would make: bash's <(...) needs /dev/fd.
+ln -s /proc/self/fd $r/dev/fd
+ln -s /proc/self/fd/0 $r/dev/stdin
+ln -s /proc/self/fd/1 $r/dev/stdout
+ln -s /proc/self/fd/2 $r/dev/stderr
 mount -t tmpfs -o mode=1777 tmp $r/tmp
 mount -t tmpfs -o mode=0755 run $r/run
 mount -t tmpfs -o mode=0755 var $r/var

@@ -127,8 +127,13 @@ enum VolumeCmd {
         /// Volume name: a DNS-1123 label (lower-case letters, digits, '-').
         name: String,
         /// Size, e.g. 10GiB or 512MiB; a multiple of 4KiB. With
-        /// --from-backup it defaults to the backup's size.
-        #[arg(long, value_parser = parse_size, required_unless_present = "from_backup")]
+        /// --from-backup, --from-snapshot or --from-volume it defaults to
+        /// the source's size.
+        #[arg(
+            long,
+            value_parser = parse_size,
+            required_unless_present_any = ["from_backup", "from_snapshot", "from_volume"]
+        )]
         size: Option<u64>,
         /// Replicas: each on a different node in a cluster (hard
         /// anti-affinity), on a different disk on a standalone node.

@@ -552,11 +552,13 @@ impl Cairn for CairnService {
         req: Request<pb::VolumeRef>,
     ) -> Result<Response<pb::Volume>, Status> {
         let name = req.into_inner().name;
-        let v = match self.manager.owner(&name).await {
-            Owner::Peer(p) => return Err(Status::already_exists(format!(
+        let v = match self.manager.owner_now(&name).await {
+            Owner::Peer(p) => {
+                return Err(Status::already_exists(format!(
                 "volume {name:?} already exists (owner {}): `volume attach {name}` moves it here",
                 p.node
-            ))),
+            )))
+            }
             // Its owner is gone: the same as `volume attach --force`
             // without the attach.
             Owner::Away { node, .. } => self.manager.take_over(&name, Some(&node)).await,

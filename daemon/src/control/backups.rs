@@ -928,27 +928,11 @@ impl Inner {
                 .collect();
             (targets, owner)
         };
-        let me = self.clone();
-        let vname = name.to_string();
+        let sink = self.open_sink(name, targets, owner).await?;
         tokio::task::spawn_blocking(move || -> Result<(), ControlError> {
-            for (r, addr) in targets {
-                let io = me
-                    .open_replica(
-                        &vname,
-                        &r,
-                        &addr,
-                        Claim::Takeover {
-                            owner: owner.clone(),
-                        },
-                    )
-                    .map_err(|e| ControlError::Internal(format!("replica {r}: {e}")))?;
-                let mut s = store_for(&io).map_err(|e| ControlError::Internal(e.to_string()))?;
-                s.write_zeroes(0, size)
-                    .map_err(|e| ControlError::Internal(e.to_string()))?;
-                s.flush()
-                    .map_err(|e| ControlError::Internal(e.to_string()))?;
-            }
-            Ok(())
+            sink.write_zeroes(0, size)
+                .and_then(|()| sink.flush())
+                .map_err(|e| ControlError::Internal(format!("zeroing the replicas: {e}")))
         })
         .await?
     }

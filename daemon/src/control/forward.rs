@@ -146,6 +146,22 @@ impl VolumeManager {
         }
     }
 
+    /// [`VolumeManager::owner`] from the peers' answers now, not the last
+    /// poll's: for the calls that change who owns the volume (a peer that
+    /// restarted without its record still shows it in its last report).
+    pub async fn owner_now(&self, name: &str) -> Owner {
+        let cluster = self.inner.cluster.clone();
+        if cluster.enabled() && !self.inner.has_record(name) {
+            let _ = tokio::task::spawn_blocking(move || {
+                for n in cluster.nodes().into_iter().filter(|n| n.up) {
+                    cluster.refresh(&n.addr);
+                }
+            })
+            .await;
+        }
+        self.owner(name).await
+    }
+
     /// Peers that answer now.
     pub fn peers_up(&self) -> Vec<PeerRef> {
         self.inner

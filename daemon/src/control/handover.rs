@@ -65,7 +65,7 @@ impl VolumeManager {
     /// answer or nobody reports it.
     pub async fn attach_here(&self, name: &str, force: bool) -> Result<VolumeInfo, ControlError> {
         crate::name::validate_volume_name(name)?;
-        if !force && self.owner(name).await == Owner::Unknown {
+        if !force && self.owner_now(name).await == Owner::Unknown {
             return Err(ControlError::NotFound {
                 name: name.to_string(),
             });
@@ -82,7 +82,7 @@ impl VolumeManager {
     /// when it does not (or nobody reports the volume). Nothing to do when
     /// the volume is this node's already.
     pub async fn acquire(&self, name: &str, force: bool) -> Result<(), ControlError> {
-        match self.owner(name).await {
+        match self.owner_now(name).await {
             Owner::Local => {
                 let st = self.inner.state.lock().await;
                 st.volume(name).map(|_| ())
@@ -522,7 +522,7 @@ impl Inner {
             let holds = view.as_ref().is_some_and(|n| {
                 n.report
                     .as_ref()
-                    .is_some_and(|r| r.volumes.iter().any(|v| *v == volume))
+                    .is_some_and(|r| r.volumes.contains(&volume))
             });
             if holds {
                 if let Err(e) = self.forget_handed(&volume, &to) {
