@@ -96,7 +96,9 @@ else
     h_failed=${h_failed:-0}
     [[ $h_rc -ne 0 && $h_failed -eq 0 ]] && h_failed=1
     echo "== guest e2e suite (real ublk in QEMU)"
-    bash scripts/vm/run.sh scripts/e2e/run-all.sh 2>&1 | tee target/e2e.log
+    # The whole suite is one guest boot of about 35 minutes under TCG: more
+    # than the harness's default 1800 s budget for one run.
+    VM_TIMEOUT=${VM_TIMEOUT:-3600} bash scripts/vm/run.sh scripts/e2e/run-all.sh 2>&1 | tee target/e2e.log
     vm_rc=${PIPESTATUS[0]}
     set -e
     vm_passed=$(sed -n 's/^e2e: \([0-9]*\) passed, \([0-9]*\) failed.*/\1/p' target/e2e.log | tail -n1)
