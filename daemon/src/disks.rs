@@ -169,7 +169,6 @@ impl NodeDisks {
         NodeReport {
             node: self.node.clone(),
             disks,
-            volumes: Vec::new(),
             placements: Vec::new(),
         }
     }

@@ -70,7 +70,6 @@ pub fn status(e: ControlError) -> Status {
         E::NotFound { .. } | E::UnknownReplica { .. } => Code::NotFound,
         E::TakenOver { .. } | E::InUse { .. } => Code::FailedPrecondition,
         E::OwnerUnreachable { .. } | E::NodeUnreachable { .. } => Code::Unavailable,
-        E::HandingOver { .. } => Code::Aborted,
         E::BadCloneSource(_) | E::CloneTooSmall { .. } => Code::InvalidArgument,
         E::Unfinished { .. } => Code::FailedPrecondition,
         E::Peer { code, .. } => Code::from_i32(*code),
@@ -283,13 +282,6 @@ impl PeerApi {
 }
 
 impl PeerControl for PeerApi {
-    fn volumes(&self) -> Vec<String> {
-        self.manager
-            .upgrade()
-            .map(|m| m.owned_volumes())
-            .unwrap_or_default()
-    }
-
     fn placements(&self) -> Vec<crate::transport::VolumePlacement> {
         self.manager
             .upgrade()

@@ -45,17 +45,15 @@ impl CloneSource {
                 }))
             }
             (false, true) => {
-                let Some((volume, snapshot)) = from_snapshot.split_once('/') else {
+                let split = from_snapshot
+                    .split_once('/')
+                    .filter(|(_, s)| !s.is_empty() && !s.contains('/'));
+                let Some((volume, snapshot)) = split else {
                     return Err(ControlError::BadCloneSource(format!(
                         "--from-snapshot {from_snapshot:?}: give VOLUME/SNAPSHOT, e.g. db/nightly"
                     )));
                 };
                 crate::name::validate_volume_name(volume)?;
-                if snapshot.is_empty() || snapshot.contains('/') {
-                    return Err(ControlError::BadCloneSource(format!(
-                        "--from-snapshot {from_snapshot:?}: give VOLUME/SNAPSHOT, e.g. db/nightly"
-                    )));
-                }
                 Ok(Some(CloneSource::Snapshot {
                     volume: volume.to_string(),
                     snapshot: snapshot.to_string(),

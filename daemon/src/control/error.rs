@@ -76,8 +76,6 @@ pub enum ControlError {
     Unfinished { name: String, what: String },
     #[error("node {node} unreachable: {reason}; nothing was changed (retry when it is back)")]
     NodeUnreachable { node: String, reason: String },
-    #[error("volume {name:?} is being handed over to {node}; try again in a moment")]
-    HandingOver { name: String, node: String },
     #[error("volume {name:?} already exists: pick another name or delete it first")]
     AlreadyExists { name: String },
     #[error("volume {name:?} holds {current} bytes: expand grows a volume, give a size larger than that (not {size})")]

@@ -55,9 +55,7 @@ pub enum ForwardError {
 }
 
 fn owns(view: &NodeView, name: &str) -> bool {
-    view.report
-        .as_ref()
-        .is_some_and(|r| r.volumes.iter().any(|v| v == name))
+    view.report.as_ref().is_some_and(|r| r.owns(name))
 }
 
 impl VolumeManager {
@@ -186,7 +184,7 @@ impl VolumeManager {
             .filter(|n| !n.up)
             .filter_map(|n| {
                 let r = n.report?;
-                Some((n.name, r.volumes, n.message))
+                Some((n.name, r.volume_names(), n.message))
             })
             .collect()
     }

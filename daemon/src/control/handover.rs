@@ -519,11 +519,9 @@ impl Inner {
                 .nodes()
                 .into_iter()
                 .find(|n| n.report.as_ref().is_some_and(|r| r.node == to));
-            let holds = view.as_ref().is_some_and(|n| {
-                n.report
-                    .as_ref()
-                    .is_some_and(|r| r.volumes.contains(&volume))
-            });
+            let holds = view
+                .as_ref()
+                .is_some_and(|n| n.report.as_ref().is_some_and(|r| r.owns(&volume)));
             if holds {
                 if let Err(e) = self.forget_handed(&volume, &to) {
                     tracing::error!(volume, error = %e, "cannot remove a handed-over record");

@@ -642,26 +642,14 @@ impl VolumeManager {
     /// should stay detached. Detaching a detached volume is not an error.
     pub async fn detach(&self, name: &str) -> Result<VolumeInfo, ControlError> {
         let _op = self.inner.volume_lock(name).await;
-        let (fenced, term) = {
-            let st = self.inner.state.lock().await;
-            let v = st.volume(name)?;
-            (
-                v.live.as_ref().is_some_and(|l| l.io.is_fenced()),
-                v.record.owner_term,
-            )
-        };
+        self.inner.state.lock().await.volume(name)?;
+        // A fenced volume's stale record is dropped by the check loop once
+        // it is detached (`settle_ownership`).
         let result = self.inner.detach_volume(name, false).await;
-        let mut st = self.inner.state.lock().await;
-        let info = st.volume(name)?.info(&self.inner);
-        // A fenced engine lost the volume to a newer owner: once its device
-        // is gone, the record here is stale.
-        if let Some(node) = fenced.then(|| self.inner.newer_owner(name, term)).flatten() {
-            let why = format!("{node} owns it at a later term");
-            self.inner.retire(&mut st, name, &why);
-        }
+        let st = self.inner.state.lock().await;
         self.inner.publish(&st);
         result?;
-        Ok(info)
+        Ok(st.volume(name)?.info(&self.inner))
     }
 
     /// Deletes a volume and its replicas. An attached volume needs `force`,
@@ -769,7 +757,6 @@ impl VolumeManager {
             .unwrap_or_else(|_| crate::transport::NodeReport {
                 node: String::new(),
                 disks: Vec::new(),
-                volumes: Vec::new(),
                 placements: Vec::new(),
             });
         NodeInfo {
@@ -1176,13 +1163,7 @@ impl Inner {
     /// Names of the volumes whose records are here (from the last publish),
     /// but for those another engine fenced: they are another node's now.
     pub(super) fn owned_names(&self) -> Vec<String> {
-        self.view
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|e| !e.io.as_ref().is_some_and(|io| io.is_fenced()))
-            .map(|e| e.name.clone())
-            .collect()
+        self.placements().into_iter().map(|p| p.volume).collect()
     }
 
     /// Whether volume `name` has a record here (fenced or not).

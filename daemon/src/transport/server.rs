@@ -49,12 +49,8 @@ pub struct ServerStats {
 /// ([`ReplicaServer::set_control`]); until then peers see no volumes and
 /// forwarded calls are refused as unavailable.
 pub trait PeerControl: Send + Sync {
-    /// Names of the volumes this node owns.
-    fn volumes(&self) -> Vec<String>;
-    /// Where those volumes' replicas are.
-    fn placements(&self) -> Vec<super::wire::VolumePlacement> {
-        Vec::new()
-    }
+    /// The volumes this node owns, with where their replicas are.
+    fn placements(&self) -> Vec<super::wire::VolumePlacement>;
     /// Runs API method `method` (`cairn.v1.Cairn`'s RPC name) on the
     /// protobuf-encoded `request`: the gRPC code (0 = OK), the error
     /// message, and the encoded response.
@@ -459,7 +455,6 @@ fn handle(
         Op::NodeStatus => {
             let mut report = disks.report();
             if let Some(c) = conn.control {
-                report.volumes = c.volumes();
                 report.placements = c.placements();
             }
             (Op::Node { report }, false)

@@ -268,12 +268,23 @@ pub const FENCED_ERRNO: i32 = libc::ESTALE;
 pub struct NodeReport {
     pub node: String,
     pub disks: Vec<DiskReport>,
-    /// The volumes this node owns (their records are here).
-    pub volumes: Vec<String>,
-    /// Where the replicas of each of those volumes are, and the volume's
-    /// owner term: what a peer needs to take a volume over if this node
-    /// dies (its replicas here are then known, and rebuilt when it is back).
+    /// The volumes this node owns (their records are here): where each
+    /// one's replicas are, and its owner term. What a peer needs to route
+    /// a call to the owner, and to take a volume over if this node dies
+    /// (its replicas here are then known, and rebuilt when it is back).
     pub placements: Vec<VolumePlacement>,
+}
+
+impl NodeReport {
+    /// Whether this node owns volume `name`.
+    pub fn owns(&self, name: &str) -> bool {
+        self.placements.iter().any(|p| p.volume == name)
+    }
+
+    /// The names of the volumes this node owns.
+    pub fn volume_names(&self) -> Vec<String> {
+        self.placements.iter().map(|p| p.volume.clone()).collect()
+    }
 }
 
 /// One owned volume's replicas, as its owner last described them.
@@ -684,7 +695,6 @@ mod tests {
                         allocated: 4,
                         replicas: 1,
                     }],
-                    volumes: vec!["db".into()],
                     placements: vec![VolumePlacement {
                         volume: "db".into(),
                         owner_term: 3,
@@ -1202,7 +1212,6 @@ mod tests {
                                 replicas
                             })
                             .collect(),
-                        volumes: Vec::new(),
                         placements: Vec::new(),
                     },
                 }),
