@@ -994,7 +994,10 @@ mod code_tests {
                 volume: "db".into(),
                 wanted: 3,
                 eligible: 2,
-                soft: false
+                soft: false,
+                size: 1 << 30,
+                no_room: 0,
+                down: 1,
             }),
             Code::ResourceExhausted
         );

@@ -23,12 +23,22 @@ pub enum ControlError {
         wanted: u32,
         disks: usize,
     },
-    #[error("volume {volume:?} wants {wanted} replicas but only {eligible} nodes can take one{}", if *.soft { " (soft anti-affinity: one per fitting disk)" } else { " (hard anti-affinity: one per node)" })]
+    #[error("volume {volume:?} wants {wanted} replicas but only {eligible} nodes can take one{}{}{}",
+        if *.soft { " (soft anti-affinity: one per fitting disk)" } else { " (hard anti-affinity: one per node)" },
+        if *.no_room > 0 { format!("; {no_room} up node(s) have no disk with room for {size} more bytes (see free space in `cairnctl node list`, settings storage-over-provisioning-percentage and storage-minimal-available-percentage)") } else { String::new() },
+        if *.down > 0 { format!("; {down} node(s) are down") } else { String::new() })]
     NotEnoughNodes {
         volume: String,
         wanted: u32,
         eligible: usize,
         soft: bool,
+        /// Bytes each new replica needs.
+        size: u64,
+        /// Nodes without a replica of the volume that are up but have no
+        /// disk passing the scheduling rule.
+        no_room: usize,
+        /// Nodes without a replica of the volume that are down.
+        down: usize,
     },
     #[error(transparent)]
     Setting(#[from] super::settings::SettingError),

@@ -84,12 +84,15 @@ pub fn place_nodes(
         }
     }
     if chosen.len() < count as usize {
-        let eligible = order.iter().filter(|n| !taken.contains(&n.name)).count();
+        let free = || nodes.iter().filter(|n| !taken.contains(&n.name));
         return Err(ControlError::NotEnoughNodes {
             volume: volume.to_string(),
             wanted: count,
-            eligible,
+            eligible: order.iter().filter(|n| !taken.contains(&n.name)).count(),
             soft: rules.soft_anti_affinity,
+            size,
+            no_room: free().filter(|n| n.up && fitting(n) == 0).count(),
+            down: free().filter(|n| !n.up).count(),
         });
     }
     Ok(chosen)
@@ -203,7 +206,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("wants 4 replicas but only 3 nodes can take one"),
+            e.contains("wants 4 replicas but only 3 nodes can take one")
+                && e.ends_with("; 1 node(s) are down"),
             "{e}"
         );
         // A replacement avoids nodes that hold the volume already.
@@ -224,7 +228,15 @@ mod tests {
             place_nodes("v", 1, 10 * G, &nodes, &[], HARD).unwrap(),
             vec!["c"]
         );
-        assert!(place_nodes("v", 2, 10 * G, &nodes, &[], HARD).is_err());
+        let e = place_nodes("v", 2, 10 * G, &nodes, &[], HARD)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("only 1 nodes can take one")
+                && e.contains("2 up node(s) have no disk with room for 10737418240 more bytes")
+                && !e.contains("down"),
+            "{e}"
+        );
         let lax = Rules {
             over_provisioning: 200,
             min_available: 5,

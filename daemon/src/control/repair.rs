@@ -151,8 +151,14 @@ fn repair_volume(
                 None
             }
         };
+        let reachable = rec.addr.is_empty() || inner.cluster.is_up(&rec.node);
         let plan = if rec.message == OPERATOR_FAILED || state.message == OPERATOR_FAILED {
             // The operator took it out: never trust it again.
+            replace(inner, volume, io, records, slot, size)
+        } else if reachable && !io.may_resume(slot, &rec.name) {
+            // Nothing tracks what it missed: it is replaced whatever it
+            // holds. (Opening it first would renew its owner session at
+            // every tick while no node has room for the replacement.)
             replace(inner, volume, io, records, slot, size)
         } else {
             if rec.addr.is_empty() {

@@ -1239,14 +1239,24 @@ impl VolumeIo {
     /// Whether `VolumeIo::start_rebuild` would resume (incremental) for
     /// this replica, as things stand.
     pub fn would_resume(&self, idx: usize, name: &str, io: &ReplicaIo) -> bool {
+        self.may_resume(idx, name) && {
+            let slot = &self.slots[idx];
+            io.revision() == slot.left_at.load(Ordering::SeqCst)
+                && *slot.instance.lock().unwrap_or_else(|p| p.into_inner()) == io.instance()
+        }
+    }
+
+    /// Whether slot `idx` still tracks what replica `name` missed (a dirty
+    /// map), so that replica could come back incrementally. When not, the
+    /// replica is replaced whatever it holds: no need to reconnect to it
+    /// (and renew its owner session) to find that out.
+    pub fn may_resume(&self, idx: usize, name: &str) -> bool {
         let Some(slot) = self.slots.get(idx) else {
             return false;
         };
         *slot.name.lock().unwrap_or_else(|p| p.into_inner()) == name
             && tracking_of(self.masks()) & (1 << idx) != 0
             && slot.dirty.load().is_some()
-            && io.revision() == slot.left_at.load(Ordering::SeqCst)
-            && *slot.instance.lock().unwrap_or_else(|p| p.into_inner()) == io.instance()
     }
 
     /// Puts `io` (replica `name`) into failed slot `idx` and makes it a
