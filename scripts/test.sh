@@ -31,7 +31,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc --release --workspace --no-deps --locked >t
 
 # Thin clients link no storage code: the API crate and cairnctl (and later
 # the CSI driver and the CRD controller) must not depend on these.
-for pkg in cairn-api cairnctl; do
+for pkg in cairn-api cairnctl cairn-csi; do
     if ! tree=$(cargo tree -p "$pkg" -e normal --prefix none --locked 2>&1); then
         echo "cargo tree -p $pkg failed: $tree"
         lint_failed=1

@@ -847,6 +847,7 @@ fn backup(b: BackupInfo) -> pb::Backup {
         snapshot_created: b.snapshot_created,
         created: b.created,
         size: b.size,
+        volume_size: b.volume_size,
         labels: b.labels.into_iter().collect(),
         state: match b.state {
             BackupState::InProgress => pb::BackupState::InProgress,

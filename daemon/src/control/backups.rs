@@ -38,7 +38,11 @@ pub struct BackupInfo {
     pub snapshot_created: String,
     /// Empty while in progress.
     pub created: String,
+    /// Bytes of data in the backup's block map.
     pub size: u64,
+    /// The volume's size in the backup target (`volume.cfg`): the least a
+    /// restore of this backup needs. 0 when the target cannot say.
+    pub volume_size: u64,
     pub labels: BTreeMap<String, String>,
     pub state: BackupState,
     pub progress: Option<RebuildInfo>,
@@ -110,7 +114,8 @@ impl RunningBackup {
             snapshot: self.snapshot.clone(),
             snapshot_created: self.snapshot_created.clone(),
             created: String::new(),
-            size: self.size,
+            size: 0,
+            volume_size: self.size,
             labels: self.labels.clone(),
             state: if self.failed.is_some() {
                 BackupState::Error
@@ -546,7 +551,7 @@ impl VolumeManager {
                 }
             }
             let cfg = store.get_backup(&volume, &name).await?;
-            let mut info = backup_info(&cfg);
+            let mut info = backup_info(&cfg, size);
             info.uploaded_blocks = report.uploaded_blocks;
             info.existing_blocks = report.existing_blocks;
             info.total_blocks = report.total_blocks;
@@ -571,8 +576,9 @@ impl VolumeManager {
         };
         let mut out = Vec::new();
         for v in &volumes {
+            let volume_size = store.get_volume(v).await.map_or(0, |c| c.size);
             for cfg in store.list_backups(v).await? {
-                out.push(self.with_progress(backup_info(&cfg)));
+                out.push(self.with_progress(backup_info(&cfg, volume_size)));
             }
         }
         // Started here but not (or not yet) in the target: running before
@@ -590,7 +596,10 @@ impl VolumeManager {
         let (h, backup) = one_backup(handle)?;
         let store = self.inner.backup_store().await?;
         match store.get_backup(&h.volume, &backup).await {
-            Ok(cfg) => Ok(self.with_progress(backup_info(&cfg))),
+            Ok(cfg) => {
+                let volume_size = store.get_volume(&h.volume).await.map_or(0, |c| c.size);
+                Ok(self.with_progress(backup_info(&cfg, volume_size)))
+            }
             Err(e) => self
                 .inner
                 .running_backups()
@@ -751,7 +760,7 @@ async fn latest_backup(
     Ok(list.pop())
 }
 
-fn backup_info(cfg: &BackupCfg) -> BackupInfo {
+fn backup_info(cfg: &BackupCfg, volume_size: u64) -> BackupInfo {
     BackupInfo {
         name: cfg.name.clone(),
         volume: cfg.volume_name.clone(),
@@ -759,6 +768,7 @@ fn backup_info(cfg: &BackupCfg) -> BackupInfo {
         snapshot_created: cfg.snapshot_created_at.clone(),
         created: cfg.created_time.clone(),
         size: cfg.size,
+        volume_size,
         labels: cfg.labels.clone(),
         state: if cfg.created_time.is_empty() {
             BackupState::InProgress

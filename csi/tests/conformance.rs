@@ -1,0 +1,1079 @@
+//! The CSI conformance suite, host part: the cases of kubernetes-csi's
+//! `csi-sanity` for the Identity and Controller services (and the Node
+//! calls that need no device), ported to Rust. A real `cairnd` child process
+//! (the workspace's built binary) on a temporary socket and disks, the
+//! driver served in process on its own socket, and a tonic client over that
+//! socket — the path the sidecars take.
+//!
+//! Each test names the csi-sanity case(s) it ports in its doc comment.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_csi::pb::controller_client::ControllerClient;
+use cairn_csi::pb::identity_client::IdentityClient;
+use cairn_csi::pb::node_client::NodeClient;
+use cairn_csi::pb::volume_capability::access_mode::Mode;
+use cairn_csi::pb::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use cairn_csi::pb::*;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+const MIB: i64 = 1 << 20;
+
+/// The workspace's `cairnd`, built next to this test by `cargo test
+/// --workspace` (or `cargo build --workspace`); `CAIRND_BIN` overrides.
+fn cairnd_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CAIRND_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/conformance-<hash>
+    let bin = exe.parent().unwrap().parent().unwrap().join("cairnd");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace first (`cargo build --release --workspace`) or set CAIRND_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A cairnd and the driver in front of it; both stop when dropped.
+struct Env {
+    cairnd: Child,
+    cairnd_socket: PathBuf,
+    csi_socket: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.cairnd.kill();
+        let _ = self.cairnd.wait();
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+async fn wait_socket(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(path).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not open {} within 30 s",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Env {
+    async fn start() -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let cairnd_socket = tmp.path().join("cairnd.sock");
+        for d in ["d1", "d2"] {
+            std::fs::create_dir(tmp.path().join(d)).unwrap();
+        }
+        let cairnd = Command::new(cairnd_bin())
+            .arg("--data-dir")
+            .arg(tmp.path().join("data"))
+            .arg("--socket")
+            .arg(&cairnd_socket)
+            .arg("--disk")
+            .arg(tmp.path().join("d1"))
+            .arg("--disk")
+            .arg(tmp.path().join("d2"))
+            .args([
+                "--node-id",
+                "node-a",
+                "--queues",
+                "1",
+                "--log-level",
+                "warn",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        wait_socket(&cairnd_socket, "cairnd").await;
+        // The host's filesystem may sit below the default 25 % free rule.
+        let mut c = cairn_api::connect(&cairnd_socket).await.unwrap();
+        c.set_setting(cairn_api::pb::SetSettingRequest {
+            name: "storage-minimal-available-percentage".into(),
+            value: "0".into(),
+        })
+        .await
+        .unwrap();
+        let csi_socket = tmp.path().join("csi/csi.sock");
+        let config = cairn_csi::DriverConfig {
+            endpoint: csi_socket.clone(),
+            node_id: "node-a".into(),
+            cairnd_socket: cairnd_socket.clone(),
+            mode: cairn_csi::Mode::All,
+            driver_name: cairn_csi::DEFAULT_DRIVER_NAME.into(),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(cairn_csi::serve(config, async {
+            let _ = rx.await;
+        }));
+        wait_socket(&csi_socket, "cairn-csi").await;
+        Env {
+            cairnd,
+            cairnd_socket,
+            csi_socket,
+            stop: Some(tx),
+            _tmp: tmp,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        let path = self.csi_socket.clone();
+        Endpoint::try_from("http://[::]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+            }))
+            .await
+            .unwrap()
+    }
+
+    async fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel().await)
+    }
+
+    async fn cairn(&self) -> cairn_api::pb::cairn_client::CairnClient<Channel> {
+        cairn_api::connect(&self.cairnd_socket).await.unwrap()
+    }
+
+    async fn volume_names(&self) -> Vec<String> {
+        let mut c = self.cairn().await;
+        let mut v: Vec<String> = c
+            .list_volumes(cairn_api::pb::ListVolumesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .volumes
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn mount_cap(fs: &str, mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            mount_flags: vec![],
+            volume_mount_group: String::new(),
+        })),
+    }
+}
+
+fn block_cap() -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    }
+}
+
+fn create_req(name: &str, required: i64) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: required,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap("ext4", Mode::SingleNodeWriter)],
+        parameters: HashMap::from([("numberOfReplicas".into(), "2".into())]),
+        ..Default::default()
+    }
+}
+
+/// Expects `code`, with a message containing `needle`.
+fn expect_err<T: std::fmt::Debug>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+    needle: &str,
+) {
+    match r {
+        Ok(v) => panic!("expected {code:?} ({needle}), got {v:?}"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{}", s.message());
+            assert!(
+                s.message().contains(needle),
+                "{:?} does not mention {needle:?}",
+                s.message()
+            );
+        }
+    }
+}
+
+/// Identity: "GetPluginInfo: should return appropriate values", "Probe:
+/// should return appropriate information", "GetPluginCapabilities: should
+/// return appropriate capabilities"; and Probe failing once cairnd is gone.
+#[tokio::test]
+async fn identity_info_capabilities_and_probe() {
+    let mut env = Env::start().await;
+    let mut id = IdentityClient::new(env.channel().await);
+    let info = id
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "csi.cairn.io");
+    assert_eq!(info.vendor_version, cairn_csi::VERSION);
+    let caps = id
+        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    use plugin_capability::{service::Type as S, Type};
+    let services: Vec<i32> = caps
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(Type::Service(s)) => Some(s.r#type),
+            _ => None,
+        })
+        .collect();
+    assert!(services.contains(&(S::ControllerService as i32)));
+    assert!(services.contains(&(S::VolumeAccessibilityConstraints as i32)));
+    assert!(caps
+        .iter()
+        .any(|c| matches!(c.r#type, Some(Type::VolumeExpansion(_)))));
+    let ready = id.probe(ProbeRequest {}).await.unwrap().into_inner().ready;
+    assert_eq!(ready, Some(true));
+    env.cairnd.kill().unwrap();
+    env.cairnd.wait().unwrap();
+    expect_err(
+        id.probe(ProbeRequest {}).await,
+        Code::FailedPrecondition,
+        "cairnd",
+    );
+}
+
+/// Node: "NodeGetInfo: should return appropriate values", "NodeGetCapabilities:
+/// should return appropriate capabilities" (none offered yet, so csi-sanity
+/// would skip the stage/publish cases, which answer UNIMPLEMENTED).
+#[tokio::test]
+async fn node_info_and_capabilities() {
+    let env = Env::start().await;
+    let mut node = NodeClient::new(env.channel().await);
+    let info = node
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, "node-a");
+    let topo = info.accessible_topology.unwrap().segments;
+    assert_eq!(
+        topo.get("kubernetes.io/hostname").map(String::as_str),
+        Some("node-a")
+    );
+    let caps = node
+        .node_get_capabilities(NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    assert!(caps.is_empty(), "{caps:?}");
+    expect_err(
+        node.node_stage_volume(NodeStageVolumeRequest::default())
+            .await,
+        Code::Unimplemented,
+        "not built yet",
+    );
+}
+
+/// Controller: "ControllerGetCapabilities: should return appropriate
+/// capabilities"; CreateVolume "should fail when no name is provided",
+/// "should fail when no volume capabilities are provided", "should return
+/// appropriate values SingleNodeWriter NoCapacity", "should return
+/// appropriate values SingleNodeWriter WithCapacity 1Gi", "should not fail
+/// when requesting to create a volume with already existing name and same
+/// capacity", "should fail when requesting to create a volume with already
+/// existing name and different capacity", "should not fail when creating
+/// volume with maximum-length name"; DeleteVolume "should fail when no
+/// volume id is provided", "should succeed when an invalid volume id is
+/// used", "should return appropriate values (no optional values added)".
+#[tokio::test]
+async fn create_and_delete_volumes() {
+    let env = Env::start().await;
+    let mut c = env.controller().await;
+    let caps = c
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    assert!(caps.len() >= 10, "{caps:?}");
+
+    expect_err(
+        c.create_volume(create_req("", MIB)).await,
+        Code::InvalidArgument,
+        "name",
+    );
+    let mut no_caps = create_req("v", MIB);
+    no_caps.volume_capabilities.clear();
+    expect_err(
+        c.create_volume(no_caps).await,
+        Code::InvalidArgument,
+        "volume_capabilities",
+    );
+    let mut multi = create_req("v", MIB);
+    multi.volume_capabilities = vec![mount_cap("ext4", Mode::MultiNodeMultiWriter)];
+    expect_err(
+        c.create_volume(multi).await,
+        Code::InvalidArgument,
+        "MULTI_NODE_MULTI_WRITER",
+    );
+    let mut fs = create_req("v", MIB);
+    fs.volume_capabilities = vec![mount_cap("btrfs", Mode::SingleNodeWriter)];
+    expect_err(c.create_volume(fs).await, Code::InvalidArgument, "btrfs");
+    let mut range = create_req("v", 10 * MIB);
+    range.capacity_range.as_mut().unwrap().limit_bytes = 5 * MIB;
+    expect_err(
+        c.create_volume(range).await,
+        Code::OutOfRange,
+        "limit_bytes",
+    );
+    for (k, v) in [
+        ("numberOfReplicas", "x"),
+        ("dataLocality", "best-effort"),
+        ("nope", "1"),
+    ] {
+        let mut bad = create_req("v", MIB);
+        bad.parameters.insert(k.into(), v.into());
+        expect_err(c.create_volume(bad).await, Code::InvalidArgument, k);
+    }
+    let mut jobs = create_req("v", MIB);
+    jobs.parameters.insert(
+        "recurringJobs".into(),
+        r#"[{"name":"s","task":"snapshot","cron":"61 * * * *","retain":1}]"#.into(),
+    );
+    let e = c.create_volume(jobs).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(
+        env.volume_names().await.is_empty(),
+        "a refused create made a volume"
+    );
+
+    // No capacity: the default size.
+    let mut none = create_req("pvc-default", 0);
+    none.capacity_range = None;
+    let v = c
+        .create_volume(none)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.capacity_bytes, 1 << 30);
+    assert_eq!(v.volume_id, "pvc-default");
+    assert!(!v.accessible_topology.is_empty());
+
+    let name = "pvc-3f2a8c1e-1b2c-4d5e-8f90-123456789abc";
+    let v = c
+        .create_volume(create_req(name, 5 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.volume_id, name);
+    assert_eq!(v.capacity_bytes, 6 * MIB, "rounded up to whole 2 MiB");
+    let again = c
+        .create_volume(create_req(name, 5 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        (again.volume_id.as_str(), again.capacity_bytes),
+        (name, 6 * MIB)
+    );
+    expect_err(
+        c.create_volume(create_req(name, 20 * MIB)).await,
+        Code::AlreadyExists,
+        "exists",
+    );
+
+    // Maximum-length name (128), twice, and concurrently: one volume.
+    let long = format!("Long_{}", "n".repeat(123));
+    let (a, b) = tokio::join!(
+        async {
+            env.controller()
+                .await
+                .create_volume(create_req(&long, MIB))
+                .await
+        },
+        async {
+            env.controller()
+                .await
+                .create_volume(create_req(&long, MIB))
+                .await
+        },
+    );
+    let (a, b) = (
+        a.unwrap().into_inner().volume.unwrap(),
+        b.unwrap().into_inner().volume.unwrap(),
+    );
+    assert_eq!(a.volume_id, b.volume_id);
+    assert!(
+        a.volume_id.len() <= 52 && a.volume_id.starts_with("long-nnn"),
+        "{}",
+        a.volume_id
+    );
+    assert_eq!(env.volume_names().await.len(), 3);
+
+    expect_err(
+        c.delete_volume(DeleteVolumeRequest::default()).await,
+        Code::InvalidArgument,
+        "volume_id",
+    );
+    for id in [
+        name,
+        name,
+        "no-such-volume",
+        a.volume_id.as_str(),
+        "pvc-default",
+    ] {
+        c.delete_volume(DeleteVolumeRequest {
+            volume_id: id.into(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap();
+    }
+    assert!(env.volume_names().await.is_empty());
+}
+
+/// ListVolumes "should return appropriate values (no optional values
+/// added)", "pagination should detect volumes added between pages and
+/// accept tokens when the last volume from a page is deleted", "should fail
+/// when an invalid starting_token is passed"; GetCapacity "should return
+/// capacity (no optional values added)"; ValidateVolumeCapabilities "should
+/// fail when no volume id is provided", "should fail when no volume
+/// capabilities are provided", "should return appropriate values (no
+/// optional values added)", "should fail when the requested volume does not
+/// exist"; ControllerGetVolume and its condition.
+#[tokio::test]
+async fn list_capacity_validate_and_get() {
+    let env = Env::start().await;
+    let mut c = env.controller().await;
+    let cap_before = c
+        .get_capacity(GetCapacityRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cap_before.available_capacity > 0);
+    for n in ["pvc-a", "pvc-b", "pvc-c"] {
+        c.create_volume(create_req(n, 64 * MIB)).await.unwrap();
+    }
+    let cap_after = c
+        .get_capacity(GetCapacityRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        cap_before.available_capacity - cap_after.available_capacity,
+        3 * 2 * 64 * MIB,
+        "three 2-replica 64 MiB volumes are promised"
+    );
+
+    let page = |max: i32, token: &str| ListVolumesRequest {
+        max_entries: max,
+        starting_token: token.into(),
+    };
+    let p1 = c.list_volumes(page(2, "")).await.unwrap().into_inner();
+    let ids: Vec<_> = p1
+        .entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect();
+    assert_eq!(ids, ["pvc-a", "pvc-b"]);
+    assert!(!p1.next_token.is_empty());
+    let p2 = c
+        .list_volumes(page(2, &p1.next_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p2.entries.len(), 1);
+    assert!(p2.next_token.is_empty());
+    let status = p2.entries[0].status.as_ref().unwrap();
+    assert!(status.published_node_ids.is_empty());
+    assert!(!status.volume_condition.as_ref().unwrap().abnormal);
+    expect_err(
+        c.list_volumes(page(0, "garbage")).await,
+        Code::Aborted,
+        "starting_token",
+    );
+    expect_err(
+        c.list_volumes(page(-1, "")).await,
+        Code::InvalidArgument,
+        "max_entries",
+    );
+
+    let validate = |id: &str, caps: Vec<VolumeCapability>| ValidateVolumeCapabilitiesRequest {
+        volume_id: id.into(),
+        volume_capabilities: caps,
+        ..Default::default()
+    };
+    expect_err(
+        c.validate_volume_capabilities(validate("", vec![block_cap()]))
+            .await,
+        Code::InvalidArgument,
+        "volume_id",
+    );
+    expect_err(
+        c.validate_volume_capabilities(validate("pvc-a", vec![]))
+            .await,
+        Code::InvalidArgument,
+        "volume_capabilities",
+    );
+    expect_err(
+        c.validate_volume_capabilities(validate("ghost", vec![block_cap()]))
+            .await,
+        Code::NotFound,
+        "ghost",
+    );
+    let ok = c
+        .validate_volume_capabilities(validate(
+            "pvc-a",
+            vec![block_cap(), mount_cap("xfs", Mode::SingleNodeMultiWriter)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.confirmed.is_some(), "{}", ok.message);
+    let no = c
+        .validate_volume_capabilities(validate(
+            "pvc-a",
+            vec![mount_cap("ext4", Mode::MultiNodeReaderOnly)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        no.confirmed.is_none() && no.message.contains("MULTI_NODE_READER_ONLY"),
+        "{}",
+        no.message
+    );
+
+    let got = c
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: "pvc-b".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.volume.unwrap().capacity_bytes, 64 * MIB);
+    let cond = got.status.unwrap().volume_condition.unwrap();
+    assert!(
+        !cond.abnormal && cond.message.contains("detached"),
+        "{cond:?}"
+    );
+    expect_err(
+        c.controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: "ghost".into(),
+        })
+        .await,
+        Code::NotFound,
+        "ghost",
+    );
+}
+
+/// ControllerPublishVolume "should fail when no volume id is provided",
+/// "should fail when no node id is provided", "should fail when no volume
+/// capability is provided", "should fail when publishing to a non-existent
+/// node", "should fail when the volume does not exist";
+/// ControllerUnpublishVolume "should fail when no volume id is provided",
+/// and unpublishing an unknown or detached volume succeeds. (Publishing
+/// itself attaches /dev/ublkbN: the guest suite proves it.)
+#[tokio::test]
+async fn publish_argument_checks() {
+    let env = Env::start().await;
+    let mut c = env.controller().await;
+    c.create_volume(create_req("pvc-p", 8 * MIB)).await.unwrap();
+    let publish =
+        |vol: &str, node: &str, cap: Option<VolumeCapability>| ControllerPublishVolumeRequest {
+            volume_id: vol.into(),
+            node_id: node.into(),
+            volume_capability: cap,
+            ..Default::default()
+        };
+    expect_err(
+        c.controller_publish_volume(publish("", "node-a", Some(block_cap())))
+            .await,
+        Code::InvalidArgument,
+        "volume_id",
+    );
+    expect_err(
+        c.controller_publish_volume(publish("pvc-p", "", Some(block_cap())))
+            .await,
+        Code::InvalidArgument,
+        "node_id",
+    );
+    expect_err(
+        c.controller_publish_volume(publish("pvc-p", "node-a", None))
+            .await,
+        Code::InvalidArgument,
+        "volume_capability",
+    );
+    expect_err(
+        c.controller_publish_volume(publish("pvc-p", "node-zz", Some(block_cap())))
+            .await,
+        Code::NotFound,
+        "node-zz",
+    );
+    expect_err(
+        c.controller_publish_volume(publish("ghost", "node-a", Some(block_cap())))
+            .await,
+        Code::NotFound,
+        "ghost",
+    );
+    expect_err(
+        c.controller_unpublish_volume(ControllerUnpublishVolumeRequest::default())
+            .await,
+        Code::InvalidArgument,
+        "volume_id",
+    );
+    for vol in ["ghost", "pvc-p"] {
+        c.controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+            volume_id: vol.into(),
+            node_id: "node-a".into(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap();
+    }
+}
+
+fn snap_req(source: &str, name: &str, kind: &str) -> CreateSnapshotRequest {
+    CreateSnapshotRequest {
+        source_volume_id: source.into(),
+        name: name.into(),
+        parameters: HashMap::from([("type".into(), kind.into())]),
+        ..Default::default()
+    }
+}
+
+/// CreateSnapshot "should fail when no name is provided", "should fail when
+/// no source volume id is provided", "should succeed when requesting to
+/// create a snapshot with already existing name and same source volume ID",
+/// "should fail when requesting to create a snapshot with already existing
+/// name and different source volume ID", "should succeed when creating
+/// snapshot with maximum-length name"; ListSnapshots "should return
+/// appropriate values (no optional values added)", "should return snapshots
+/// that match the specified snapshot id", "should return empty when the
+/// specified snapshot id does not exist", "should return snapshots that
+/// match the specified source volume id", "should return empty when the
+/// specified source volume id does not exist", "should return next token
+/// when a limited number of entries are requested"; DeleteSnapshot "should
+/// fail when no snapshot id is provided", "should succeed when an invalid
+/// snapshot id is used", "should return appropriate values (no optional
+/// values added)"; CreateVolume from a snapshot and from a volume
+/// ("should create volume from an existing source snapshot", "should fail
+/// when the volume source snapshot is not found", "should create volume
+/// from an existing source volume", "should fail when the volume source
+/// volume is not found").
+#[tokio::test]
+async fn snapshots_and_volumes_from_them() {
+    let env = Env::start().await;
+    let mut c = env.controller().await;
+    c.create_volume(create_req("src", 8 * MIB)).await.unwrap();
+    c.create_volume(create_req("other", 8 * MIB)).await.unwrap();
+
+    expect_err(
+        c.create_snapshot(snap_req("src", "", "snap")).await,
+        Code::InvalidArgument,
+        "name",
+    );
+    expect_err(
+        c.create_snapshot(snap_req("", "s1", "snap")).await,
+        Code::InvalidArgument,
+        "source_volume_id",
+    );
+    expect_err(
+        c.create_snapshot(snap_req("src", "s1", "full")).await,
+        Code::InvalidArgument,
+        "type",
+    );
+    expect_err(
+        c.create_snapshot(snap_req("ghost", "s1", "snap")).await,
+        Code::NotFound,
+        "ghost",
+    );
+
+    let s = c
+        .create_snapshot(snap_req("src", "snapshot-1", "snap"))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(s.snapshot_id, "snap://src/snapshot-1");
+    assert_eq!(s.source_volume_id, "src");
+    assert_eq!(s.size_bytes, 8 * MIB);
+    assert!(s.ready_to_use && s.creation_time.is_some());
+    let again = c
+        .create_snapshot(snap_req("src", "snapshot-1", "snap"))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(again.snapshot_id, s.snapshot_id);
+    expect_err(
+        c.create_snapshot(snap_req("other", "snapshot-1", "snap"))
+            .await,
+        Code::AlreadyExists,
+        "src",
+    );
+    let long = format!("Snapshot_{}", "x".repeat(119));
+    let l = c
+        .create_snapshot(snap_req("other", &long, "snap"))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(
+        l.snapshot_id.starts_with("snap://other/snapshot-xxx"),
+        "{}",
+        l.snapshot_id
+    );
+
+    let list = |snapshot_id: &str, source: &str, max: i32, token: &str| ListSnapshotsRequest {
+        snapshot_id: snapshot_id.into(),
+        source_volume_id: source.into(),
+        max_entries: max,
+        starting_token: token.into(),
+        ..Default::default()
+    };
+    let ids = |r: ListSnapshotsResponse| -> Vec<String> {
+        r.entries
+            .into_iter()
+            .map(|e| e.snapshot.unwrap().snapshot_id)
+            .collect()
+    };
+    let all = ids(c
+        .list_snapshots(list("", "", 0, ""))
+        .await
+        .unwrap()
+        .into_inner());
+    assert_eq!(all, [l.snapshot_id.clone(), s.snapshot_id.clone()]);
+    assert_eq!(
+        ids(c
+            .list_snapshots(list(&s.snapshot_id, "", 0, ""))
+            .await
+            .unwrap()
+            .into_inner()),
+        [s.snapshot_id.clone()]
+    );
+    assert!(ids(c
+        .list_snapshots(list("snap://src/nope", "", 0, ""))
+        .await
+        .unwrap()
+        .into_inner())
+    .is_empty());
+    assert!(ids(c
+        .list_snapshots(list("garbage", "", 0, ""))
+        .await
+        .unwrap()
+        .into_inner())
+    .is_empty());
+    assert_eq!(
+        ids(c
+            .list_snapshots(list("", "src", 0, ""))
+            .await
+            .unwrap()
+            .into_inner()),
+        [s.snapshot_id.clone()]
+    );
+    assert!(ids(c
+        .list_snapshots(list("", "ghost", 0, ""))
+        .await
+        .unwrap()
+        .into_inner())
+    .is_empty());
+    let p1 = c
+        .list_snapshots(list("", "", 1, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p1.entries.len(), 1);
+    assert_eq!(p1.next_token, "1");
+    expect_err(
+        c.list_snapshots(list("", "", 1, "9")).await,
+        Code::Aborted,
+        "starting_token",
+    );
+
+    // A volume from the snapshot, and a clone; missing sources are NOT_FOUND.
+    let from = |name: &str, source: volume_content_source::Type| {
+        let mut r = create_req(name, 8 * MIB);
+        r.volume_content_source = Some(VolumeContentSource {
+            r#type: Some(source),
+        });
+        r
+    };
+    use volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let snap_src = |id: &str| {
+        Type::Snapshot(SnapshotSource {
+            snapshot_id: id.into(),
+        })
+    };
+    let vol_src = |id: &str| {
+        Type::Volume(VolumeSource {
+            volume_id: id.into(),
+        })
+    };
+    let restored = c
+        .create_volume(from("restored", snap_src(&s.snapshot_id)))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(restored.capacity_bytes, 8 * MIB);
+    assert!(restored.content_source.is_some());
+    let cloned = c
+        .create_volume(from("cloned", vol_src("src")))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(cloned.volume_id, "cloned");
+    expect_err(
+        c.create_volume(from("r2", snap_src("snap://src/nope")))
+            .await,
+        Code::NotFound,
+        "nope",
+    );
+    expect_err(
+        c.create_volume(from("r3", snap_src("garbage"))).await,
+        Code::NotFound,
+        "garbage",
+    );
+    expect_err(
+        c.create_volume(from("r4", vol_src("ghost"))).await,
+        Code::NotFound,
+        "ghost",
+    );
+    let names = env.volume_names().await;
+    assert_eq!(
+        names,
+        ["cloned", "other", "restored", "src"],
+        "a refused create made a volume"
+    );
+
+    expect_err(
+        c.delete_snapshot(DeleteSnapshotRequest::default()).await,
+        Code::InvalidArgument,
+        "snapshot_id",
+    );
+    for id in [
+        s.snapshot_id.as_str(),
+        s.snapshot_id.as_str(),
+        "garbage",
+        "snap://ghost/s",
+        "bak://ghost/b",
+    ] {
+        c.delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: id.into(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("delete {id}: {e}"));
+    }
+    assert!(ids(c
+        .list_snapshots(list(&s.snapshot_id, "", 0, ""))
+        .await
+        .unwrap()
+        .into_inner())
+    .is_empty());
+}
+
+/// Backups as snapshots (`type: bak`, the default) to a file:// backup
+/// target: ready_to_use once uploaded (the sidecar polls with CreateSnapshot
+/// or ListSnapshots), the same id again, a volume from the backup (Velero's
+/// restore), a hand-written `bak://` handle answers ListSnapshots (a
+/// pre-provisioned VolumeSnapshotContent), DeleteSnapshot removes it.
+#[tokio::test]
+async fn backups_as_snapshots() {
+    let env = Env::start().await;
+    let target = env._tmp.path().join("backups");
+    std::fs::create_dir(&target).unwrap();
+    env.cairn()
+        .await
+        .set_setting(cairn_api::pb::SetSettingRequest {
+            name: "backup-target".into(),
+            value: format!("file://{}", target.display()),
+        })
+        .await
+        .unwrap();
+    let mut c = env.controller().await;
+    c.create_volume(create_req("db", 8 * MIB)).await.unwrap();
+    let mut req = snap_req("db", "velero-1", "");
+    req.parameters.clear();
+    let first = c
+        .create_snapshot(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(
+        first.snapshot_id.starts_with("bak://db/"),
+        "{}",
+        first.snapshot_id
+    );
+    assert_eq!(first.size_bytes, 8 * MIB);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ready = loop {
+        let s = c
+            .create_snapshot(req.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+        assert_eq!(
+            s.snapshot_id, first.snapshot_id,
+            "a retry made another backup"
+        );
+        if s.ready_to_use {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "backup not ready within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let listed = c
+        .list_snapshots(ListSnapshotsRequest {
+            snapshot_id: ready.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 1);
+    let entry = listed[0].snapshot.clone().unwrap();
+    assert!(
+        entry.ready_to_use && entry.size_bytes == 8 * MIB,
+        "{entry:?}"
+    );
+    expect_err(
+        c.create_snapshot(snap_req("ghost", "velero-1", "bak"))
+            .await,
+        Code::NotFound,
+        "ghost",
+    );
+
+    let mut restore = create_req("db-restored", 8 * MIB);
+    restore.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: ready.snapshot_id.clone(),
+            },
+        )),
+    });
+    let v = c
+        .create_volume(restore)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.capacity_bytes, 8 * MIB);
+
+    c.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: ready.snapshot_id.clone(),
+        secrets: HashMap::new(),
+    })
+    .await
+    .unwrap();
+    let gone = c
+        .list_snapshots(ListSnapshotsRequest {
+            snapshot_id: ready.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(gone.is_empty(), "{gone:?}");
+}
+
+/// ControllerExpandVolume "should fail if no volume id is given", "should
+/// fail if no capacity range is given", "should work" (a detached volume;
+/// mount volumes need the node to grow the filesystem).
+#[tokio::test]
+async fn expand_volumes() {
+    let env = Env::start().await;
+    let mut c = env.controller().await;
+    c.create_volume(create_req("grow", 8 * MIB)).await.unwrap();
+    let expand = |id: &str, bytes: Option<i64>| ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: bytes.map(|b| CapacityRange {
+            required_bytes: b,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(mount_cap("ext4", Mode::SingleNodeWriter)),
+        ..Default::default()
+    };
+    expect_err(
+        c.controller_expand_volume(expand("", Some(MIB))).await,
+        Code::InvalidArgument,
+        "volume_id",
+    );
+    expect_err(
+        c.controller_expand_volume(expand("grow", None)).await,
+        Code::InvalidArgument,
+        "capacity_range",
+    );
+    expect_err(
+        c.controller_expand_volume(expand("ghost", Some(16 * MIB)))
+            .await,
+        Code::NotFound,
+        "ghost",
+    );
+    let r = c
+        .controller_expand_volume(expand("grow", Some(15 * MIB)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 16 * MIB);
+    assert!(r.node_expansion_required);
+    // Smaller than now: the volume as it is.
+    let r = c
+        .controller_expand_volume(expand("grow", Some(4 * MIB)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 16 * MIB);
+    let got = c
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: "grow".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.volume.unwrap().capacity_bytes, 16 * MIB);
+}
