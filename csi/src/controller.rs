@@ -104,7 +104,7 @@ fn is_mount(cap: Option<&VolumeCapability>) -> bool {
 }
 
 /// The CSI condition of a Cairn volume: abnormal unless healthy or detached.
-fn condition(v: &cairn::Volume) -> VolumeCondition {
+pub(crate) fn condition(v: &cairn::Volume) -> VolumeCondition {
     use cairn::VolumeState as S;
     let state = S::try_from(v.state).unwrap_or(S::Unspecified);
     let (abnormal, what) = match state {

@@ -9,7 +9,9 @@
 //! - [`controller`]: volumes (create, delete, publish = attach on a node,
 //!   expand, list, capacity), snapshots (`snap://` Cairn snapshots and
 //!   `bak://` backups).
-//! - [`node`]: node identity and topology.
+//! - [`node`]: staging (format, mount, grow), publishing (bind mounts),
+//!   usage, filesystem growth, node identity and topology.
+//! - [`mounts`]: mountinfo and the format/mount/grow tools.
 //! - [`naming`]: CSI names to Cairn names, snapshot handles.
 //! - [`params`]: StorageClass / VolumeSnapshotClass parameters and sizes.
 //! - [`server`]: the gRPC server on the CSI endpoint.
@@ -17,6 +19,7 @@
 pub mod controller;
 pub mod identity;
 pub mod locks;
+pub mod mounts;
 pub mod naming;
 pub mod node;
 pub mod params;

@@ -93,18 +93,27 @@ pub async fn serve(
     let node = matches!(config.mode, Mode::Node | Mode::All);
     tracing::info!(endpoint = %path.display(), node = %config.node_id, mode = ?config.mode,
         driver = %config.driver_name, "CSI driver serving");
-    let router = tonic::transport::Server::builder()
-        .add_service(IdentityServer::new(IdentityService::new(
-            &config.driver_name,
-            cairnd.clone(),
-            controller,
-        )))
-        .add_optional_service(
-            controller.then(|| ControllerServer::new(ControllerService::new(cairnd.clone()))),
+    let served =
+        cairn_api::shutdown::serve_draining(
+            |stop| {
+                tonic::transport::Server::builder()
+                    .add_service(IdentityServer::new(IdentityService::new(
+                        &config.driver_name,
+                        cairnd.clone(),
+                        controller,
+                    )))
+                    .add_optional_service(
+                        controller
+                            .then(|| ControllerServer::new(ControllerService::new(cairnd.clone()))),
+                    )
+                    .add_optional_service(node.then(|| {
+                        NodeServer::new(NodeService::new(&config.node_id, cairnd.clone()))
+                    }))
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop)
+            },
+            shutdown,
+            cairn_api::shutdown::DRAIN,
         )
-        .add_optional_service(node.then(|| NodeServer::new(NodeService::new(&config.node_id))));
-    let served = router
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     let _ = std::fs::remove_file(&path);
     served.map_err(ServeError::from)

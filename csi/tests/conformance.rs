@@ -8,223 +8,21 @@
 //! Each test names the csi-sanity case(s) it ports in its doc comment.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_csi::pb::controller_client::ControllerClient;
 use cairn_csi::pb::identity_client::IdentityClient;
-use cairn_csi::pb::node_client::NodeClient;
 use cairn_csi::pb::volume_capability::access_mode::Mode;
-use cairn_csi::pb::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use cairn_csi::pb::*;
-use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint};
+use common::*;
 use tonic::Code;
-
-const MIB: i64 = 1 << 20;
-
-/// The workspace's `cairnd`, built next to this test by `cargo test
-/// --workspace` (or `cargo build --workspace`); `CAIRND_BIN` overrides.
-fn cairnd_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("CAIRND_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/conformance-<hash>
-    let bin = exe.parent().unwrap().parent().unwrap().join("cairnd");
-    assert!(
-        bin.exists(),
-        "{} is missing: build the workspace first (`cargo build --release --workspace`) or set CAIRND_BIN",
-        bin.display()
-    );
-    bin
-}
-
-/// A cairnd and the driver in front of it; both stop when dropped.
-struct Env {
-    cairnd: Child,
-    cairnd_socket: PathBuf,
-    csi_socket: PathBuf,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    _tmp: tempfile::TempDir,
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = self.cairnd.kill();
-        let _ = self.cairnd.wait();
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-}
-
-async fn wait_socket(path: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(path).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not open {} within 30 s",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-impl Env {
-    async fn start() -> Env {
-        let tmp = tempfile::tempdir().unwrap();
-        let cairnd_socket = tmp.path().join("cairnd.sock");
-        for d in ["d1", "d2"] {
-            std::fs::create_dir(tmp.path().join(d)).unwrap();
-        }
-        let cairnd = Command::new(cairnd_bin())
-            .arg("--data-dir")
-            .arg(tmp.path().join("data"))
-            .arg("--socket")
-            .arg(&cairnd_socket)
-            .arg("--disk")
-            .arg(tmp.path().join("d1"))
-            .arg("--disk")
-            .arg(tmp.path().join("d2"))
-            .args([
-                "--node-id",
-                "node-a",
-                "--queues",
-                "1",
-                "--log-level",
-                "warn",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        wait_socket(&cairnd_socket, "cairnd").await;
-        // The host's filesystem may sit below the default 25 % free rule.
-        let mut c = cairn_api::connect(&cairnd_socket).await.unwrap();
-        c.set_setting(cairn_api::pb::SetSettingRequest {
-            name: "storage-minimal-available-percentage".into(),
-            value: "0".into(),
-        })
-        .await
-        .unwrap();
-        let csi_socket = tmp.path().join("csi/csi.sock");
-        let config = cairn_csi::DriverConfig {
-            endpoint: csi_socket.clone(),
-            node_id: "node-a".into(),
-            cairnd_socket: cairnd_socket.clone(),
-            mode: cairn_csi::Mode::All,
-            driver_name: cairn_csi::DEFAULT_DRIVER_NAME.into(),
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(cairn_csi::serve(config, async {
-            let _ = rx.await;
-        }));
-        wait_socket(&csi_socket, "cairn-csi").await;
-        Env {
-            cairnd,
-            cairnd_socket,
-            csi_socket,
-            stop: Some(tx),
-            _tmp: tmp,
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        let path = self.csi_socket.clone();
-        Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-            }))
-            .await
-            .unwrap()
-    }
-
-    async fn controller(&self) -> ControllerClient<Channel> {
-        ControllerClient::new(self.channel().await)
-    }
-
-    async fn cairn(&self) -> cairn_api::pb::cairn_client::CairnClient<Channel> {
-        cairn_api::connect(&self.cairnd_socket).await.unwrap()
-    }
-
-    async fn volume_names(&self) -> Vec<String> {
-        let mut c = self.cairn().await;
-        let mut v: Vec<String> = c
-            .list_volumes(cairn_api::pb::ListVolumesRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .volumes
-            .into_iter()
-            .map(|v| v.name)
-            .collect();
-        v.sort();
-        v
-    }
-}
-
-fn mount_cap(fs: &str, mode: Mode) -> VolumeCapability {
-    VolumeCapability {
-        access_mode: Some(AccessMode { mode: mode as i32 }),
-        access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: fs.into(),
-            mount_flags: vec![],
-            volume_mount_group: String::new(),
-        })),
-    }
-}
-
-fn block_cap() -> VolumeCapability {
-    VolumeCapability {
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-        access_type: Some(AccessType::Block(BlockVolume {})),
-    }
-}
-
-fn create_req(name: &str, required: i64) -> CreateVolumeRequest {
-    CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(CapacityRange {
-            required_bytes: required,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![mount_cap("ext4", Mode::SingleNodeWriter)],
-        parameters: HashMap::from([("numberOfReplicas".into(), "2".into())]),
-        ..Default::default()
-    }
-}
-
-/// Expects `code`, with a message containing `needle`.
-fn expect_err<T: std::fmt::Debug>(
-    r: Result<tonic::Response<T>, tonic::Status>,
-    code: Code,
-    needle: &str,
-) {
-    match r {
-        Ok(v) => panic!("expected {code:?} ({needle}), got {v:?}"),
-        Err(s) => {
-            assert_eq!(s.code(), code, "{}", s.message());
-            assert!(
-                s.message().contains(needle),
-                "{:?} does not mention {needle:?}",
-                s.message()
-            );
-        }
-    }
-}
 
 /// Identity: "GetPluginInfo: should return appropriate values", "Probe:
 /// should return appropriate information", "GetPluginCapabilities: should
 /// return appropriate capabilities"; and Probe failing once cairnd is gone.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identity_info_capabilities_and_probe() {
     let mut env = Env::start().await;
     let mut id = IdentityClient::new(env.channel().await);
@@ -266,12 +64,22 @@ async fn identity_info_capabilities_and_probe() {
 }
 
 /// Node: "NodeGetInfo: should return appropriate values", "NodeGetCapabilities:
-/// should return appropriate capabilities" (none offered yet, so csi-sanity
-/// would skip the stage/publish cases, which answer UNIMPLEMENTED).
-#[tokio::test]
-async fn node_info_and_capabilities() {
+/// should return appropriate capabilities"; NodeStageVolume "should fail when
+/// no volume id is provided", "should fail when no staging target path is
+/// provided", "should fail when no volume capability is provided";
+/// NodePublishVolume "should fail when no volume id is provided", "should
+/// fail when no target path is provided", "should fail when no volume
+/// capability is provided"; NodeUnpublishVolume "should fail when no volume
+/// id is provided", "should fail when no target path is provided";
+/// NodeGetVolumeStats "should fail when no volume id is provided", "should
+/// fail when no volume path is provided", "should fail when volume is not
+/// found", "should fail when volume does not exist on the specified path";
+/// and staging a volume not attached here is FAILED_PRECONDITION. (Staging
+/// for real mounts /dev/ublkbN: `tests/node_guest.rs`, in the guest.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_info_capabilities_and_argument_checks() {
     let env = Env::start().await;
-    let mut node = NodeClient::new(env.channel().await);
+    let mut node = env.node().await;
     let info = node
         .node_get_info(NodeGetInfoRequest {})
         .await
@@ -289,12 +97,168 @@ async fn node_info_and_capabilities() {
         .unwrap()
         .into_inner()
         .capabilities;
-    assert!(caps.is_empty(), "{caps:?}");
+    use node_service_capability::{rpc::Type as R, Type};
+    let rpcs: Vec<i32> = caps
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(Type::Rpc(r)) => Some(r.r#type),
+            _ => None,
+        })
+        .collect();
+    for want in [
+        R::StageUnstageVolume,
+        R::GetVolumeStats,
+        R::ExpandVolume,
+        R::VolumeCondition,
+    ] {
+        assert!(
+            rpcs.contains(&(want as i32)),
+            "{want:?} missing from {rpcs:?}"
+        );
+    }
+
+    env.controller()
+        .await
+        .create_volume(create_req("pvc-n", 8 * MIB))
+        .await
+        .unwrap();
+    let tmp = env._tmp.path().to_path_buf();
+    let staging = tmp.join("staging").display().to_string();
+    let target = tmp.join("target").display().to_string();
+    let stage = |vol: &str, path: &str, cap: Option<VolumeCapability>| NodeStageVolumeRequest {
+        volume_id: vol.into(),
+        staging_target_path: path.into(),
+        volume_capability: cap,
+        ..Default::default()
+    };
+    let mount = || Some(mount_cap("ext4", Mode::SingleNodeWriter));
     expect_err(
-        node.node_stage_volume(NodeStageVolumeRequest::default())
+        node.node_stage_volume(stage("", &staging, mount())).await,
+        Code::InvalidArgument,
+        "volume_id",
+    );
+    expect_err(
+        node.node_stage_volume(stage("pvc-n", "", mount())).await,
+        Code::InvalidArgument,
+        "staging_target_path",
+    );
+    expect_err(
+        node.node_stage_volume(stage("pvc-n", &staging, None)).await,
+        Code::InvalidArgument,
+        "volume_capability",
+    );
+    expect_err(
+        node.node_stage_volume(stage(
+            "pvc-n",
+            &staging,
+            Some(mount_cap("btrfs", Mode::SingleNodeWriter)),
+        ))
+        .await,
+        Code::InvalidArgument,
+        "btrfs",
+    );
+    expect_err(
+        node.node_stage_volume(stage("ghost", &staging, mount()))
             .await,
-        Code::Unimplemented,
-        "not built yet",
+        Code::NotFound,
+        "ghost",
+    );
+    expect_err(
+        node.node_stage_volume(stage("pvc-n", &staging, mount()))
+            .await,
+        Code::FailedPrecondition,
+        "not attached",
+    );
+
+    let publish =
+        |vol: &str, target: &str, cap: Option<VolumeCapability>| NodePublishVolumeRequest {
+            volume_id: vol.into(),
+            staging_target_path: staging.clone(),
+            target_path: target.into(),
+            volume_capability: cap,
+            ..Default::default()
+        };
+    expect_err(
+        node.node_publish_volume(publish("", &target, mount()))
+            .await,
+        Code::InvalidArgument,
+        "volume_id",
+    );
+    expect_err(
+        node.node_publish_volume(publish("pvc-n", "", mount()))
+            .await,
+        Code::InvalidArgument,
+        "target_path",
+    );
+    expect_err(
+        node.node_publish_volume(publish("pvc-n", &target, None))
+            .await,
+        Code::InvalidArgument,
+        "volume_capability",
+    );
+    expect_err(
+        node.node_publish_volume(publish("pvc-n", &target, mount()))
+            .await,
+        Code::FailedPrecondition,
+        "not staged",
+    );
+
+    let unpublish = |vol: &str, target: &str| NodeUnpublishVolumeRequest {
+        volume_id: vol.into(),
+        target_path: target.into(),
+    };
+    expect_err(
+        node.node_unpublish_volume(unpublish("", &target)).await,
+        Code::InvalidArgument,
+        "volume_id",
+    );
+    expect_err(
+        node.node_unpublish_volume(unpublish("pvc-n", "")).await,
+        Code::InvalidArgument,
+        "target_path",
+    );
+    // Nothing there: already unpublished.
+    node.node_unpublish_volume(unpublish("pvc-n", &target))
+        .await
+        .unwrap();
+    node.node_unstage_volume(NodeUnstageVolumeRequest {
+        volume_id: "pvc-n".into(),
+        staging_target_path: staging.clone(),
+    })
+    .await
+    .unwrap();
+
+    let stats = |vol: &str, path: &str| NodeGetVolumeStatsRequest {
+        volume_id: vol.into(),
+        volume_path: path.into(),
+        staging_target_path: String::new(),
+    };
+    expect_err(
+        node.node_get_volume_stats(stats("", &target)).await,
+        Code::InvalidArgument,
+        "volume_id",
+    );
+    expect_err(
+        node.node_get_volume_stats(stats("pvc-n", "")).await,
+        Code::InvalidArgument,
+        "volume_path",
+    );
+    expect_err(
+        node.node_get_volume_stats(stats("pvc-n", "/no/such/path"))
+            .await,
+        Code::NotFound,
+        "/no/such/path",
+    );
+    std::fs::create_dir_all(&target).unwrap();
+    expect_err(
+        node.node_get_volume_stats(stats("ghost", &target)).await,
+        Code::NotFound,
+        "ghost",
+    );
+    expect_err(
+        node.node_get_volume_stats(stats("pvc-n", &target)).await,
+        Code::NotFound,
+        "not mounted",
     );
 }
 
@@ -309,7 +273,7 @@ async fn node_info_and_capabilities() {
 /// volume with maximum-length name"; DeleteVolume "should fail when no
 /// volume id is provided", "should succeed when an invalid volume id is
 /// used", "should return appropriate values (no optional values added)".
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_and_delete_volumes() {
     let env = Env::start().await;
     let mut c = env.controller().await;
@@ -471,7 +435,7 @@ async fn create_and_delete_volumes() {
 /// capabilities are provided", "should return appropriate values (no
 /// optional values added)", "should fail when the requested volume does not
 /// exist"; ControllerGetVolume and its condition.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_capacity_validate_and_get() {
     let env = Env::start().await;
     let mut c = env.controller().await;
@@ -604,7 +568,7 @@ async fn list_capacity_validate_and_get() {
 /// ControllerUnpublishVolume "should fail when no volume id is provided",
 /// and unpublishing an unknown or detached volume succeeds. (Publishing
 /// itself attaches /dev/ublkbN: the guest suite proves it.)
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_argument_checks() {
     let env = Env::start().await;
     let mut c = env.controller().await;
@@ -691,7 +655,7 @@ fn snap_req(source: &str, name: &str, kind: &str) -> CreateSnapshotRequest {
 /// when the volume source snapshot is not found", "should create volume
 /// from an existing source volume", "should fail when the volume source
 /// volume is not found").
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_and_volumes_from_them() {
     let env = Env::start().await;
     let mut c = env.controller().await;
@@ -915,7 +879,7 @@ async fn snapshots_and_volumes_from_them() {
 /// or ListSnapshots), the same id again, a volume from the backup (Velero's
 /// restore), a hand-written `bak://` handle answers ListSnapshots (a
 /// pre-provisioned VolumeSnapshotContent), DeleteSnapshot removes it.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backups_as_snapshots() {
     let env = Env::start().await;
     let target = env._tmp.path().join("backups");
@@ -1024,7 +988,7 @@ async fn backups_as_snapshots() {
 /// ControllerExpandVolume "should fail if no volume id is given", "should
 /// fail if no capacity range is given", "should work" (a detached volume;
 /// mount volumes need the node to grow the filesystem).
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expand_volumes() {
     let env = Env::start().await;
     let mut c = env.controller().await;

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod name;
+pub mod shutdown;
 pub mod size;
 
 /// Generated messages, client and server of `cairn.v1`.

@@ -144,10 +144,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ApiError> {
     PeerApi::install(&manager);
-    tonic::transport::Server::builder()
-        .add_service(CairnServer::new(CairnService::new(manager)))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await?;
+    // Clients get DRAIN after the signal: an idle connection left open (a
+    // CSI driver's, a tool's) must not keep cairnd from stopping its devices.
+    cairn_api::shutdown::serve_draining(
+        |stop| {
+            tonic::transport::Server::builder()
+                .add_service(CairnServer::new(CairnService::new(manager)))
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop)
+        },
+        shutdown,
+        cairn_api::shutdown::DRAIN,
+    )
+    .await?;
     Ok(())
 }
 

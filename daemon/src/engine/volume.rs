@@ -734,6 +734,26 @@ impl VolumeIo {
         timeout: std::time::Duration,
     ) -> Result<ChainOutcome, EngineError> {
         fail::fail_point!("engine::change_chain::before_quiesce");
+        // One creation time for every replica's copy of a new snapshot (each
+        // stamping its own clock would make their chains differ).
+        let stamped;
+        let change = match change {
+            ChainChange::Snapshot {
+                name,
+                created,
+                user_created,
+                labels,
+            } if created.is_empty() => {
+                stamped = ChainChange::Snapshot {
+                    name: name.clone(),
+                    created: crate::replica::meta::now_created(),
+                    user_created: *user_created,
+                    labels: labels.clone(),
+                };
+                &stamped
+            }
+            other => other,
+        };
         let _quiet = self.quiesce(timeout)?;
         // The membership lock is held from the rebuild check to the end, so
         // no rebuild can start in between (its target would miss the change
