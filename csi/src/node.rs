@@ -30,6 +30,23 @@ pub struct NodeService {
 }
 
 impl NodeService {
+    /// The volume as cairnd reports it, or `NOT_FOUND`.
+    async fn volume(&self, volume_id: &str) -> Result<cairn::Volume, Status> {
+        let mut c = self.cairnd.client().await?;
+        match c
+            .get_volume(cairn::VolumeRef {
+                name: volume_id.to_string(),
+            })
+            .await
+        {
+            Ok(v) => Ok(v.into_inner()),
+            Err(s) if is_not_found(&s) => Err(Status::not_found(format!(
+                "volume_id {volume_id:?}: no such volume"
+            ))),
+            Err(s) => Err(relay(&format!("volume {volume_id}"), s)),
+        }
+    }
+
     pub(crate) fn new(node_id: &str, cairnd: Cairnd) -> NodeService {
         NodeService {
             node_id: node_id.to_string(),
@@ -41,21 +58,7 @@ impl NodeService {
     /// The volume's device here, or `FAILED_PRECONDITION` when it is not
     /// attached on this node (ControllerPublishVolume attaches it).
     async fn device(&self, volume_id: &str) -> Result<(String, cairn::Volume), Status> {
-        let mut c = self.cairnd.client().await?;
-        let v = match c
-            .get_volume(cairn::VolumeRef {
-                name: volume_id.to_string(),
-            })
-            .await
-        {
-            Ok(v) => v.into_inner(),
-            Err(s) if is_not_found(&s) => {
-                return Err(Status::not_found(format!(
-                    "volume_id {volume_id:?}: no such volume"
-                )))
-            }
-            Err(s) => return Err(relay(&format!("volume {volume_id}"), s)),
-        };
+        let v = self.volume(volume_id).await?;
         if v.device.is_empty() || v.owner != self.node_id {
             let where_ = if v.device.is_empty() {
                 "is not attached".to_string()
@@ -360,22 +363,7 @@ impl Node for NodeService {
         let path = PathBuf::from(&r.volume_path);
         let meta = std::fs::metadata(&path)
             .map_err(|e| Status::not_found(format!("volume_path {}: {e}", path.display())))?;
-        let mut c = self.cairnd.client().await?;
-        let v = match c
-            .get_volume(cairn::VolumeRef {
-                name: r.volume_id.clone(),
-            })
-            .await
-        {
-            Ok(v) => v.into_inner(),
-            Err(s) if is_not_found(&s) => {
-                return Err(Status::not_found(format!(
-                    "volume_id {:?}: no such volume",
-                    r.volume_id
-                )))
-            }
-            Err(s) => return Err(relay(&format!("volume {}", r.volume_id), s)),
-        };
+        let v = self.volume(&r.volume_id).await?;
         let usage = if meta.is_dir() {
             if mounts::mount_at(&path)?.is_none() {
                 return Err(Status::not_found(format!(
