@@ -167,6 +167,17 @@ fn create_list_get_delete() {
     let node: serde_json::Value =
         serde_json::from_str(&d.ok(&["-o", "json", "node", "get"])).unwrap();
     assert_eq!(node["disks"].as_array().unwrap().len(), 2);
+    // The kernel facts: uname -r, and (no ublk on a test host, or one with
+    // it) whether online expansion is possible, as the driver says.
+    let uname = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(node["kernel"].as_str(), Some(uname.trim()));
+    assert!(node["online_expansion"].is_boolean());
+    let table = d.ok(&["node", "get"]);
+    assert!(
+        table.contains(&format!("kernel: {}", uname.trim())),
+        "{table}"
+    );
+    assert!(table.contains("online expansion: "), "{table}");
 
     d.ok(&["volume", "delete", "db"]);
     assert_eq!(d.ok(&["volume", "list"]).lines().count(), 1);

@@ -20,6 +20,13 @@ fi
 say "kernel $release (UBLK_F_UPDATE_SIZE expected: $has_update_size)"
 
 start_cairnd
+# `node get` says the same of this kernel.
+node_json=$(ctl -o json node get)
+[[ "$(jq -r .kernel <<<"$node_json")" == "$release" ]] || die "node get: kernel $(jq -r .kernel <<<"$node_json"), uname $release"
+want_online=$([[ $has_update_size == 1 ]] && echo true || echo false)
+[[ "$(jq -r .online_expansion <<<"$node_json")" == "$want_online" ]] ||
+    die "node get: online_expansion $(jq -r .online_expansion <<<"$node_json"), expected $want_online"
+say "node get: kernel $release, online_expansion $want_online, ublk features $(jq -r .ublk_features <<<"$node_json")"
 # The scratch disk is shared by the whole suite: its free space is not this
 # case's business (the placement rules would refuse the offline growth).
 ctl setting set storage-minimal-available-percentage 0 >/dev/null

@@ -864,6 +864,9 @@ fn node_json(n: &pb::Node) -> serde_json::Value {
     json!({
         "name": n.name,
         "ublk_status": n.ublk_status,
+        "kernel": n.kernel,
+        "online_expansion": n.online_expansion,
+        "ublk_features": n.ublk_features,
         "disks": n.disks.iter().map(|d| json!({
             "path": d.path,
             "size": d.size,
@@ -973,12 +976,18 @@ fn volume_table(v: &pb::Volume) -> String {
 
 fn node_table(n: &pb::Node) -> String {
     let mut out = format!(
-        "node: {}\nublk: {}\n\n",
+        "node: {}\nkernel: {}\nublk: {}\nonline expansion: {}\n\n",
         n.name,
+        n.kernel,
         if n.ublk_status.is_empty() {
             "available"
         } else {
             &n.ublk_status
+        },
+        if n.online_expansion {
+            "the ublk driver resizes live devices (UPDATE_SIZE)"
+        } else {
+            "not on this kernel (needs Linux 6.16+ with UBLK_F_UPDATE_SIZE)"
         }
     );
     let mut rows = vec![row(&["DISK", "SIZE", "AVAILABLE", "REPLICAS"])];

@@ -934,6 +934,9 @@ fn node(n: NodeInfo) -> pb::Node {
             })
             .collect(),
         ublk_status: n.ublk_status.unwrap_or_default(),
+        kernel: n.kernel.release.clone(),
+        online_expansion: n.kernel.online_resize(),
+        ublk_features: n.kernel.ublk.unwrap_or(0),
     }
 }
 

@@ -127,6 +127,8 @@ pub struct NodeInfo {
     pub disks: Vec<DiskInfo>,
     /// `None` when the ublk driver is loaded; otherwise how to load it.
     pub ublk_status: Option<String>,
+    /// The running kernel (`uname -r`) and what its ublk driver offers.
+    pub kernel: crate::frontend::KernelFeatures,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -759,6 +761,13 @@ impl VolumeManager {
                 disks: Vec::new(),
                 placements: Vec::new(),
             });
+        // uname and one control command to the ublk driver.
+        let kernel = tokio::task::spawn_blocking(crate::frontend::KernelFeatures::detect)
+            .await
+            .unwrap_or_else(|_| crate::frontend::KernelFeatures {
+                release: String::new(),
+                ublk: None,
+            });
         NodeInfo {
             name: self.inner.node_id.clone(),
             disks: report
@@ -774,6 +783,7 @@ impl VolumeManager {
                 })
                 .collect(),
             ublk_status: ublk_available().err().map(|e| e.to_string()),
+            kernel,
         }
     }
 
