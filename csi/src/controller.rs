@@ -416,7 +416,7 @@ impl Controller for ControllerService {
         let topo = topology(&mut c).await?;
         if let Some(v) = get_volume(&mut c, &id).await? {
             // A retry (same name): the same volume if its size fits.
-            if v.size == size || params::fits(v.size, r.capacity_range.as_ref()) {
+            if params::fits(v.size, r.capacity_range.as_ref()) {
                 return Ok(Response::new(CreateVolumeResponse {
                     volume: Some(csi_volume(&v, context, content_source, topo)),
                 }));

@@ -109,6 +109,14 @@ fn repair_volume(
         // Another engine owns the volume now: nothing here is ours to repair.
         return;
     }
+    if let Some(node) = inner.newer_owner(volume, io.owner_term()) {
+        // A peer reports owning the volume at a later term: proof it moved.
+        // Stop serving it here rather than rebuild or replace anything.
+        io.mark_fenced(&format!(
+            "{node} took the volume over at a later owner term"
+        ));
+        return;
+    }
     if io.health() == VolumeHealth::Faulted {
         if inner.settings.bool(settings::AUTO_SALVAGE) {
             salvage(inner, volume, io, records);
@@ -174,19 +182,12 @@ fn repair_volume(
             match opened {
                 Ok(r) if io.would_resume(slot, &rec.name, &r) => Some(Plan::Resume { io: r }),
                 // Refused our renewal: another owner took it, or our own
-                // earlier claim's answer was lost. Not proof either way; a
-                // takeover shows on the data path (ESTALE) soon enough. Treat
+                // earlier claim's answer was lost. Not proof either way (a
+                // peer reporting a later term is, checked above each tick;
+                // a takeover also shows on the data path as ESTALE). Treat
                 // it as away: replaced after stale-replica-timeout.
                 Err(OpenError::Fenced(reason)) => {
                     tracing::warn!(volume, replica = %rec.name, %reason, "replica refused our session renewal");
-                    if let Some(node) = inner.newer_owner(volume, io.owner_term()) {
-                        // Proof: the volume moved. Stop serving it here.
-                        io.mark_fenced(&format!(
-                            "{node} took the volume over at a later owner term (replica {} refused this node)",
-                            rec.name
-                        ));
-                        return;
-                    }
                     stale()
                 }
                 Ok(_) | Err(OpenError::Broken(_)) => {
