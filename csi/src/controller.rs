@@ -262,8 +262,10 @@ fn bak_entry(b: &cairn::Backup) -> Snapshot {
     }
 }
 
-/// Snapshots the driver lists: the user-made ones (not the volume head, not
-/// removed, not the ones recurring jobs or clones made for themselves).
+/// Snapshots the driver lists: the user-made ones, which include those of
+/// recurring jobs (restore points a pre-provisioned VolumeSnapshotContent
+/// may name); not the volume head, not removed ones, not the ones clones
+/// and rebuilds made for themselves.
 fn listed(s: &cairn::Snapshot) -> bool {
     !s.is_head && !s.removed && s.user_created
 }

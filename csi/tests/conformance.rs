@@ -747,7 +747,7 @@ async fn snapshots_and_volumes_from_them() {
             .await
             .unwrap()
             .into_inner()),
-        [s.snapshot_id.clone()]
+        std::slice::from_ref(&s.snapshot_id)
     );
     assert!(ids(c
         .list_snapshots(list("snap://src/nope", "", 0, ""))
@@ -767,7 +767,7 @@ async fn snapshots_and_volumes_from_them() {
             .await
             .unwrap()
             .into_inner()),
-        [s.snapshot_id.clone()]
+        std::slice::from_ref(&s.snapshot_id)
     );
     assert!(ids(c
         .list_snapshots(list("", "ghost", 0, ""))
@@ -1040,4 +1040,91 @@ async fn expand_volumes() {
         .unwrap()
         .into_inner();
     assert_eq!(got.volume.unwrap().capacity_bytes, 16 * MIB);
+}
+
+/// A StorageClass with `recurringJobs`: the volume CreateVolume makes runs
+/// them on schedule. An every-minute snapshot job (with jobs allowed on
+/// detached volumes, as the host has no ublk; `snapshot-force-create`, as
+/// the `snapshot` task skips a volume without new data and the host cannot
+/// write any) makes a snapshot labelled with the job within two minutes.
+/// ListSnapshots lists it under its `snap://` handle (a restore point a
+/// VolumeSnapshotContent can name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_class_recurring_jobs_run_on_schedule() {
+    let env = Env::start().await;
+    let mut cairn = env.cairn().await;
+    cairn
+        .set_setting(cairn_api::pb::SetSettingRequest {
+            name: "allow-recurring-job-while-volume-detached".into(),
+            value: "true".into(),
+        })
+        .await
+        .unwrap();
+    let mut c = env.controller().await;
+    let mut req = create_req("pvc-jobs", 8 * MIB);
+    req.parameters.insert(
+        "recurringJobs".into(),
+        r#"[{"name":"minutely","task":"snapshot-force-create","cron":"* * * * *","retain":2}]"#
+            .into(),
+    );
+    let id = c
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let vol = cairn
+        .get_volume(cairn_api::pb::VolumeRef { name: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        vol.recurring_jobs.contains("\"minutely\""),
+        "the StorageClass jobs are not on the volume: {}",
+        vol.recurring_jobs
+    );
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(150);
+    let made = loop {
+        let snaps = cairn
+            .list_snapshots(cairn_api::pb::VolumeRef { name: id.clone() })
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots;
+        if let Some(s) = snaps.iter().find(|s| {
+            !s.is_head && s.labels.get("RecurringJob").map(String::as_str) == Some("minutely")
+        }) {
+            break s.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot from the every-minute job within 150 s: {snaps:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    println!(
+        "recurring job snapshot {} after {:.1}s",
+        made.name,
+        t0.elapsed().as_secs_f64()
+    );
+    let listed = c
+        .list_snapshots(ListSnapshotsRequest {
+            source_volume_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let want = format!("snap://{id}/{}", made.name);
+    assert!(
+        listed.iter().any(|e| e
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| s.snapshot_id == want && s.ready_to_use)),
+        "the job snapshot {want} is not listed: {listed:?}"
+    );
 }

@@ -9,214 +9,18 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use cairn_csi::pb::controller_client::ControllerClient;
-use cairn_csi::pb::node_client::NodeClient;
 use cairn_csi::pb::volume_capability::access_mode::Mode;
 use cairn_csi::pb::*;
+use common::pod::*;
 use common::*;
-use tonic::transport::Channel;
 use tonic::Code;
 
 const GUEST: &str = "needs /dev/ublkbN and root: run in the guest by scripts/e2e/22-csi.sh";
-
-/// A volume as a pod on this node uses it.
-struct Pod<'a> {
-    c: &'a mut ControllerClient<Channel>,
-    n: &'a mut NodeClient<Channel>,
-    id: String,
-    cap: VolumeCapability,
-    staging: PathBuf,
-    target: PathBuf,
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
-impl Pod<'_> {
-    fn is_block(&self) -> bool {
-        matches!(
-            self.cap.access_type,
-            Some(volume_capability::AccessType::Block(_))
-        )
-    }
-
-    /// ControllerPublish, NodeStage, NodePublish: each twice.
-    async fn up(&mut self, readonly: bool) -> String {
-        let mut device = String::new();
-        for _ in 0..2 {
-            let r = self
-                .c
-                .controller_publish_volume(ControllerPublishVolumeRequest {
-                    volume_id: self.id.clone(),
-                    node_id: "node-a".into(),
-                    volume_capability: Some(self.cap.clone()),
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            device = r.publish_context["devicePath"].clone();
-            assert!(device.starts_with("/dev/ublkb"), "{device}");
-        }
-        for _ in 0..2 {
-            self.n
-                .node_stage_volume(NodeStageVolumeRequest {
-                    volume_id: self.id.clone(),
-                    publish_context: HashMap::from([("devicePath".into(), device.clone())]),
-                    staging_target_path: self.staging.display().to_string(),
-                    volume_capability: Some(self.cap.clone()),
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
-        }
-        for _ in 0..2 {
-            self.n
-                .node_publish_volume(NodePublishVolumeRequest {
-                    volume_id: self.id.clone(),
-                    staging_target_path: self.staging.display().to_string(),
-                    target_path: self.target.display().to_string(),
-                    volume_capability: Some(self.cap.clone()),
-                    readonly,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
-        }
-        device
-    }
-
-    /// NodeUnpublish, NodeUnstage, ControllerUnpublish: each twice; the
-    /// target path is gone afterwards.
-    async fn down(&mut self) {
-        for _ in 0..2 {
-            self.n
-                .node_unpublish_volume(NodeUnpublishVolumeRequest {
-                    volume_id: self.id.clone(),
-                    target_path: self.target.display().to_string(),
-                })
-                .await
-                .unwrap();
-        }
-        assert!(
-            !self.target.exists(),
-            "{} left behind",
-            self.target.display()
-        );
-        for _ in 0..2 {
-            self.n
-                .node_unstage_volume(NodeUnstageVolumeRequest {
-                    volume_id: self.id.clone(),
-                    staging_target_path: self.staging.display().to_string(),
-                })
-                .await
-                .unwrap();
-        }
-        for _ in 0..2 {
-            self.c
-                .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
-                    volume_id: self.id.clone(),
-                    node_id: "node-a".into(),
-                    secrets: HashMap::new(),
-                })
-                .await
-                .unwrap();
-        }
-    }
-
-    fn write(&self, data: &[u8]) {
-        if self.is_block() {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&self.target)
-                .unwrap();
-            f.seek(SeekFrom::Start(0)).unwrap();
-            f.write_all(data).unwrap();
-            f.sync_all().unwrap();
-        } else {
-            let mut f = std::fs::File::create(self.target.join("data")).unwrap();
-            f.write_all(data).unwrap();
-            f.sync_all().unwrap();
-        }
-    }
-
-    fn read(&self, len: usize) -> Vec<u8> {
-        let mut out = vec![0u8; len];
-        if self.is_block() {
-            std::fs::File::open(&self.target)
-                .unwrap()
-                .read_exact(&mut out)
-                .unwrap();
-        } else {
-            out = std::fs::read(self.target.join("data")).unwrap();
-        }
-        out
-    }
-
-    async fn stats(&mut self) -> Vec<VolumeUsage> {
-        let r = self
-            .n
-            .node_get_volume_stats(NodeGetVolumeStatsRequest {
-                volume_id: self.id.clone(),
-                volume_path: self.target.display().to_string(),
-                staging_target_path: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(!r.volume_condition.unwrap().abnormal);
-        r.usage
-    }
-}
-
-fn dirs(root: &Path, name: &str, block: bool) -> (PathBuf, PathBuf) {
-    let staging = root.join("plugins/staging").join(name);
-    let target = root
-        .join("pods")
-        .join(name)
-        .join(if block { "dev" } else { "mount" });
-    (staging, target)
-}
-
-async fn create(
-    c: &mut ControllerClient<Channel>,
-    name: &str,
-    mib: i64,
-    source: Option<volume_content_source::Type>,
-) -> String {
-    let mut req = create_req(name, mib * MIB);
-    req.volume_content_source = source.map(|t| VolumeContentSource { r#type: Some(t) });
-    let mut id = String::new();
-    for _ in 0..2 {
-        id = c
-            .create_volume(req.clone())
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap()
-            .volume_id;
-    }
-    id
-}
-
-async fn delete(c: &mut ControllerClient<Channel>, id: &str) {
-    for _ in 0..2 {
-        c.delete_volume(DeleteVolumeRequest {
-            volume_id: id.into(),
-            secrets: HashMap::new(),
-        })
-        .await
-        .unwrap();
-    }
-}
 
 /// The whole flow for ext4 and xfs mount volumes and a block volume: every
 /// call twice, data written through the pod's path, stats, a read-only
@@ -243,6 +47,7 @@ async fn mount_and_block_volumes_through_the_node_calls() {
         };
         let (staging, target) = dirs(&root, &name, kind == "block");
         let mut pod = Pod {
+            node: "node-a".into(),
             c: &mut c,
             n: &mut n,
             id: id.clone(),
@@ -318,6 +123,7 @@ async fn snapshots_clones_and_growth_through_the_node_calls() {
     let src = create(&mut c, "src", 64, None).await;
     let (staging, target) = dirs(&root, "src", false);
     let mut pod = Pod {
+        node: "node-a".into(),
         c: &mut c,
         n: &mut n,
         id: src.clone(),
@@ -362,6 +168,7 @@ async fn snapshots_clones_and_growth_through_the_node_calls() {
     for id in [&restored, &cloned] {
         let (staging, target) = dirs(&root, id, false);
         let mut pod = Pod {
+            node: "node-a".into(),
             c: &mut c,
             n: &mut n,
             id: id.clone(),
@@ -405,6 +212,7 @@ async fn snapshots_clones_and_growth_through_the_node_calls() {
     assert!(r.node_expansion_required);
     let (staging, target) = dirs(&root, "src", false);
     let mut pod = Pod {
+        node: "node-a".into(),
         c: &mut c,
         n: &mut n,
         id: src.clone(),
@@ -445,6 +253,7 @@ async fn snapshots_clones_and_growth_through_the_node_calls() {
     let xfs = mount_cap("xfs", Mode::SingleNodeWriter);
     let (staging, target) = dirs(&root, "wrongfs", false);
     let mut pod = Pod {
+        node: "node-a".into(),
         c: &mut c,
         n: &mut n,
         id: src.clone(),
@@ -479,4 +288,261 @@ async fn snapshots_clones_and_growth_through_the_node_calls() {
         delete(&mut c, id).await;
     }
     assert!(env.volume_names().await.is_empty());
+}
+
+/// s3s-fs on 127.0.0.1 (`CAIRN_S3S_FS`, or the one `scripts/s3-server.sh
+/// install` puts under target/tools), killed on drop.
+struct S3Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const S3_ACCESS: &str = "velero-access";
+const S3_SECRET: &str = "velero-secret-key";
+
+impl S3Server {
+    fn start(root: &Path) -> S3Server {
+        let bin = std::env::var_os("CAIRN_S3S_FS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/bin/s3s-fs")
+            });
+        assert!(
+            bin.exists(),
+            "{} not found: run scripts/s3-server.sh install (or set CAIRN_S3S_FS)",
+            bin.display()
+        );
+        std::fs::create_dir_all(root.join("velero")).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", S3_ACCESS, "--secret-key", S3_SECRET])
+            .arg(root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "s3s-fs exited");
+            assert!(Instant::now() < deadline, "s3s-fs did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        S3Server { child, port }
+    }
+}
+
+/// Velero's CSI backup and a StatefulSet's static restore, through the CSI
+/// calls alone, against a real S3 server (s3s-fs, SigV4): CreateSnapshot
+/// with the default type (a backup) polled until `ready_to_use`, the source
+/// volume deleted, CreateVolume from the snapshot with its `size_bytes`
+/// (Velero's `restoreSize`) holding the same data; then static PVs: a
+/// volume restored from the backup under a chosen name by cairnd and one
+/// by the StorageClass parameter `fromBackup`, each staged by its
+/// `volumeHandle` with the same data. DeleteSnapshot removes the backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs /dev/ublkbN and root: run in the guest by scripts/e2e/22-csi.sh"]
+async fn velero_backup_and_static_restores_against_s3() {
+    let env = Env::start().await;
+    let root = env._tmp.path().to_path_buf();
+    let s3 = S3Server::start(&root.join("s3"));
+    let creds = root.join("s3-credentials.env");
+    std::fs::write(
+        &creds,
+        format!(
+            "AWS_ACCESS_KEY_ID={S3_ACCESS}\nAWS_SECRET_ACCESS_KEY={S3_SECRET}\nAWS_ENDPOINTS=http://127.0.0.1:{}\n",
+            s3.port
+        ),
+    )
+    .unwrap();
+    let mut cairn = env.cairn().await;
+    for (name, value) in [
+        (
+            "backup-target-credential-secret",
+            creds.display().to_string(),
+        ),
+        ("backup-target", "s3://velero@us-east-1/cluster-a/".into()),
+    ] {
+        cairn
+            .set_setting(cairn_api::pb::SetSettingRequest {
+                name: name.into(),
+                value,
+            })
+            .await
+            .unwrap();
+    }
+    let (mut c, mut n) = (env.controller().await, env.node().await);
+    let data = pattern(21, 2 << 20);
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let src = create(&mut c, "pvc-app", 64, None).await;
+    let (staging, target) = dirs(&root, "pvc-app", false);
+    let mut pod = Pod {
+        c: &mut c,
+        n: &mut n,
+        node: "node-a".into(),
+        id: src.clone(),
+        cap: cap.clone(),
+        staging,
+        target,
+    };
+    pod.up(false).await;
+    pod.write(&data);
+    pod.down().await;
+
+    // Velero: CreateSnapshot (VolumeSnapshotClass without `type`), then the
+    // snapshotter calls again until the upload is done.
+    let req = CreateSnapshotRequest {
+        source_volume_id: src.clone(),
+        name: "velero-pvc-app-x7k2p".into(),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(120);
+    let mut first_id = String::new();
+    let snap = loop {
+        let s = c
+            .create_snapshot(req.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+        if first_id.is_empty() {
+            first_id = s.snapshot_id.clone();
+            assert!(first_id.starts_with("bak://"), "{first_id}");
+        }
+        assert_eq!(s.snapshot_id, first_id, "a retry made another backup");
+        if s.ready_to_use {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "backup not ready within 120 s");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(snap.size_bytes, 64 * MIB, "restoreSize");
+    println!(
+        "[22-csi] velero: backup {} ready after {:.2}s",
+        snap.snapshot_id,
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        walk(&root.join("s3/velero/cluster-a/backupstore"))
+            .iter()
+            .any(|p| p.ends_with("volume.cfg")),
+        "nothing was uploaded to the S3 bucket"
+    );
+    // The cluster is lost: the source volume goes.
+    delete(&mut c, &src).await;
+
+    // Velero's restore: a PVC from the VolumeSnapshot, sized restoreSize.
+    use volume_content_source::{SnapshotSource, Type};
+    let mut req = create_req("pvc-app-restored", snap.size_bytes);
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Type::Snapshot(SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+    });
+    let mut restored = String::new();
+    for _ in 0..2 {
+        let v = c
+            .create_volume(req.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(v.capacity_bytes, 64 * MIB);
+        restored = v.volume_id;
+    }
+
+    // Static PVs: one volume restored by cairnd under a chosen name, one by
+    // a StorageClass with fromBackup.
+    cairn
+        .create_volume(cairn_api::pb::CreateVolumeRequest {
+            name: "data-db-0".into(),
+            from_backup: snap.snapshot_id.clone(),
+            replicas: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut req = create_req("pvc-from-backup", 64 * MIB);
+    req.parameters
+        .insert("fromBackup".into(), snap.snapshot_id.clone());
+    let from_param = c
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    for id in [&restored, &"data-db-0".to_string(), &from_param] {
+        let (staging, target) = dirs(&root, id, false);
+        let mut pod = Pod {
+            c: &mut c,
+            n: &mut n,
+            node: "node-a".into(),
+            id: id.clone(),
+            cap: cap.clone(),
+            staging,
+            target,
+        };
+        pod.up(false).await;
+        assert_eq!(
+            pod.read(data.len()),
+            data,
+            "{id}: data differs from the backup"
+        );
+        pod.down().await;
+        println!("[22-csi] velero: {id} restored from S3, data equal");
+    }
+
+    for _ in 0..2 {
+        c.delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap();
+    }
+    let left = c
+        .list_snapshots(ListSnapshotsRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(left.is_empty(), "the backup is still listed: {left:?}");
+    for id in [&restored, &"data-db-0".to_string(), &from_param] {
+        delete(&mut c, id).await;
+    }
+    assert!(env.volume_names().await.is_empty());
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }

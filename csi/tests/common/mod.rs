@@ -3,6 +3,8 @@
 //! request builders.
 #![allow(clippy::unwrap_used, dead_code)]
 
+pub mod pod;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -129,18 +131,7 @@ impl Env {
         .await
         .unwrap();
         let csi_socket = tmp.path().join("csi/csi.sock");
-        let config = cairn_csi::DriverConfig {
-            endpoint: csi_socket.clone(),
-            node_id: "node-a".into(),
-            cairnd_socket: cairnd_socket.clone(),
-            mode: cairn_csi::Mode::All,
-            driver_name: cairn_csi::DEFAULT_DRIVER_NAME.into(),
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(cairn_csi::serve(config, async {
-            let _ = rx.await;
-        }));
-        wait_socket(&csi_socket, "cairn-csi").await;
+        let tx = start_driver(&cairnd_socket, "node-a", &csi_socket).await;
         Env {
             cairnd,
             cairnd_socket,
@@ -151,15 +142,7 @@ impl Env {
     }
 
     pub async fn channel(&self) -> Channel {
-        let path = self.csi_socket.clone();
-        Endpoint::try_from("http://[::]:50051")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_| {
-                let path = path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-            }))
-            .await
-            .unwrap()
+        csi_channel(&self.csi_socket).await
     }
 
     pub async fn controller(&self) -> ControllerClient<Channel> {
@@ -188,6 +171,42 @@ impl Env {
         v.sort();
         v
     }
+}
+
+/// Serves the driver (mode `all`) for `node_id` in this process on
+/// `csi_socket`, in front of the cairnd at `cairnd_socket`; it stops when
+/// the sender is dropped or fires.
+pub async fn start_driver(
+    cairnd_socket: &Path,
+    node_id: &str,
+    csi_socket: &Path,
+) -> tokio::sync::oneshot::Sender<()> {
+    let config = cairn_csi::DriverConfig {
+        endpoint: csi_socket.to_path_buf(),
+        node_id: node_id.into(),
+        cairnd_socket: cairnd_socket.to_path_buf(),
+        mode: cairn_csi::Mode::All,
+        driver_name: cairn_csi::DEFAULT_DRIVER_NAME.into(),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(cairn_csi::serve(config, async {
+        let _ = rx.await;
+    }));
+    wait_socket(csi_socket, "cairn-csi").await;
+    tx
+}
+
+/// A client channel over a driver's Unix socket.
+pub async fn csi_channel(csi_socket: &Path) -> Channel {
+    let path = csi_socket.to_path_buf();
+    Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .unwrap()
 }
 
 pub fn mount_cap(fs: &str, mode: Mode) -> VolumeCapability {
