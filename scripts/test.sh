@@ -3,7 +3,7 @@
 # once (release profile, reused by the unit tests and the guest), runs the
 # unit and integration tests, then the end-to-end suite against real
 # /dev/ublkbN devices inside a QEMU guest running Debian's 6.12 kernel, and
-# a short kernel matrix: two cases again on trixie-backports' 7.3 kernel
+# a short kernel matrix: three cases again on trixie-backports' 7.3 kernel
 # (VM_KERNEL=7.3; its ublk driver has UPDATE_SIZE, 6.12's does not).
 #
 #   scripts/test.sh            everything
@@ -110,9 +110,9 @@ else
         vm_failed=1
     fi
     # Kernel matrix, kept short: the kernel-dependent case and the data path.
-    echo "== guest e2e on the 7.3 kernel (VM_KERNEL=7.3: online-expansion gate, fio verify)"
+    echo "== guest e2e on the 7.3 kernel (VM_KERNEL=7.3: online expansion through cairnctl and CSI, fio verify)"
     set +e
-    VM_KERNEL=7.3 bash scripts/vm/run.sh scripts/e2e/run-all.sh 18-online-expand.sh 01-fio-verify.sh 2>&1 |
+    VM_KERNEL=7.3 bash scripts/vm/run.sh scripts/e2e/run-all.sh 18-online-expand.sh 22-csi.sh 01-fio-verify.sh 2>&1 |
         tee target/e2e-7.3.log
     k_rc=${PIPESTATUS[0]}
     set -e

@@ -52,14 +52,27 @@ impl Identity for IdentityService {
         &self,
         _: Request<GetPluginCapabilitiesRequest>,
     ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        // Online when this node's kernel resizes a live /dev/ublkbN
+        // (UBLK_F_UPDATE_SIZE, Linux 6.16+); detached volumes grow anywhere.
+        // A node whose cairnd does not answer says offline, the safe claim.
+        let online = match self.cairnd.client().await {
+            Ok(mut c) => c
+                .get_node(cairn_api::pb::GetNodeRequest {})
+                .await
+                .is_ok_and(|n| n.into_inner().online_expansion),
+            Err(_) => false,
+        };
+        let expansion = if online {
+            volume_expansion::Type::Online
+        } else {
+            volume_expansion::Type::Offline
+        };
         let mut capabilities = vec![
             service(service::Type::VolumeAccessibilityConstraints),
-            // Offline only for now: cairnd grows detached volumes (online
-            // growth of a live /dev/ublkbN is not built).
             PluginCapability {
                 r#type: Some(plugin_capability::Type::VolumeExpansion(
                     plugin_capability::VolumeExpansion {
-                        r#type: volume_expansion::Type::Offline as i32,
+                        r#type: expansion as i32,
                     },
                 )),
             },

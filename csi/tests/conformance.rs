@@ -49,9 +49,22 @@ async fn identity_info_capabilities_and_probe() {
         .collect();
     assert!(services.contains(&(S::ControllerService as i32)));
     assert!(services.contains(&(S::VolumeAccessibilityConstraints as i32)));
-    assert!(caps
-        .iter()
-        .any(|c| matches!(c.r#type, Some(Type::VolumeExpansion(_)))));
+    // Expansion follows the node's kernel (online needs UBLK_F_UPDATE_SIZE).
+    let online = env
+        .cairn()
+        .await
+        .get_node(cairn_api::pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .online_expansion;
+    use plugin_capability::volume_expansion::Type as X;
+    let want = if online { X::Online } else { X::Offline };
+    assert!(
+        caps.iter().any(|c| matches!(&c.r#type,
+            Some(Type::VolumeExpansion(e)) if e.r#type == want as i32)),
+        "expansion capability is not {want:?}: {caps:?}"
+    );
     let ready = id.probe(ProbeRequest {}).await.unwrap().into_inner().ready;
     assert_eq!(ready, Some(true));
     env.cairnd.kill().unwrap();

@@ -546,3 +546,111 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Online expansion through the CSI calls, on whichever kernel the guest
+/// runs: with UBLK_F_UPDATE_SIZE (7.3) ControllerExpandVolume grows the
+/// published, mounted volume (node expansion required), NodeExpandVolume on
+/// the pod's path grows the mounted ext4, the data stays; without it (6.12)
+/// ControllerExpandVolume is FAILED_PRECONDITION naming the kernel, and the
+/// volume keeps its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs /dev/ublkbN and root: run in the guest by scripts/e2e/22-csi.sh"]
+async fn online_expansion_through_the_csi_calls() {
+    let env = Env::start().await;
+    let root = env._tmp.path().to_path_buf();
+    let online = env
+        .cairn()
+        .await
+        .get_node(cairn_api::pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .online_expansion;
+    let (mut c, mut n) = (env.controller().await, env.node().await);
+    let data = pattern(33, 2 << 20);
+    let cap = mount_cap("ext4", Mode::SingleNodeWriter);
+    let id = create(&mut c, "pvc-grow-live", 64, None).await;
+    let (staging, target) = dirs(&root, "pvc-grow-live", false);
+    let mut pod = Pod {
+        c: &mut c,
+        n: &mut n,
+        node: "node-a".into(),
+        id: id.clone(),
+        cap: cap.clone(),
+        staging,
+        target: target.clone(),
+    };
+    pod.up(false).await;
+    pod.write(&data);
+    let expand = ControllerExpandVolumeRequest {
+        volume_id: id.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 160 * MIB,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let r = pod.c.controller_expand_volume(expand.clone()).await;
+    if !online {
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+        assert!(e.message().contains("6.16"), "{}", e.message());
+        assert!(
+            pod.stats().await[0].total <= 64 * MIB,
+            "the refused growth changed the filesystem"
+        );
+        pod.down().await;
+        delete(&mut c, &id).await;
+        println!(
+            "[22-csi] online expansion on this kernel: refused ({})",
+            e.message()
+        );
+        return;
+    }
+    let r = r.unwrap().into_inner();
+    assert_eq!(r.capacity_bytes, 160 * MIB);
+    assert!(r.node_expansion_required, "a mounted filesystem must grow");
+    // The external-resizer retries: the same answer.
+    let again = pod
+        .c
+        .controller_expand_volume(expand)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.capacity_bytes, 160 * MIB);
+    let grown = pod
+        .n
+        .node_expand_volume(NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 160 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 160 * MIB);
+    let took = t0.elapsed().as_secs_f64();
+    let total = pod.stats().await[0].total;
+    assert!(
+        total > 130 * MIB,
+        "the mounted filesystem did not grow ({total} bytes)"
+    );
+    assert_eq!(pod.read(data.len()), data, "data changed across the growth");
+    pod.write(&pattern(34, 100 << 20));
+    pod.down().await;
+    pod.up(false).await;
+    assert_eq!(pod.read(100 << 20), pattern(34, 100 << 20));
+    pod.down().await;
+    delete(&mut c, &id).await;
+    println!(
+        "[22-csi] online expansion 64 -> 160 MiB while mounted: ControllerExpand + NodeExpand {took:.2}s, ext4 {} MiB, 100 MiB written and read back after a re-attach",
+        total >> 20
+    );
+}

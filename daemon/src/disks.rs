@@ -15,6 +15,20 @@ use crate::replica::meta::{self, VOLUME_META};
 use crate::replica::{Replica, ReplicaError, ReplicaSpec};
 use crate::transport::{DiskReport, NodeReport, ReplicaReport};
 
+/// What [`DiskSet::expand`] does with a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
+pub enum GrowStep {
+    /// Only whether its disk takes the growth; the replica must not be open
+    /// (an offline expansion checks every replica before growing any).
+    Check,
+    /// Only whether its disk takes the growth, the replica open in a live
+    /// volume (an online expansion: the owner's engine then grows it in
+    /// place, under its owner session).
+    CheckLive,
+    /// Grow it; it must not be open.
+    Grow,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     #[error("no replica named {replica} on node {node}")]
@@ -237,31 +251,37 @@ impl NodeDisks {
         Ok(r)
     }
 
-    /// Grows replica `replica` (open nowhere) to `size` bytes if its disk
-    /// `fits` the growth (the caller's placement rules, given the disk and
-    /// the bytes added). With `check_only`, only says whether it would.
+    /// Grows replica `replica` to `size` bytes if its disk `fits` the
+    /// growth (the caller's placement rules, given the disk and the bytes
+    /// added), or only checks it (see [`GrowStep`]).
     pub fn expand(
         &self,
         replica: &str,
         size: u64,
-        check_only: bool,
+        step: GrowStep,
         fits: impl Fn(&DiskReport, u64) -> bool,
     ) -> Result<(), DiskError> {
         let mut open = self.lock();
-        if open.get(replica).is_some_and(|w| w.strong_count() > 0) {
+        let live = open.get(replica).and_then(Weak::upgrade);
+        if live.is_some() && step != GrowStep::CheckLive {
             return Err(DiskError::InUse {
                 node: self.node.clone(),
                 replica: replica.to_string(),
             });
         }
-        open.remove(replica);
+        if live.is_none() {
+            open.remove(replica);
+        }
         let found = self
             .find(replica)
             .ok_or_else(|| DiskError::UnknownReplica {
                 node: self.node.clone(),
                 replica: replica.to_string(),
             })?;
-        let current = Replica::open(&found.dir)?.size();
+        let current = match &live {
+            Some(r) => r.size(),
+            None => Replica::open(&found.dir)?.size(),
+        };
         if size > current {
             let disk = found.disk.display().to_string();
             let by = size - current;
@@ -280,7 +300,7 @@ impl NodeDisks {
                 });
             }
         }
-        if check_only {
+        if step != GrowStep::Grow {
             return Ok(());
         }
         Replica::expand(&found.dir, size)?;

@@ -971,3 +971,97 @@ fn quiet_chunks_settle_and_a_clean_close_leaves_no_resync() {
     v.flush_and_close().expect("close");
     assert!(!log_path.exists());
 }
+
+/// Online growth over the replica protocol: under quiesce every healthy
+/// replica grows in place (inside the owner session), the write-intent log
+/// is rewritten for the new size with its set bits kept, and the new range
+/// takes writes at once on both replicas. A replica out of the write set
+/// keeps its size and loses its dirty map (it is replaced, never resumed);
+/// a smaller size is refused and a repeat is a no-op.
+#[test]
+fn a_live_volume_grows_on_every_healthy_replica() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b, c) = (
+        Node::new(tmp.path(), "a"),
+        Node::new(tmp.path(), "b"),
+        Node::new(tmp.path(), "c"),
+    );
+    for (n, r) in [(&a, "vol-r-a"), (&b, "vol-r-b"), (&c, "vol-r-c")] {
+        n.create(r);
+    }
+    let v = volume(vec![
+        ReplicaHandle {
+            name: "vol-r-a".into(),
+            io: Some(a.remote("vol-r-a")),
+        },
+        ReplicaHandle {
+            name: "vol-r-b".into(),
+            io: Some(b.remote("vol-r-b")),
+        },
+        ReplicaHandle {
+            name: "vol-r-c".into(),
+            io: Some(c.remote("vol-r-c")),
+        },
+    ]);
+    let log_path = tmp.path().join("vol.intent");
+    v.set_intent_log(IntentLog::create(&log_path, SIZE).expect("log"));
+    let mut engine = QueueEngine::new(v.clone(), 0, LAYOUT.depth);
+    let mut ring = TestRing::new();
+    let mut tail = pattern(1, 65536);
+    assert_eq!(
+        write(&mut ring, &mut engine, SIZE - 65536, &mut tail),
+        65536
+    );
+    v.fail_replica("vol-r-c", "test: out of the write set")
+        .expect("fail c");
+    assert!(v.may_resume(2, "vol-r-c"), "c tracks what it misses");
+    let grow = |ring: &mut TestRing, engine: &mut QueueEngine, size: u64| {
+        let v2 = v.clone();
+        with_queue_pumped(ring, engine, move || v2.grow(size, Duration::from_secs(5)))
+    };
+    assert!(grow(&mut ring, &mut engine, SIZE / 2).is_err(), "shrink");
+    let big = 3 * SIZE;
+    grow(&mut ring, &mut engine, big).expect("grow");
+    assert_eq!(v.size(), big);
+    assert!(
+        !v.may_resume(2, "vol-r-c"),
+        "a replica that missed the growth must be replaced, not resumed"
+    );
+    // The new range is served at once, on both healthy replicas.
+    let mut past = pattern(2, 131072);
+    assert_eq!(
+        write(&mut ring, &mut engine, 2 * SIZE + MIB, &mut past),
+        131072
+    );
+    assert_eq!(read(&mut ring, &mut engine, 2 * SIZE + MIB, 131072), past);
+    assert_eq!(read(&mut ring, &mut engine, SIZE - 65536, 65536), tail);
+    let mut end = pattern(3, 4096);
+    assert_eq!(write(&mut ring, &mut engine, big - 4096, &mut end), 4096);
+    grow(&mut ring, &mut engine, big).expect("a repeat is a no-op");
+    for (n, r) in [(&a, "vol-r-a"), (&b, "vol-r-b")] {
+        let rep = n.disks.open("vol", r).expect("open");
+        assert_eq!(rep.size(), big, "{r} did not grow");
+        let mut buf = vec![0u8; 131072];
+        rep.read_at(2 * SIZE + MIB, &mut buf).expect("read");
+        assert_eq!(buf, past, "{r} lacks the write past the old end");
+    }
+    assert_eq!(
+        c.disks.open("vol", "vol-r-c").expect("open").size(),
+        SIZE,
+        "the failed replica was not touched"
+    );
+    // The log now describes the grown volume: the write past the old end
+    // is marked (chunk 2 of 16 MiB), the one before it still is.
+    match IntentLog::leftover(&log_path, big) {
+        Leftover::Chunks(ranges) => {
+            assert!(ranges.contains(&(0, SIZE)), "{ranges:?}");
+            assert!(
+                ranges
+                    .iter()
+                    .any(|&(s, e)| s <= 2 * SIZE + MIB && e >= 2 * SIZE + MIB + 131072),
+                "{ranges:?}"
+            );
+        }
+        other => panic!("write-intent log after the growth: {other:?}"),
+    }
+}

@@ -19,5 +19,5 @@ if ! CAIRND_BIN="$BIN/cairnd" "$bin" --ignored --test-threads 1 --nocapture >"$W
 fi
 grep '^\[22-csi\]' "$WORK/node_guest.log" || true
 grep -E "^test result" "$WORK/node_guest.log"
-grep -q "test result: ok. 3 passed" "$WORK/node_guest.log" || die "expected 3 guest tests to pass"
+grep -q "test result: ok. 4 passed" "$WORK/node_guest.log" || die "expected 4 guest tests to pass"
 say PASS

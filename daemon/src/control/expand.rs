@@ -1,21 +1,24 @@
-//! `volume expand`: growing a detached volume (every replica, then the
-//! record). Online expansion (resizing a live `/dev/ublkbN` with
-//! `UBLK_CMD_UPDATE_SIZE`, Linux 6.16+) is not built: an attached volume is
-//! refused, changing nothing. The refusal depends on the running kernel,
-//! read at run time ([`KernelFeatures`]): without `UBLK_F_UPDATE_SIZE` it
-//! says which Linux is needed ([`ControlError::OnlineExpandUnsupported`]);
-//! with it, that online expansion is not built yet. Both say to detach.
+//! `volume expand`: growing a volume, detached or attached.
 //!
-//! Every replica is checked first (reachable, not open, its disk takes the
-//! growth under the placement rules); only then does any grow, so a refusal
-//! changes nothing. Growing is idempotent per replica: if one fails midway
-//! (a node dies between the check and the growth), running the command
-//! again completes it, and the record keeps the old size until every
-//! replica has the new one.
+//! Detached (offline): every replica is checked first (reachable, not open,
+//! its disk takes the growth under the placement rules); only then does any
+//! grow, so a refusal changes nothing. Growing is idempotent per replica:
+//! if one fails midway (a node dies between the check and the growth),
+//! running the command again completes it, and the record keeps the old
+//! size until every replica has the new one.
+//!
+//! Attached (online; design 0009): needs the ublk driver's
+//! `UBLK_F_UPDATE_SIZE` (Linux 6.16+), read at run time
+//! ([`KernelFeatures`]); without it the refusal names the kernel and says to
+//! detach. Every replica's disk is checked first (the replicas are open:
+//! `GrowStep::CheckLive`); then the owner's engine grows its healthy
+//! replicas in place under quiesce (`VolumeIo::grow`), the kernel is told
+//! the new size (`UBLK_U_CMD_UPDATE_SIZE`), and the record follows. A
+//! replica out of the write set is replaced at the new size by repair.
 
 use super::store::ReplicaRecord;
 use super::{ControlError, VolumeInfo, VolumeManager};
-use crate::disks::disk_fits;
+use crate::disks::{disk_fits, GrowStep};
 use crate::frontend::KernelFeatures;
 use crate::replica::BLOCK_SIZE;
 use crate::transport::Op;
@@ -32,10 +35,13 @@ impl VolumeManager {
         if size % BLOCK_SIZE != 0 {
             return Err(ControlError::UnalignedSize { size });
         }
-        if v.live.is_some() {
+        let live = v.live.as_ref().map(|l| (l.io.clone(), l.dev_id()));
+        if live.is_some() {
             // One control command to the ublk driver (and uname).
             let kernel = tokio::task::spawn_blocking(KernelFeatures::detect).await?;
-            return Err(online_refusal(name, &kernel));
+            if let Some(e) = online_refusal(name, &kernel) {
+                return Err(e);
+            }
         }
         if v.record.standby {
             return Err(ControlError::Standby {
@@ -59,17 +65,32 @@ impl VolumeManager {
         let inner = self.inner.clone();
         let volume = name.to_string();
         drop(st);
-        tokio::task::spawn_blocking(move || {
-            // Every replica must take it before any grows.
-            for r in &replicas {
-                inner.expand_replica(&volume, r, size, true)?;
+        match live {
+            None => {
+                tokio::task::spawn_blocking(move || {
+                    // Every replica must take it before any grows.
+                    for r in &replicas {
+                        inner.expand_replica(&volume, r, size, GrowStep::Check)?;
+                    }
+                    for r in &replicas {
+                        inner.expand_replica(&volume, r, size, GrowStep::Grow)?;
+                    }
+                    Ok::<(), ControlError>(())
+                })
+                .await??;
             }
-            for r in &replicas {
-                inner.expand_replica(&volume, r, size, false)?;
+            Some((io, dev_id)) => {
+                tokio::task::spawn_blocking(move || {
+                    for r in &replicas {
+                        inner.expand_replica(&volume, r, size, GrowStep::CheckLive)?;
+                    }
+                    io.grow(size, GROW_QUIESCE_TIMEOUT)?;
+                    crate::frontend::resize_device(&volume, dev_id, size)?;
+                    Ok::<(), ControlError>(())
+                })
+                .await??;
             }
-            Ok::<(), ControlError>(())
-        })
-        .await??;
+        }
         let mut st = self.inner.state.lock().await;
         let v = st.volume_mut(name)?;
         let old = v.record.size;
@@ -85,30 +106,26 @@ impl VolumeManager {
     }
 }
 
-/// Why attached volume `name` cannot grow on this kernel: it lacks
-/// `UBLK_F_UPDATE_SIZE`, or it has it and online expansion is not built.
-fn online_refusal(name: &str, kernel: &KernelFeatures) -> ControlError {
-    if kernel.online_resize() {
-        ControlError::MustDetach {
-            name: name.to_string(),
-            what: "expand it (online expansion is not built yet, also on kernels with UBLK_F_UPDATE_SIZE like this one)",
-        }
-    } else {
-        ControlError::OnlineExpandUnsupported {
-            name: name.to_string(),
-            release: kernel.release.clone(),
-        }
-    }
+/// Why attached volume `name` cannot grow on this kernel, if it cannot:
+/// the ublk driver lacks `UBLK_F_UPDATE_SIZE`.
+fn online_refusal(name: &str, kernel: &KernelFeatures) -> Option<ControlError> {
+    (!kernel.online_resize()).then(|| ControlError::OnlineExpandUnsupported {
+        name: name.to_string(),
+        release: kernel.release.clone(),
+    })
 }
 
+/// How long an online growth waits for in-flight I/O to drain.
+const GROW_QUIESCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl super::manager::Inner {
-    /// Grows (or with `check_only` checks) one replica, here or on its node.
+    /// Grows or checks (`step`) one replica, here or on its node.
     fn expand_replica(
         &self,
         volume: &str,
         r: &ReplicaRecord,
         size: u64,
-        check_only: bool,
+        step: GrowStep,
     ) -> Result<(), ControlError> {
         let rules = self.rules();
         let refused = |reason: String, no_room: bool| ControlError::CannotGrow {
@@ -119,10 +136,12 @@ impl super::manager::Inner {
             no_room,
         };
         if r.addr.is_empty() {
-            self.disks.forget(&r.name);
+            if step != GrowStep::CheckLive {
+                self.disks.forget(&r.name);
+            }
             return self
                 .disks
-                .expand(&r.name, size, check_only, |d, by| {
+                .expand(&r.name, size, step, |d, by| {
                     disk_fits(d, by, rules.over_provisioning, rules.min_available)
                 })
                 .map_err(|e| {
@@ -135,7 +154,7 @@ impl super::manager::Inner {
             size,
             over_provisioning: rules.over_provisioning,
             min_available: rules.min_available,
-            check_only,
+            step,
         };
         match self.cluster.call(&r.addr, op) {
             Ok(Op::Ok) => Ok(()),
@@ -161,6 +180,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::unwrap_used)]
     fn refusal_follows_the_kernel() {
         let k = |ublk| KernelFeatures {
             release: "6.12.57+deb12-amd64".to_string(),
@@ -169,7 +189,7 @@ mod tests {
         let no_resize = (libublk::sys::UBLK_F_USER_RECOVERY
             | libublk::sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
         for kernel in [k(None), k(Some(no_resize))] {
-            let e = online_refusal("v1", &kernel);
+            let e = online_refusal("v1", &kernel).unwrap();
             assert!(matches!(e, ControlError::OnlineExpandUnsupported { .. }));
             let msg = "online expansion needs Linux 6.16 or newer (this kernel: 6.12.57+deb12-amd64); detach the volume first";
             assert_eq!(e.to_string(), msg);
@@ -181,9 +201,6 @@ mod tests {
             "v1",
             &k(Some(no_resize | libublk::sys::UBLK_F_UPDATE_SIZE as u64)),
         );
-        assert!(matches!(e, ControlError::MustDetach { .. }));
-        let msg = e.to_string();
-        assert!(msg.contains("detach it before you expand it"), "{msg}");
-        assert!(msg.contains("not built yet"), "{msg}");
+        assert!(e.is_none(), "refused on a kernel that resizes: {e:?}");
     }
 }

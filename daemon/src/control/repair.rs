@@ -73,7 +73,7 @@ pub async fn repair_loop(inner: Weak<Inner>) {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
         // Snapshot the attached volumes; the blocking work runs unlocked.
-        let live: Vec<(String, Arc<VolumeIo>, Vec<ReplicaRecord>, u64)> = {
+        let live: Vec<(String, Arc<VolumeIo>, Vec<ReplicaRecord>)> = {
             let st = inner.state.lock().await;
             st.volumes
                 .values()
@@ -83,14 +83,16 @@ pub async fn repair_loop(inner: Weak<Inner>) {
                             v.record.name.clone(),
                             l.io.clone(),
                             v.record.replicas.clone(),
-                            v.record.size,
                         )
                     })
                 })
                 .collect()
         };
-        for (name, io, records, size) in live {
+        for (name, io, records) in live {
             let i = inner.clone();
+            // The engine's size, not the record's: an online growth updates
+            // the record last, and a replacement must match the engine.
+            let size = io.size();
             let _ =
                 tokio::task::spawn_blocking(move || repair_volume(&i, &name, &io, &records, size))
                     .await;

@@ -302,6 +302,32 @@ impl IntentLog {
         cleared
     }
 
+    /// The log of this volume grown to `size` bytes: the same file
+    /// rewritten (write-new, fsync, rename, fsync dir) with this log's set
+    /// bits and clear ones for the new chunks. Call with I/O quiesced, then
+    /// use only the returned log; a bit this one clears later stays set in
+    /// it (a wider resync after a crash, never a narrower one).
+    pub fn grown(&self, size: u64) -> Result<IntentLog, IntentError> {
+        let _file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let n = chunks_of(size).div_ceil(64) as usize;
+        let mut words: Vec<u64> = self.bits.iter().map(|w| w.load(Ordering::SeqCst)).collect();
+        words.resize(n.max(words.len()), 0);
+        fsutil::atomic_write(&self.path, &image(size, STATE_CHUNKS, &words))
+            .map_err(io_err(&self.path))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(io_err(&self.path))?;
+        Ok(IntentLog {
+            path: self.path.clone(),
+            size,
+            bits: words.into_iter().map(AtomicU64::new).collect(),
+            file: Mutex::new(file),
+            failed: AtomicBool::new(false),
+        })
+    }
+
     /// A clean stop: every write is on every healthy replica and flushed.
     pub fn remove(&self) -> Result<(), IntentError> {
         let _file = self.file.lock().unwrap_or_else(|p| p.into_inner());
@@ -316,6 +342,31 @@ mod tests {
     use super::*;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_grown_log_keeps_the_set_bits_and_covers_the_new_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.intent");
+        let log = IntentLog::create(&path, 40 * MIB).unwrap();
+        log.mark(17 * MIB, 4096);
+        let grown = log.grown(2048 * MIB).unwrap();
+        drop(log);
+        // Chunk 1 is still set; the old size no longer reads back.
+        assert!(matches!(
+            IntentLog::leftover(&path, 40 * MIB),
+            Leftover::Unknown(_)
+        ));
+        assert_eq!(
+            IntentLog::leftover(&path, 2048 * MIB),
+            Leftover::Chunks(vec![(16 * MIB, 32 * MIB)])
+        );
+        // A write past the old end (chunk 100, in the second word) is marked.
+        grown.mark(1600 * MIB, 8192);
+        assert_eq!(
+            IntentLog::leftover(&path, 2048 * MIB),
+            Leftover::Chunks(vec![(16 * MIB, 32 * MIB), (1600 * MIB, 1616 * MIB)])
+        );
+    }
 
     #[test]
     fn a_marked_chunk_survives_a_crash_and_a_clean_stop_leaves_nothing() {

@@ -90,4 +90,11 @@ pub enum EngineError {
         what: String,
         reason: String,
     },
+    #[error("volume {volume}: cannot grow from {current} to {size} bytes: {reason}")]
+    Grow {
+        volume: String,
+        current: u64,
+        size: u64,
+        reason: String,
+    },
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use super::layered_view::LayerReader;
 use super::replica_io::ReplicaIo;
-use super::volume::{healthy_of, REGION_SHIFT};
+use super::volume::{healthy_of, Region, REGION_SHIFT};
 use super::{EngineError, VolumeIo};
 use crate::replica::extent::HeadBitmap;
 use crate::replica::{ChainChange, LayerInfo, Replica, BLOCK_SIZE};
@@ -427,6 +427,7 @@ pub fn rebuild(
     progress.incremental.store(incremental, Ordering::Relaxed);
     let mut copier = Copier {
         volume,
+        regions: volume.regions(),
         idx,
         name,
         target,
@@ -466,6 +467,9 @@ pub fn rebuild(
 
 struct Copier<'a> {
     volume: &'a VolumeIo,
+    /// The volume's write counters (fixed for the rebuild: a growth waits
+    /// until no rebuild runs).
+    regions: Arc<Box<[Region]>>,
     idx: usize,
     name: &'a str,
     target: Box<dyn BlockStore>,
@@ -599,7 +603,7 @@ impl Copier<'_> {
             .map_err(|e| self.io_err("writing", self.target.describe(), e))?;
         for (i, &(off, len)) in window.iter().enumerate() {
             self.report.copied += len as u64;
-            let Some(region) = self.volume.region((off >> REGION_SHIFT) as usize) else {
+            let Some(region) = self.regions.get((off >> REGION_SHIFT) as usize) else {
                 continue;
             };
             if region.inflight.load(Ordering::SeqCst) != 0
@@ -617,7 +621,7 @@ impl Copier<'_> {
     /// Waits until no write is in flight in region `idx`; returns its
     /// `started` count read before that check (see `copy_chunk`).
     fn wait_idle(&self, idx: usize) -> Result<u32, RebuildError> {
-        let Some(region) = self.volume.region(idx) else {
+        let Some(region) = self.regions.get(idx) else {
             return Ok(0);
         };
         let since = Instant::now();
@@ -656,7 +660,7 @@ impl Copier<'_> {
         buf: &mut [u8],
     ) -> Result<(), RebuildError> {
         let region_idx = (off >> REGION_SHIFT) as usize;
-        let Some(region) = self.volume.region(region_idx) else {
+        let Some(region) = self.regions.get(region_idx) else {
             return Ok(());
         };
         loop {
@@ -680,10 +684,7 @@ impl Copier<'_> {
     }
 
     fn wait_quiet(&self) -> Result<(), RebuildError> {
-        for i in 0..self.volume.region_count() {
-            let Some(region) = self.volume.region(i) else {
-                continue;
-            };
+        for (i, region) in self.regions.iter().enumerate() {
             let since = Instant::now();
             while region.inflight.load(Ordering::SeqCst) != 0 {
                 if since.elapsed() > QUIET_TIMEOUT {

@@ -547,7 +547,8 @@ fn receive(sh: Arc<ConnShared>, mut reader: FrameReader<TcpStream>) {
 /// once installed in a volume, one [`QueueConn`] per queue.
 pub struct RemoteReplica {
     target: RemoteTarget,
-    size: u64,
+    /// The replica's size as it answered `Open`, or grew since.
+    size: AtomicU64,
     revision: AtomicU64,
     /// The owner session this replica was claimed with; every connection
     /// of ours to it joins this generation.
@@ -580,7 +581,7 @@ impl RemoteReplica {
         };
         Ok(RemoteReplica {
             target,
-            size,
+            size: AtomicU64::new(size),
             revision: AtomicU64::new(revision),
             generation,
             instance,
@@ -604,7 +605,7 @@ impl RemoteReplica {
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     pub fn revision(&self) -> u64 {
@@ -686,7 +687,12 @@ impl RemoteReplica {
         match c.call(Op::ChangeChain {
             change: change.clone(),
         })? {
-            Op::ChainChanged { names, coalesced } => Ok(ChainOutcome { names, coalesced }),
+            Op::ChainChanged { names, coalesced } => {
+                if let ChainChange::Grow { size } = change {
+                    self.size.store(*size, Ordering::Release);
+                }
+                Ok(ChainOutcome { names, coalesced })
+            }
             other => Err(c.unexpected("ChangeChain".into(), other)),
         }
     }

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
-use arc_swap::{ArcSwapOption, Guard};
+use arc_swap::{ArcSwap, ArcSwapOption, Guard};
 
 use super::intent::{IntentLog, CHUNK_SHIFT};
 use super::queue::QueueStats;
@@ -143,7 +143,8 @@ fn pack(healthy: u32, rebuilding: u32, tracking: u32) -> u32 {
 /// The replica set of one attached volume.
 pub struct VolumeIo {
     name: String,
-    size: u64,
+    /// Bytes; grows only under quiesce ([`Self::grow`]).
+    size: AtomicU64,
     slots: Box<[Slot]>,
     masks: AtomicU32,
     /// Bit i set: slot i's replica is on this node (reads prefer those).
@@ -156,7 +157,9 @@ pub struct VolumeIo {
     queues: Mutex<Vec<Arc<QueueStats>>>,
     layout: QueueLayout,
     ports: Box<[Arc<CompletionPort>]>,
-    regions: Box<[Region]>,
+    /// One per MiB of the volume; replaced (longer, counters carried over)
+    /// only under quiesce by [`Self::grow`].
+    regions: ArcSwap<Box<[Region]>>,
     /// Pause word: `epoch << 1 | paused`. Read once per request.
     pause: AtomicU64,
     /// Set while a [`Quiesced`] guard exists (one at a time).
@@ -171,8 +174,9 @@ pub struct VolumeIo {
     /// Where replica-set changes are persisted (the control plane's epoch
     /// mark), if anywhere.
     epoch_log: OnceLock<EpochLog>,
-    /// Chunks that may hold writes not yet on every healthy replica.
-    intent: OnceLock<IntentLog>,
+    /// Chunks that may hold writes not yet on every healthy replica
+    /// (replaced by a longer one, bits carried over, by [`Self::grow`]).
+    intent: ArcSwapOption<IntentLog>,
     /// Per set intent chunk, the writes started in it at the last settle.
     settle_seen: Mutex<HashMap<u64, u64>>,
 }
@@ -183,6 +187,7 @@ fn describe_change(c: &ChainChange) -> String {
         ChainChange::Remove { name } => format!("removing snapshot {name}"),
         ChainChange::Purge => "snapshot purge".into(),
         ChainChange::Revert { name } => format!("revert to snapshot {name}"),
+        ChainChange::Grow { size } => format!("growing to {size} bytes"),
     }
 }
 
@@ -303,12 +308,12 @@ impl VolumeIo {
             .enumerate()
             .filter(|(_, s)| matches!(s.io.load().as_deref(), Some(ReplicaIo::Local(_))))
             .fold(0u32, |m, (i, _)| m | 1 << i);
-        let regions = (0..size.div_ceil(1 << REGION_SHIFT))
+        let regions: Box<[Region]> = (0..size.div_ceil(1 << REGION_SHIFT))
             .map(|_| Region::default())
             .collect();
         let volume = Arc::new(VolumeIo {
             name: name.to_string(),
-            size,
+            size: AtomicU64::new(size),
             slots: slots.into_boxed_slice(),
             masks: AtomicU32::new(pack(healthy, 0, 0)),
             local: AtomicU32::new(local),
@@ -318,14 +323,14 @@ impl VolumeIo {
             queues: Mutex::new(Vec::new()),
             layout,
             ports: ports.into_boxed_slice(),
-            regions,
+            regions: ArcSwap::from_pointee(regions),
             pause: AtomicU64::new(0),
             pausing: std::sync::atomic::AtomicBool::new(false),
             fenced: AtomicBool::new(false),
             owner: OnceLock::new(),
             me: OnceLock::new(),
             epoch_log: OnceLock::new(),
-            intent: OnceLock::new(),
+            intent: ArcSwapOption::empty(),
             settle_seen: Mutex::new(HashMap::new()),
         });
         let _ = volume.me.set(Arc::downgrade(&volume));
@@ -341,7 +346,7 @@ impl VolumeIo {
     /// Sets the write-intent log (once, before the device serves I/O):
     /// from then on every write persists its chunk's bit before its legs.
     pub fn set_intent_log(&self, log: IntentLog) {
-        let _ = self.intent.set(log);
+        self.intent.store(Some(Arc::new(log)));
     }
 
     /// A clean stop (no request can arrive any more): flushes every healthy
@@ -349,7 +354,7 @@ impl VolumeIo {
     /// next attach knows the replicas agree.
     pub fn flush_and_close(&self) -> Result<(), EngineError> {
         self.flush()?;
-        if let Some(log) = self.intent.get() {
+        if let Some(log) = self.intent.load().as_ref() {
             log.remove().map_err(|e| EngineError::Setup {
                 volume: self.name.clone(),
                 reason: e.to_string(),
@@ -365,7 +370,7 @@ impl VolumeIo {
         let first = chunk as usize * per;
         let mut started = 0u64;
         let mut busy = false;
-        for reg in self.regions.iter().skip(first).take(per) {
+        for reg in self.regions.load().iter().skip(first).take(per) {
             started = started.wrapping_add(u64::from(reg.started.load(Ordering::SeqCst)));
             busy |= reg.inflight.load(Ordering::SeqCst) != 0;
         }
@@ -377,7 +382,7 @@ impl VolumeIo {
     /// set first (only then do its replicas agree there on disk). Called
     /// every few seconds off the I/O path; returns how many it cleared.
     pub fn settle_intent(&self) -> usize {
-        let Some(log) = self.intent.get() else {
+        let Some(log) = self.intent.load_full() else {
             return 0;
         };
         let mut seen = self.settle_seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -401,7 +406,8 @@ impl VolumeIo {
     /// The byte ranges the write-intent log names now (empty without one).
     pub fn intent_ranges(&self) -> Vec<(u64, u64)> {
         self.intent
-            .get()
+            .load()
+            .as_deref()
             .map(IntentLog::dirty_ranges)
             .unwrap_or_default()
     }
@@ -459,7 +465,7 @@ impl VolumeIo {
     /// holding `ranges` (bytes) and whatever it tracked already.
     fn seed_dirty(&self, idx: usize, ranges: &[(u64, u64)], revision: u64) {
         let slot = &self.slots[idx];
-        let map = HeadBitmap::new(self.size.div_ceil(BLOCK_SIZE));
+        let map = HeadBitmap::new(self.size().div_ceil(BLOCK_SIZE));
         if let Some(old) = slot.dirty.load_full() {
             if slot.left_at.load(Ordering::SeqCst) == revision {
                 for (s, e) in old.ranges() {
@@ -518,7 +524,7 @@ impl VolumeIo {
         // the fence (`QueueEngine::submit`): once every region is idle, no
         // write that passed the check is in flight.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        for r in self.regions.iter() {
+        for r in self.regions.load().iter() {
             while r.inflight.load(Ordering::SeqCst) != 0 {
                 if std::time::Instant::now() > deadline {
                     tracing::error!(volume = %self.name, "fenced volume still has writes in flight after 60 s");
@@ -662,7 +668,7 @@ impl VolumeIo {
     }
 
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     pub fn layout(&self) -> QueueLayout {
@@ -759,6 +765,16 @@ impl VolumeIo {
         // no rebuild can start in between (its target would miss the change
         // and its dirty map would be dropped below).
         let mut messages = self.lock();
+        self.change_chain_quiesced(change, &mut messages)
+    }
+
+    /// [`Self::change_chain`] once I/O is quiesced and the membership lock
+    /// is held.
+    fn change_chain_quiesced(
+        &self,
+        change: &ChainChange,
+        messages: &mut [String],
+    ) -> Result<ChainOutcome, EngineError> {
         if rebuilding_of(self.masks()) != 0 {
             return Err(EngineError::Rebuilding {
                 volume: self.name.clone(),
@@ -800,7 +816,7 @@ impl VolumeIo {
         };
         for (i, e) in failures {
             self.fail_locked(
-                &mut messages,
+                messages,
                 i,
                 &format!("{} failed on this replica: {e}", describe_change(change)),
             );
@@ -812,6 +828,88 @@ impl VolumeIo {
             }
         }
         Ok(outcome)
+    }
+
+    /// Grows the volume to `size` bytes while it serves (online expansion).
+    /// Under quiesce and the membership lock: the write-intent log is
+    /// rewritten for the new size (its set bits kept), every healthy
+    /// replica grows (`ChainChange::Grow`, in our owner session; one that
+    /// fails is failed, to be replaced at the new size), then the write
+    /// counters and the size follow. Replicas out of the write set lose
+    /// their dirty maps (they come back through a full rebuild, as after
+    /// any chain change). Refused while a rebuild runs. The current size is
+    /// a no-op. The caller resizes the device afterwards: until then the
+    /// kernel sends nothing past the old end.
+    pub fn grow(
+        self: &Arc<Self>,
+        size: u64,
+        timeout: std::time::Duration,
+    ) -> Result<(), EngineError> {
+        let current = self.size();
+        let refuse = |reason: String| EngineError::Grow {
+            volume: self.name.clone(),
+            current,
+            size,
+            reason,
+        };
+        if size == current {
+            return Ok(());
+        }
+        if size < current || size % BLOCK_SIZE != 0 {
+            return Err(refuse(format!(
+                "the new size must be larger and a multiple of {BLOCK_SIZE}"
+            )));
+        }
+        let _quiet = self.quiesce(timeout)?;
+        let mut messages = self.lock();
+        if rebuilding_of(self.masks()) != 0 {
+            return Err(EngineError::Rebuilding {
+                volume: self.name.clone(),
+            });
+        }
+        let old_log = self.intent.load_full();
+        let new_log = match &old_log {
+            Some(log) => Some(
+                log.grown(size)
+                    .map_err(|e| refuse(format!("nothing changed: {e}")))?,
+            ),
+            None => None,
+        };
+        fail::fail_point!("engine::grow::after_intent");
+        if let Err(e) = self.change_chain_quiesced(&ChainChange::Grow { size }, &mut messages) {
+            // No replica grew: put the log back at the old size (the old
+            // log object's file is gone, so the rewritten one serves).
+            if let Some(log) = new_log {
+                match log.grown(current) {
+                    Ok(back) => self.intent.store(Some(Arc::new(back))),
+                    Err(le) => {
+                        tracing::error!(volume = %self.name, error = %le, "cannot restore the write-intent log after a failed growth");
+                        self.intent.store(Some(Arc::new(log)));
+                    }
+                }
+            }
+            return Err(e);
+        }
+        let old = self.regions.load_full();
+        let regions: Box<[Region]> = (0..size.div_ceil(1 << REGION_SHIFT) as usize)
+            .map(|i| {
+                let r = Region::default();
+                if let Some(o) = old.get(i) {
+                    r.started
+                        .store(o.started.load(Ordering::SeqCst), Ordering::SeqCst);
+                    r.inflight
+                        .store(o.inflight.load(Ordering::SeqCst), Ordering::SeqCst);
+                }
+                r
+            })
+            .collect();
+        self.regions.store(Arc::new(regions));
+        if let Some(log) = new_log {
+            self.intent.store(Some(Arc::new(log)));
+        }
+        self.size.store(size, Ordering::Release);
+        tracing::info!(volume = %self.name, from = current, to = size, "volume grown online");
+        Ok(())
     }
 
     /// Applies a chain change to slot `idx`'s replica inside our owner
@@ -917,25 +1015,24 @@ impl VolumeIo {
         self.slots.get(idx).and_then(|s| s.io.load_full())
     }
 
-    pub(crate) fn region(&self, idx: usize) -> Option<&Region> {
-        self.regions.get(idx)
-    }
-
-    pub(crate) fn region_count(&self) -> usize {
-        self.regions.len()
+    /// The write counters, one per MiB (a rebuild holds them for its run;
+    /// no growth happens during one).
+    pub(crate) fn regions(&self) -> Arc<Box<[Region]>> {
+        self.regions.load_full()
     }
 
     /// A write-class request on `[offset, offset+len)` starts: counted before
     /// its legs are issued (and before it marks dirty maps).
     #[inline]
     pub(crate) fn write_started(&self, offset: u64, len: u32) {
+        let regions = self.regions.load();
         for r in self.region_range(offset, len) {
-            if let Some(reg) = self.regions.get(r) {
+            if let Some(reg) = regions.get(r) {
                 reg.inflight.fetch_add(1, Ordering::SeqCst);
                 reg.started.fetch_add(1, Ordering::SeqCst);
             }
         }
-        if let Some(log) = self.intent.get() {
+        if let Some(log) = self.intent.load().as_ref() {
             log.mark(offset, len);
         }
     }
@@ -943,8 +1040,9 @@ impl VolumeIo {
     /// The request counted by `write_started` finished (every leg done).
     #[inline]
     pub(crate) fn write_finished(&self, offset: u64, len: u32) {
+        let regions = self.regions.load();
         for r in self.region_range(offset, len) {
-            if let Some(reg) = self.regions.get(r) {
+            if let Some(reg) = regions.get(r) {
                 reg.inflight.fetch_sub(1, Ordering::SeqCst);
             }
         }
@@ -1115,7 +1213,7 @@ impl VolumeIo {
         let slot = &self.slots[idx];
         if slot.dirty.load().is_none() {
             slot.dirty.store(Some(Arc::new(HeadBitmap::new(
-                self.size.div_ceil(BLOCK_SIZE),
+                self.size().div_ceil(BLOCK_SIZE),
             ))));
             slot.left_at.store(self.revision(), Ordering::SeqCst);
         }
@@ -1310,12 +1408,12 @@ impl VolumeIo {
                 volume: self.name.clone(),
             });
         }
-        if io.size() != self.size {
+        if io.size() != self.size() {
             return Err(EngineError::SizeMismatch {
                 volume: self.name.clone(),
                 replica: name.to_string(),
                 size: io.size(),
-                expected: self.size,
+                expected: self.size(),
             });
         }
         if let ReplicaIo::Remote(r) = &io {
@@ -1349,7 +1447,7 @@ impl VolumeIo {
         }
         if !incremental {
             slot.dirty.store(Some(Arc::new(HeadBitmap::new(
-                self.size.div_ceil(BLOCK_SIZE),
+                self.size().div_ceil(BLOCK_SIZE),
             ))));
         }
         *slot.name.lock().unwrap_or_else(|p| p.into_inner()) = name.to_string();
@@ -1465,7 +1563,7 @@ impl VolumeIo {
         let mut found: Vec<_> = found
             .into_iter()
             .filter(|(idx, _, io)| {
-                *idx < self.slots.len() && io.revision() == newest && io.size() == self.size
+                *idx < self.slots.len() && io.revision() == newest && io.size() == self.size()
             })
             .collect();
         found.sort_by_key(|(_, _, io)| !matches!(io, ReplicaIo::Local(_)));
@@ -1507,7 +1605,7 @@ impl VolumeIo {
                 differ.extend(
                     map.ranges()
                         .into_iter()
-                        .map(|(s, e)| (s * BLOCK_SIZE, (e * BLOCK_SIZE).min(self.size))),
+                        .map(|(s, e)| (s * BLOCK_SIZE, (e * BLOCK_SIZE).min(self.size()))),
                 );
             }
         }

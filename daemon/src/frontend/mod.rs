@@ -4,6 +4,6 @@
 mod ublk;
 
 pub use ublk::{
-    kernel_release, remove_leftover_device, ublk_available, ublk_driver_features, FrontendError,
-    FrontendOptions, KernelFeatures, UblkDevice,
+    kernel_release, remove_leftover_device, resize_device, ublk_available, ublk_driver_features,
+    FrontendError, FrontendOptions, KernelFeatures, UblkDevice,
 };

@@ -159,6 +159,28 @@ pub fn kernel_release() -> String {
 }
 
 /// A running ublk device serving one volume.
+/// Resizes live device `dev_id` of `volume` (see
+/// [`UblkDevice::update_size`]); for callers that hold the device's id, not
+/// the device.
+pub fn resize_device(volume: &str, dev_id: u32, bytes: u64) -> Result<(), FrontendError> {
+    let kernel = KernelFeatures::detect();
+    if !kernel.online_resize() {
+        return Err(FrontendError::NoOnlineResize {
+            release: kernel.release,
+        });
+    }
+    let ublk = |op, source| FrontendError::Ublk {
+        volume: volume.to_string(),
+        op,
+        source,
+    };
+    let ctrl = UblkCtrl::new_simple(dev_id as i32).map_err(|e| ublk("open control", e))?;
+    ctrl.update_size(bytes)
+        .map_err(|e| ublk("update size", e))?;
+    tracing::info!(volume, dev_id, bytes, "ublk device resized");
+    Ok(())
+}
+
 pub struct UblkDevice {
     volume: String,
     dev_id: u32,
@@ -239,22 +261,7 @@ impl UblkDevice {
     /// caller must have made the volume serve the new range first: this only
     /// tells the kernel.
     pub fn update_size(&self, bytes: u64) -> Result<(), FrontendError> {
-        let kernel = KernelFeatures::detect();
-        if !kernel.online_resize() {
-            return Err(FrontendError::NoOnlineResize {
-                release: kernel.release,
-            });
-        }
-        let ublk = |op, source| FrontendError::Ublk {
-            volume: self.volume.clone(),
-            op,
-            source,
-        };
-        let ctrl = UblkCtrl::new_simple(self.dev_id as i32).map_err(|e| ublk("open control", e))?;
-        ctrl.update_size(bytes)
-            .map_err(|e| ublk("update size", e))?;
-        tracing::info!(volume = %self.volume, dev_id = self.dev_id, bytes, "ublk device resized");
-        Ok(())
+        resize_device(&self.volume, self.dev_id, bytes)
     }
 
     /// Stops and deletes the device; returns when its threads are gone.

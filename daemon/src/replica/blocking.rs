@@ -66,7 +66,8 @@ pub(super) fn pwrite_full(fd: RawFd, buf: &[u8], offset: u64, flags: i32) -> io:
 impl Replica {
     fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
         let end = offset.checked_add(len);
-        if end.is_none_or(|e| e > self.size) || offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+        if end.is_none_or(|e| e > self.size()) || offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0
+        {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         Ok(())

@@ -45,6 +45,11 @@ pub enum ChainChange {
     Revert {
         name: String,
     },
+    /// Grow the volume to `size` bytes (online expansion; see
+    /// [`Replica::grow`]).
+    Grow {
+        size: u64,
+    },
 }
 
 /// What a chain change did: snapshot names dropped or merged away, and
@@ -116,6 +121,7 @@ impl Replica {
                 names,
                 coalesced: false,
             }),
+            ChainChange::Grow { size } => self.grow(*size).map(|()| ChainOutcome::default()),
         }
     }
 
@@ -197,10 +203,10 @@ impl Replica {
             let path = disp(path);
             move |source| ReplicaError::Io { path, source }
         };
-        let parent_blocks = data_blocks(layer.fd.as_raw_fd(), self.size)
+        let parent_blocks = data_blocks(layer.fd.as_raw_fd(), self.size())
             .map_err(io_err(&self.dir.join(&layer.file)))?;
         let child_blocks =
-            data_blocks(child.fd.as_raw_fd(), self.size).map_err(io_err(&child_path))?;
+            data_blocks(child.fd.as_raw_fd(), self.size()).map_err(io_err(&child_path))?;
         let missing = subtract(&parent_blocks, &child_blocks);
         // 1. The child is read-only in the chain; write through a new fd.
         let rw = OpenOptions::new()
@@ -248,7 +254,7 @@ impl Replica {
         let old_head = c.head().file.clone();
         let new_head = super::next_head_name(&d, &old_head)?;
         let new_path = self.dir.join(&new_head);
-        super::create_sparse(&new_path, self.size).map_err(|source| ReplicaError::Io {
+        super::create_sparse(&new_path, self.size()).map_err(|source| ReplicaError::Io {
             path: disp(&new_path),
             source,
         })?;

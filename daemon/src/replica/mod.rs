@@ -31,6 +31,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use arc_swap::{ArcSwap, Guard};
@@ -220,7 +221,8 @@ pub struct Replica {
     dir: PathBuf,
     volume: String,
     replica: String,
-    size: u64,
+    /// Volume size in bytes; grows under the chain-ops lock ([`Self::grow`]).
+    size: AtomicU64,
     /// Current `volume.meta`; the lock serializes rewrites (`set_revision`).
     meta: Mutex<VolumeMeta>,
     chain: ArcSwap<Chain>,
@@ -333,7 +335,7 @@ impl Replica {
             dir: dir.to_path_buf(),
             volume: vm.volume.clone(),
             replica: vm.replica.clone(),
-            size: vm.size,
+            size: AtomicU64::new(vm.size),
             meta: Mutex::new(vm),
             chain: ArcSwap::from_pointee(chain),
             chain_ops: Mutex::new(()),
@@ -370,7 +372,48 @@ impl Replica {
 
     /// Volume size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grows this open replica to `new_size` bytes: every layer file is
+    /// extended (the new range reads as zeros) and synced, `volume.meta`
+    /// commits the size, then the chain is reloaded at it. The caller
+    /// quiesces I/O around it, as for any chain change (the engine does,
+    /// through `ChainChange::Grow`). A crash before the commit leaves layers
+    /// longer than the size, which [`Replica::open`] accepts. The current
+    /// size is a no-op (a retry after a lost answer); shrinking is refused.
+    pub fn grow(&self, new_size: u64) -> Result<(), ReplicaError> {
+        let _ops = self.lock_ops();
+        let size = self.size();
+        if new_size == size {
+            return Ok(());
+        }
+        if new_size == 0 || new_size % BLOCK_SIZE != 0 {
+            return Err(ReplicaError::InvalidSize { size: new_size });
+        }
+        if new_size < size {
+            return Err(ReplicaError::Shrink {
+                dir: disp(&self.dir),
+                size,
+                wanted: new_size,
+            });
+        }
+        fail::fail_point!("replica::grow::before_layers", |_| Err(ReplicaError::Io {
+            path: disp(&self.dir),
+            source: io::Error::other("failpoint replica::grow::before_layers"),
+        }));
+        for l in &self.chain_now().layers {
+            extend_layer(&self.dir.join(&l.file), new_size)?;
+        }
+        {
+            let mut m = self.lock_meta();
+            let mut next = m.clone();
+            next.size = new_size;
+            write_volume_meta(&self.dir, &next)?;
+            *m = next;
+        }
+        self.size.store(new_size, Ordering::Release);
+        self.reload()
     }
 
     /// Replica-set revision stored in `volume.meta`.
@@ -385,34 +428,7 @@ impl Replica {
     /// accepts (the tail is past the volume's end); the next expansion
     /// completes it. The current size is a no-op; shrinking is refused.
     pub fn expand(dir: &Path, new_size: u64) -> Result<(), ReplicaError> {
-        let r = Replica::open(dir)?;
-        if new_size == r.size {
-            return Ok(());
-        }
-        if new_size == 0 || new_size % BLOCK_SIZE != 0 {
-            return Err(ReplicaError::InvalidSize { size: new_size });
-        }
-        if new_size < r.size {
-            return Err(ReplicaError::Shrink {
-                dir: disp(dir),
-                size: r.size,
-                wanted: new_size,
-            });
-        }
-        for l in &r.chain_now().layers {
-            let path = dir.join(&l.file);
-            let grown = OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .and_then(|f| f.set_len(new_size).and_then(|()| f.sync_all()));
-            grown.map_err(|source| ReplicaError::Io {
-                path: disp(&path),
-                source,
-            })?;
-        }
-        let mut next = r.lock_meta().clone();
-        next.size = new_size;
-        write_volume_meta(dir, &next)
+        Replica::open(dir)?.grow(new_size)
     }
 
     /// Persists a new revision (atomic rewrite of `volume.meta`).
@@ -567,12 +583,12 @@ impl Replica {
             });
         }
         // Longer is an expansion interrupted before its commit.
-        if open.len() < self.size {
+        if open.len() < self.size() {
             return Err(ReplicaError::HeadTruncated {
                 dir: d,
                 file: head.file.clone(),
                 len: open.len(),
-                expected: self.size,
+                expected: self.size(),
             });
         }
         let vm_path = self.dir.join(meta::VOLUME_META);
@@ -677,7 +693,7 @@ impl Replica {
             std::fs::hard_link(&old_path, &snap_path).map_err(io_err(&snap_path))?; // 3.
                                                                                     // 4. A leftover new-head file can only be an orphan (the chain has
                                                                                     // one head); start from an empty file regardless.
-            create_sparse(&new_path, self.size).map_err(io_err(&new_path))?;
+            create_sparse(&new_path, self.size()).map_err(io_err(&new_path))?;
             write_layer_meta(&self.dir, &head_meta)?;
             Ok(())
         };
@@ -758,6 +774,18 @@ impl Replica {
     pub fn lower_extents(&self) -> Vec<extent::Extent> {
         self.chain_now().lower.extents().to_vec()
     }
+}
+
+/// Extends one layer file to `size` bytes (sparse) and syncs it.
+fn extend_layer(path: &Path, size: u64) -> Result<(), ReplicaError> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(size).and_then(|()| f.sync_all()))
+        .map_err(|source| ReplicaError::Io {
+            path: disp(path),
+            source,
+        })
 }
 
 /// Opens the chain `vm` names (head -> base), validates it and builds the

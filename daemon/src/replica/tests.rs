@@ -537,6 +537,43 @@ fn expand_grows_every_layer_keeps_data_and_survives_an_interrupted_commit() {
     assert_eq!(Replica::open(&dir).unwrap().size(), 12 * MIB);
 }
 
+/// Online growth: the open replica grows in place (the engine's
+/// `ChainChange::Grow`), serves the new range at once, and a reopen sees
+/// the committed size; a repeat is a no-op, shrinking is refused.
+#[test]
+fn an_open_replica_grows_in_place_and_serves_the_new_range() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("r");
+    let r = Replica::create(&dir, &spec(4 * MIB)).unwrap();
+    write(&r, 0, &[1u8; 4096]);
+    r.snapshot("s1", true, BTreeMap::new()).unwrap();
+    write(&r, 4 * MIB - 4096, &[2u8; 4096]);
+    r.change_chain(&ChainChange::Grow { size: 8 * MIB })
+        .unwrap();
+    assert_eq!(r.size(), 8 * MIB);
+    assert_eq!(read(&r, 0, 4096), vec![1u8; 4096], "snapshot data");
+    assert_eq!(read(&r, 4 * MIB - 4096, 4096), vec![2u8; 4096], "head data");
+    assert_eq!(read(&r, 5 * MIB, 4096), vec![0u8; 4096], "the new range");
+    write(&r, 8 * MIB - 4096, &[3u8; 4096]);
+    assert_eq!(read(&r, 8 * MIB - 4096, 4096), vec![3u8; 4096]);
+    r.check_files().unwrap();
+    r.grow(8 * MIB).unwrap();
+    assert!(matches!(r.grow(6 * MIB), Err(ReplicaError::Shrink { .. })));
+    assert!(matches!(
+        r.grow(10 * MIB + 512),
+        Err(ReplicaError::InvalidSize { .. })
+    ));
+    assert_eq!(r.size(), 8 * MIB);
+    // A snapshot after the growth, and a view of the older one, span it.
+    r.snapshot("s2", true, BTreeMap::new()).unwrap();
+    assert_eq!(r.snapshot_view("s1").unwrap().size(), 8 * MIB);
+    drop(r);
+    let r = Replica::open(&dir).unwrap();
+    assert_eq!(r.size(), 8 * MIB);
+    assert_eq!(read(&r, 8 * MIB - 4096, 4096), vec![3u8; 4096]);
+    r.check_files().unwrap();
+}
+
 #[test]
 fn a_takeover_at_an_older_term_is_refused_and_changes_nothing() {
     let d = tempfile::tempdir().unwrap();

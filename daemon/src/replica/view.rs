@@ -73,7 +73,7 @@ impl Replica {
                 path: disp(&path),
                 source,
             })?;
-            per_layer.push(data_blocks(f.as_raw_fd(), self.size).map_err(|source| {
+            per_layer.push(data_blocks(f.as_raw_fd(), self.size()).map_err(|source| {
                 ReplicaError::Io {
                     path: disp(&path),
                     source,
@@ -82,7 +82,7 @@ impl Replica {
             files.push(f);
         }
         Ok(SnapshotView {
-            size: self.size,
+            size: self.size(),
             files,
             map: LowerMap::build(&per_layer),
         })
@@ -106,12 +106,12 @@ impl Replica {
         let mut blocks = Vec::new();
         for l in &c.layers[from_idx + 1..=to_idx] {
             let path = self.dir.join(&l.file);
-            blocks.extend(data_blocks(l.fd.as_raw_fd(), self.size).map_err(|source| {
-                ReplicaError::Io {
+            blocks.extend(
+                data_blocks(l.fd.as_raw_fd(), self.size()).map_err(|source| ReplicaError::Io {
                     path: disp(&path),
                     source,
-                }
-            })?);
+                })?,
+            );
         }
         Ok(Some(merge_bytes(blocks)))
     }
@@ -145,17 +145,18 @@ impl Replica {
     /// the head): what a rebuild copies layer by layer.
     pub fn layer_data(&self, file: &str) -> Result<Vec<(u64, u64)>, ReplicaError> {
         let f = self.layer_file(file)?;
-        let blocks = data_blocks(f.as_raw_fd(), self.size).map_err(|source| ReplicaError::Io {
-            path: disp(&self.dir.join(file)),
-            source,
-        })?;
+        let blocks =
+            data_blocks(f.as_raw_fd(), self.size()).map_err(|source| ReplicaError::Io {
+                path: disp(&self.dir.join(file)),
+                source,
+            })?;
         Ok(merge_bytes(blocks))
     }
 
     /// Reads one layer file's own bytes (holes read as zeros).
     pub fn read_layer(&self, file: &str, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let end = offset.checked_add(buf.len() as u64);
-        if end.is_none_or(|e| e > self.size) {
+        if end.is_none_or(|e| e > self.size()) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         let f = self.layer_file(file).map_err(io::Error::other)?;

@@ -552,8 +552,8 @@ fn handle(
             size,
             over_provisioning,
             min_available,
-            check_only,
-        } => match disks.expand(&replica, size, check_only, |d, by| {
+            step,
+        } => match disks.expand(&replica, size, step, |d, by| {
             disk_fits(d, by, over_provisioning, min_available)
         }) {
             Ok(()) => (Op::Ok, false),

@@ -14,6 +14,7 @@ use std::io::{self, Read};
 
 use bincode::{Decode, Encode};
 
+use crate::disks::GrowStep;
 use crate::replica::{ChainChange, Claim, LayerInfo};
 
 /// The four bytes every frame starts with: ASCII `CRN2` (the `2` is the
@@ -235,14 +236,14 @@ pub enum Op {
         len: u32,
     },
     /// Grows a replica (of a detached volume) to `size` bytes, if its disk
-    /// takes the growth under the owner's placement rules (percent).
-    /// `check_only`: only whether it would. Answered with `Ok`.
+    /// takes the growth under the owner's placement rules (percent), or
+    /// only checks that it would (`step`). Answered with `Ok`.
     ExpandReplica {
         replica: String,
         size: u64,
         over_provisioning: u32,
         min_available: u32,
-        check_only: bool,
+        step: GrowStep,
     },
     /// An API call for a volume this node owns, from a node that does not:
     /// `method` is the `cairn.v1.Cairn` RPC name, the payload its encoded
@@ -714,7 +715,7 @@ mod tests {
                 size: 1 << 30,
                 over_provisioning: 100,
                 min_available: 25,
-                check_only: true,
+                step: GrowStep::CheckLive,
             },
             Op::Forwarded {
                 code: 5,
@@ -765,6 +766,9 @@ mod tests {
             },
             Op::ChangeChain {
                 change: ChainChange::Revert { name: "s1".into() },
+            },
+            Op::ChangeChain {
+                change: ChainChange::Grow { size: 1 << 30 },
             },
             Op::ChainChanged {
                 names: vec!["s0".into()],
@@ -1249,6 +1253,9 @@ mod tests {
             }),
             ".{0,20}".prop_map(|name| Op::ChangeChain {
                 change: ChainChange::Revert { name }
+            }),
+            any::<u64>().prop_map(|size| Op::ChangeChain {
+                change: ChainChange::Grow { size }
             }),
             (proptest::collection::vec(".{0,10}", 0..3), any::<bool>())
                 .prop_map(|(names, coalesced)| Op::ChainChanged { names, coalesced }),
