@@ -50,14 +50,7 @@ async fn identity_info_capabilities_and_probe() {
     assert!(services.contains(&(S::ControllerService as i32)));
     assert!(services.contains(&(S::VolumeAccessibilityConstraints as i32)));
     // Expansion follows the node's kernel (online needs UBLK_F_UPDATE_SIZE).
-    let online = env
-        .cairn()
-        .await
-        .get_node(cairn_api::pb::GetNodeRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .online_expansion;
+    let online = env.online_expansion().await;
     use plugin_capability::volume_expansion::Type as X;
     let want = if online { X::Online } else { X::Offline };
     assert!(
@@ -941,15 +934,7 @@ async fn backups_as_snapshots() {
         assert!(Instant::now() < deadline, "backup not ready within 60 s");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let listed = c
-        .list_snapshots(ListSnapshotsRequest {
-            snapshot_id: ready.snapshot_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let listed = snapshots_by_id(&mut c, &ready.snapshot_id).await;
     assert_eq!(listed.len(), 1);
     let entry = listed[0].snapshot.clone().unwrap();
     assert!(
@@ -986,15 +971,7 @@ async fn backups_as_snapshots() {
     })
     .await
     .unwrap();
-    let gone = c
-        .list_snapshots(ListSnapshotsRequest {
-            snapshot_id: ready.snapshot_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let gone = snapshots_by_id(&mut c, &ready.snapshot_id).await;
     assert!(gone.is_empty(), "{gone:?}");
 }
 

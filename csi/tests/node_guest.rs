@@ -226,22 +226,7 @@ async fn snapshots_clones_and_growth_through_the_node_calls() {
         total > 100 * MIB,
         "filesystem not grown after the expansion ({total} bytes)"
     );
-    let grown = pod
-        .n
-        .node_expand_volume(NodeExpandVolumeRequest {
-            volume_id: src.clone(),
-            volume_path: staging.display().to_string(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 128 * MIB,
-                limit_bytes: 0,
-            }),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(grown.capacity_bytes, 128 * MIB);
+    assert_eq!(pod.node_expand(&staging, 128 * MIB).await, 128 * MIB);
     assert_eq!(pod.read(data.len()), data);
     pod.down().await;
     println!(
@@ -516,15 +501,7 @@ async fn velero_backup_and_static_restores_against_s3() {
         .await
         .unwrap();
     }
-    let left = c
-        .list_snapshots(ListSnapshotsRequest {
-            snapshot_id: snap.snapshot_id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let left = snapshots_by_id(&mut c, &snap.snapshot_id).await;
     assert!(left.is_empty(), "the backup is still listed: {left:?}");
     for id in [&restored, &"data-db-0".to_string(), &from_param] {
         delete(&mut c, id).await;
@@ -558,14 +535,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 async fn online_expansion_through_the_csi_calls() {
     let env = Env::start().await;
     let root = env._tmp.path().to_path_buf();
-    let online = env
-        .cairn()
-        .await
-        .get_node(cairn_api::pb::GetNodeRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .online_expansion;
+    let online = env.online_expansion().await;
     let (mut c, mut n) = (env.controller().await, env.node().await);
     let data = pattern(33, 2 << 20);
     let cap = mount_cap("ext4", Mode::SingleNodeWriter);
@@ -620,22 +590,7 @@ async fn online_expansion_through_the_csi_calls() {
         .unwrap()
         .into_inner();
     assert_eq!(again.capacity_bytes, 160 * MIB);
-    let grown = pod
-        .n
-        .node_expand_volume(NodeExpandVolumeRequest {
-            volume_id: id.clone(),
-            volume_path: target.display().to_string(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 160 * MIB,
-                limit_bytes: 0,
-            }),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(grown.capacity_bytes, 160 * MIB);
+    assert_eq!(pod.node_expand(&target, 160 * MIB).await, 160 * MIB);
     let took = t0.elapsed().as_secs_f64();
     let total = pod.stats().await[0].total;
     assert!(

@@ -157,6 +157,17 @@ impl Env {
         cairn_api::connect(&self.cairnd_socket).await.unwrap()
     }
 
+    /// Whether cairnd's kernel resizes a live device (`node get`).
+    pub async fn online_expansion(&self) -> bool {
+        self.cairn()
+            .await
+            .get_node(cairn_api::pb::GetNodeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .online_expansion
+    }
+
     pub async fn volume_names(&self) -> Vec<String> {
         let mut c = self.cairn().await;
         let mut v: Vec<String> = c
@@ -207,6 +218,21 @@ pub async fn csi_channel(csi_socket: &Path) -> Channel {
         }))
         .await
         .unwrap()
+}
+
+/// ListSnapshots by snapshot id.
+pub async fn snapshots_by_id(
+    c: &mut ControllerClient<Channel>,
+    id: &str,
+) -> Vec<list_snapshots_response::Entry> {
+    c.list_snapshots(ListSnapshotsRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .entries
 }
 
 pub fn mount_cap(fs: &str, mode: Mode) -> VolumeCapability {

@@ -153,6 +153,26 @@ impl Pod<'_> {
         out
     }
 
+    /// NodeExpandVolume on `path` (the staging or the target path) to
+    /// `bytes`; the capacity it answers.
+    pub async fn node_expand(&mut self, path: &Path, bytes: i64) -> i64 {
+        self.n
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: self.id.clone(),
+                volume_path: path.display().to_string(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                volume_capability: Some(self.cap.clone()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .capacity_bytes
+    }
+
     pub async fn stats(&mut self) -> Vec<VolumeUsage> {
         let r = self
             .n
