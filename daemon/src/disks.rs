@@ -15,7 +15,7 @@ use crate::replica::meta::{self, VOLUME_META};
 use crate::replica::{Replica, ReplicaError, ReplicaSpec};
 use crate::transport::{DiskReport, NodeReport, ReplicaReport};
 
-/// What [`DiskSet::expand`] does with a replica.
+/// What [`NodeDisks::expand`] does with a replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, bincode::Encode, bincode::Decode)]
 pub enum GrowStep {
     /// Only whether its disk takes the growth; the replica must not be open
