@@ -311,7 +311,9 @@ impl IntentLog {
         let _file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let n = chunks_of(size).div_ceil(64) as usize;
         let mut words: Vec<u64> = self.bits.iter().map(|w| w.load(Ordering::SeqCst)).collect();
-        words.resize(n.max(words.len()), 0);
+        // Exactly the new size's words: a log put back at the old size after a
+        // failed growth must read back at that size (no write reached past it).
+        words.resize(n, 0);
         fsutil::atomic_write(&self.path, &image(size, STATE_CHUNKS, &words))
             .map_err(io_err(&self.path))?;
         let file = OpenOptions::new()
@@ -365,6 +367,16 @@ mod tests {
         assert_eq!(
             IntentLog::leftover(&path, 2048 * MIB),
             Leftover::Chunks(vec![(16 * MIB, 32 * MIB), (1600 * MIB, 1616 * MIB)])
+        );
+        // Put back at a smaller size (a growth no replica took): it reads
+        // back at that size.
+        let small = IntentLog::create(&path, 40 * MIB).unwrap();
+        small.mark(17 * MIB, 4096);
+        let back = small.grown(4096 * MIB).unwrap().grown(40 * MIB).unwrap();
+        drop(back);
+        assert_eq!(
+            IntentLog::leftover(&path, 40 * MIB),
+            Leftover::Chunks(vec![(16 * MIB, 32 * MIB)])
         );
     }
 
