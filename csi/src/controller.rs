@@ -10,12 +10,12 @@ use std::collections::HashMap;
 use cairn_api::pb as cairn;
 use cairn_api::pb::cairn_client::CairnClient;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::cairnd::{is_not_found, relay, Cairnd};
 use crate::locks::KeyedLocks;
 use crate::naming::{self, SnapshotHandle};
-use crate::params::{self, SnapshotType, VolumeParams};
+use crate::params::{self, DataLocality, SnapshotType, VolumeParams};
 use crate::pb::controller_server::Controller;
 use crate::pb::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::pb::volume_capability::access_mode::Mode as AccessMode;
@@ -152,6 +152,20 @@ async fn topology(c: &mut CairnClient<Channel>) -> Result<Vec<Topology>, Status>
             segments: HashMap::from([(crate::TOPOLOGY_KEY.to_string(), n.name)]),
         })
         .collect())
+}
+
+/// The node a `WaitForFirstConsumer` claim's pod was scheduled on: the
+/// first `preferred` topology (the external-provisioner puts the selected
+/// node first), else the only `requisite` one.
+fn first_consumer_node(req: Option<&TopologyRequirement>) -> Option<String> {
+    let req = req?;
+    let node = |t: &Topology| t.segments.get(crate::TOPOLOGY_KEY).cloned();
+    match req.preferred.first() {
+        Some(t) => node(t),
+        None if req.requisite.len() == 1 => node(&req.requisite[0]),
+        None => None,
+    }
+    .filter(|n| !n.is_empty())
 }
 
 async fn get_volume(
@@ -431,21 +445,39 @@ impl Controller for ControllerService {
         if let Some(t) = p.stale_replica_timeout {
             tracing::info!(volume = %id, minutes = t, "staleReplicaTimeout is cluster-wide in Cairn (setting stale-replica-timeout); not applied per volume");
         }
-        let made = c
-            .create_volume(cairn::CreateVolumeRequest {
-                name: id.clone(),
-                size,
-                replicas: p.replicas,
-                from_backup,
-                standby: false,
-                recurring_jobs: p.recurring_jobs.clone().unwrap_or_default(),
-                from_snapshot,
-                from_volume,
-            })
-            .await
-            .map_err(|s| relay(&format!("creating volume {id}"), s))?
-            .into_inner();
-        tracing::info!(volume = %id, name = %r.name, size, "volume created");
+        // Data locality: made on the node the scheduler chose for the first
+        // consumer, whose placement keeps a replica there when one fits. A
+        // copy (clone, snapshot) is made where its source is.
+        let near = match p.data_locality {
+            DataLocality::BestEffort if from_snapshot.is_empty() && from_volume.is_empty() => {
+                first_consumer_node(r.accessibility_requirements.as_ref())
+            }
+            _ => None,
+        };
+        let mut ask = cairn::CreateVolumeRequest {
+            name: id.clone(),
+            size,
+            replicas: p.replicas,
+            from_backup,
+            standby: false,
+            recurring_jobs: p.recurring_jobs.clone().unwrap_or_default(),
+            from_snapshot,
+            from_volume,
+            node: near.clone().unwrap_or_default(),
+        };
+        let made = match c.create_volume(ask.clone()).await {
+            Err(s) if near.is_some() && matches!(s.code(), Code::NotFound | Code::Unavailable) => {
+                // Best effort: that node is not a member or does not
+                // answer; the volume is made here instead.
+                tracing::info!(volume = %id, node = ?near, reason = %s.message(), "dataLocality best-effort: preferred node unusable; creating without it");
+                ask.node.clear();
+                c.create_volume(ask).await
+            }
+            other => other,
+        }
+        .map_err(|s| relay(&format!("creating volume {id}"), s))?
+        .into_inner();
+        tracing::info!(volume = %id, name = %r.name, size, node = ?near, "volume created");
         Ok(Response::new(CreateVolumeResponse {
             volume: Some(csi_volume(&made, context, content_source, topo)),
         }))
@@ -959,5 +991,39 @@ impl Controller for ControllerService {
         Err(Status::unimplemented(
             "ControllerModifyVolume is not offered (capability MODIFY_VOLUME)",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topo(node: &str) -> Topology {
+        Topology {
+            segments: HashMap::from([(crate::TOPOLOGY_KEY.to_string(), node.to_string())]),
+        }
+    }
+
+    #[test]
+    fn the_first_consumer_node_is_the_first_preferred_topology() {
+        let req = |requisite: Vec<Topology>, preferred: Vec<Topology>| TopologyRequirement {
+            requisite,
+            preferred,
+        };
+        assert_eq!(first_consumer_node(None), None);
+        let both = req(vec![topo("n1"), topo("n2")], vec![topo("n2"), topo("n1")]);
+        assert_eq!(first_consumer_node(Some(&both)).as_deref(), Some("n2"));
+        // Immediate binding: every node is requisite, none is chosen.
+        let any = req(vec![topo("n1"), topo("n2")], vec![]);
+        assert_eq!(first_consumer_node(Some(&any)), None);
+        let one = req(vec![topo("n3")], vec![]);
+        assert_eq!(first_consumer_node(Some(&one)).as_deref(), Some("n3"));
+        let other_key = req(
+            vec![],
+            vec![Topology {
+                segments: HashMap::from([("zone".to_string(), "a".to_string())]),
+            }],
+        );
+        assert_eq!(first_consumer_node(Some(&other_key)), None);
     }
 }

@@ -32,6 +32,10 @@ pub enum DataLocality {
     /// Anywhere placement puts them.
     #[default]
     Disabled,
+    /// Created on the node the scheduler picked for the first consumer
+    /// (the `preferred` topology of a `WaitForFirstConsumer` claim), which
+    /// puts a replica there when one fits; elsewhere when it does not.
+    BestEffort,
 }
 
 /// A StorageClass's parameters, checked.
@@ -114,14 +118,8 @@ impl VolumeParams {
                 "dataLocality" => {
                     p.data_locality = match value {
                         "" | "disabled" => DataLocality::Disabled,
-                        "best-effort" => {
-                            return Err(bad(
-                                key,
-                                value,
-                                "best-effort (a replica on the attached node) is not built yet; use disabled",
-                            ))
-                        }
-                        _ => return Err(bad(key, value, "use disabled")),
+                        "best-effort" => DataLocality::BestEffort,
+                        _ => return Err(bad(key, value, "use disabled or best-effort")),
                     };
                 }
                 k if k.starts_with("csi.storage.k8s.io/") => {}
@@ -264,6 +262,9 @@ mod tests {
         assert_eq!(p.replicas, 3);
         assert_eq!(p.stale_replica_timeout, Some(30));
         assert_eq!(p.from_backup.as_deref(), Some("bak://db/backup-1"));
+        assert_eq!(p.data_locality, DataLocality::Disabled);
+        let p = VolumeParams::parse(&map(&[("dataLocality", "best-effort")])).unwrap();
+        assert_eq!(p.data_locality, DataLocality::BestEffort);
         for (k, v) in [
             ("numberOfReplicas", "0"),
             ("numberOfReplicas", "three"),
@@ -271,7 +272,6 @@ mod tests {
             ("fromBackup", "s3://bucket"),
             ("recurringJobs", "{}"),
             ("mkfsParams", "-L 'x'; rm -rf /"),
-            ("dataLocality", "best-effort"),
             ("dataLocality", "strict-local"),
             ("replicas", "3"),
         ] {

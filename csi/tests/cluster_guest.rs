@@ -228,3 +228,80 @@ async fn controller_publish_moves_the_volume_between_nodes() {
     }
     println!("[23-csi-cluster] back on n1 with n3's data; deleted from n2's controller");
 }
+
+/// StorageClass `dataLocality: best-effort` with the topology a
+/// `WaitForFirstConsumer` claim carries (the pod's node first among the
+/// preferred): the controller on n1 has the volume made on n3, which owns
+/// it and holds one of its replicas, so the pod's reads there are local. A
+/// pod on n3 then uses it without a handover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a 3-node cluster in the guest: run by scripts/e2e/23-csi-cluster.sh"]
+async fn best_effort_locality_places_a_replica_on_the_first_consumers_node() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let mut nodes = cluster(&root).await;
+    let topo = |n: &str| Topology {
+        segments: HashMap::from([("kubernetes.io/hostname".to_string(), n.to_string())]),
+    };
+    let mut req = create_req("pvc-local", 32 * MIB);
+    req.parameters.insert("numberOfReplicas".into(), "2".into());
+    req.parameters
+        .insert("dataLocality".into(), "best-effort".into());
+    req.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![topo("n1"), topo("n2"), topo("n3")],
+        preferred: vec![topo("n3"), topo("n1"), topo("n2")],
+    });
+    let id = nodes[0]
+        .controller
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let v = cairn_api::connect(&nodes[0].cairnd_socket)
+        .await
+        .unwrap()
+        .get_volume(cairn_api::pb::VolumeRef { name: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.owner, "n3", "{v:?}");
+    assert_eq!(v.replicas.len(), 2);
+    assert!(v.replicas.iter().any(|r| r.node == "n3"), "{v:?}");
+    println!(
+        "[23-csi-cluster] best-effort: made on n3 from n1's controller, replicas on {:?}",
+        v.replicas
+            .iter()
+            .map(|r| r.node.as_str())
+            .collect::<Vec<_>>()
+    );
+
+    let data = pattern(5, 1 << 20);
+    let (mut c1, mut n3) = (nodes[0].controller.clone(), nodes[2].node.clone());
+    let (staging, target) = dirs(&root.join("n3"), &id, false);
+    let mut pod = Pod {
+        c: &mut c1,
+        n: &mut n3,
+        node: "n3".into(),
+        id: id.clone(),
+        cap: mount_cap("ext4", Mode::SingleNodeWriter),
+        staging,
+        target,
+    };
+    pod.up(false).await;
+    pod.write(&data);
+    assert_eq!(pod.read(data.len()), data);
+    pod.down().await;
+    assert_eq!(owner_of(&nodes[0], &id).await, "n3");
+    nodes[1]
+        .controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: id,
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap();
+    nodes.clear();
+}

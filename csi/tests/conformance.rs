@@ -322,7 +322,7 @@ async fn create_and_delete_volumes() {
     );
     for (k, v) in [
         ("numberOfReplicas", "x"),
-        ("dataLocality", "best-effort"),
+        ("dataLocality", "strict-local"),
         ("nope", "1"),
     ] {
         let mut bad = create_req("v", MIB);
@@ -408,6 +408,47 @@ async fn create_and_delete_volumes() {
         "{}",
         a.volume_id
     );
+    assert_eq!(env.volume_names().await.len(), 3);
+
+    // dataLocality best-effort: made on the first consumer's node when it
+    // is a member; an unknown node is only a preference, so the volume is
+    // made anyway.
+    for (pvc, node) in [("pvc-near", "node-a"), ("pvc-far", "node-x")] {
+        let mut req = create_req(pvc, MIB);
+        req.parameters
+            .insert("dataLocality".into(), "best-effort".into());
+        let topo = Topology {
+            segments: HashMap::from([(cairn_csi::TOPOLOGY_KEY.to_string(), node.to_string())]),
+        };
+        req.accessibility_requirements = Some(TopologyRequirement {
+            requisite: vec![topo.clone()],
+            preferred: vec![topo],
+        });
+        let v = c
+            .create_volume(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let got = env
+            .cairn()
+            .await
+            .get_volume(cairn_api::pb::VolumeRef {
+                name: v.volume_id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.owner, "node-a", "{pvc}");
+        assert!(got.replicas.iter().all(|r| r.node == "node-a"), "{got:?}");
+        c.delete_volume(DeleteVolumeRequest {
+            volume_id: v.volume_id,
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap();
+    }
     assert_eq!(env.volume_names().await.len(), 3);
 
     expect_err(

@@ -430,3 +430,59 @@ async fn a_forced_takeover_fails_the_old_owners_replica_and_the_old_owner_drops_
     n0.stop().await;
     n1.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_created_for_a_named_node_is_owned_there_with_a_replica_there() {
+    let (tmp, _, _, n0, n1) = two_nodes_with_db().await;
+    let mut c0 = n0.client().await;
+
+    // Asked on n0 for n1: n1 makes it, owns it, and keeps its one replica.
+    let mut near = create("near");
+    near.node = "n1".into();
+    let v = c0.create_volume(near).await.unwrap().into_inner();
+    assert_eq!(v.owner, "n1");
+    assert_eq!(v.replicas.len(), 1);
+    assert_eq!(v.replicas[0].node, "n1", "{v:?}");
+    assert!(record_file(tmp.path(), "n1", "near").exists());
+    assert!(!record_file(tmp.path(), "n0", "near").exists());
+
+    // For this node itself: made here, as without a node.
+    let mut here = create("here");
+    here.node = "n0".into();
+    let v = c0.create_volume(here).await.unwrap().into_inner();
+    assert_eq!(
+        (v.owner.as_str(), v.replicas[0].node.as_str()),
+        ("n0", "n0")
+    );
+
+    // Two replicas for n1: one on n1, the other on n0 (anti-affinity).
+    let mut two = create("two");
+    two.node = "n1".into();
+    two.replicas = 2;
+    let v = c0.create_volume(two).await.unwrap().into_inner();
+    let mut nodes: Vec<_> = v.replicas.iter().map(|r| r.node.as_str()).collect();
+    nodes.sort();
+    assert_eq!((v.owner.as_str(), nodes), ("n1", vec!["n0", "n1"]));
+
+    // A node that is not a member: NOT_FOUND, and nothing is made.
+    let mut nowhere = create("nowhere");
+    nowhere.node = "n9".into();
+    let e = c0.create_volume(nowhere).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    assert!(e.message().contains("n9"), "{}", e.message());
+    // A copy is made where its source is: a node with a source is refused.
+    let mut copy = create("copy");
+    copy.node = "n1".into();
+    copy.from_volume = "db".into();
+    let e = c0.create_volume(copy).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    let names = |m: &VolumeManager| {
+        let mut v = m.owned_volumes();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&n0.manager), vec!["db", "here"]);
+    assert_eq!(names(&n1.manager), vec!["near", "two"]);
+    n0.stop().await;
+    n1.stop().await;
+}

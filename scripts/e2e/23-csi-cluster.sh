@@ -24,5 +24,5 @@ if ! "$bin" --ignored --test-threads 1 --nocapture >"$WORK/cluster_guest.log" 2>
 fi
 grep '^\[23-csi-cluster\]' "$WORK/cluster_guest.log" || true
 grep -E "^test result" "$WORK/cluster_guest.log"
-grep -q "test result: ok. 1 passed" "$WORK/cluster_guest.log" || die "expected 1 guest test to pass"
+grep -q "test result: ok. 2 passed" "$WORK/cluster_guest.log" || die "expected 2 guest tests to pass"
 say PASS

@@ -159,6 +159,10 @@ enum VolumeCmd {
         /// Clone a volume: a snapshot of it is taken, then copied.
         #[arg(long, conflicts_with = "from_backup")]
         from_volume: Option<String>,
+        /// Create it on this node (a cluster member's name): the node owns
+        /// it first, and one replica goes there when that node has room.
+        #[arg(long, conflicts_with_all = ["from_snapshot", "from_volume"])]
+        node: Option<String>,
     },
     /// Turn a DR standby volume into a normal volume (restores the latest
     /// backup first).
@@ -309,6 +313,7 @@ async fn run(cli: Cli) -> Result<String, String> {
                 recurring_jobs,
                 from_snapshot,
                 from_volume,
+                node,
             } => {
                 let req = pb::CreateVolumeRequest {
                     name,
@@ -319,6 +324,7 @@ async fn run(cli: Cli) -> Result<String, String> {
                     recurring_jobs: recurring_jobs.unwrap_or_default(),
                     from_snapshot: from_snapshot.unwrap_or_default(),
                     from_volume: from_volume.unwrap_or_default(),
+                    node: node.unwrap_or_default(),
                 };
                 let v = client.create_volume(req).await.map_err(msg)?.into_inner();
                 Ok(show(&v, volume_table))

@@ -333,6 +333,22 @@ impl Cairn for CairnService {
             &req.get_ref().from_volume,
         )
         .map_err(status)?;
+        let on = req.get_ref().node.clone();
+        if !on.is_empty() && on != self.manager.node_id() {
+            if from.is_some() {
+                return Err(Status::invalid_argument(format!(
+                    "node {on:?} with a snapshot or volume source: a copy is made on its source's owner; create it without a node, then attach it where it is used"
+                )));
+            }
+            if req.extensions().get::<Forwarded>().is_some() {
+                return Err(Status::invalid_argument(format!(
+                    "create forwarded to {} for node {on}: each node creates only on itself",
+                    self.manager.node_id()
+                )));
+            }
+            let to = self.manager.peer_named(&on).map_err(status)?;
+            return self.forward(&to, "CreateVolume", req.into_inner()).await;
+        }
         if let Some(src) = &from {
             if !req.get_ref().from_backup.is_empty() {
                 return Err(Status::invalid_argument(
