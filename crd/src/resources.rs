@@ -84,7 +84,7 @@ pub struct VolumeSpec {
     #[schemars(regex(pattern = r"^[0-9]+(Ki|Mi|Gi|Ti|KiB|MiB|GiB|TiB)?$"))]
     pub size: String,
     /// Replicas, each on a different node (hard anti-affinity by default).
-    /// Unset: the `default-replica-count` setting. Fixed at creation.
+    /// Unset: cairnd's default (3, fewer on a smaller cluster). Fixed at creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 8))]
     pub number_of_replicas: Option<u32>,

@@ -805,3 +805,287 @@ async fn recurring_jobs_selected_by_label_make_snapshots() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
+
+/// Answers a PATCH with a minimal valid object of the kind in its path.
+fn stock(path: &str) -> Value {
+    let name = path
+        .trim_end_matches("/status")
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let (kind, spec) = if path.contains("/backupvolumes/") {
+        ("BackupVolume", json!({}))
+    } else if path.contains("/backups/") {
+        ("Backup", json!({"volume": "v"}))
+    } else {
+        ("Volume", json!({"size": "4096"}))
+    };
+    json!({"apiVersion": "cairn.io/v1alpha1", "kind": kind, "metadata": {"name": name, "namespace": NS}, "spec": spec})
+}
+
+fn list(kind: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": format!("{kind}List"), "metadata": {"resourceVersion": "1"}, "items": items})
+}
+
+/// The lease holder's mirror: a volume made outside the objects (as the
+/// CSI driver makes them) gets a `Volume` object labelled adopted, with the
+/// PersistentVolume that serves it; the backup target's volumes and
+/// backups get `BackupVolume` and `Backup` mirrors; an adopted object whose
+/// volume is gone is deleted, and the Volume reconcile never recreates it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_made_elsewhere_and_backups_are_mirrored() {
+    use cairn_crd::controller::mirror;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = start_cairnd(tmp.path(), "node-a", false).await;
+    let mut cd = cairn_api::connect(&d.socket).await.unwrap();
+    let target = tmp.path().join("backups");
+    std::fs::create_dir_all(&target).unwrap();
+    cd.set_setting(pb::SetSettingRequest {
+        name: "backup-target".into(),
+        value: format!("file://{}", target.display()),
+    })
+    .await
+    .unwrap();
+    cd.create_volume(pb::CreateVolumeRequest {
+        name: "pvc-1234".into(),
+        size: 8 * MIB,
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let b = cd
+        .create_backup(pb::CreateBackupRequest {
+            volume: "pvc-1234".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let pv = json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": "pv-of-1234"},
+        "spec": {"csi": {"driver": "csi.cairn.io", "volumeHandle": "pvc-1234"},
+                 "claimRef": {"name": "data-db-0", "namespace": "prod"}},
+    });
+    let route: Arc<Route> = Arc::new(move |s: &Seen| {
+        if s.method == Method::GET {
+            if s.path == "/api/v1/persistentvolumes" {
+                return (200, list("PersistentVolume", vec![pv.clone()]));
+            }
+            return (200, list("Thing", vec![]));
+        }
+        (200, stock(&s.path))
+    });
+    let (client, api) = MockApi::start(route);
+    let c = ctx(client, &d.socket, "node-a");
+    mirror::pass(&c).await.unwrap();
+    let seen = api.take();
+    let patched = |suffix: &str| -> Vec<Value> {
+        seen.iter()
+            .filter(|s| s.method == Method::PATCH && s.path.ends_with(suffix))
+            .map(|s| s.body.clone())
+            .collect()
+    };
+    let vol = patched("/volumes/pvc-1234");
+    assert_eq!(vol.len(), 1, "{seen:?}");
+    assert_eq!(vol[0]["metadata"]["labels"][mirror::ADOPTED_LABEL], "true");
+    assert_eq!(vol[0]["spec"]["size"], (8 * MIB).to_string());
+    assert_eq!(vol[0]["spec"]["numberOfReplicas"], 1);
+    let bv = patched("/backupvolumes/pvc-1234/status");
+    assert_eq!(bv[0]["status"]["backupCount"], 1);
+    assert_eq!(bv[0]["status"]["lastBackupName"], b.name);
+    let bk = patched(&format!("/backups/{}/status", b.name));
+    assert_eq!(bk[0]["status"]["handle"], b.handle);
+    assert_eq!(bk[0]["status"]["state"], "completed");
+    let bk = patched(&format!("/backups/{}", b.name));
+    assert_eq!(bk[0]["spec"]["volume"], "pvc-1234");
+    // The PV is written into a Volume object's status once one exists.
+    let obj = volume_obj("pvc-1234", "8Mi", true, false);
+    let mut with_status = serde_json::to_value(&obj).unwrap();
+    with_status["metadata"]["labels"] = json!({mirror::ADOPTED_LABEL: "true"});
+    with_status["status"] = serde_json::to_value(volume::status_of(
+        &cairn_volume(&d.socket, "pvc-1234").await.unwrap(),
+    ))
+    .unwrap();
+    let listed = with_status.clone();
+    let pv2 = json!({
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": "pv-of-1234"},
+        "spec": {"csi": {"driver": "csi.cairn.io", "volumeHandle": "pvc-1234"},
+                 "claimRef": {"name": "data-db-0", "namespace": "prod"}},
+    });
+    let route: Arc<Route> = Arc::new(move |s: &Seen| {
+        if s.method == Method::GET {
+            if s.path == "/api/v1/persistentvolumes" {
+                return (200, list("PersistentVolume", vec![pv2.clone()]));
+            }
+            if s.path.ends_with("/volumes") {
+                return (200, list("Volume", vec![listed.clone()]));
+            }
+            return (200, list("Thing", vec![]));
+        }
+        if s.method == Method::DELETE {
+            return (
+                200,
+                json!({"kind":"Status","apiVersion":"v1","status":"Success"}),
+            );
+        }
+        (200, stock(&s.path))
+    });
+    let (client, api) = MockApi::start(route);
+    let c = ctx(client, &d.socket, "node-a");
+    mirror::pass(&c).await.unwrap();
+    let st = api.statuses("volumes", "pvc-1234");
+    assert_eq!(
+        st[0]["status"]["kubernetesStatus"],
+        json!({"pvName": "pv-of-1234", "pvcName": "data-db-0", "namespace": "prod"})
+    );
+    api.take();
+
+    // Deleted through the CSI driver (straight in cairnd): the object goes,
+    // and a Volume reconcile meanwhile does not bring the volume back.
+    cd.delete_volume(pb::DeleteVolumeRequest {
+        name: "pvc-1234".into(),
+        force: false,
+    })
+    .await
+    .unwrap();
+    let adopted: Volume = serde_json::from_value(with_status.clone()).unwrap();
+    volume::reconcile(Arc::new(adopted), c.clone())
+        .await
+        .unwrap();
+    assert!(
+        cairn_volume(&d.socket, "pvc-1234").await.is_none(),
+        "an adopted volume was recreated"
+    );
+    mirror::pass(&c).await.unwrap();
+    let deleted: Vec<Seen> = api
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == Method::DELETE)
+        .collect();
+    assert!(
+        deleted
+            .iter()
+            .any(|s| s.path.ends_with("/volumes/pvc-1234")),
+        "{deleted:?}"
+    );
+}
+
+/// A `Backup` made with `spec.volume` takes a backup (its handle in
+/// status, completed after polling); deleting the object deletes the
+/// backup from the target; a backup of a volume that does not exist is
+/// an Error status and a Warning Event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_objects_take_and_delete_backups() {
+    use cairn_crd::controller::mirror;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = start_cairnd(tmp.path(), "node-a", false).await;
+    let mut cd = cairn_api::connect(&d.socket).await.unwrap();
+    let target = tmp.path().join("backups");
+    std::fs::create_dir_all(&target).unwrap();
+    cd.set_setting(pb::SetSettingRequest {
+        name: "backup-target".into(),
+        value: format!("file://{}", target.display()),
+    })
+    .await
+    .unwrap();
+    cd.create_volume(pb::CreateVolumeRequest {
+        name: "v".into(),
+        size: 8 * MIB,
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let spec = BackupSpec {
+        volume: "v".into(),
+        snapshot: None,
+        labels: [("by".to_string(), "test".to_string())].into(),
+    };
+    let mut obj = Backup::new("nightly-v", spec.clone());
+    obj.metadata.namespace = Some(NS.into());
+    obj.metadata.finalizers = Some(vec![BACKUP_FINALIZER.into()]);
+    obj.metadata.resource_version = Some("1".into());
+    let base = serde_json::to_value(&obj).unwrap();
+    let (client, api) = MockApi::start(echo(base));
+    let c = ctx(client, &d.socket, "node-a");
+    mirror::reconcile_backup(Arc::new(obj.clone()), c.clone())
+        .await
+        .unwrap();
+    let st = api.statuses("backups", "nightly-v");
+    let handle = st.last().unwrap()["status"]["handle"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(handle.starts_with("bak://v/"), "{st:?}");
+    assert!(api.events().iter().any(|(r, _)| r == "BackupStarted"));
+    // Followed until completed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut o = obj.clone();
+        o.status = serde_json::from_value(
+            api.statuses("backups", "nightly-v").last().unwrap()["status"].clone(),
+        )
+        .unwrap();
+        mirror::reconcile_backup(Arc::new(o), c.clone())
+            .await
+            .unwrap();
+        let last = api.statuses("backups", "nightly-v").last().unwrap()["status"].clone();
+        if last["state"] == "completed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "backup never completed: {last}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let listed = cd
+        .list_backups(pb::ListBackupsRequest { volume: "v".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .backups;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].labels.get("by").map(String::as_str), Some("test"));
+
+    // Deleted with the object.
+    let mut gone = obj.clone();
+    gone.status = serde_json::from_value(
+        api.statuses("backups", "nightly-v").last().unwrap()["status"].clone(),
+    )
+    .unwrap();
+    gone.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    mirror::reconcile_backup(Arc::new(gone), c.clone())
+        .await
+        .unwrap();
+    let listed = cd
+        .list_backups(pb::ListBackupsRequest { volume: "v".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .backups;
+    assert!(listed.is_empty(), "backup not deleted: {listed:?}");
+    assert!(api.events().iter().any(|(r, _)| r == "BackupDeleted"));
+
+    // A volume that does not exist: Error status, Warning, nothing made.
+    let mut bad = Backup::new(
+        "of-nothing",
+        BackupSpec {
+            volume: "nope".into(),
+            snapshot: None,
+            labels: Default::default(),
+        },
+    );
+    bad.metadata.finalizers = Some(vec![BACKUP_FINALIZER.into()]);
+    let (client, api) = MockApi::start(echo(serde_json::to_value(&bad).unwrap()));
+    let e = mirror::reconcile_backup(Arc::new(bad), ctx(client, &d.socket, "node-a"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+    let st = api.statuses("backups", "of-nothing");
+    assert_eq!(st.last().unwrap()["status"]["state"], "error");
+    assert!(api.events().iter().any(|(r, _)| r == "BackupFailed"));
+}

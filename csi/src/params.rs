@@ -41,7 +41,7 @@ pub enum DataLocality {
 /// A StorageClass's parameters, checked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VolumeParams {
-    /// 0: cairnd's default (setting `default-replica-count`).
+    /// 0: cairnd's default (3 in a cluster, fewer on a smaller one).
     pub replicas: u32,
     /// Minutes; accepted for Longhorn StorageClasses, applied cluster-wide
     /// by cairnd's `stale-replica-timeout` setting (see docs/kubernetes.md).

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use cairn_crd::controller::{
-    self, leader, metrics, node, secret, setting, volume, Cairnd, Context,
+    self, leader, metrics, mirror, node, secret, setting, volume, Cairnd, Context,
 };
-use cairn_crd::resources::{BackupTarget, Setting, Volume};
+use cairn_crd::resources::{Backup, BackupTarget, Setting, Volume};
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -128,6 +128,41 @@ async fn run(client: kube::Client, ctx: Arc<Context>, replica_addr: String) -> a
             tokio::time::sleep(node::PASS).await;
         }
     });
+    let mirror_ctx = ctx.clone();
+    let mirror_lead = lead_rx.clone();
+    tokio::spawn(async move {
+        loop {
+            if *mirror_lead.borrow() {
+                if let Err(e) = mirror::pass(&mirror_ctx).await {
+                    tracing::warn!(error = %e, "mirror pass");
+                }
+            }
+            tokio::time::sleep(mirror::MIRROR_INTERVAL).await;
+        }
+    });
+    let backup_lead = lead_rx.clone();
+    let backups = Controller::new(
+        Api::<Backup>::namespaced(client.clone(), &ns),
+        watcher::Config::default(),
+    )
+    .run(
+        move |b, ctx| {
+            let leading = *backup_lead.borrow();
+            async move {
+                if !leading {
+                    return Ok(Action::requeue(leader::RENEW));
+                }
+                mirror::reconcile_backup(b, ctx).await
+            }
+        },
+        setting::error_policy,
+        ctx.clone(),
+    )
+    .for_each(|r| async move {
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "backup reconcile");
+        }
+    });
     let leading = lead_rx.clone();
     let volumes = Controller::new(
         Api::<Volume>::namespaced(client.clone(), &ns),
@@ -181,7 +216,7 @@ async fn run(client: kube::Client, ctx: Arc<Context>, replica_addr: String) -> a
         }
     });
     tokio::select! {
-        _ = futures::future::join3(volumes, settings, targets) => {}
+        _ = futures::future::join4(volumes, settings, targets, backups) => {}
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
     }
     Ok(())

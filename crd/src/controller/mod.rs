@@ -11,11 +11,16 @@
 //!   own entry of the object's `status.nodes`.
 //! * [`node`]: publishes this node's `Node` object and feeds every other
 //!   `Node`'s replica address to the local `cairnd` (its membership).
+//! * [`mirror`] (lease holder): `Volume` objects for volumes made
+//!   elsewhere (the CSI driver), the PersistentVolume each serves, and
+//!   read-only `BackupVolume`/`Backup` mirrors of the backup target;
+//!   `Backup` objects take and delete backups.
 //! * [`secret`]: the install-time cluster secret.
 //! * [`metrics`]: reconcile counts, failures and durations (Prometheus).
 
 pub mod leader;
 pub mod metrics;
+pub mod mirror;
 pub mod node;
 pub mod secret;
 pub mod setting;

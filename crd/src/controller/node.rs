@@ -186,6 +186,7 @@ async fn pass_inner(ctx: &Context, replica_addr: &str) -> Result<(), Error> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

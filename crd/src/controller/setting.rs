@@ -219,6 +219,7 @@ pub fn error_policy<K>(_o: Arc<K>, _e: &Error, _ctx: Arc<Context>) -> Action {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use k8s_openapi::ByteString;

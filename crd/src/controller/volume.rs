@@ -88,6 +88,11 @@ async fn apply(v: &Volume, ctx: &Context) -> Result<Action, Error> {
     let mut c = ctx.cairnd.client().await?;
     let current = match c.get_volume(pb::VolumeRef { name: name.clone() }).await {
         Ok(r) => r.into_inner(),
+        Err(s) if s.code() == Code::NotFound && adopted(v) => {
+            // Made outside these objects and deleted there (a CSI
+            // DeleteVolume): never recreated; the mirror drops the object.
+            return Ok(Action::requeue(STATUS_REFRESH));
+        }
         Err(s) if s.code() == Code::NotFound => {
             let made = c
                 .create_volume(pb::CreateVolumeRequest {
@@ -191,6 +196,13 @@ async fn apply(v: &Volume, ctx: &Context) -> Result<Action, Error> {
     status.observed_generation = v.metadata.generation;
     write_status(v, ctx, &status).await?;
     Ok(Action::requeue(STATUS_REFRESH))
+}
+
+/// Whether the mirror made this object for a volume made elsewhere.
+fn adopted(v: &Volume) -> bool {
+    v.labels()
+        .get(super::mirror::ADOPTED_LABEL)
+        .is_some_and(|l| l == "true")
 }
 
 /// The spec's size, after the checks a schema cannot make.
@@ -406,6 +418,7 @@ fn same_jobs(want: &str, current: &str) -> Option<bool> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::resources::{JobTask, RecurringJobSpec};
