@@ -78,6 +78,11 @@ pub fn membership_changes(
         .map(|(_, addr)| addr.clone())
         .collect();
     let names: BTreeSet<&str> = published.iter().map(|(n, _)| n.as_str()).collect();
+    if !names.contains(me) {
+        // A list without this node's own object (just published) is not
+        // the cluster's: remove nothing on its word.
+        return (add, Vec::new());
+    }
     let remove = members
         .iter()
         .filter(|m| !m.local && !m.name.is_empty() && !names.contains(m.name.as_str()))
@@ -215,5 +220,8 @@ mod tests {
         let (add, remove) = membership_changes("n1", &published, &members);
         assert_eq!(add, ["10.0.0.3:9500"]);
         assert_eq!(remove, ["gone"]);
+        // A list that lacks this node removes nothing.
+        let (_, remove) = membership_changes("n1", &published[1..], &members);
+        assert!(remove.is_empty());
     }
 }

@@ -188,6 +188,9 @@ async fn apply(v: &Volume, ctx: &Context) -> Result<Action, Error> {
             .into_inner();
     }
     let mut status = status_of(&current);
+    for (reason, note) in rebuild_events(v.status.as_ref(), &status) {
+        ctx.event(v, false, reason, note).await;
+    }
     status.message = if message.is_empty() {
         current.message.clone()
     } else {
@@ -273,6 +276,45 @@ async fn cleanup(v: &Volume, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
+/// Events for replicas whose rebuild started or finished since `before`.
+pub fn rebuild_events(
+    before: Option<&VolumeStatus>,
+    now: &VolumeStatus,
+) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    for r in &now.replicas {
+        let was = before.and_then(|b| {
+            b.replicas.iter().find(|p| {
+                p.name == r.name || (p.node == r.node && p.mode == ReplicaMode::Rebuilding)
+            })
+        });
+        let was_mode = was.map(|p| p.mode);
+        match (was_mode, r.mode) {
+            (Some(ReplicaMode::Rebuilding), ReplicaMode::Healthy) => out.push((
+                "RebuildFinished",
+                format!(
+                    "replica {} on {} rebuilt and back in the I/O set",
+                    r.name, r.node
+                ),
+            )),
+            (Some(m), ReplicaMode::Rebuilding) if m != ReplicaMode::Rebuilding => out.push((
+                "RebuildStarted",
+                format!("rebuilding replica {} on {}", r.name, r.node),
+            )),
+            (None, ReplicaMode::Rebuilding) if before.is_some() => out.push((
+                "RebuildStarted",
+                format!("rebuilding replica {} on {}", r.name, r.node),
+            )),
+            (Some(m), ReplicaMode::Failed) if m != ReplicaMode::Failed => out.push((
+                "ReplicaFailed",
+                format!("replica {} on {} failed: {}", r.name, r.node, r.message),
+            )),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// The status of a volume as `cairnd` reports it.
 pub fn status_of(v: &pb::Volume) -> VolumeStatus {
     use pb::VolumeState as S;
@@ -352,7 +394,7 @@ async fn desired_jobs(v: &Volume, ctx: &Context) -> Result<String, Error> {
     jobs_json(&v.spec.recurring_jobs, labels, &listed)
 }
 
-/// [`desired_jobs`] without the API: the jobs `labels` select among `jobs`.
+/// The recurring jobs of a volume without the API: the jobs `labels` select among `jobs`, and the inline ones.
 pub fn jobs_json(
     inline: &[InlineRecurringJob],
     labels: &BTreeMap<String, String>,
@@ -517,6 +559,56 @@ mod tests {
         assert_eq!(same_jobs(&both, &both), Some(true));
         assert_eq!(same_jobs(&both, ""), Some(false));
         assert_eq!(same_jobs("", ""), Some(true));
+    }
+
+    #[test]
+    fn rebuilds_starting_and_finishing_are_events() {
+        let replica = |name: &str, node: &str, mode| ReplicaStatus {
+            name: name.into(),
+            node: node.into(),
+            mode,
+            rebuild_progress: None,
+            message: String::new(),
+        };
+        let status = |replicas| VolumeStatus {
+            state: VolumeState::Attached,
+            robustness: Robustness::Degraded,
+            size_bytes: 0,
+            owner_node: "n1".into(),
+            device: String::new(),
+            replicas,
+            last_backup: String::new(),
+            message: String::new(),
+            kubernetes_status: None,
+            conditions: Vec::new(),
+            observed_generation: None,
+        };
+        let healthy = status(vec![
+            replica("r1", "n1", ReplicaMode::Healthy),
+            replica("r2", "n2", ReplicaMode::Healthy),
+        ]);
+        let failed = status(vec![
+            replica("r1", "n1", ReplicaMode::Healthy),
+            replica("r2", "n2", ReplicaMode::Failed),
+        ]);
+        // A replacement on n3 (a new name) rebuilding.
+        let rebuilding = status(vec![
+            replica("r1", "n1", ReplicaMode::Healthy),
+            replica("r3", "n3", ReplicaMode::Rebuilding),
+        ]);
+        let rebuilt = status(vec![
+            replica("r1", "n1", ReplicaMode::Healthy),
+            replica("r3", "n3", ReplicaMode::Healthy),
+        ]);
+        let reasons = |a: Option<&VolumeStatus>, b: &VolumeStatus| -> Vec<&'static str> {
+            rebuild_events(a, b).into_iter().map(|(r, _)| r).collect()
+        };
+        assert!(reasons(None, &healthy).is_empty());
+        assert_eq!(reasons(Some(&healthy), &failed), ["ReplicaFailed"]);
+        assert_eq!(reasons(Some(&failed), &rebuilding), ["RebuildStarted"]);
+        assert!(reasons(Some(&rebuilding), &rebuilding).is_empty());
+        assert_eq!(reasons(Some(&rebuilding), &rebuilt), ["RebuildFinished"]);
+        assert!(reasons(Some(&rebuilt), &rebuilt).is_empty());
     }
 
     #[test]
