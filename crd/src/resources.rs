@@ -220,11 +220,27 @@ pub struct VolumeStatus {
     shortname = "cnode",
     printcolumn = r#"{"name":"State","type":"string","jsonPath":".status.state"}"#,
     printcolumn = r#"{"name":"Address","type":"string","jsonPath":".status.replicaAddress"}"#,
+    printcolumn = r#"{"name":"Schedulable","type":"boolean","jsonPath":".status.allowScheduling"}"#,
     printcolumn = r#"{"name":"Kernel","type":"string","jsonPath":".status.kernel"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
-pub struct NodeSpec {}
+pub struct NodeSpec {
+    /// New replicas may be placed on this node (default true). Replicas
+    /// already here stay and keep serving; evicting them is not built yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_scheduling: Option<bool>,
+    /// Paths of this node's disks that take no new replicas.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unschedulable_disks: Vec<String>,
+}
+
+impl NodeSpec {
+    /// Whether the spec lets new replicas onto this node.
+    pub fn allows_scheduling(&self) -> bool {
+        self.allow_scheduling.unwrap_or(true)
+    }
+}
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
@@ -242,7 +258,7 @@ pub struct DiskStatus {
     /// Volume bytes promised by its replicas.
     pub allocated_bytes: u64,
     pub replicas: u32,
-    /// New replicas may go here (node up, scheduling rules met).
+    /// New replicas may go here (node and disk schedulable, space rules met).
     pub schedulable: bool,
 }
 
@@ -260,10 +276,18 @@ pub struct NodeStatus {
     /// The kernel resizes live ublk devices (Linux 6.16+).
     #[serde(default)]
     pub online_expansion: bool,
+    /// `cairnd`'s scheduling rule now (`spec.allowScheduling` once applied).
+    #[serde(default = "yes")]
+    pub allow_scheduling: bool,
     #[serde(default)]
     pub disks: Vec<DiskStatus>,
+    /// Why the spec could not be applied, when it could not.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+}
+
+fn yes() -> bool {
+    true
 }
 
 // --------------------------------------------------------------- Setting

@@ -713,6 +713,106 @@ async fn nodes_are_published_and_feed_cairnds_membership() {
     assert_eq!(nodes.len(), 2, "{nodes:?}");
 }
 
+/// The Node object's spec is the node's scheduling rule: applied to cairnd
+/// when it differs (no new replicas on the node, or on a disk), shown in
+/// status; a disk cairnd does not have is refused, status says why, and the
+/// rule in force stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_spec_sets_scheduling_and_a_bad_disk_is_refused_in_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = start_cairnd(tmp.path(), "node-a", true).await;
+    let addr = a.replica_addr.clone().unwrap();
+    let spec = Arc::new(Mutex::new(json!({})));
+    let answer = {
+        let spec = spec.clone();
+        let addr = addr.clone();
+        move || {
+            json!({
+                "apiVersion": "cairn.io/v1alpha1", "kind": "Node",
+                "metadata": {"name": "node-a", "namespace": NS},
+                "spec": spec.lock().unwrap().clone(),
+                "status": {"state": "up", "replicaAddress": addr},
+            })
+        }
+    };
+    let route: Arc<Route> = Arc::new(move |s: &Seen| {
+        if s.path == "/api/v1/nodes/node-a" {
+            return (
+                404,
+                json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}),
+            );
+        }
+        if s.method == Method::GET && s.path.ends_with("/nodes") {
+            return (200, list("Node", vec![answer()]));
+        }
+        (200, answer())
+    });
+    let (client, api) = MockApi::start(route);
+    let c = ctx(client, &a.socket, "node-a");
+    let mut ca = cairn_api::connect(&a.socket).await.unwrap();
+    let get = async |ca: &mut pb::cairn_client::CairnClient<tonic::transport::Channel>| {
+        ca.get_node(pb::GetNodeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let disk = get(&mut ca).await.disks[0].path.clone();
+
+    // An empty spec on a default node: schedulable, nothing set.
+    node::pass(&c, &addr).await.unwrap();
+    let st = api.statuses("nodes", "node-a");
+    assert_eq!(st.last().unwrap()["status"]["allowScheduling"], true);
+    assert_eq!(
+        st.last().unwrap()["status"]["disks"][0]["schedulable"],
+        true
+    );
+
+    // allowScheduling: false reaches cairnd and shows in status.
+    *spec.lock().unwrap() = json!({"allowScheduling": false});
+    node::pass(&c, &addr).await.unwrap();
+    let n = get(&mut ca).await;
+    assert!(!n.allow_scheduling, "{n:?}");
+    let st = api.statuses("nodes", "node-a");
+    let last = &st.last().unwrap()["status"];
+    assert_eq!(last["allowScheduling"], false, "{last}");
+    assert_eq!(last["disks"][0]["schedulable"], false, "{last}");
+    assert!(last.get("message").is_none(), "{last}");
+
+    // A disk cairnd does not have: refused, said in status, rule kept.
+    *spec.lock().unwrap() =
+        json!({"allowScheduling": true, "unschedulableDisks": ["/no/such/disk"]});
+    node::pass(&c, &addr).await.unwrap();
+    let n = get(&mut ca).await;
+    assert!(
+        !n.allow_scheduling && n.unschedulable_disks.is_empty(),
+        "{n:?}"
+    );
+    let st = api.statuses("nodes", "node-a");
+    let last = &st.last().unwrap()["status"];
+    let msg = last["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("/no/such/disk") && msg.contains(&disk),
+        "{last}"
+    );
+
+    // The node's one disk unschedulable, the node allowed.
+    *spec.lock().unwrap() = json!({"unschedulableDisks": [disk.clone()]});
+    node::pass(&c, &addr).await.unwrap();
+    let n = get(&mut ca).await;
+    assert!(
+        n.allow_scheduling && n.unschedulable_disks == [disk.clone()],
+        "{n:?}"
+    );
+    assert!(!n.disks[0].schedulable);
+    let st = api.statuses("nodes", "node-a");
+    let last = &st.last().unwrap()["status"];
+    assert_eq!(last["allowScheduling"], true, "{last}");
+    assert_eq!(last["disks"][0]["schedulable"], false, "{last}");
+    // Nothing more to apply: a further pass sets nothing (same rule).
+    node::pass(&c, &addr).await.unwrap();
+    assert_eq!(get(&mut ca).await, n);
+}
+
 /// RecurringJob selection by label: a Volume labelled
 /// `recurring-job.cairn.io/NAME: enabled` carries that job in cairnd, and
 /// the job runs on schedule (a snapshot appears within its minute).
@@ -806,6 +906,35 @@ async fn recurring_jobs_selected_by_label_make_snapshots() {
     }
 }
 
+/// A cairnd with a `file://` backup target and an 8 MiB volume `volume`.
+async fn cairnd_with_target_and_volume(
+    root: &Path,
+    volume: &str,
+) -> (
+    Cairnd_,
+    cairn_api::pb::cairn_client::CairnClient<tonic::transport::Channel>,
+) {
+    let d = start_cairnd(root, "node-a", false).await;
+    let mut cd = cairn_api::connect(&d.socket).await.unwrap();
+    let target = root.join("backups");
+    std::fs::create_dir_all(&target).unwrap();
+    cd.set_setting(pb::SetSettingRequest {
+        name: "backup-target".into(),
+        value: format!("file://{}", target.display()),
+    })
+    .await
+    .unwrap();
+    cd.create_volume(pb::CreateVolumeRequest {
+        name: volume.into(),
+        size: 8 * MIB,
+        replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    (d, cd)
+}
+
 /// Answers a PATCH with a minimal valid object of the kind in its path.
 fn stock(path: &str) -> Value {
     let name = path
@@ -837,24 +966,7 @@ fn list(kind: &str, items: Vec<Value>) -> Value {
 async fn volumes_made_elsewhere_and_backups_are_mirrored() {
     use cairn_crd::controller::mirror;
     let tmp = tempfile::tempdir().unwrap();
-    let d = start_cairnd(tmp.path(), "node-a", false).await;
-    let mut cd = cairn_api::connect(&d.socket).await.unwrap();
-    let target = tmp.path().join("backups");
-    std::fs::create_dir_all(&target).unwrap();
-    cd.set_setting(pb::SetSettingRequest {
-        name: "backup-target".into(),
-        value: format!("file://{}", target.display()),
-    })
-    .await
-    .unwrap();
-    cd.create_volume(pb::CreateVolumeRequest {
-        name: "pvc-1234".into(),
-        size: 8 * MIB,
-        replicas: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (d, mut cd) = cairnd_with_target_and_volume(tmp.path(), "pvc-1234").await;
     let b = cd
         .create_backup(pb::CreateBackupRequest {
             volume: "pvc-1234".into(),
@@ -982,24 +1094,7 @@ async fn volumes_made_elsewhere_and_backups_are_mirrored() {
 async fn backup_objects_take_and_delete_backups() {
     use cairn_crd::controller::mirror;
     let tmp = tempfile::tempdir().unwrap();
-    let d = start_cairnd(tmp.path(), "node-a", false).await;
-    let mut cd = cairn_api::connect(&d.socket).await.unwrap();
-    let target = tmp.path().join("backups");
-    std::fs::create_dir_all(&target).unwrap();
-    cd.set_setting(pb::SetSettingRequest {
-        name: "backup-target".into(),
-        value: format!("file://{}", target.display()),
-    })
-    .await
-    .unwrap();
-    cd.create_volume(pb::CreateVolumeRequest {
-        name: "v".into(),
-        size: 8 * MIB,
-        replicas: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (d, mut cd) = cairnd_with_target_and_volume(tmp.path(), "v").await;
     let spec = BackupSpec {
         volume: "v".into(),
         snapshot: None,

@@ -90,6 +90,34 @@ pub struct NodeDisks {
     node: String,
     disks: Vec<PathBuf>,
     open: Mutex<HashMap<String, Weak<Replica>>>,
+    scheduling: Mutex<Scheduling>,
+}
+
+/// Whether new replicas may be placed on this node and on which of its
+/// disks (Longhorn's node and disk `allowScheduling`). Replicas already
+/// there stay and keep serving.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Scheduling {
+    pub allow: bool,
+    /// Disks that take no new replicas, by path.
+    #[serde(default)]
+    pub unschedulable_disks: Vec<PathBuf>,
+}
+
+impl Default for Scheduling {
+    fn default() -> Self {
+        Scheduling {
+            allow: true,
+            unschedulable_disks: Vec::new(),
+        }
+    }
+}
+
+impl Scheduling {
+    /// Whether `disk` takes new replicas.
+    pub fn allows(&self, disk: &Path) -> bool {
+        self.allow && !self.unschedulable_disks.iter().any(|d| d == disk)
+    }
 }
 
 impl NodeDisks {
@@ -98,7 +126,21 @@ impl NodeDisks {
             node: node.to_string(),
             disks,
             open: Mutex::new(HashMap::new()),
+            scheduling: Mutex::new(Scheduling::default()),
         }
+    }
+
+    /// The scheduling rule now.
+    pub fn scheduling(&self) -> Scheduling {
+        self.scheduling
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the scheduling rule (persisting it is the caller's).
+    pub fn set_scheduling(&self, s: Scheduling) {
+        *self.scheduling.lock().unwrap_or_else(|p| p.into_inner()) = s;
     }
 
     pub fn node(&self) -> &str {
@@ -161,6 +203,7 @@ impl NodeDisks {
     /// the volume bytes its replicas promise.
     pub fn report(&self) -> NodeReport {
         let found = self.scan();
+        let rule = self.scheduling();
         let disks = self
             .disks
             .iter()
@@ -177,6 +220,7 @@ impl NodeDisks {
                         .map(|m| m.size)
                         .sum(),
                     replicas: mine.len() as u32,
+                    schedulable: rule.allows(d),
                 }
             })
             .collect();
@@ -403,7 +447,20 @@ fn remove_dir(dir: &Path) -> Result<(), DiskError> {
 /// Longhorn's scheduling rule for one disk: after placing `size` more bytes,
 /// the promised bytes stay within `over_provisioning`% of the disk's size,
 /// and the free space is above `min_available`% of it.
+/// A disk marked unschedulable takes no new replica.
 pub fn disk_fits(d: &DiskReport, size: u64, over_provisioning: u32, min_available: u32) -> bool {
+    d.schedulable && disk_has_room(d, size, over_provisioning, min_available)
+}
+
+/// [`disk_fits`]'s space rules alone: what a replica already on the disk
+/// needs to grow by `size` (marking a disk unschedulable keeps new
+/// replicas off it; it does not freeze the sizes of the ones there).
+pub fn disk_has_room(
+    d: &DiskReport,
+    size: u64,
+    over_provisioning: u32,
+    min_available: u32,
+) -> bool {
     let size_ok =
         (d.allocated as u128 + size as u128) * 100 <= d.size as u128 * over_provisioning as u128;
     let free_ok = d.available as u128 * 100 > d.size as u128 * min_available as u128;
@@ -442,6 +499,7 @@ mod tests {
             available,
             allocated,
             replicas: 0,
+            schedulable: true,
         };
         // 100 GiB disk, 50 free, 60 promised; 100 % over-provisioning.
         let g = 1u64 << 30;
@@ -459,6 +517,41 @@ mod tests {
             "free space at the minimum"
         );
         assert!(!disk_fits(&d(0, 0, 0), 1, 100, 0), "unknown size");
+        let mut off = d(100 * g, 50 * g, 0);
+        off.schedulable = false;
+        assert!(!disk_fits(&off, g, 100, 25), "marked unschedulable");
+        assert!(disk_has_room(&off, g, 100, 25), "but its replicas may grow");
+    }
+
+    #[test]
+    fn unschedulable_nodes_and_disks_take_no_new_replicas() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let disks = NodeDisks::new("n1", vec![a.clone(), b.clone()]);
+        let any = |_: &DiskReport| true;
+        let fits = |d: &DiskReport| d.schedulable;
+        disks.set_scheduling(Scheduling {
+            allow: true,
+            unschedulable_disks: vec![a.clone()],
+        });
+        let r = disks.report();
+        assert_eq!(
+            r.disks.iter().map(|d| d.schedulable).collect::<Vec<_>>(),
+            [false, true]
+        );
+        let (disk, _) = disks.create("v", "v-r1", 1 << 20, None, fits).unwrap();
+        assert_eq!(disk, b, "placed on the disk that takes replicas");
+        disks.set_scheduling(Scheduling {
+            allow: false,
+            unschedulable_disks: Vec::new(),
+        });
+        assert!(disks.report().disks.iter().all(|d| !d.schedulable));
+        assert!(disks.create("w", "w-r1", 1 << 20, None, fits).is_err());
+        // What is there stays (and a caller that ignores the flag may place).
+        assert!(disks.find("v-r1").is_some());
+        assert!(disks.create("w", "w-r2", 1 << 20, None, any).is_ok());
     }
 
     #[test]

@@ -32,6 +32,13 @@ impl Daemon {
             config.disks.push(root.join(d));
         }
         let manager = Arc::new(VolumeManager::open(config).await.unwrap());
+        // The test's disks share the host's filesystem, whose free space is
+        // not this test's business (a shared CI pool may sit below the 25 %
+        // storage-minimal-available rule, which refuses every expansion).
+        manager
+            .set_setting("storage-minimal-available-percentage", "0")
+            .await
+            .unwrap();
         let socket = root.join("run/cairnd.sock");
         let listener = server::bind(&socket).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();

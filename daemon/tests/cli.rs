@@ -273,3 +273,107 @@ fn sigterm_removes_socket_and_exits_zero() {
     assert!(status.success(), "{status:?}");
     assert!(!d.socket.exists(), "socket left behind");
 }
+
+/// `node scheduling`: without options it shows the rule and changes
+/// nothing; each option changes only its part; a volume that needs an
+/// unschedulable disk is refused with why; the replicas there stay and
+/// grow; an unknown disk is one line naming the disks there are.
+#[test]
+fn node_scheduling_shows_sets_and_refuses() {
+    let d = Cairnd::start();
+    let disk = |n: &str| d._tmp.path().join(n).display().to_string();
+    let (d1, d2) = (disk("d1"), disk("d2"));
+    let rule = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["-o", "json", "node", "scheduling"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&d.ok(&all)).unwrap()
+    };
+    let schedulable = |v: &serde_json::Value| -> Vec<bool> {
+        v["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["schedulable"].as_bool().unwrap())
+            .collect()
+    };
+    let v = rule(&[]);
+    assert_eq!(v["allow_scheduling"], true);
+    assert_eq!(schedulable(&v), [true, true]);
+    d.ok(&[
+        "volume",
+        "create",
+        "old",
+        "--size",
+        "8MiB",
+        "--replicas",
+        "2",
+    ]);
+
+    let v = rule(&["--unschedulable-disk", &d1]);
+    assert_eq!(schedulable(&v), [false, true]);
+    let v = rule(&[]);
+    assert_eq!(schedulable(&v), [false, true], "showing changed nothing");
+    assert_error(
+        &d.ctl(&[
+            "volume",
+            "create",
+            "two",
+            "--size",
+            "8MiB",
+            "--replicas",
+            "2",
+        ]),
+        "only 1 of this node's 2 disks take new replicas",
+    );
+    let out = d.ok(&[
+        "-o",
+        "json",
+        "volume",
+        "create",
+        "one",
+        "--size",
+        "8MiB",
+        "--replicas",
+        "1",
+    ]);
+    let one: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(one["replicas"][0]["disk"], d2.as_str(), "{one}");
+    // The replica already on d1 grows.
+    d.ok(&["volume", "expand", "old", "--size", "16MiB"]);
+
+    // The node off; the disk list is kept meanwhile.
+    let v = rule(&["--allow", "false"]);
+    assert_eq!(v["allow_scheduling"], false);
+    assert_eq!(v["unschedulable_disks"][0], d1.as_str());
+    assert_eq!(schedulable(&v), [false, false]);
+    assert_error(
+        &d.ctl(&[
+            "volume",
+            "create",
+            "none",
+            "--size",
+            "8MiB",
+            "--replicas",
+            "1",
+        ]),
+        "only 0 of this node's 2 disks take new replicas",
+    );
+    assert_error(
+        &d.ctl(&["node", "scheduling", "--unschedulable-disk", "/no/such"]),
+        &format!("\"/no/such\" is not a disk of this node ({d1}, {d2})"),
+    );
+    let v = rule(&["--allow", "true", "--all-disks"]);
+    assert_eq!(schedulable(&v), [true, true]);
+    d.ok(&[
+        "volume",
+        "create",
+        "two",
+        "--size",
+        "8MiB",
+        "--replicas",
+        "2",
+    ]);
+    let table = d.ok(&["node", "scheduling"]);
+    assert!(table.contains("new replicas: allowed"), "{table}");
+    assert!(table.contains("SCHEDULABLE"), "{table}");
+}

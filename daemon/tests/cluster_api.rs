@@ -486,3 +486,115 @@ async fn a_volume_created_for_a_named_node_is_owned_there_with_a_replica_there()
     n0.stop().await;
     n1.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unschedulable_node_or_disk_takes_no_new_replicas_and_the_rule_survives_a_restart() {
+    let (tmp, ports, peers, n0, n1) = two_nodes_with_db().await;
+    let mut c0 = n0.client().await;
+    let schedule = |allow: bool, disks: &[&str]| pb::SetNodeSchedulingRequest {
+        allow_scheduling: allow,
+        unschedulable_disks: disks.iter().map(|d| d.to_string()).collect(),
+    };
+    let node = c0
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(node.allow_scheduling && node.unschedulable_disks.is_empty());
+    assert!(node.disks.iter().all(|d| d.schedulable), "{node:?}");
+    let disk = node.disks[0].path.clone();
+
+    // An unknown disk: refused with the disks there are, nothing changes.
+    let e = c0
+        .set_node_scheduling(schedule(false, &["/no/such/disk"]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(
+        e.message().contains("/no/such/disk") && e.message().contains(&disk),
+        "{}",
+        e.message()
+    );
+    let same = c0
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(same.allow_scheduling);
+
+    // The disk unschedulable: said so, on this node and to its peer.
+    let n = c0
+        .set_node_scheduling(schedule(true, &[&disk]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(n.unschedulable_disks, [disk.clone()]);
+    assert!(n.disks.iter().all(|d| !d.schedulable), "{n:?}");
+    let mut c1 = n1.client().await;
+    wait_until("n1 sees n0's disk unschedulable", async || {
+        let nodes = c1
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        nodes
+            .iter()
+            .find(|m| m.name == "n0")
+            .is_some_and(|m| !m.disks.is_empty() && m.disks.iter().all(|d| !d.schedulable))
+    })
+    .await;
+
+    // New replicas go elsewhere, from either node; none fit twice.
+    for (c, name) in [(&mut c0, "from-n0"), (&mut c1, "from-n1")] {
+        let v = c.create_volume(create(name)).await.unwrap().into_inner();
+        assert_eq!(v.replicas.len(), 1);
+        assert_eq!(v.replicas[0].node, "n1", "{v:?}");
+    }
+    let mut two = create("two");
+    two.replicas = 2;
+    let e = c0.create_volume(two).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+    assert!(!record_file(tmp.path(), "n0", "two").exists());
+
+    // The replicas there stay and may grow: db (one replica on n0) expands.
+    let v = c0
+        .expand_volume(pb::ExpandVolumeRequest {
+            name: "db".into(),
+            size: 16 << 20,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v.size, 16 << 20);
+    assert!(v.replicas.iter().any(|r| r.node == "n0"), "{v:?}");
+
+    // The whole node off, then restarted: the rule is kept.
+    c0.set_node_scheduling(schedule(false, &[])).await.unwrap();
+    drop(c0);
+    n0.stop().await;
+    let n0 = Node::start(tmp.path(), "n0", ports[0], &peers).await;
+    let mut c0 = n0.client().await;
+    let n = c0
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!n.allow_scheduling, "the rule survived the restart: {n:?}");
+    assert!(n.disks.iter().all(|d| !d.schedulable));
+
+    // And scheduling allowed again: two replicas fit.
+    c0.set_node_scheduling(schedule(true, &[])).await.unwrap();
+    let mut two = create("two");
+    two.replicas = 2;
+    wait_until("n1 up again for n0", async || {
+        n0.manager.nodes().await.iter().filter(|n| n.up).count() == 2
+    })
+    .await;
+    let v = c0.create_volume(two).await.unwrap().into_inner();
+    assert_eq!(v.replicas.len(), 2);
+    drop(c0);
+    drop(c1);
+    n0.stop().await;
+    n1.stop().await;
+}

@@ -140,21 +140,12 @@ async fn run(client: kube::Client, ctx: Arc<Context>, replica_addr: String) -> a
             tokio::time::sleep(mirror::MIRROR_INTERVAL).await;
         }
     });
-    let backup_lead = lead_rx.clone();
     let backups = Controller::new(
         Api::<Backup>::namespaced(client.clone(), &ns),
         watcher::Config::default(),
     )
     .run(
-        move |b, ctx| {
-            let leading = *backup_lead.borrow();
-            async move {
-                if !leading {
-                    return Ok(Action::requeue(leader::RENEW));
-                }
-                mirror::reconcile_backup(b, ctx).await
-            }
-        },
+        leader_only(lead_rx.clone(), mirror::reconcile_backup),
         setting::error_policy,
         ctx.clone(),
     )
@@ -163,22 +154,12 @@ async fn run(client: kube::Client, ctx: Arc<Context>, replica_addr: String) -> a
             tracing::debug!(error = %e, "backup reconcile");
         }
     });
-    let leading = lead_rx.clone();
     let volumes = Controller::new(
         Api::<Volume>::namespaced(client.clone(), &ns),
         watcher::Config::default(),
     )
     .run(
-        move |v, ctx| {
-            let leading = *leading.borrow();
-            async move {
-                if !leading {
-                    // Followers leave Volumes to the lease holder.
-                    return Ok(Action::requeue(leader::RENEW));
-                }
-                volume::reconcile(v, ctx).await
-            }
-        },
+        leader_only(lead_rx.clone(), volume::reconcile),
         volume::error_policy,
         ctx.clone(),
     )
@@ -220,4 +201,29 @@ async fn run(client: kube::Client, ctx: Arc<Context>, replica_addr: String) -> a
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
     }
     Ok(())
+}
+
+/// `reconcile` on the lease holder; followers leave the object to it and
+/// look again after a renewal period.
+fn leader_only<K, F, Fut>(
+    leading: tokio::sync::watch::Receiver<bool>,
+    reconcile: F,
+) -> impl FnMut(
+    Arc<K>,
+    Arc<Context>,
+) -> futures::future::BoxFuture<'static, Result<Action, controller::Error>>
+where
+    K: Send + Sync + 'static,
+    F: Fn(Arc<K>, Arc<Context>) -> Fut + Copy + Send + 'static,
+    Fut: std::future::Future<Output = Result<Action, controller::Error>> + Send + 'static,
+{
+    move |obj, ctx| {
+        let lead = *leading.borrow();
+        Box::pin(async move {
+            if !lead {
+                return Ok(Action::requeue(leader::RENEW));
+            }
+            reconcile(obj, ctx).await
+        })
+    }
 }

@@ -260,11 +260,7 @@ pub async fn reconcile_backup(b: Arc<Backup>, ctx: Arc<Context>) -> Result<Actio
         }
     })
     .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
-    });
+    .map_err(Error::from);
     ctx.metrics
         .reconciled("backup", started.elapsed(), result.as_ref().err());
     result

@@ -81,6 +81,17 @@ impl Error {
     }
 }
 
+impl From<kube::runtime::finalizer::Error<Error>> for Error {
+    /// The reconcile's own error when it failed, else the finalizer's.
+    fn from(e: kube::runtime::finalizer::Error<Error>) -> Error {
+        use kube::runtime::finalizer::Error as F;
+        match e {
+            F::ApplyFailed(e) | F::CleanupFailed(e) => e,
+            other => Error::Finalizer(other.to_string()),
+        }
+    }
+}
+
 /// The local `cairnd`'s socket.
 #[derive(Debug, Clone)]
 pub struct Cairnd {

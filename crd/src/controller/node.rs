@@ -3,7 +3,10 @@
 //! address and disks `cairnd` reports; and the local `cairnd`'s membership
 //! follows the `Node` objects — a peer published there is added (`node
 //! add`), a member whose object is gone is removed once it holds no
-//! replicas (`cairnd` refuses before that; retried each pass).
+//! replicas (`cairnd` refuses before that; retried each pass). The
+//! object's `spec` (scheduling of new replicas on the node and its disks)
+//! is applied to `cairnd` each pass it differs; `status` shows the rule in
+//! force and why a spec was refused.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -16,7 +19,7 @@ use kube::ResourceExt;
 use serde_json::json;
 
 use super::{manager_name, Context, Error};
-use crate::resources::{DiskStatus, Node, NodeState, NodeStatus};
+use crate::resources::{DiskStatus, Node, NodeSpec, NodeState, NodeStatus};
 
 pub const PASS: Duration = Duration::from_secs(10);
 
@@ -49,7 +52,7 @@ pub fn status_from(
                 available_bytes: d.available,
                 allocated_bytes: 0,
                 replicas: d.replicas,
-                schedulable: true,
+                schedulable: d.schedulable,
             })
             .collect(),
     };
@@ -59,9 +62,31 @@ pub fn status_from(
         kernel: local.kernel.clone(),
         ublk_status: local.ublk_status.clone(),
         online_expansion: local.online_expansion,
+        allow_scheduling: local.allow_scheduling,
         disks,
         message: String::new(),
     }
+}
+
+/// The scheduling request that brings `cairnd`'s rule (in `local`) to what
+/// `spec` asks, or `None` when they agree.
+pub fn scheduling_change(
+    spec: &NodeSpec,
+    local: &pb::Node,
+) -> Option<pb::SetNodeSchedulingRequest> {
+    let norm = |v: &[String]| {
+        v.iter()
+            .map(|d| d.trim_end_matches('/').to_string())
+            .collect::<BTreeSet<_>>()
+    };
+    let want = norm(&spec.unschedulable_disks);
+    let allow = spec.allows_scheduling();
+    (allow != local.allow_scheduling || want != norm(&local.unschedulable_disks)).then(|| {
+        pb::SetNodeSchedulingRequest {
+            allow_scheduling: allow,
+            unschedulable_disks: want.into_iter().collect(),
+        }
+    })
 }
 
 /// What membership changes the `Node` objects ask of the local `cairnd`:
@@ -102,17 +127,6 @@ pub async fn pass(ctx: &Context, replica_addr: &str) -> Result<(), Error> {
 
 async fn pass_inner(ctx: &Context, replica_addr: &str) -> Result<(), Error> {
     let mut c = ctx.cairnd.client().await?;
-    let local = c
-        .get_node(pb::GetNodeRequest {})
-        .await
-        .map_err(Error::cairnd("node get"))?
-        .into_inner();
-    let members = c
-        .list_nodes(pb::ListNodesRequest {})
-        .await
-        .map_err(Error::cairnd("node list"))?
-        .into_inner()
-        .nodes;
     let api: Api<Node> = Api::namespaced(ctx.client.clone(), &ctx.namespace);
     let kube_nodes: Api<KubeNode> = Api::all(ctx.client.clone());
     let owner = kube_nodes.get_opt(&ctx.node).await?.and_then(|n| {
@@ -129,18 +143,46 @@ async fn pass_inner(ctx: &Context, replica_addr: &str) -> Result<(), Error> {
     if let Some(o) = owner {
         meta["ownerReferences"] = json!([o]);
     }
-    api.patch(
-        &ctx.node,
-        &pp,
-        &Patch::Apply(&json!({
-            "apiVersion": "cairn.io/v1alpha1",
-            "kind": "Node",
-            "metadata": meta,
-            "spec": {},
-        })),
-    )
-    .await?;
-    let status = status_from(&local, &members, replica_addr);
+    // The apply claims no spec field: `spec` is the operator's.
+    let published = api
+        .patch(
+            &ctx.node,
+            &pp,
+            &Patch::Apply(&json!({
+                "apiVersion": "cairn.io/v1alpha1",
+                "kind": "Node",
+                "metadata": meta,
+                "spec": {},
+            })),
+        )
+        .await?;
+    let mut local = c
+        .get_node(pb::GetNodeRequest {})
+        .await
+        .map_err(Error::cairnd("node get"))?
+        .into_inner();
+    let mut refused = String::new();
+    if let Some(req) = scheduling_change(&published.spec, &local) {
+        let allow = req.allow_scheduling;
+        match c.set_node_scheduling(req).await {
+            Ok(n) => {
+                local = n.into_inner();
+                tracing::info!(allow, disks = ?local.unschedulable_disks, "node scheduling applied from the Node object");
+            }
+            Err(s) => {
+                tracing::warn!(error = %s.message(), "the Node object's scheduling spec was refused");
+                refused = format!("spec refused: {}", s.message());
+            }
+        }
+    }
+    let members = c
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .map_err(Error::cairnd("node list"))?
+        .into_inner()
+        .nodes;
+    let mut status = status_from(&local, &members, replica_addr);
+    status.message = refused;
     api.patch_status(
         &ctx.node,
         &pp,
@@ -223,5 +265,32 @@ mod tests {
         // A list that lacks this node removes nothing.
         let (_, remove) = membership_changes("n1", &published[1..], &members);
         assert!(remove.is_empty());
+    }
+
+    #[test]
+    fn the_scheduling_spec_is_applied_only_when_it_differs() {
+        let local = |allow: bool, disks: &[&str]| pb::Node {
+            allow_scheduling: allow,
+            unschedulable_disks: disks.iter().map(|d| d.to_string()).collect(),
+            ..Default::default()
+        };
+        let spec = |allow: Option<bool>, disks: &[&str]| NodeSpec {
+            allow_scheduling: allow,
+            unschedulable_disks: disks.iter().map(|d| d.to_string()).collect(),
+        };
+        // An empty spec is "schedulable": nothing to do on a default node.
+        assert_eq!(scheduling_change(&spec(None, &[]), &local(true, &[])), None);
+        // ... but it lifts a rule set earlier.
+        let r = scheduling_change(&spec(None, &[]), &local(false, &["/d1"])).unwrap();
+        assert!(r.allow_scheduling && r.unschedulable_disks.is_empty());
+        let r = scheduling_change(&spec(Some(false), &[]), &local(true, &[])).unwrap();
+        assert!(!r.allow_scheduling);
+        // Disk lists compare as sets of paths, trailing '/' aside.
+        assert_eq!(
+            scheduling_change(&spec(None, &["/d2/", "/d1"]), &local(true, &["/d1", "/d2"])),
+            None
+        );
+        let r = scheduling_change(&spec(None, &["/d2", "/d2/"]), &local(true, &[])).unwrap();
+        assert_eq!(r.unschedulable_disks, ["/d2"]);
     }
 }

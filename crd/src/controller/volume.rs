@@ -47,11 +47,7 @@ pub async fn reconcile(v: Arc<Volume>, ctx: Arc<Context>) -> Result<Action, Erro
         }
     })
     .await
-    .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e)
-        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
-    });
+    .map_err(Error::from);
     ctx.metrics
         .reconciled("volume", started.elapsed(), result.as_ref().err());
     result

@@ -239,6 +239,21 @@ enum NodeCmd {
     Add { addr: String },
     /// Remove a peer, by node name or address.
     Remove { node: String },
+    /// Whether new replicas may be placed on this node, and which of its
+    /// disks refuse them. Replicas already there stay and keep serving.
+    /// Without options: shows the rule; what is not given is kept.
+    Scheduling {
+        /// `false`: this node takes no new replicas; `true`: it does again.
+        #[arg(long, action = clap::ArgAction::Set)]
+        allow: Option<bool>,
+        /// A disk (its path) that takes no new replicas; repeat for each.
+        /// Replaces the list: disks not named take replicas again.
+        #[arg(long = "unschedulable-disk", value_name = "PATH")]
+        unschedulable_disks: Vec<String>,
+        /// Every disk takes new replicas again (clears the list).
+        #[arg(long, conflicts_with = "unschedulable_disks")]
+        all_disks: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -537,6 +552,41 @@ async fn run(cli: Cli) -> Result<String, String> {
         }
         Command::Snapshot(cmd) => snapshot_cmd(&mut client, cmd, json).await,
         Command::Backup(cmd) => backup_cmd(&mut client, cmd, json).await,
+        Command::Node(NodeCmd::Scheduling {
+            allow,
+            unschedulable_disks,
+            all_disks,
+        }) => {
+            let now = client
+                .get_node(pb::GetNodeRequest {})
+                .await
+                .map_err(msg)?
+                .into_inner();
+            let n = if allow.is_none() && unschedulable_disks.is_empty() && !all_disks {
+                now
+            } else {
+                let disks = if all_disks {
+                    Vec::new()
+                } else if unschedulable_disks.is_empty() {
+                    now.unschedulable_disks
+                } else {
+                    unschedulable_disks
+                };
+                client
+                    .set_node_scheduling(pb::SetNodeSchedulingRequest {
+                        allow_scheduling: allow.unwrap_or(now.allow_scheduling),
+                        unschedulable_disks: disks,
+                    })
+                    .await
+                    .map_err(msg)?
+                    .into_inner()
+            };
+            Ok(if json {
+                to_json(&node_json(&n))
+            } else {
+                node_table(&n)
+            })
+        }
         Command::Node(NodeCmd::Get) => {
             let n = client
                 .get_node(pb::GetNodeRequest {})
@@ -873,11 +923,14 @@ fn node_json(n: &pb::Node) -> serde_json::Value {
         "kernel": n.kernel,
         "online_expansion": n.online_expansion,
         "ublk_features": n.ublk_features,
+        "allow_scheduling": n.allow_scheduling,
+        "unschedulable_disks": n.unschedulable_disks,
         "disks": n.disks.iter().map(|d| json!({
             "path": d.path,
             "size": d.size,
             "available": d.available,
             "replicas": d.replicas,
+            "schedulable": d.schedulable,
         })).collect::<Vec<_>>(),
     })
 }
@@ -982,7 +1035,7 @@ fn volume_table(v: &pb::Volume) -> String {
 
 fn node_table(n: &pb::Node) -> String {
     let mut out = format!(
-        "node: {}\nkernel: {}\nublk: {}\nonline expansion: {}\n\n",
+        "node: {}\nkernel: {}\nublk: {}\nonline expansion: {}\nnew replicas: {}\n\n",
         n.name,
         n.kernel,
         if n.ublk_status.is_empty() {
@@ -994,15 +1047,27 @@ fn node_table(n: &pb::Node) -> String {
             "the ublk driver resizes live devices (UPDATE_SIZE)"
         } else {
             "not on this kernel (needs Linux 6.16+ with UBLK_F_UPDATE_SIZE)"
+        },
+        if n.allow_scheduling {
+            "allowed"
+        } else {
+            "not scheduled here (`node scheduling --allow true` to allow)"
         }
     );
-    let mut rows = vec![row(&["DISK", "SIZE", "AVAILABLE", "REPLICAS"])];
+    let mut rows = vec![row(&[
+        "DISK",
+        "SIZE",
+        "AVAILABLE",
+        "REPLICAS",
+        "SCHEDULABLE",
+    ])];
     for d in &n.disks {
         rows.push(vec![
             d.path.clone(),
             approx_size(d.size),
             approx_size(d.available),
             d.replicas.to_string(),
+            d.schedulable.to_string(),
         ]);
     }
     out.push_str(&table(&rows));

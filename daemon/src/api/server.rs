@@ -47,6 +47,7 @@ pub fn status(e: ControlError) -> Status {
         E::UnknownSnapshot { .. } => Code::NotFound,
         // No room: no disk or node can take the replicas.
         E::NotEnoughDisks { .. }
+        | E::NotEnoughSchedulableDisks { .. }
         | E::NotEnoughNodes { .. }
         | E::Disk(DiskError::NoSpace { .. } | DiskError::NoRoomToGrow { .. })
         | E::CannotGrow { no_room: true, .. } => Code::ResourceExhausted,
@@ -70,7 +71,9 @@ pub fn status(e: ControlError) -> Status {
         E::NotFound { .. } | E::UnknownReplica { .. } => Code::NotFound,
         E::TakenOver { .. } | E::InUse { .. } => Code::FailedPrecondition,
         E::OwnerUnreachable { .. } | E::NodeUnreachable { .. } => Code::Unavailable,
-        E::BadCloneSource(_) | E::CloneTooSmall { .. } => Code::InvalidArgument,
+        E::BadCloneSource(_) | E::CloneTooSmall { .. } | E::UnknownDisk { .. } => {
+            Code::InvalidArgument
+        }
         E::Unfinished { .. } => Code::FailedPrecondition,
         E::Peer { code, .. } => Code::from_i32(*code),
         E::AlreadyAttached { .. }
@@ -524,6 +527,18 @@ impl Cairn for CairnService {
         Ok(Response::new(node(self.manager.node().await)))
     }
 
+    async fn set_node_scheduling(
+        &self,
+        req: Request<pb::SetNodeSchedulingRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let r = req.into_inner();
+        self.manager
+            .set_scheduling(r.allow_scheduling, &r.unschedulable_disks)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(node(self.manager.node().await)))
+    }
+
     async fn list_nodes(
         &self,
         _req: Request<pb::ListNodesRequest>,
@@ -947,7 +962,15 @@ fn node(n: NodeInfo) -> pb::Node {
                 size: d.size,
                 available: d.available,
                 replicas: d.replicas,
+                schedulable: d.schedulable,
             })
+            .collect(),
+        allow_scheduling: n.scheduling.allow,
+        unschedulable_disks: n
+            .scheduling
+            .unschedulable_disks
+            .iter()
+            .map(|d| d.display().to_string())
             .collect(),
         ublk_status: n.ublk_status.unwrap_or_default(),
         kernel: n.kernel.release.clone(),

@@ -23,6 +23,13 @@ pub enum ControlError {
         wanted: u32,
         disks: usize,
     },
+    #[error("volume {volume:?} wants {wanted} replicas but only {schedulable} of this node's {disks} disks take new replicas: lower --replicas or allow scheduling again (`cairnctl node scheduling`)")]
+    NotEnoughSchedulableDisks {
+        volume: String,
+        wanted: u32,
+        schedulable: usize,
+        disks: usize,
+    },
     #[error("volume {volume:?} wants {wanted} replicas but only {eligible} nodes can take one{}{}{}",
         if *.soft { " (soft anti-affinity: one per fitting disk)" } else { " (hard anti-affinity: one per node)" },
         if *.no_room > 0 { format!("; {no_room} up node(s) have no disk with room for {size} more bytes (see free space in `cairnctl node list`, settings storage-over-provisioning-percentage and storage-minimal-available-percentage)") } else { String::new() },
@@ -46,6 +53,8 @@ pub enum ControlError {
     Secret(String),
     #[error("node {node} still holds replicas of volume {volume:?}: move them first (fail them and let them be replaced)")]
     NodeInUse { node: String, volume: String },
+    #[error("{path:?} is not a disk of this node ({}): name one of them", disks.join(", "))]
+    UnknownDisk { path: String, disks: Vec<String> },
     #[error("no replica of volume {volume:?} found on this node or any reachable peer: check the name and that the nodes are up (`cairnctl node list`)")]
     NothingToAdopt { volume: String },
     #[error(transparent)]

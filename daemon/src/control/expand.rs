@@ -18,7 +18,7 @@
 
 use super::store::ReplicaRecord;
 use super::{ControlError, VolumeInfo, VolumeManager};
-use crate::disks::{disk_fits, GrowStep};
+use crate::disks::{disk_has_room, GrowStep};
 use crate::frontend::KernelFeatures;
 use crate::replica::BLOCK_SIZE;
 use crate::transport::Op;
@@ -142,7 +142,7 @@ impl super::manager::Inner {
             return self
                 .disks
                 .expand(&r.name, size, step, |d, by| {
-                    disk_fits(d, by, rules.over_provisioning, rules.min_available)
+                    disk_has_room(d, by, rules.over_provisioning, rules.min_available)
                 })
                 .map_err(|e| {
                     let no_room = e.errno() == libc::ENOSPC;

@@ -129,6 +129,8 @@ pub struct NodeInfo {
     pub ublk_status: Option<String>,
     /// The running kernel (`uname -r`) and what its ublk driver offers.
     pub kernel: crate::frontend::KernelFeatures,
+    /// Whether new replicas may go to this node and which disks refuse them.
+    pub scheduling: crate::disks::Scheduling,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,6 +143,34 @@ pub struct DiskInfo {
     /// Volume bytes the replicas on this disk promise.
     pub allocated: u64,
     pub schedulable: bool,
+}
+
+/// Where [`VolumeManager::set_scheduling`] keeps the rule.
+const SCHEDULING_FILE: &str = "scheduling.json";
+
+/// The scheduling rule persisted under `data_dir` (every node and disk
+/// takes replicas when there is none). An unreadable file is logged and
+/// read as "this node takes no new replicas": a rule the operator set is
+/// never silently dropped.
+fn load_scheduling(data_dir: &Path) -> crate::disks::Scheduling {
+    let path = data_dir.join(SCHEDULING_FILE);
+    match std::fs::read(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => crate::disks::Scheduling::default(),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot read the scheduling rule: this node takes no new replicas until it is set again (`cairnctl node scheduling`)");
+            crate::disks::Scheduling {
+                allow: false,
+                unschedulable_disks: Vec::new(),
+            }
+        }
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::error!(path = %path.display(), error = %e, "corrupt scheduling rule: this node takes no new replicas until it is set again (`cairnctl node scheduling`)");
+            crate::disks::Scheduling {
+                allow: false,
+                unschedulable_disks: Vec::new(),
+            }
+        }),
+    }
 }
 
 /// The node's volumes and their lifecycle. Create with [`VolumeManager::open`]
@@ -272,6 +302,7 @@ impl VolumeManager {
             tracing::info!(disk = %d.display(), "disk");
         }
         let disks = Arc::new(NodeDisks::new(&config.node_id, disk_paths));
+        disks.set_scheduling(load_scheduling(&data_dir));
         let server = match (config.replica_listen, secret) {
             (Some(addr), Some(secret)) => Some(
                 ReplicaServer::start(addr, secret, disks.clone()).map_err(|e| {
@@ -476,10 +507,12 @@ impl VolumeManager {
                 name: name.to_string(),
             });
         }
+        let rule = inner.disks.scheduling();
         let loads: Vec<DiskLoad> = inner
             .disks
             .disks()
             .iter()
+            .filter(|d| rule.allows(d))
             .map(|d| DiskLoad {
                 path: d.clone(),
                 replicas: st.replicas_on(d),
@@ -492,6 +525,15 @@ impl VolumeManager {
             tokio::task::spawn_blocking(move || i.create_replicas(&vname, count, size, &[], None))
                 .await??
         } else {
+            let all = inner.disks.disks().len();
+            if loads.len() < all && count as usize > loads.len() && count as usize <= all {
+                return Err(ControlError::NotEnoughSchedulableDisks {
+                    volume: name.to_string(),
+                    wanted: count,
+                    schedulable: loads.len(),
+                    disks: all,
+                });
+            }
             let chosen = placement::place(name, count, &loads)?;
             let disks = inner.disks.clone();
             let vname = name.to_string();
@@ -501,7 +543,9 @@ impl VolumeManager {
                 for disk in chosen {
                     let rname = random_replica_name(&vname)?;
                     let want = disk.clone();
-                    match disks.create(&vname, &rname, size, None, |d| Path::new(&d.path) == want) {
+                    match disks.create(&vname, &rname, size, None, |d| {
+                        d.schedulable && Path::new(&d.path) == want
+                    }) {
                         Ok((disk, dir)) => made.push(ReplicaRecord::new(
                             rname,
                             node.clone(),
@@ -779,12 +823,54 @@ impl VolumeManager {
                     available: d.available,
                     replicas: d.replicas,
                     allocated: d.allocated,
-                    schedulable: false,
+                    schedulable: d.schedulable,
                 })
                 .collect(),
             ublk_status: ublk_available().err().map(|e| e.to_string()),
             kernel,
+            scheduling: self.inner.disks.scheduling(),
         }
+    }
+
+    /// Sets whether new replicas may be placed on this node and which of
+    /// its disks refuse them (persisted in `<data-dir>/scheduling.json`).
+    /// Replicas already there stay. An unknown disk changes nothing.
+    pub async fn set_scheduling(
+        &self,
+        allow: bool,
+        unschedulable_disks: &[String],
+    ) -> Result<crate::disks::Scheduling, ControlError> {
+        let known: Vec<String> = self
+            .inner
+            .disks
+            .disks()
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        let mut disks = Vec::new();
+        for d in unschedulable_disks {
+            let p = Path::new(d.trim_end_matches('/'));
+            if !self.inner.disks.disks().iter().any(|k| k == p) {
+                return Err(ControlError::UnknownDisk {
+                    path: d.clone(),
+                    disks: known,
+                });
+            }
+            if !disks.iter().any(|x: &PathBuf| x == p) {
+                disks.push(p.to_path_buf());
+            }
+        }
+        let rule = crate::disks::Scheduling {
+            allow,
+            unschedulable_disks: disks,
+        };
+        let path = self.inner.data_dir.join(SCHEDULING_FILE);
+        let json =
+            serde_json::to_vec_pretty(&rule).map_err(|e| ControlError::Internal(e.to_string()))?;
+        crate::fsutil::atomic_write(&path, &json).map_err(ControlError::io(&path))?;
+        self.inner.disks.set_scheduling(rule.clone());
+        tracing::info!(allow, disks = ?rule.unschedulable_disks, "scheduling of new replicas changed");
+        Ok(rule)
     }
 
     /// Every node of the cluster (this one first) with its disks; each disk
@@ -2064,6 +2150,29 @@ impl Inner {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_missing_scheduling_rule_allows_and_a_corrupt_one_allows_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(
+            load_scheduling(tmp.path()),
+            crate::disks::Scheduling::default()
+        );
+        let rule = crate::disks::Scheduling {
+            allow: true,
+            unschedulable_disks: vec![PathBuf::from("/d1")],
+        };
+        std::fs::write(
+            tmp.path().join(SCHEDULING_FILE),
+            serde_json::to_vec(&rule).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(load_scheduling(tmp.path()), rule);
+        // Torn or garbled: the operator's rule is not dropped to "allow".
+        std::fs::write(tmp.path().join(SCHEDULING_FILE), b"{\"allow\": tr").unwrap();
+        let read = load_scheduling(tmp.path());
+        assert!(!read.allow, "{read:?}");
+    }
 
     /// Every path under `root` with the file contents: "changes nothing"
     /// means this is equal before and after.

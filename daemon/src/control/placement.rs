@@ -178,6 +178,7 @@ mod tests {
                     available,
                     allocated,
                     replicas: 0,
+                    schedulable: true,
                 })
                 .collect(),
         }

@@ -244,7 +244,7 @@ fn replace(
             inner
                 .disks
                 .create(volume, &rname, size, Some(&records[slot].name), |d| {
-                    !used.iter().any(|u| u.as_os_str() == d.path.as_str())
+                    d.schedulable && !used.iter().any(|u| u.as_os_str() == d.path.as_str())
                 })
                 .map_err(Into::into)
                 .map(|(disk, dir)| {

@@ -22,7 +22,7 @@ use super::auth::{ClusterSecret, ServerHandshake};
 use super::wire::{
     encode_frame, encode_frame_head, FrameReader, Header, Op, WireError, FENCED_ERRNO,
 };
-use crate::disks::{disk_fits, NodeDisks};
+use crate::disks::{disk_fits, disk_has_room, NodeDisks};
 use crate::replica::{Replica, ReplicaError, Session};
 
 /// How long a new connection may take to authenticate.
@@ -554,7 +554,7 @@ fn handle(
             min_available,
             step,
         } => match disks.expand(&replica, size, step, |d, by| {
-            disk_fits(d, by, over_provisioning, min_available)
+            disk_has_room(d, by, over_provisioning, min_available)
         }) {
             Ok(()) => (Op::Ok, false),
             Err(e) => (

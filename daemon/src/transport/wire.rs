@@ -313,6 +313,9 @@ pub struct DiskReport {
     pub available: u64,
     pub allocated: u64,
     pub replicas: u32,
+    /// New replicas may go here: neither the node nor this disk is marked
+    /// unschedulable (`cairnctl node scheduling`).
+    pub schedulable: bool,
 }
 
 /// One replica as its node describes it (enough to re-adopt the volume).
@@ -695,6 +698,7 @@ mod tests {
                         available: 5,
                         allocated: 4,
                         replicas: 1,
+                        schedulable: true,
                     }],
                     placements: vec![VolumePlacement {
                         volume: "db".into(),
@@ -1213,7 +1217,8 @@ mod tests {
                                 size,
                                 available,
                                 allocated,
-                                replicas
+                                replicas,
+                                schedulable: replicas % 2 == 0,
                             })
                             .collect(),
                         placements: Vec::new(),
