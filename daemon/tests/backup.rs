@@ -42,6 +42,12 @@ async fn fixture() -> Fixture {
         clock.clone() as Arc<dyn cairn::jobs::Clock>
     ));
     let m = VolumeManager::open(config).await.expect("manager");
+    // The disks share the host's filesystem, whose free space is not this
+    // test's business (a shared CI pool may sit below the 25 % default,
+    // which refuses every expansion).
+    m.set_setting("storage-minimal-available-percentage", "0")
+        .await
+        .expect("setting");
     Fixture {
         _tmp: tmp,
         root,
