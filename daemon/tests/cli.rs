@@ -298,7 +298,12 @@ fn node_scheduling_shows_sets_and_refuses() {
     };
     // The disks share the host's filesystem: its free space is not this
     // test's business (the expansion below checks it).
-    d.ok(&["setting", "set", "storage-minimal-available-percentage", "0"]);
+    d.ok(&[
+        "setting",
+        "set",
+        "storage-minimal-available-percentage",
+        "0",
+    ]);
     let v = rule(&[]);
     assert_eq!(v["allow_scheduling"], true);
     assert_eq!(schedulable(&v), [true, true]);

@@ -528,7 +528,7 @@ async fn an_unschedulable_node_or_disk_takes_no_new_replicas_and_the_rule_surviv
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(n.unschedulable_disks, [disk.clone()]);
+    assert_eq!(n.unschedulable_disks, std::slice::from_ref(&disk));
     assert!(n.disks.iter().all(|d| !d.schedulable), "{n:?}");
     let mut c1 = n1.client().await;
     wait_until("n1 sees n0's disk unschedulable", async || {
