@@ -114,6 +114,14 @@ impl Default for Scheduling {
 }
 
 impl Scheduling {
+    /// No new replicas anywhere on the node.
+    pub fn none() -> Self {
+        Scheduling {
+            allow: false,
+            unschedulable_disks: Vec::new(),
+        }
+    }
+
     /// Whether `disk` takes new replicas.
     pub fn allows(&self, disk: &Path) -> bool {
         self.allow && !self.unschedulable_disks.iter().any(|d| d == disk)
@@ -138,9 +146,19 @@ impl NodeDisks {
             .clone()
     }
 
-    /// Replaces the scheduling rule (persisting it is the caller's).
-    pub fn set_scheduling(&self, s: Scheduling) {
-        *self.scheduling.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    /// Replaces the scheduling rule once `persist` has stored it, both
+    /// under the rule's lock: two changes at once cannot leave the file
+    /// holding one rule and the node applying the other. When `persist`
+    /// fails nothing changes.
+    pub fn set_scheduling<E>(
+        &self,
+        s: Scheduling,
+        persist: impl FnOnce(&Scheduling) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut rule = self.scheduling.lock().unwrap_or_else(|p| p.into_inner());
+        persist(&s)?;
+        *rule = s;
+        Ok(())
     }
 
     pub fn node(&self) -> &str {
@@ -532,10 +550,16 @@ mod tests {
         let disks = NodeDisks::new("n1", vec![a.clone(), b.clone()]);
         let any = |_: &DiskReport| true;
         let fits = |d: &DiskReport| d.schedulable;
-        disks.set_scheduling(Scheduling {
-            allow: true,
-            unschedulable_disks: vec![a.clone()],
-        });
+        let stored = |_: &Scheduling| Ok::<(), ()>(());
+        disks
+            .set_scheduling(
+                Scheduling {
+                    allow: true,
+                    unschedulable_disks: vec![a.clone()],
+                },
+                stored,
+            )
+            .unwrap();
         let r = disks.report();
         assert_eq!(
             r.disks.iter().map(|d| d.schedulable).collect::<Vec<_>>(),
@@ -543,10 +567,12 @@ mod tests {
         );
         let (disk, _) = disks.create("v", "v-r1", 1 << 20, None, fits).unwrap();
         assert_eq!(disk, b, "placed on the disk that takes replicas");
-        disks.set_scheduling(Scheduling {
-            allow: false,
-            unschedulable_disks: Vec::new(),
-        });
+        // A rule that cannot be stored is not applied.
+        assert!(disks
+            .set_scheduling(Scheduling::none(), |_| Err(()))
+            .is_err());
+        assert!(disks.report().disks.iter().any(|d| d.schedulable));
+        disks.set_scheduling(Scheduling::none(), stored).unwrap();
         assert!(disks.report().disks.iter().all(|d| !d.schedulable));
         assert!(disks.create("w", "w-r1", 1 << 20, None, fits).is_err());
         // What is there stays (and a caller that ignores the flag may place).

@@ -333,6 +333,19 @@ fn node_scheduling_shows_sets_and_refuses() {
         ]),
         "only 1 of this node's 2 disks take new replicas",
     );
+    // More than the node has at all: said as such, not as scheduling.
+    assert_error(
+        &d.ctl(&[
+            "volume",
+            "create",
+            "three",
+            "--size",
+            "8MiB",
+            "--replicas",
+            "3",
+        ]),
+        "wants 3 replicas but this node has 2 disks",
+    );
     let out = d.ok(&[
         "-o",
         "json",

@@ -147,6 +147,56 @@ impl Offsets {
     }
 }
 
+/// The requests of one run: a buffer, a start time and (once finished)
+/// a result per tag.
+struct Requests {
+    w: Workload,
+    offsets: Offsets,
+    bufs: Vec<Vec<u8>>,
+    started: Vec<Instant>,
+    deadline: Option<Instant>,
+    in_flight: usize,
+    /// Finished requests not yet counted: (tag, result).
+    ready: Vec<(u16, i32)>,
+}
+
+impl Requests {
+    /// Starts a request on `tag` unless the run is over.
+    fn issue(&mut self, tag: u16, ring: &mut Ring, target: &mut Target, now: Instant) {
+        if self.deadline.is_some_and(|d| now >= d) {
+            return;
+        }
+        let Some(block) = self.offsets.next() else {
+            return;
+        };
+        let (bs, offset) = (self.w.bs, block * self.w.bs as u64);
+        let buf = self.bufs[tag as usize].as_mut_ptr();
+        self.started[tag as usize] = now;
+        self.in_flight += 1;
+        match target {
+            Target::Raw(f) => {
+                let fd = types::Fd(f.as_raw_fd());
+                let sqe = match self.w.op {
+                    IoOp::Write => opcode::Write::new(fd, buf, bs).offset(offset).build(),
+                    _ => opcode::Read::new(fd, buf, bs).offset(offset).build(),
+                };
+                ring.push_raw(sqe.user_data(tag as u64));
+            }
+            Target::Engine(e) => {
+                let req = IoRequest {
+                    op: self.w.op,
+                    offset,
+                    len: bs,
+                    fua: false,
+                };
+                if let Some(r) = e.submit(tag, req, buf, ring) {
+                    self.ready.push((tag, r));
+                }
+            }
+        }
+    }
+}
+
 /// Runs `w` on `target` (`size` bytes) to its limit; every request must
 /// succeed with its full length.
 pub fn run(
@@ -163,106 +213,50 @@ pub fn run(
             w.bs
         );
     }
-    let mut bufs: Vec<Vec<u8>> = (0..qd)
-        .map(|t| {
-            (0..w.bs as usize)
-                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(t as u8 | 1))
-                .collect()
-        })
-        .collect();
-    let mut offsets = Offsets {
-        state: 0x9e37_79b9_7f4a_7c15,
-        blocks,
-        next_seq: 0,
-        order: w.order,
-    };
-    let mut started = vec![Instant::now(); qd];
-    let mut latencies = Vec::with_capacity(if w.latency { 1 << 20 } else { 0 });
-    let mut ready: Vec<(u16, i32)> = Vec::with_capacity(qd);
-    let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(4 * qd + 8);
     let begin = Instant::now();
-    let deadline = match w.limit {
-        Limit::Time(d) => Some(begin + d),
-        Limit::Whole => None,
+    let mut reqs = Requests {
+        w,
+        offsets: Offsets {
+            state: 0x9e37_79b9_7f4a_7c15,
+            blocks,
+            next_seq: 0,
+            order: w.order,
+        },
+        bufs: (0..qd)
+            .map(|t| {
+                (0..w.bs as usize)
+                    .map(|i| (i as u8).wrapping_mul(31).wrapping_add(t as u8 | 1))
+                    .collect()
+            })
+            .collect(),
+        started: vec![begin; qd],
+        deadline: match w.limit {
+            Limit::Time(d) => Some(begin + d),
+            Limit::Whole => None,
+        },
+        in_flight: 0,
+        ready: Vec::with_capacity(qd),
     };
-    let mut in_flight = 0usize;
+    let mut latencies = Vec::with_capacity(if w.latency { 1 << 20 } else { 0 });
+    let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(4 * qd + 8);
     let mut ios = 0u64;
-
-    // Starts a request on `tag` unless the run is over.
-    let mut issue = |tag: u16,
-                     ring: &mut Ring,
-                     target: &mut Target,
-                     ready: &mut Vec<(u16, i32)>,
-                     in_flight: &mut usize,
-                     started: &mut [Instant],
-                     now: Instant| {
-        if deadline.is_some_and(|d| now >= d) {
-            return;
-        }
-        let Some(block) = offsets.next() else {
-            return;
-        };
-        let offset = block * w.bs as u64;
-        let buf = bufs[tag as usize].as_mut_ptr();
-        started[tag as usize] = now;
-        *in_flight += 1;
-        match target {
-            Target::Raw(f) => {
-                let fd = types::Fd(f.as_raw_fd());
-                let sqe = match w.op {
-                    IoOp::Write => opcode::Write::new(fd, buf, w.bs).offset(offset).build(),
-                    _ => opcode::Read::new(fd, buf, w.bs).offset(offset).build(),
-                };
-                ring.push_raw(sqe.user_data(tag as u64));
-            }
-            Target::Engine(e) => {
-                let req = IoRequest {
-                    op: w.op,
-                    offset,
-                    len: w.bs,
-                    fua: false,
-                };
-                if let Some(r) = e.submit(tag, req, buf, ring) {
-                    ready.push((tag, r));
-                }
-            }
-        }
-    };
-
-    let now = Instant::now();
-    for tag in 0..qd as u16 {
-        issue(
-            tag,
-            ring,
-            target,
-            &mut ready,
-            &mut in_flight,
-            &mut started,
-            now,
-        );
+    for tag in 0..w.qd {
+        reqs.issue(tag, ring, target, begin);
     }
     loop {
-        while let Some((tag, res)) = ready.pop() {
+        while let Some((tag, res)) = reqs.ready.pop() {
             if res != w.bs as i32 {
                 bail!("{:?} of {} bytes on tag {tag} answered {res}", w.op, w.bs);
             }
             let now = Instant::now();
-            in_flight -= 1;
+            reqs.in_flight -= 1;
             ios += 1;
             if w.latency {
-                latencies.push((now - started[tag as usize]).as_nanos() as u64);
+                latencies.push((now - reqs.started[tag as usize]).as_nanos() as u64);
             }
-            issue(
-                tag,
-                ring,
-                target,
-                &mut ready,
-                &mut in_flight,
-                &mut started,
-                now,
-            );
+            reqs.issue(tag, ring, target, now);
         }
-        if in_flight == 0 {
+        if reqs.in_flight == 0 {
             break;
         }
         if let Target::Engine(e) = target {
@@ -274,15 +268,15 @@ pub fn run(
         cqes.extend(ring.ring.completion().map(|c| (c.user_data(), c.result())));
         for &(data, res) in &cqes {
             match target {
-                Target::Raw(_) => ready.push((data as u16, res)),
+                Target::Raw(_) => reqs.ready.push((data as u16, res)),
                 Target::Engine(e) if data == PORT => {
                     ring.port_armed = false;
-                    e.drain_remote(ring, |tag, r| ready.push((tag, r)));
+                    e.drain_remote(ring, |tag, r| reqs.ready.push((tag, r)));
                 }
                 Target::Engine(e) => {
                     let tag = (data & 0xffff) as u16;
                     if let Some(r) = e.complete(tag, (data >> 16) as u8, res, ring) {
-                        ready.push((tag, r));
+                        reqs.ready.push((tag, r));
                     }
                 }
             }

@@ -194,12 +194,23 @@ fn secret() -> anyhow::Result<ClusterSecret> {
 }
 
 /// What one case set up: the target and what must live as long as it.
-struct Setup {
-    raw: Option<File>,
-    engine: Option<QueueEngine>,
-    _volume: Option<Arc<VolumeIo>>,
-    _servers: Vec<ReplicaServer>,
-    _namespaces: Vec<netns::Namespace>,
+enum Setup {
+    Raw(File),
+    Engine {
+        engine: QueueEngine,
+        _volume: Arc<VolumeIo>,
+        _servers: Vec<ReplicaServer>,
+        _namespaces: Vec<netns::Namespace>,
+    },
+}
+
+impl Setup {
+    fn target(&mut self) -> Target<'_> {
+        match self {
+            Setup::Raw(f) => Target::Raw(f),
+            Setup::Engine { engine, .. } => Target::Engine(engine),
+        }
+    }
 }
 
 fn setup(case: &Case, dir: &Path, size: u64) -> anyhow::Result<Setup> {
@@ -214,13 +225,7 @@ fn setup(case: &Case, dir: &Path, size: u64) -> anyhow::Result<Setup> {
             .open(&path)
             .with_context(|| format!("open {}", path.display()))?;
         f.set_len(size)?;
-        return Ok(Setup {
-            raw: Some(f),
-            engine: None,
-            _volume: None,
-            _servers: Vec::new(),
-            _namespaces: Vec::new(),
-        });
+        return Ok(Setup::Raw(f));
     };
     let mut handles = Vec::new();
     let mut servers = Vec::new();
@@ -278,21 +283,12 @@ fn setup(case: &Case, dir: &Path, size: u64) -> anyhow::Result<Setup> {
     let volume = VolumeIo::new("vol", size, handles, Box::new(|_| {}), layout)?;
     volume.begin_epoch()?;
     let engine = QueueEngine::new(volume.clone(), 0, DEPTH);
-    Ok(Setup {
-        raw: None,
-        engine: Some(engine),
-        _volume: Some(volume),
+    Ok(Setup::Engine {
+        engine,
+        _volume: volume,
         _servers: servers,
         _namespaces: namespaces,
     })
-}
-
-fn target(s: &mut Setup) -> Target<'_> {
-    match (&s.raw, &mut s.engine) {
-        (Some(f), _) => Target::Raw(f),
-        (None, Some(e)) => Target::Engine(e),
-        (None, None) => unreachable!("a setup has a raw file or an engine"),
-    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -351,7 +347,7 @@ fn main() -> anyhow::Result<()> {
             limit: Limit::Whole,
             latency: false,
         };
-        driver::run(&mut ring, &mut target(&mut s), args.size, fill)
+        driver::run(&mut ring, &mut s.target(), args.size, fill)
             .with_context(|| format!("fill {}", case.name))?;
         for load in &loads {
             let w = Workload {
@@ -365,7 +361,7 @@ fn main() -> anyhow::Result<()> {
             let mut runs = Vec::new();
             for _ in 0..args.runs.max(1) {
                 let before = threads::sample();
-                let outcome = driver::run(&mut ring, &mut target(&mut s), args.size, w)
+                let outcome = driver::run(&mut ring, &mut s.target(), args.size, w)
                     .with_context(|| format!("{} on {}", load.name, case.name))?;
                 let after = threads::sample();
                 runs.push(Figures {

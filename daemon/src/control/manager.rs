@@ -153,23 +153,16 @@ const SCHEDULING_FILE: &str = "scheduling.json";
 /// read as "this node takes no new replicas": a rule the operator set is
 /// never silently dropped.
 fn load_scheduling(data_dir: &Path) -> crate::disks::Scheduling {
+    use crate::disks::Scheduling;
     let path = data_dir.join(SCHEDULING_FILE);
+    let unusable = |e: &dyn std::fmt::Display| {
+        tracing::error!(path = %path.display(), error = %e, "unusable scheduling rule: this node takes no new replicas until it is set again (`cairnctl node scheduling`)");
+        Scheduling::none()
+    };
     match std::fs::read(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => crate::disks::Scheduling::default(),
-        Err(e) => {
-            tracing::error!(path = %path.display(), error = %e, "cannot read the scheduling rule: this node takes no new replicas until it is set again (`cairnctl node scheduling`)");
-            crate::disks::Scheduling {
-                allow: false,
-                unschedulable_disks: Vec::new(),
-            }
-        }
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-            tracing::error!(path = %path.display(), error = %e, "corrupt scheduling rule: this node takes no new replicas until it is set again (`cairnctl node scheduling`)");
-            crate::disks::Scheduling {
-                allow: false,
-                unschedulable_disks: Vec::new(),
-            }
-        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Scheduling::default(),
+        Err(e) => unusable(&e),
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| unusable(&e)),
     }
 }
 
@@ -302,7 +295,9 @@ impl VolumeManager {
             tracing::info!(disk = %d.display(), "disk");
         }
         let disks = Arc::new(NodeDisks::new(&config.node_id, disk_paths));
-        disks.set_scheduling(load_scheduling(&data_dir));
+        disks
+            .set_scheduling(load_scheduling(&data_dir), |_| Ok::<(), ()>(()))
+            .ok();
         let server = match (config.replica_listen, secret) {
             (Some(addr), Some(secret)) => Some(
                 ReplicaServer::start(addr, secret, disks.clone()).map_err(|e| {
@@ -525,8 +520,17 @@ impl VolumeManager {
             tokio::task::spawn_blocking(move || i.create_replicas(&vname, count, size, &[], None))
                 .await??
         } else {
+            // More than the node has, or than its schedulable disks: say
+            // which (placement below only sees the schedulable ones).
             let all = inner.disks.disks().len();
-            if loads.len() < all && count as usize > loads.len() && count as usize <= all {
+            if count as usize > all {
+                return Err(ControlError::NotEnoughDisks {
+                    volume: name.to_string(),
+                    wanted: count,
+                    disks: all,
+                });
+            }
+            if count as usize > loads.len() {
                 return Err(ControlError::NotEnoughSchedulableDisks {
                     volume: name.to_string(),
                     wanted: count,
@@ -840,24 +844,19 @@ impl VolumeManager {
         allow: bool,
         unschedulable_disks: &[String],
     ) -> Result<crate::disks::Scheduling, ControlError> {
-        let known: Vec<String> = self
-            .inner
-            .disks
-            .disks()
-            .iter()
-            .map(|d| d.display().to_string())
-            .collect();
-        let mut disks = Vec::new();
+        let known = self.inner.disks.disks();
+        let mut disks: Vec<PathBuf> = Vec::new();
         for d in unschedulable_disks {
-            let p = Path::new(d.trim_end_matches('/'));
-            if !self.inner.disks.disks().iter().any(|k| k == p) {
+            // Path equality ignores a trailing '/'.
+            let p = Path::new(d);
+            if !known.iter().any(|k| k == p) {
                 return Err(ControlError::UnknownDisk {
                     path: d.clone(),
-                    disks: known,
+                    disks: known.iter().map(|k| k.display().to_string()).collect(),
                 });
             }
-            if !disks.iter().any(|x: &PathBuf| x == p) {
-                disks.push(p.to_path_buf());
+            if !disks.iter().any(|x| x == p) {
+                disks.push(p.components().collect());
             }
         }
         let rule = crate::disks::Scheduling {
@@ -867,8 +866,10 @@ impl VolumeManager {
         let path = self.inner.data_dir.join(SCHEDULING_FILE);
         let json =
             serde_json::to_vec_pretty(&rule).map_err(|e| ControlError::Internal(e.to_string()))?;
-        crate::fsutil::atomic_write(&path, &json).map_err(ControlError::io(&path))?;
-        self.inner.disks.set_scheduling(rule.clone());
+        self.inner
+            .disks
+            .set_scheduling(rule.clone(), |_| crate::fsutil::atomic_write(&path, &json))
+            .map_err(ControlError::io(&path))?;
         tracing::info!(allow, disks = ?rule.unschedulable_disks, "scheduling of new replicas changed");
         Ok(rule)
     }
